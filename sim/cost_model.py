@@ -1,0 +1,234 @@
+"""Step-time predictor: turns a measured (or analytical) profile into step times in seconds.
+
+Grid semantics
+--------------
+For each (model, phase) the profile's ``ok`` rows form a grid over (tokens, batch, context). Inside the
+grid times are interpolated linearly in each axis (trilinear). Outside it:
+
+* **batch or tokens above the largest measured value** and **context above the longest measured
+  context**: linear extrapolation from the last two grid points of that axis, never below the value at
+  the grid edge (so a noisy last segment cannot make a bigger step cheaper);
+* **below the smallest measured value** (only context can be; batch and tokens start at 1): the edge
+  value is used (flat), since shorter contexts are never slower in practice.
+
+Extrapolation issues a single :class:`ExtrapolationWarning` per cost model, naming the axis and range.
+
+A hole in the grid (a (tokens, batch, context) point missing while its neighbours exist) is filled from
+the same axis by interpolation; points recorded as ``oom`` bound the grid: they are not holes, they mark
+where the device ran out of memory, and the simulator's KV-cache limit keeps it from going there.
+
+Target step rows: ``phase=decode, tokens=1`` (γ = 0) and ``phase=verify, tokens=γ+1`` are one surface
+(verify with γ+1 new tokens per sequence). Draft decode rows: ``phase=decode, tokens=1``.
+Prefill rows: ``phase=prefill``, ``tokens`` = prompt length, ``context`` = 0; the batch-1 rows give the
+per-request prefill time.
+"""
+from __future__ import annotations
+
+import bisect
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy.interpolate import RegularGridInterpolator
+
+from .profile import Profile, ProfileError
+
+
+class ExtrapolationWarning(UserWarning):
+    """A step time was asked for outside the measured grid (emitted once per cost model)."""
+
+
+def _grid(df: pd.DataFrame, axes: list[str], what: str, path) -> tuple[list[np.ndarray], np.ndarray]:
+    """Arrange ``median_s`` over the given axes as a dense array; fill holes along the last axes."""
+    values = [np.sort(df[a].unique()) for a in axes]
+    table = df.pivot_table(index=axes[:-1], columns=axes[-1], values="median_s", aggfunc="median")
+    full_index = pd.MultiIndex.from_product(values[:-1], names=axes[:-1]) if len(axes) > 2 else pd.Index(values[0], name=axes[0])
+    table = table.reindex(index=full_index, columns=values[-1])
+    arr = table.to_numpy(dtype=float).reshape([len(v) for v in values])
+    if np.isnan(arr).any():
+        # Fill holes by linear interpolation along each axis in turn (a hole needs a measured neighbour).
+        for ax in range(arr.ndim):
+            moved = np.moveaxis(arr, ax, -1)
+            flat = moved.reshape(-1, moved.shape[-1])
+            x = values[ax].astype(float)
+            for row in flat:
+                ok = ~np.isnan(row)
+                if ok.sum() >= 2 and not ok.all():
+                    row[~ok] = np.interp(x[~ok], x[ok], row[ok])
+            arr = np.moveaxis(flat.reshape(moved.shape), -1, ax)
+        if np.isnan(arr).any():
+            raise ProfileError(f"{path}/steps.csv: {what} grid over {axes} has points with no measured neighbour "
+                               f"to fill from; measure a complete grid")
+    return [v.astype(float) for v in values], arr
+
+
+class CostModel:
+    """Step times (seconds) for draft decode, target verify and prefill, from a :class:`Profile`.
+
+    ``max_batch`` and ``max_gamma`` size the precomputed tables used on the simulator's hot path;
+    any (batch ≤ max_batch, γ ≤ max_gamma) costs one Python-level interpolation in context.
+    """
+
+    def __init__(self, profile: Profile, max_batch: int = 256, max_gamma: int = 8):
+        self.profile = profile
+        self.max_batch = int(max_batch)
+        self.max_gamma = int(max_gamma)
+        self._warned = False
+        steps = profile.ok_steps
+        path = profile.path
+        tgt = steps[(steps["model"] == "target") & steps["phase"].isin(["decode", "verify"])]
+        tgt = tgt.drop_duplicates(["batch", "tokens", "context"], keep="last")
+        drf = steps[(steps["model"] == "draft") & (steps["phase"] == "decode") & (steps["tokens"] == 1)]
+        if tgt.empty or (tgt["tokens"] == 1).sum() == 0:
+            raise ProfileError(f"{path}/steps.csv: no ok target decode rows (model=target, phase=decode, tokens=1)")
+        if drf.empty:
+            raise ProfileError(f"{path}/steps.csv: no ok draft decode rows (model=draft, phase=decode, tokens=1)")
+        self._check_oom_only(profile)
+        self.verify_axes, self.verify_grid = _grid(tgt, ["tokens", "batch", "context"], "target verify", path)
+        self.draft_axes, draft_grid = _grid(drf, ["batch", "context"], "draft decode", path)
+        self.draft_grid = draft_grid
+        self.contexts = self.verify_axes[2]
+
+        # Hot-path tables: [γ][b] -> times at the union of context grid points, then 1-D interpolation.
+        ctx = np.union1d(self.verify_axes[2], self.draft_axes[1])
+        self._ctx = ctx
+        self._ctx_list = ctx.tolist()
+        b = np.arange(1, self.max_batch + 1, dtype=float)
+        toks = np.arange(1, self.max_gamma + 2, dtype=float)
+        vt = self._eval3(self.verify_axes, self.verify_grid, toks, b, ctx)  # (γ+1, b, ctx)
+        dt = self._eval2(self.draft_axes, self.draft_grid, b, ctx)  # (b, ctx)
+        self._verify_tab = [[vt[g, i].tolist() for i in range(len(b))] for g in range(len(toks))]
+        self._draft_tab = [dt[i].tolist() for i in range(len(b))]
+        self._prefill = {m: self._prefill_curve(steps, m) for m in ("target", "draft")}
+        self._check_ranges()
+
+    # -- construction helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_oom_only(profile: Profile) -> None:
+        """A batch size with no ``ok`` row while a larger one has some is an inconsistent profile."""
+        s = profile.steps[profile.steps["phase"] != "prefill"]
+        for (model, phase), g in s.groupby(["model", "phase"]):
+            ok_by_batch = g.groupby("batch")["status"].apply(lambda st: (st == "ok").any())
+            bad = [b for b in ok_by_batch.index if not ok_by_batch[b] and ok_by_batch[ok_by_batch.index > b].any()]
+            if bad:
+                raise ProfileError(f"{profile.path}/steps.csv: model={model} phase={phase} has only oom/error rows "
+                                   f"at batch {bad[0]} but ok rows at larger batches; remeasure that batch")
+
+    def _prefill_curve(self, steps: pd.DataFrame, model: str) -> tuple[np.ndarray, np.ndarray] | None:
+        rows = steps[(steps["model"] == model) & (steps["phase"] == "prefill") & (steps["batch"] == 1)]
+        if rows.empty:
+            return None
+        rows = rows.groupby("tokens")["median_s"].median().sort_index()
+        return rows.index.to_numpy(dtype=float), rows.to_numpy(dtype=float)
+
+    def _check_ranges(self) -> None:
+        notes = []
+        if self.max_batch > self.verify_axes[1][-1] or self.max_batch > self.draft_axes[0][-1]:
+            notes.append(f"batch up to {self.max_batch} (measured up to {int(min(self.verify_axes[1][-1], self.draft_axes[0][-1]))})")
+        if self.max_gamma + 1 > self.verify_axes[0][-1]:
+            notes.append(f"verify tokens up to {self.max_gamma + 1} (measured up to {int(self.verify_axes[0][-1])})")
+        self._range_notes = notes
+
+    def _warn(self, what: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"profile {self.profile.name}: extrapolating beyond the measured grid ({what}); "
+                          "see sim.cost_model for the rule", ExtrapolationWarning, stacklevel=3)
+
+    @staticmethod
+    def _edge_guard(axis_vals: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Clamp queries below the grid to its first point (flat extrapolation downwards)."""
+        return np.maximum(q, axis_vals[0])
+
+    def _eval3(self, axes, grid, t, b, c) -> np.ndarray:
+        f = RegularGridInterpolator(axes, grid, bounds_error=False, fill_value=None)
+        T, B, C = np.meshgrid(t, b, c, indexing="ij")
+        pts = np.stack([self._edge_guard(axes[0], T), self._edge_guard(axes[1], B), self._edge_guard(axes[2], C)], -1)
+        out = f(pts.reshape(-1, 3)).reshape(T.shape)
+        edge = f(np.stack([np.minimum(pts[..., i], axes[i][-1]) for i in range(3)], -1).reshape(-1, 3)).reshape(T.shape)
+        return np.maximum(out, edge)
+
+    def _eval2(self, axes, grid, b, c) -> np.ndarray:
+        f = RegularGridInterpolator(axes, grid, bounds_error=False, fill_value=None)
+        B, C = np.meshgrid(b, c, indexing="ij")
+        pts = np.stack([self._edge_guard(axes[0], B), self._edge_guard(axes[1], C)], -1)
+        out = f(pts.reshape(-1, 2)).reshape(B.shape)
+        edge = f(np.stack([np.minimum(pts[..., i], axes[i][-1]) for i in range(2)], -1).reshape(-1, 2)).reshape(B.shape)
+        return np.maximum(out, edge)
+
+    # -- queries (hot path) -----------------------------------------------------------------------------
+
+    def _interp_ctx(self, row: list[float], context: float) -> float:
+        ctx = self._ctx_list
+        if context <= ctx[0]:
+            return row[0]
+        i = bisect.bisect_left(ctx, context)
+        if i >= len(ctx):
+            if len(ctx) == 1:
+                return row[-1]
+            self._warn(f"context {context:.0f} > {ctx[-1]:.0f} tokens")
+            i = len(ctx) - 1
+            c0, c1 = ctx[i - 1], ctx[i]
+            return max(row[i], row[i - 1] + (row[i] - row[i - 1]) * (context - c0) / (c1 - c0))
+        c0, c1 = ctx[i - 1], ctx[i]
+        return row[i - 1] + (row[i] - row[i - 1]) * (context - c0) / (c1 - c0)
+
+    def _check_query(self, batch: int, gamma: int) -> None:
+        if batch < 1 or batch > self.max_batch:
+            raise ValueError(f"batch {batch} outside 1..{self.max_batch} (the cost model's max_batch)")
+        if gamma < 0 or gamma > self.max_gamma:
+            raise ValueError(f"gamma {gamma} outside 0..{self.max_gamma} (the cost model's max_gamma)")
+        if self._range_notes and not self._warned:
+            bmax = min(self.verify_axes[1][-1], self.draft_axes[0][-1])
+            if batch > bmax or gamma + 1 > self.verify_axes[0][-1]:
+                self._warn("; ".join(self._range_notes))
+
+    def draft_decode(self, batch: int, context: float) -> float:
+        """Seconds for one draft decode step: ``batch`` sequences, one new token each, ``context`` tokens of KV."""
+        self._check_query(batch, 0)
+        return self._interp_ctx(self._draft_tab[batch - 1], context)
+
+    def target_verify(self, batch: int, gamma: int, context: float) -> float:
+        """Seconds for one target step scoring γ+1 new tokens per sequence (γ = 0: plain decode)."""
+        self._check_query(batch, gamma)
+        return self._interp_ctx(self._verify_tab[gamma][batch - 1], context)
+
+    def iteration(self, batch: int, gamma: int, context: float) -> float:
+        """Seconds for one speculative iteration: γ draft decodes plus one target verify of γ+1 tokens."""
+        t = self.target_verify(batch, gamma, context)
+        if gamma:
+            t += gamma * self._interp_ctx(self._draft_tab[batch - 1], context)
+        return t
+
+    def prefill(self, prompt_tokens: float, model: str = "target") -> float:
+        """Seconds to prefill one prompt of ``prompt_tokens`` tokens on ``model`` (batch 1).
+
+        Linear in prompt length between measured lengths and beyond the longest (last segment's slope);
+        below the shortest measured prompt, the shortest's time (flat).
+        """
+        curve = self._prefill[model]
+        if curve is None:
+            raise ProfileError(f"{self.profile.path}/steps.csv: no ok prefill rows for model={model} at batch 1")
+        x, y = curve
+        if prompt_tokens <= x[-1] or len(x) == 1:
+            if prompt_tokens < x[0]:
+                return float(y[0])
+            return float(np.interp(prompt_tokens, x, y)) if len(x) > 1 else float(y[0]) * prompt_tokens / x[0]
+        self._warn(f"prefill of {prompt_tokens:.0f} > {x[-1]:.0f} tokens")
+        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        return float(y[-1] + max(slope, 0.0) * (prompt_tokens - x[-1]))
+
+    def has_prefill(self, model: str = "target") -> bool:
+        return self._prefill[model] is not None
+
+    # -- vectorised views (for tables and the quantitative model) ------------------------------------------
+
+    def iteration_table(self, context: float, batches: np.ndarray | None = None) -> np.ndarray:
+        """Array [γ, b-1] of iteration times (seconds) at ``context`` for γ = 0..max_gamma, b = 1..max_batch."""
+        batches = np.arange(1, self.max_batch + 1) if batches is None else np.asarray(batches)
+        out = np.empty((self.max_gamma + 1, len(batches)))
+        for g in range(self.max_gamma + 1):
+            for j, b in enumerate(batches):
+                out[g, j] = self.iteration(int(b), g, context)
+        return out

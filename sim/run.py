@@ -1,0 +1,235 @@
+"""From a resolved config to a finished run: build the workload, cost model, policy and cluster,
+simulate, and write the outputs. The hydra app (:mod:`sim.cli`) and the studies call :func:`run`.
+
+Outputs of a run (written atomically into ``out_dir``; ``summary.json`` last, so its presence marks a
+complete run):
+
+``requests.parquet``   one row per request (:meth:`sim.requests.RequestTable.frame`)
+``iterations.parquet`` one row per replica iteration (:data:`sim.replica.ITERATION_COLUMNS`)
+``policy.json``        the policy's description (for ``adaptive``: its batch → γ table)
+``workload.json``      the replayed workload's statistics and any skipped-row notes
+``config.yaml``        the resolved config
+``summary.json``       the summary metrics (:func:`sim.metrics.summarize`)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from specbatch import profiles_dir, traces_dir
+
+from . import workload as wl
+from .acceptance import AcceptanceModel
+from .capacity import estimate_capacity
+from .cluster import ClusterConfig, SimResult, simulate
+from .cost_model import CostModel
+from .metrics import summarize
+from .policies import Policy, make_policy
+from .profile import Profile, ProfileError, atomic_write_text, load_profile
+
+
+class ConfigError(ValueError):
+    """A config value is missing or out of range; the message names the key."""
+
+
+def resolve_path(path: str, what: str) -> Path:
+    """An absolute path, a path relative to the working directory, or one relative to the shipped traces."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_absolute() or p.exists():
+        return p
+    shipped = traces_dir() / p
+    if shipped.exists():
+        return shipped
+    raise ConfigError(f"{what}: {path!r} not found (looked in {Path.cwd()} and {traces_dir()})")
+
+
+def default_profile_dir() -> Path:
+    """The shipped default profile: the newest measured CUDA profile if any, else the newest measured one."""
+    root = profiles_dir()
+    found = []
+    for meta in sorted(root.glob("*/meta.json")):
+        try:
+            m = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            continue
+        if m.get("source") == "measured":
+            found.append((m.get("device", {}).get("kind") == "cuda", str(m.get("date", "")), meta.parent))
+    if not found:
+        raise ConfigError(f"profile: no measured profile shipped in {root}; pass profile=<folder>")
+    return max(found)[2]
+
+
+def resolve_profile(name: str) -> Path:
+    """``default``, a shipped profile name, or a folder path."""
+    if name in (None, "", "default"):
+        return default_profile_dir()
+    if (profiles_dir() / name / "meta.json").exists():
+        return profiles_dir() / name
+    return resolve_path(name, "profile")
+
+
+def build_acceptance(cfg: DictConfig, profile: Profile, max_gamma: int, w: wl.Workload) -> AcceptanceModel:
+    a = cfg.acceptance
+    class_alpha = {}
+    for cname, alpha in (a.get("class_alpha") or {}).items():
+        if cname not in w.class_names:
+            raise ConfigError(f"acceptance.class_alpha: class {cname!r} not in the workload's classes "
+                              f"{list(w.class_names)} (set workload.class_column)")
+        class_alpha[w.class_names.index(cname)] = float(alpha)
+    try:
+        if a.source == "profile":
+            pos = profile.per_position_alpha
+            if pos is None:
+                raise ConfigError(f"acceptance.source=profile but {profile.path} has no acceptance.csv")
+            return AcceptanceModel(positions=pos, concentration=a.concentration, class_alpha=class_alpha,
+                                   drift_per_hour=a.drift_per_hour, max_gamma=max_gamma)
+        if a.source != "scalar":
+            raise ConfigError(f"acceptance.source is {a.source!r}; expected 'scalar' or 'profile'")
+        if a.alpha is None or not 0 <= float(a.alpha) <= 1:
+            raise ConfigError(f"acceptance.alpha is {a.alpha!r}; expected a probability in [0, 1]")
+        return AcceptanceModel(alpha=float(a.alpha), concentration=a.concentration, class_alpha=class_alpha,
+                               drift_per_hour=a.drift_per_hour, max_gamma=max_gamma)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+
+
+def load_workload(cfg: DictConfig) -> wl.Workload:
+    """The workload before any rate/load rescaling (which needs the cost model)."""
+    c = cfg.workload
+    if c.kind == "trace":
+        w = wl.load_trace(resolve_path(c.path, "workload.path"), dict(c.columns), c.time_unit, c.format,
+                          c.on_bad_rows, c.sort, c.get("class_column"))
+        if c.get("start_s") is not None or c.get("end_s") is not None:
+            w = wl.window(w, c.get("start_s"), c.get("end_s"))
+        if c.get("first_n") is not None:
+            w = wl.first_n(w, int(c.first_n))
+    elif c.kind == "synthetic":
+        lengths_from = None
+        lc = c.lengths
+        if lc.source == "trace":
+            lengths_from = wl.load_trace(resolve_path(lc.path, "workload.lengths.path"), dict(lc.columns), lc.time_unit)
+        elif lc.source != "lognormal":
+            raise ConfigError(f"workload.lengths.source is {lc.source!r}; expected 'trace' or 'lognormal'")
+        w = wl.synthetic(int(c.n), 1.0, c.process, float(c.cv), lengths_from,
+                         (lc.prompt_median, lc.prompt_sigma), (lc.output_median, lc.output_sigma),
+                         seed=int(cfg.seed), name=f"synthetic-{c.process}")
+    else:
+        raise ConfigError(f"workload.kind is {c.kind!r}; expected 'trace' or 'synthetic'")
+    return wl.cap_lengths(w, c.get("max_prompt"), c.get("max_output"))
+
+
+def apply_rate(cfg: DictConfig, w: wl.Workload, cost: CostModel, cluster: ClusterConfig) -> tuple[wl.Workload, dict]:
+    """Apply ``time_scale``, then ``rate`` or ``load`` (a fraction of the estimated capacity)."""
+    c = cfg.workload
+    info = {}
+    if c.get("time_scale") is not None:
+        w = wl.scale_time(w, float(c.time_scale))
+    if c.get("rate") is not None and c.get("load") is not None:
+        raise ConfigError("workload.rate and workload.load are both set; set one of them (the other to null)")
+    if c.get("load") is not None or cfg.workload.kind == "synthetic":
+        cap = estimate_capacity(cost, w, cluster)
+        info["capacity_req_s"] = cap
+    if c.get("rate") is not None:
+        w = wl.set_rate(w, float(c.rate))
+    elif c.get("load") is not None:
+        if not float(c.load) > 0:
+            raise ConfigError(f"workload.load is {c.load}; expected a positive fraction of capacity")
+        w = wl.set_rate(w, float(c.load) * info["capacity_req_s"])
+    elif cfg.workload.kind == "synthetic":
+        raise ConfigError("a synthetic workload needs workload.rate or workload.load")
+    return w, info
+
+
+@dataclass
+class Run:
+    """A finished run: its inputs and outputs."""
+
+    result: SimResult
+    summary: dict
+    workload: wl.Workload
+    policy: Policy
+    profile: Profile
+
+
+def build_cluster(cfg: DictConfig) -> ClusterConfig:
+    c = cfg.cluster
+    cl = ClusterConfig(replicas=c.replicas, router=c.router, max_batch=c.max_batch, mode=c.mode,
+                       kv_capacity_tokens=c.kv_capacity_tokens, watermark=c.watermark)
+    try:
+        cl.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cl
+
+
+def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> Run:
+    """Simulate the configured run; write its outputs to ``out_dir`` when given."""
+    max_gamma = int(cfg.max_gamma)
+    if max_gamma < 0:
+        raise ConfigError(f"max_gamma is {max_gamma}; expected an integer ≥ 0")
+    cluster = build_cluster(cfg)
+    profile = load_profile(resolve_profile(cfg.profile))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cost = CostModel(profile, max_batch=cluster.max_batch, max_gamma=max_gamma)
+        w = load_workload(cfg)
+        w, rate_info = apply_rate(cfg, w, cost, cluster)
+        acceptance = build_acceptance(cfg, profile, max_gamma, w)
+        params = {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "name"}
+        try:
+            policy = make_policy(cfg.policy.name, **params)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        result = simulate(w, cost, policy, acceptance, cluster, seed=int(cfg.seed))
+    for wmsg in caught:  # re-emit once each (the cost model warns once per kind of extrapolation)
+        warnings.warn(wmsg.message, wmsg.category, stacklevel=2)
+    summary = summarize(result, float(cfg.slo.ttft_s), float(cfg.slo.tpot_s))
+    summary.update({"policy": cfg.policy.name, "profile": profile.name, "workload": w.name,
+                    "arrival_rate_req_s": w.rate, **rate_info})
+    r = Run(result, summary, w, policy, profile)
+    if out_dir is not None:
+        write_outputs(r, cfg, Path(out_dir))
+    return r
+
+
+def _atomic_parquet(df, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json(obj) -> str:
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        raise TypeError(f"not JSON serialisable: {type(o)}")
+    return json.dumps(obj, indent=2, default=default, allow_nan=True) + "\n"
+
+
+def write_outputs(r: Run, cfg: DictConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # a rerun is incomplete until its summary lands
+    _atomic_parquet(r.result.requests, out / "requests.parquet")
+    if cfg.get("save_iterations", True):
+        _atomic_parquet(r.result.iterations, out / "iterations.parquet")
+    atomic_write_text(out / "policy.json", _json(r.result.policy))
+    atomic_write_text(out / "workload.json", _json({**r.workload.describe(), "notes": list(r.workload.notes)}))
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out / "summary.json", _json(r.summary))
+
+
+__all__ = ["run", "Run", "ConfigError", "ProfileError", "resolve_profile", "load_workload", "write_outputs"]

@@ -1,0 +1,57 @@
+"""Shared test helpers: small cost profiles written from formulas with known answers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sim.profile import write_profile_meta, write_steps
+
+
+def linear_step(base: float, per_token: float, per_ctx: float = 0.0, knee: int = 0):
+    """A step-time formula: base + per_token·max(0, b·tokens − knee) + per_ctx·b·context (seconds).
+
+    Below the knee the step is memory-bound (flat in work); above it, compute-bound (linear)."""
+    def f(batch: int, tokens: int, context: int) -> float:
+        return base + per_token * max(0, batch * tokens - knee) + per_ctx * batch * context
+    return f
+
+
+def write_formula_profile(folder: Path, verify, draft, prefill=lambda n: 1e-3 * n, *,
+                          batches=(1, 2, 4, 8, 16, 32, 64), max_tokens=9, contexts=(128, 512, 2048),
+                          prompts=(16, 64, 256, 1024, 4096), kv_cache_bytes=10**9,
+                          kv_target=1000, kv_draft=100, name="test") -> Path:
+    """Write a complete profile folder whose step times come from the given formulas."""
+    rows = []
+    for c in contexts:
+        for b in batches:
+            for t in range(1, max_tokens + 1):
+                v = verify(b, t, c)
+                rows.append(dict(model="target", phase="decode" if t == 1 else "verify", batch=b, tokens=t, context=c,
+                                 median_s=v, p10_s=v, p90_s=v, samples=5, status="ok"))
+            d = draft(b, 1, c)
+            rows.append(dict(model="draft", phase="decode", batch=b, tokens=1, context=c,
+                             median_s=d, p10_s=d, p90_s=d, samples=5, status="ok"))
+    for m, scale in (("target", 1.0), ("draft", 0.1)):
+        for n in prompts:
+            v = scale * prefill(n)
+            rows.append(dict(model=m, phase="prefill", batch=1, tokens=n, context=0,
+                             median_s=v, p10_s=v, p90_s=v, samples=5, status="ok"))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_steps(folder, rows)
+    write_profile_meta(folder, {
+        "source": "analytical", "date": "2026-01-01", "dtype": "float32",
+        "device": {"name": name, "kind": "cpu", "memory_bytes": 2 * kv_cache_bytes, "kv_cache_bytes": kv_cache_bytes},
+        "models": {"target": {"name": "t", "kv_bytes_per_token": kv_target},
+                   "draft": {"name": "d", "kv_bytes_per_token": kv_draft}},
+        "timing": {"method": "formula"},
+    })
+    return folder
+
+
+@pytest.fixture
+def formula_profile(tmp_path):
+    """A profile where verify is memory-bound up to 64 tokens of work, then linear; draft is cheap."""
+    return write_formula_profile(tmp_path / "formula",
+                                 verify=linear_step(0.010, 0.0005, knee=64),
+                                 draft=linear_step(0.001, 0.00002))
