@@ -1,0 +1,400 @@
+"""The profiling sweep: time every grid point of a draft/target pair and write a profile folder.
+
+Order: for each context, for each batch (ascending), the draft decode point, then target decode (γ = 0) and
+verify (γ >= 1) points; then prefill points. After every point ``steps.csv`` is rewritten atomically, so an
+interrupted run resumes from the points already written. A point that runs out of memory is written with
+``status=oom`` and larger batches of that model at that context are skipped.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from sim.profile import STEP_COLUMNS, load_profile, write_profile_meta, write_steps
+
+KEY = ["model", "phase", "batch", "tokens", "context"]
+
+
+@dataclass
+class Grid:
+    batches: list[int]
+    gammas: list[int]
+    contexts: list[int]
+    prefill_lengths: list[int]
+    prefill_batches: list[int]
+
+    @classmethod
+    def from_cfg(cls, g, where: str = "grid") -> "Grid":
+        vals = {}
+        for k in ("batches", "gammas", "contexts", "prefill_lengths", "prefill_batches"):
+            v = g.get(k) if hasattr(g, "get") else None
+            if v is None:
+                raise ValueError(f"{where}.{k} is missing; expected a list of integers")
+            v = [int(x) for x in v]
+            low = 0 if k == "gammas" else 1
+            if not v or any(x < low for x in v):
+                raise ValueError(f"{where}.{k} = {v}; expected a non-empty list of integers >= {low}")
+            vals[k] = sorted(set(v))
+        return cls(**vals)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _mem_available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def _mem_total_bytes() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device (torch {torch.__version__})")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device={device!r}; expected cpu, cuda, cuda:N or auto")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    from profiler.models import DTYPES
+
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _activation_bytes(cfg, batch: int, tokens: int, dtype_bytes: int, with_logits_all: bool) -> int:
+    """Rough upper estimate of transient memory for one step (logits in fp32 x3, MLP activations x4)."""
+    vocab = cfg.vocab_size
+    ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", 4 * cfg.hidden_size)
+    logit_tokens = tokens if with_logits_all else 1
+    return batch * (logit_tokens * vocab * 4 * 3 + tokens * ffn * dtype_bytes * 4 + tokens * cfg.hidden_size * 16)
+
+
+def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool = True) -> Path:
+    """Profile ``cfg.pair`` on ``cfg.device`` over ``grid``; write and return the profile folder.
+
+    ``cfg`` is the specbatch-profile config (see ``conf/profile.yaml``).
+    """
+    import torch
+    import transformers
+
+    from profiler import models as M
+    from profiler.timing import make_timer, measure
+
+    t_start = time.perf_counter()
+    load_start = _loadavg()
+    device = resolve_device(str(cfg.device))
+    dtype = resolve_dtype(str(cfg.dtype), device)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(out_dir)
+    tm = cfg.timing
+    deadline = float(tm.deadline_s) if tm.get("deadline_s") else None
+    temperature = float(tm.get("temperature", 1.0))
+
+    target, tinfo = M.load_model(str(cfg.pair.target), dtype, device, seed=int(cfg.seed))
+    draft, dinfo = M.load_model(str(cfg.pair.draft), dtype, device, seed=int(cfg.seed) + 1)
+    for info, m in ((tinfo, target), (dinfo, draft)):
+        info["kv_bytes_per_token"] = M.kv_bytes_per_token(m.config, dtype)
+    models = {"target": target, "draft": draft}
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info()
+        dev_name, kv_free = torch.cuda.get_device_name(), int(free)
+    else:
+        total, dev_name, kv_free = _mem_total_bytes(), _cpu_name(), _mem_available_bytes()
+    limit = cfg.get("memory_limit_bytes")
+    if limit is None and not device.startswith("cuda"):
+        limit = int(0.8 * kv_free)  # never let a CPU sweep swap the machine to death
+    limit = int(limit) if limit is not None else None
+    kv_cache_bytes = min(kv_free, limit) if limit is not None else kv_free
+
+    meta = {
+        "source": "measured",
+        "pair": {"target": str(cfg.pair.target), "draft": str(cfg.pair.draft), "name": cfg.pair.get("name")},
+        "device": {"name": dev_name, "kind": "cuda" if device.startswith("cuda") else "cpu",
+                   "memory_bytes": int(total), "kv_cache_bytes": int(kv_cache_bytes),
+                   "kv_cache_bytes_note": "device memory free after loading both models' weights"
+                   + (f", capped by memory_limit_bytes={limit}" if limit is not None else ""),
+                   "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                   "loadavg_start": load_start, "note": cfg.get("note")},
+        "dtype": str(dtype).replace("torch.", ""),
+        "libraries": {"torch": torch.__version__, "transformers": transformers.__version__,
+                      "python": sys.version.split()[0], "specbatch": _specbatch_version()},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "models": {"target": tinfo, "draft": dinfo},
+        "timing": {
+            "method": "cuda_events+synchronize" if device.startswith("cuda") else "time.perf_counter",
+            "cache": _cache_description(str(cfg.cache)),
+            "warmup": int(tm.warmup), "min_samples": int(tm.min_samples), "max_samples": int(tm.max_samples),
+            "floor_samples": int(tm.floor_samples), "rel_precision": float(tm.rel_precision),
+            "point_budget_s": float(tm.point_budget_s), "deadline_s": deadline,
+            "sampling_temperature": temperature,
+            "included": "draft decode: forward of 1 token + sampling; target decode/verify: forward of γ+1 tokens, "
+                        "acceptance test, residual/bonus sampling and rollback of rejected positions; "
+                        "prefill: forward of the prompt into an empty cache, last-token logits only",
+            "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"),
+            "grid": grid.as_dict(),
+            "conventions": "target γ=0 is written as phase=decode tokens=1; γ>=1 as phase=verify tokens=γ+1; "
+                           "draft rows are phase=decode tokens=1; prefill rows have context=0",
+            "complete": False,
+        },
+    }
+
+    rows = _resume_rows(out, meta) if cfg.get("resume", True) else []
+    done = {tuple(r[k] for k in KEY) for r in rows}
+    oom_ceiling: dict[tuple[str, int, str], int] = {}  # (model, context, kind) -> smallest batch that OOMed
+    for r in rows:
+        if r["status"] == "oom":
+            k = (r["model"], int(r["context"]), "prefill" if r["phase"] == "prefill" else "step")
+            oom_ceiling[k] = min(oom_ceiling.get(k, 1 << 30), int(r["batch"]))
+    out.mkdir(parents=True, exist_ok=True)
+    write_profile_meta(out, meta)
+
+    timer = make_timer(device)
+    gmax = max(grid.gammas)
+    plan = _plan(grid, models)
+    skipped_ctx = [p for p in plan if _too_long(models[p[0]], p)]
+    plan = [p for p in plan if not _too_long(models[p[0]], p)]
+    todo = [p for p in plan if tuple(_key(p)) not in done]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="profile points", unit="pt",
+               disable=not progress, dynamic_ncols=True)
+    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    skipped_oom, timed_out = 0, False
+    groups: dict[tuple, list] = {}
+    for p in todo:  # group points sharing one cache: (model, kind, batch, context)
+        groups.setdefault((p[0], p[1] == "prefill", p[2], p[4] if p[1] != "prefill" else p[3]), []).append(p)
+    for (role, is_prefill, batch, ctx_or_len), pts in groups.items():
+        model = models[role]
+        ceil_key = (role, 0 if is_prefill else ctx_or_len, "prefill" if is_prefill else "step")
+        if batch > oom_ceiling.get(ceil_key, 1 << 30):
+            skipped_oom += len(pts)
+            bar.update(len(pts))
+            continue
+        if deadline is not None and time.perf_counter() - t_start > deadline:
+            timed_out = True
+            break
+        vocab = model.config.vocab_size
+        cache = None
+        try:
+            if is_prefill:
+                length = ctx_or_len
+                need = M.cache_bytes(model.config, batch, length, dtype) + \
+                    _activation_bytes(model.config, batch, length, dtype_bytes, False)
+            else:
+                length = ctx_or_len + gmax + 1
+                need = M.cache_bytes(model.config, batch, length, dtype) + \
+                    _activation_bytes(model.config, batch, gmax + 1, dtype_bytes, True) + batch * gmax * vocab * 4
+            if limit is not None and need > limit:
+                raise M.ProfilerOOM(f"{role} batch={batch} needs ~{need} bytes > memory limit {limit}")
+            cache = M.make_cache(str(cfg.cache), model.config, batch, 0 if is_prefill else ctx_or_len,
+                                 length - (0 if is_prefill else ctx_or_len), dtype, device)
+        except Exception as e:  # noqa: BLE001
+            if not M.is_oom(e):
+                raise
+            for p in pts:
+                rows.append(_row(p, None, "oom"))
+            oom_ceiling[ceil_key] = min(oom_ceiling.get(ceil_key, 1 << 30), batch)
+            _free(device)
+            write_steps(out, rows)
+            bar.update(len(pts))
+            continue
+        for p in pts:
+            if deadline is not None and time.perf_counter() - t_start > deadline:
+                timed_out = True
+                break
+            try:
+                step, reset = _make_step(p, model, cache, vocab, temperature, gen, device)
+                budget = float(tm.point_budget_s)
+                if deadline is not None:
+                    budget = max(0.0, min(budget, deadline - (time.perf_counter() - t_start)))
+                stats = measure(step, timer, reset=reset, warmup=int(tm.warmup), min_samples=int(tm.min_samples),
+                                max_samples=int(tm.max_samples), rel_precision=float(tm.rel_precision),
+                                budget_s=budget, floor_samples=int(tm.floor_samples))
+                rows.append(_row(p, stats, "ok"))
+            except Exception as e:  # noqa: BLE001
+                if not M.is_oom(e):
+                    raise
+                rows.append(_row(p, None, "oom"))
+                oom_ceiling[ceil_key] = min(oom_ceiling.get(ceil_key, 1 << 30), batch)
+                _free(device)
+                if cache is not None:
+                    M.rollback(cache, cache.get_seq_length() - (0 if is_prefill else ctx_or_len))
+            write_steps(out, rows)
+            bar.update(1)
+            bar.set_postfix_str(f"{role} {p[1]} b={batch} t={p[3]} c={p[4]}")
+        del cache
+        _free(device)
+        if timed_out:
+            break
+    bar.close()
+
+    meta["timing"]["complete"] = not timed_out
+    meta["timing"]["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    meta["timing"]["points_planned"] = len(plan)
+    meta["timing"]["points_written"] = len(rows)
+    meta["timing"]["points_skipped_after_oom"] = skipped_oom
+    meta["timing"]["points_skipped_beyond_max_context"] = len(skipped_ctx)
+    meta["device"]["loadavg_end"] = _loadavg()
+    if not rows:
+        raise RuntimeError(f"{out}: no point could be measured (deadline {deadline}s too short?)")
+    write_profile_meta(out, meta)
+    load_profile(out)  # the folder we leave behind must be valid
+    return out
+
+
+def _specbatch_version() -> str:
+    try:
+        import specbatch
+
+        return specbatch.__version__
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _cache_description(kind: str) -> str:
+    if kind == "prealloc":
+        return ("prealloc: profiler.models.PreallocLayer, K/V buffers pre-allocated per (batch, context) point and "
+                "written in place; attention spans exactly the cached tokens; rollback is O(1)")
+    if kind == "dynamic":
+        return "dynamic: transformers DynamicCache (torch.cat of the whole cache on every update)"
+    raise ValueError(f"cache={kind!r}; expected 'prealloc' or 'dynamic'")
+
+
+def _plan(grid: Grid, models) -> list[tuple]:
+    """Points as ``(model, phase, batch, tokens, context)`` in sweep order."""
+    pts = []
+    for c in grid.contexts:
+        for b in grid.batches:
+            pts.append(("draft", "decode", b, 1, c))
+            for g in grid.gammas:
+                pts.append(("target", "decode" if g == 0 else "verify", b, g + 1, c))
+    for length in grid.prefill_lengths:
+        for b in grid.prefill_batches:
+            for role in ("draft", "target"):
+                pts.append((role, "prefill", b, length, 0))
+    # group points sharing a cache together: draft first, then target, per (context, batch)
+    return sorted(pts, key=lambda p: (p[1] == "prefill", p[4] if p[1] != "prefill" else p[3], p[2], p[0] == "target"))
+
+
+def _key(p) -> list:
+    return list(p)
+
+
+def _too_long(model, p) -> bool:
+    from profiler.models import max_context
+
+    lim = max_context(model)
+    return lim is not None and p[3] + p[4] > lim
+
+
+def _row(p, stats, status) -> dict:
+    r = dict(zip(KEY, p))
+    if stats is None:
+        r.update(median_s=float("nan"), p10_s=float("nan"), p90_s=float("nan"), samples=0, status=status)
+    else:
+        r.update(median_s=stats.median_s, p10_s=stats.p10_s, p90_s=stats.p90_s, samples=stats.samples, status=status)
+    return r
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _make_step(p, model, cache, vocab, temperature, gen, device):
+    """``(step, reset)`` closures for point ``p``; ``reset`` restores the cache length (untimed)."""
+    import torch
+
+    from profiler import models as M
+
+    role, phase, batch, tokens, context = p
+    base = cache.get_seq_length()
+    if phase == "prefill":
+        ids = torch.randint(0, vocab, (batch, tokens), device=device, generator=gen)
+        return (lambda: M.prefill(model, cache, ids)), (lambda: M.rollback(cache, cache.get_seq_length() - base))
+    if role == "draft":
+        last = torch.randint(0, vocab, (batch,), device=device, generator=gen)
+        return ((lambda: M.decode_one_token(model, cache, last, temperature)),
+                (lambda: M.rollback(cache, cache.get_seq_length() - base)))
+    gamma = tokens - 1
+    last = torch.randint(0, vocab, (batch,), device=device, generator=gen)
+    dtok = torch.randint(0, vocab, (batch, gamma), device=device, generator=gen)
+    dprobs = torch.softmax(torch.randn(batch, gamma, vocab, device=device, generator=gen), -1) if gamma else None
+    return ((lambda: M.verify(model, cache, last, dtok, dprobs, temperature, gen)),
+            (lambda: M.rollback(cache, cache.get_seq_length() - base)))
+
+
+def _resume_rows(out: Path, meta: dict) -> list[dict]:
+    """Rows already written in ``out`` by a run with the same pair, device, dtype and cache (else an error)."""
+    steps, mpath = out / "steps.csv", out / "meta.json"
+    if not steps.is_file():
+        return []
+    import json
+
+    try:
+        old = json.loads(mpath.read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{mpath}: cannot resume, meta.json is missing or unreadable; "
+                         "delete the folder or pass resume=false") from None
+    for path, new in (("pair.target", meta["pair"]["target"]), ("pair.draft", meta["pair"]["draft"]),
+                      ("dtype", meta["dtype"]), ("device.kind", meta["device"]["kind"]),
+                      ("timing.cache", meta["timing"]["cache"])):
+        cur = old
+        for part in path.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if cur != new:
+            raise ValueError(f"{mpath}: cannot resume, field '{path}' is {cur!r} but this run has {new!r}; "
+                             "use another name or resume=false")
+    df = pd.read_csv(steps)
+    missing = [c for c in STEP_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{steps}: cannot resume, missing column(s) {missing}")
+    return df[STEP_COLUMNS].to_dict("records")

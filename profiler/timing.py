@@ -1,0 +1,91 @@
+"""Timing of one grid point: warm-up, then repeats until a relative precision or a time budget is reached.
+
+GPU: CUDA events around the step, synchronised after each repeat. CPU: ``time.perf_counter``.
+All results are seconds per step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class Stats:
+    median_s: float
+    p10_s: float
+    p90_s: float
+    samples: int
+    rel_se: float  # standard error of the median / median (robust, from the MAD)
+
+
+def summarize(samples: list[float]) -> Stats:
+    x = np.asarray(samples, dtype=float)
+    med = float(np.median(x))
+    return Stats(med, float(np.percentile(x, 10)), float(np.percentile(x, 90)), len(x), rel_se(x))
+
+
+def rel_se(x: np.ndarray) -> float:
+    """Robust relative standard error of the median: 1.2533 * 1.4826 * MAD / sqrt(n) / median."""
+    if len(x) < 2:
+        return float("inf")
+    med = float(np.median(x))
+    mad = float(np.median(np.abs(x - med)))
+    return 1.2533 * 1.4826 * mad / np.sqrt(len(x)) / med if med > 0 else float("inf")
+
+
+def make_timer(device: str) -> Callable[[Callable[[], None]], float]:
+    """A function ``timer(step) -> seconds`` that runs ``step`` once and times it on ``device``."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def cuda_timer(step):
+            torch.cuda.synchronize()
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return cuda_timer
+
+    def cpu_timer(step):
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+
+    return cpu_timer
+
+
+def measure(step: Callable[[], None], timer: Callable, *, reset: Callable[[], None] | None = None, warmup: int = 2,
+            min_samples: int = 5, max_samples: int = 50, rel_precision: float = 0.02, budget_s: float = 2.0,
+            floor_samples: int = 3) -> Stats:
+    """Time ``step`` (``reset`` runs untimed after each call, e.g. a cache rollback).
+
+    Stops when ``min_samples`` are in and the relative standard error of the median is below
+    ``rel_precision``; or when ``budget_s`` of timed work is spent and ``floor_samples`` are in; or at
+    ``max_samples``. Warm-up calls are not counted (at most ``warmup``, fewer if one exceeds the budget).
+    """
+    t_begin = time.perf_counter()
+    for _ in range(warmup):
+        step()
+        if reset:
+            reset()
+        if time.perf_counter() - t_begin > budget_s:
+            break
+    samples: list[float] = []
+    t_begin = time.perf_counter()
+    while len(samples) < max_samples:
+        samples.append(timer(step))
+        if reset:
+            reset()
+        n = len(samples)
+        if n >= min_samples and rel_se(np.asarray(samples)) <= rel_precision:
+            break
+        if n >= floor_samples and time.perf_counter() - t_begin >= budget_s:
+            break
+    return summarize(samples)

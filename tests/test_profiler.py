@@ -1,0 +1,303 @@
+"""Profiler tests: tiny presets on CPU (hidden 64, 2 layers), one thread, short budgets."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from profiler import cli, models as M, sweep  # noqa: E402
+from profiler.roofline import GPU_SPECS, Shape, calibrate, step_time, write_analytical_profile  # noqa: E402
+from sim.profile import load_profile  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["threads=1", "progress=false", "timing.warmup=1", "timing.min_samples=3", "timing.max_samples=5",
+        "timing.point_budget_s=0.02", "timing.floor_samples=2"]
+
+
+def make_cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(cli._conf_dir()), version_base=None):
+        return compose("profile", overrides=["pair=tiny", "grid=tiny", f"out_dir={tmp_path}", "name=p", *FAST,
+                                             *overrides])
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prof")
+    out = cli.run(make_cfg(tmp))
+    return out
+
+
+def test_cli_writes_valid_profile(tmp_path):
+    """The hydra app, as a user runs it, writes a profile load_profile accepts."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "profiler.cli", "pair=tiny", "grid=tiny", f"out_dir={tmp_path}",
+                        "grid.batches=[1,2]", "grid.gammas=[0,2]", "grid.contexts=[16]", "grid.prefill_lengths=[8]",
+                        *FAST], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prof = load_profile(tmp_path / "tiny-llama-draft__tiny-llama-cpu-float32")
+    assert prof.meta["source"] == "measured"
+    assert (prof.steps["status"] == "ok").all()
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "profiler.cli", "pair=tiny", "grid=tiny", "grid.batches=[0]",
+                        f"out_dir={tmp_path}", "progress=false"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "grid.batches" in r.stderr
+
+
+def test_format_and_conventions(tiny_profile):
+    prof = load_profile(tiny_profile)
+    m = prof.meta
+    assert m["device"]["kind"] == "cpu" and m["device"]["threads"] == 1 and m["device"]["kv_cache_bytes"] > 0
+    assert m["timing"]["cache"].startswith("prealloc") and m["timing"]["complete"] is True
+    assert m["models"]["target"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers, kv heads, head dim, fp32
+    s = prof.steps
+    assert (s["status"] == "ok").all() and (s["samples"] >= 2).all()
+    assert ((s["p10_s"] <= s["median_s"]) & (s["median_s"] <= s["p90_s"])).all()
+    draft = s[s.model == "draft"]
+    assert set(draft.phase) == {"decode", "prefill"} and (draft[draft.phase == "decode"].tokens == 1).all()
+    tgt = s[s.model == "target"]
+    assert set(tgt[tgt.phase == "decode"].tokens) == {1} and set(tgt[tgt.phase == "verify"].tokens) == {2, 3}
+    assert (s[s.phase == "prefill"].context == 0).all()
+    # full grid: 2 contexts x 3 batches x (1 draft + 3 target) + 2 lengths x 1 batch x 2 models
+    assert len(s) == 2 * 3 * 4 + 2 * 2
+
+
+def test_prealloc_cache_matches_full_forward():
+    model, _ = M.load_model("tiny-llama", torch.float32, "cpu")
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits
+    for kind in ("prealloc", "dynamic"):
+        cache = M.make_cache(kind, model.config, 2, 0, 12, torch.float32, "cpu")
+        M.prefill(model, cache, ids[:, :8])
+        with torch.inference_mode():
+            pos = torch.arange(8, 12).expand(2, 4)
+            out = model(input_ids=ids[:, 8:], position_ids=pos, cache=cache, use_cache=True).logits
+        torch.testing.assert_close(out, full[:, 8:], rtol=1e-4, atol=1e-4)
+        assert cache.get_seq_length() == 12
+        M.rollback(cache, 3)
+        assert cache.get_seq_length() == 9
+
+
+def test_verify_greedy_accepts_target_tokens_and_rolls_back():
+    model, _ = M.load_model("tiny-llama", torch.float32, "cpu")
+    cache = M.make_cache("prealloc", model.config, 1, 0, 20, torch.float32, "cpu")
+    ids = torch.randint(0, 512, (1, 6))
+    M.prefill(model, cache, ids[:, :5])
+    seq, toks = ids.clone(), []
+    with torch.inference_mode():  # greedy continuation of the target = a perfect draft
+        for _ in range(3):
+            nxt = model(input_ids=seq).logits[:, -1].argmax(-1)
+            toks.append(nxt)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    draft = torch.stack(toks, 1)
+    n_acc, _ = M.verify(model, cache, ids[:, 5], draft, None, temperature=0.0)
+    assert int(n_acc) == 3 and cache.get_seq_length() == 5 + 4
+    bad = (draft + 1) % 512
+    M.rollback(cache, 4)
+    n_acc, _ = M.verify(model, cache, ids[:, 5], bad, None, temperature=0.0)
+    assert int(n_acc) == 0 and cache.get_seq_length() == 5 + 1  # rejected positions rolled back
+
+
+def test_forced_oom_by_memory_limit(tmp_path):
+    """A memory limit just above the batch-2 needs turns batch 4 into an oom point; the sweep goes on."""
+    cfg = make_cfg(tmp_path)
+    model, _ = M.load_model("tiny-llama", torch.float32, "cpu")
+    need2 = M.cache_bytes(model.config, 2, 32 + 3, torch.float32) + \
+        sweep._activation_bytes(model.config, 2, 3, 4, True) + 2 * 2 * 512 * 4
+    cfg.memory_limit_bytes = int(need2 * 1.5)
+    out = cli.run(cfg)
+    s = load_profile(out).steps
+    oom = s[s.status == "oom"]
+    assert len(oom) > 0 and set(oom.batch) == {4} and (oom.samples == 0).all()
+    assert not ((s.batch > 4) & (s.phase != "prefill")).any()
+    assert (s[s.phase == "prefill"].status == "ok").all()  # the sweep went on after the oom
+
+
+def test_injected_oom_exception_skips_larger_batches(tmp_path, monkeypatch):
+    """An OutOfMemoryError raised inside a step is recorded as oom; larger batches at that context are skipped."""
+    real = M.verify
+
+    def fake_verify(model, cache, last, *a, **k):
+        if last.shape[0] >= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, cache, last, *a, **k)
+
+    monkeypatch.setattr(M, "verify", fake_verify)
+    out = cli.run(make_cfg(tmp_path))
+    s = load_profile(out).steps
+    tgt = s[(s.model == "target") & (s.phase != "prefill")]
+    assert set(tgt[tgt.batch == 1].status) == {"ok"}
+    assert set(tgt[tgt.batch == 2].status) == {"oom"} and (tgt.batch <= 2).all()
+    assert set(s[(s.model == "draft") & (s.phase == "decode")].batch) == {1, 2, 4}  # draft unaffected
+
+
+def test_resume_after_interrupt(tmp_path, monkeypatch):
+    from profiler import timing
+
+    calls = {"n": 0}
+
+    def interrupting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return timing_measure(*a, **k)
+
+    timing_measure = timing.measure
+    monkeypatch.setattr(timing, "measure", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        cli.run(make_cfg(tmp_path))
+    folder = tmp_path / "p"
+    first = pd.read_csv(folder / "steps.csv")
+    assert len(first) == 6
+    monkeypatch.setattr(timing, "measure", timing_measure)
+    counted = {"n": 0}
+
+    def counting(*a, **k):
+        counted["n"] += 1
+        return timing_measure(*a, **k)
+
+    monkeypatch.setattr(timing, "measure", counting)
+    cli.run(make_cfg(tmp_path))
+    prof = load_profile(folder)
+    assert len(prof.steps) == 28 and counted["n"] == 28 - 6
+    pd.testing.assert_frame_equal(prof.steps.iloc[:6].reset_index(drop=True)[first.columns],
+                                  first.astype(prof.steps.dtypes.to_dict()))
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny_profile):
+    cfg = make_cfg(Path(tiny_profile).parent, "cache=dynamic")
+    with pytest.raises(ValueError, match="timing.cache"):
+        cli.run(cfg)
+
+
+def test_dynamic_cache_profile(tmp_path):
+    out = cli.run(make_cfg(tmp_path, "cache=dynamic", "grid.batches=[1]", "grid.contexts=[16]"))
+    assert "DynamicCache" in load_profile(out).meta["timing"]["cache"]
+
+
+def _save_tiny_checkpoint(path: Path, seed: int = 0, perturb: float = 0.0) -> Path:
+    import transformers
+
+    from profiler.presets import make_config
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(make_config("tiny-llama"))
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * perturb * p.std().clamp_min(1e-3))
+    model.save_pretrained(path)
+    return path
+
+
+def test_load_saved_checkpoint(tmp_path):
+    ckpt = _save_tiny_checkpoint(tmp_path / "ckpt")
+    model, info = M.load_model(str(ckpt), torch.float32, "cpu")
+    assert info["weights"] == "checkpoint folder" and info["parameters"] > 0
+    out = cli.run(make_cfg(tmp_path, f"pair.target={ckpt}", "grid.batches=[1]", "grid.gammas=[0,1]",
+                           "grid.contexts=[16]", "grid.prefill_lengths=[8]"))
+    assert load_profile(out).meta["models"]["target"]["weights"] == "checkpoint folder"
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        M.load_model(str(tmp_path / "missing"), torch.float32, "cpu")
+
+
+def test_acceptance_identical_and_perturbed_draft(tmp_path):
+    from profiler.acceptance import encode, measure_acceptance
+
+    target, _ = M.load_model(str(_save_tiny_checkpoint(tmp_path / "t")), torch.float32, "cpu")
+    same, _ = M.load_model(str(tmp_path / "t"), torch.float32, "cpu")
+    other, _ = M.load_model(str(_save_tiny_checkpoint(tmp_path / "d", perturb=0.5)), torch.float32, "cpu")
+    prompts = [encode(t, None, 512) for t in ("hello world", "speculative decoding is", "a b c d")]
+    alpha, n = measure_acceptance(target, same, prompts, gamma=4, temperature=0.0, max_new_tokens=12)
+    assert alpha == [1.0] * 4 and min(n) > 0
+    alpha_t, _ = measure_acceptance(target, same, prompts, gamma=4, temperature=1.0, max_new_tokens=12)
+    assert alpha_t == [1.0] * 4  # identical distributions: u * q <= p always holds
+    alpha_p, _ = measure_acceptance(target, other, prompts, gamma=4, temperature=0.0, max_new_tokens=24)
+    assert alpha_p[0] < 1.0
+
+
+def test_acceptance_from_jsonl_via_cli(tmp_path):
+    ckpt = _save_tiny_checkpoint(tmp_path / "ckpt")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("one two three", "four five")) + "\n")
+    out = cli.run(make_cfg(tmp_path, f"pair.target={ckpt}", f"pair.draft={ckpt}", "grid.batches=[1]",
+                           "grid.gammas=[0,1]", "grid.contexts=[16]", "grid.prefill_lengths=[8]",
+                           f"acceptance.prompts_file={prompts}", "acceptance.gamma=3",
+                           "acceptance.max_new_tokens=6"))
+    prof = load_profile(out)
+    assert list(prof.per_position_alpha) == [1.0, 1.0, 1.0]
+    assert prof.meta["acceptance"]["temperature"] == 0.0 and prof.meta["acceptance"]["prompts"] == 2
+    assert (out / "acceptance" / "T1" / "acceptance.csv").is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"x": 1}\n')
+    from profiler.acceptance import read_prompts
+
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_prompts(None, bad)
+
+
+# --- roofline ----------------------------------------------------------------------------------------------
+
+
+def _shape(name):
+    from profiler.presets import make_config
+
+    return Shape.from_config(make_config(name))
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "opt-6.7b", "qwen2.5-7b"])
+def test_roofline_monotone_in_batch_and_tokens(name):
+    s = _shape(name)
+    peak, bw, _, _ = GPU_SPECS["h100-sxm"]
+    kw = dict(peak_flops=peak, bandwidth=bw, eff_compute=0.6, eff_memory=0.8, overhead_s=0.005)
+    for c in (128, 2048):
+        for t in (1, 5, 9):
+            times = [step_time(s, b, t, c, t, **kw) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)]
+            assert all(b >= a for a, b in zip(times, times[1:]))
+        for b in (1, 16, 256):
+            times = [step_time(s, b, t, c, t, **kw) for t in range(1, 10)]
+            assert all(y >= x for x, y in zip(times, times[1:]))
+    # memory-bound at batch 1, compute-bound at large batch x tokens: verify costs ~ decode at b=1 only
+    r1 = step_time(s, 1, 9, 128, 9, **kw) / step_time(s, 1, 1, 128, 1, **kw)
+    r256 = step_time(s, 256, 9, 128, 9, **kw) / step_time(s, 256, 1, 128, 1, **kw)
+    assert r1 < 1.1 < r256
+
+
+def test_roofline_profile_and_calibration(tmp_path):
+    from profiler.presets import make_config
+
+    grid = sweep.Grid([1, 4, 16, 64, 256], [0, 1, 4, 8], [128, 2048], [128, 1024], [1])
+    truth = write_analytical_profile(tmp_path / "truth", gpu="h100-sxm", target_cfg=make_config("llama-2-7b"),
+                                     draft_cfg=make_config("llama-68m"), target_name="llama-2-7b",
+                                     draft_name="llama-68m", grid=grid, eff_compute=0.45, eff_memory=0.7,
+                                     overhead_s=0.004)
+    prof = load_profile(truth)
+    assert prof.meta["source"] == "analytical" and (prof.steps.status == "oom").any()
+    fit = calibrate(truth, peak_flops=GPU_SPECS["h100-sxm"][0], bandwidth=GPU_SPECS["h100-sxm"][1], dtype_bytes=2)
+    assert fit["eff_compute"] == pytest.approx(0.45, rel=0.02) and fit["eff_memory"] == pytest.approx(0.7, rel=0.02)
+    assert fit["fit_median_rel_error"] < 1e-3
+
+
+def test_roofline_cli(tmp_path):
+    out = cli.run(make_cfg(tmp_path, "mode=roofline", "pair=llama-68m__llama-2-7b", "grid=gpu", "roofline.gpu=a100-80gb"))
+    prof = load_profile(out)
+    assert prof.meta["source"] == "analytical" and prof.meta["device"]["name"] == "a100-80gb"
+    cal = make_cfg(tmp_path, "mode=roofline", "pair=llama-68m__llama-2-7b", "grid=gpu", "roofline.gpu=h200",
+                   f"roofline.calibrate_on={out}", "name=cal")
+    with pytest.raises(ValueError, match="force_calibration"):
+        cli.run(cal)
