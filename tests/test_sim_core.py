@@ -1,0 +1,192 @@
+"""Simulator core: exact scenarios, conservation, determinism, acceptance statistics, routers, static mode."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import linear_step, write_formula_profile
+from sim.acceptance import AcceptanceModel, expected_tokens
+from sim.cluster import ClusterConfig, simulate
+from sim.cost_model import CostModel
+from sim.metrics import summarize
+from sim.policies import make_policy
+from sim.profile import load_profile
+from sim.workload import Workload, synthetic
+
+
+def workload(arrivals, prompts, outputs, classes=None):
+    return Workload(np.asarray(arrivals, float), np.asarray(prompts, np.int64), np.asarray(outputs, np.int64),
+                    request_class=None if classes is None else np.asarray(classes))
+
+
+@pytest.fixture
+def constant_cost(tmp_path):
+    """Verify 0.1 s, draft decode 0.01 s at every point; target prefill 1 ms/token, draft 0.1 ms/token."""
+    p = write_formula_profile(tmp_path / "const", verify=linear_step(0.1, 0.0), draft=linear_step(0.01, 0.0),
+                              prefill=lambda n: 1e-3 * n)
+    return CostModel(load_profile(p), max_batch=8, max_gamma=8)
+
+
+def test_two_requests_without_speculation_have_exact_latencies(constant_cost):
+    # r0 at 0 s: prefill 100 tok = 0.1 s (first token 0.1), one decode 0.1 s -> 0.2 s with 2 tokens.
+    # r1 arrived at 0.05 s, admitted at 0.2 s: prefill 200 tok = 0.2 s (first token 0.4),
+    # then a batch-2 decode of 0.1 s ending at 0.5 s finishes both (r0: 3 tokens, r1: 2 tokens).
+    w = workload([0.0, 0.05], [100, 200], [3, 2])
+    r = simulate(w, constant_cost, make_policy("none"), AcceptanceModel(alpha=0.5), ClusterConfig(max_batch=8))
+    q = r.requests
+    assert q["first_token_s"].tolist() == pytest.approx([0.1, 0.4])
+    assert q["finished_s"].tolist() == pytest.approx([0.5, 0.5])
+    assert q["ttft_s"].tolist() == pytest.approx([0.1, 0.35])
+    assert q["latency_s"].tolist() == pytest.approx([0.5, 0.45])
+    assert q["tpot_s"].tolist() == pytest.approx([0.2, 0.1])
+    assert q["iterations"].tolist() == [2, 1]
+    assert r.makespan_s == pytest.approx(0.5)
+    assert r.iterations["batch"].tolist() == [1, 2]
+
+
+def test_two_requests_with_full_acceptance_have_exact_latencies(constant_cost):
+    # γ = 2, α = 1: every iteration gains 3 tokens (capped by what is left). Prefill includes the draft.
+    # r0: prefill 0.1 + 0.01 = 0.11 s; step 2·0.01 + 0.1 = 0.12 s -> 0.23 s with 4 tokens.
+    # r1 (arrived 0.05 s) admitted at 0.23 s: prefill 0.2 + 0.02 = 0.22 s -> first token 0.45 s;
+    # batch-2 step 0.12 s -> 0.57 s: r0 gains its 5th token, r1 its 2nd; both finish.
+    w = workload([0.0, 0.05], [100, 200], [5, 2])
+    r = simulate(w, constant_cost, make_policy("fixed", gamma=2), AcceptanceModel(alpha=1.0), ClusterConfig(max_batch=8))
+    q = r.requests
+    assert q["first_token_s"].tolist() == pytest.approx([0.11, 0.45])
+    assert q["finished_s"].tolist() == pytest.approx([0.57, 0.57])
+    assert q["accepted_tokens"].tolist() == [4, 2]  # r0: 2 + 2 accepted (the 2nd capped by its length)
+    assert q["generated_tokens"].tolist() == [5, 2]
+
+
+def test_request_that_only_needs_its_first_token_finishes_at_prefill(constant_cost):
+    w = workload([0.0], [300], [1])
+    r = simulate(w, constant_cost, make_policy("none"), AcceptanceModel(alpha=0.5), ClusterConfig(max_batch=8))
+    assert r.requests["finished_s"].iloc[0] == pytest.approx(0.3)
+    assert r.requests["iterations"].iloc[0] == 0
+
+
+def _conservation(result, w):
+    q = result.requests
+    served = q[~q["rejected"]]
+    assert len(q) == len(w)
+    assert served["finished_s"].notna().all()
+    assert (served["generated_tokens"] == served["output_tokens"]).all()
+    assert (served["first_token_s"] >= served["arrival_s"] - 1e-12).all()
+    assert (served["finished_s"] >= served["first_token_s"] - 1e-12).all()
+    # Every output token is produced exactly once (a recomputed request's prefill yields its next token).
+    assert result.iterations["tokens"].sum() == served["output_tokens"].sum()
+
+
+@pytest.mark.parametrize("policy", [("none", {}), ("fixed", {"gamma": 3}), ("adaptive", {})])
+def test_conservation_with_preemption(formula_profile, policy):
+    cost = CostModel(load_profile(formula_profile), max_batch=16)
+    w = synthetic(300, rate=50.0, prompt_lognormal=(200, 0.8), output_lognormal=(100, 0.8), seed=3)
+    # A small KV cache forces preemptions: 16 sequences of ~300 tokens do not fit in 2500 tokens.
+    cl = ClusterConfig(replicas=2, max_batch=16, kv_capacity_tokens=2500, router="least_outstanding")
+    r = simulate(w, cost, make_policy(policy[0], **policy[1]), AcceptanceModel(alpha=0.8, concentration=10), cl, seed=1)
+    rejected = (w.prompt_tokens + w.output_tokens) > 2500
+    assert r.requests["rejected"].tolist() == rejected.tolist()
+    _conservation(r, w)
+    assert r.requests["preemptions"].sum() > 0
+    assert (r.iterations["kv_tokens"] <= 2500).all()
+
+
+def test_same_seed_same_result_and_seed_matters(formula_profile):
+    cost = CostModel(load_profile(formula_profile), max_batch=32)
+    w = synthetic(400, rate=20.0, process="gamma", cv=3.0, seed=5)
+    acc = AcceptanceModel(alpha=0.7, concentration=5.0)
+    cl = ClusterConfig(replicas=3, router="random", max_batch=32)
+    a = simulate(w, cost, make_policy("fixed", gamma=4), acc, cl, seed=11)
+    b = simulate(w, cost, make_policy("fixed", gamma=4), acc, cl, seed=11)
+    c = simulate(w, cost, make_policy("fixed", gamma=4), acc, cl, seed=12)
+    pd.testing.assert_frame_equal(a.requests, b.requests)
+    pd.testing.assert_frame_equal(a.iterations, b.iterations)
+    assert not a.requests["finished_s"].equals(c.requests["finished_s"])
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.5, 2), (0.7, 4), (0.9, 6), (0.0, 3), (1.0, 3)])
+def test_tokens_per_iteration_matches_closed_form(formula_profile, alpha, gamma):
+    cost = CostModel(load_profile(formula_profile), max_batch=8)
+    n, out = 8, 8000
+    w = workload(np.zeros(n), np.full(n, 64), np.full(n, out))
+    r = simulate(w, cost, make_policy("fixed", gamma=gamma), AcceptanceModel(alpha=alpha),
+                 ClusterConfig(max_batch=8, kv_capacity_tokens=10**7), seed=2)
+    q = r.requests
+    gained = (q["generated_tokens"] - 1).sum()  # the first token comes from prefill
+    iters = q["iterations"].sum()
+    mean = gained / iters
+    expect = expected_tokens(alpha, gamma)
+    # Standard error of the per-iteration gain; the capped last iteration biases by < 1 token per request.
+    p = np.array([alpha ** k for k in range(gamma + 1)])  # P(gain ≥ k+1)
+    var = ((2 * np.arange(gamma + 1) + 1) * p).sum() - expect**2
+    se = math.sqrt(max(var, 1e-12) / iters)
+    assert abs(mean - expect) <= 4 * se + n / iters, (mean, expect, se)
+    assert expect == pytest.approx((1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1)
+
+
+def test_per_position_acceptance_sampling_matches_formula():
+    pos = np.array([0.9, 0.8, 0.6, 0.5])
+    m = AcceptanceModel(positions=pos, max_gamma=4)
+    rng = np.random.default_rng(0)
+    thr = m.thresholds(np.ones(200_000), 4)
+    acc = (rng.random(200_000)[:, None] < thr).sum(axis=1)
+    assert acc.mean() + 1 == pytest.approx(expected_tokens(pos, 4), abs=0.01)
+    assert acc.mean() + 1 == pytest.approx(1 + np.cumprod(pos).sum(), abs=0.01)
+    direct = m.sample(np.ones(200_000), 4, np.random.default_rng(1))
+    assert direct.mean() == pytest.approx(acc.mean(), abs=0.01)
+
+
+def test_heterogeneous_acceptance_keeps_the_mean():
+    m = AcceptanceModel(alpha=0.6, concentration=4.0)
+    scale = m.request_scale(100_000, np.random.default_rng(0))
+    assert (scale * 0.6).mean() == pytest.approx(0.6, abs=0.005)
+    assert (scale * 0.6).std() > 0.1
+    classes = np.array([0, 1] * 1000)
+    m2 = AcceptanceModel(alpha=0.6, class_alpha={0: 0.9, 1: 0.3})
+    s2 = m2.request_scale(2000, np.random.default_rng(0), classes) * 0.6
+    assert s2[classes == 0] == pytest.approx(0.9) and s2[classes == 1] == pytest.approx(0.3)
+
+
+def test_round_robin_and_least_outstanding_routers(formula_profile):
+    cost = CostModel(load_profile(formula_profile), max_batch=8)
+    w = workload(np.arange(12) * 0.001, np.full(12, 64), np.full(12, 50))
+    rr = simulate(w, cost, make_policy("none"), AcceptanceModel(alpha=0.5), ClusterConfig(replicas=3, max_batch=8))
+    assert rr.requests["replica"].tolist() == [0, 1, 2] * 4
+    lo = simulate(w, cost, make_policy("none"), AcceptanceModel(alpha=0.5),
+                  ClusterConfig(replicas=3, max_batch=8, router="least_outstanding"))
+    assert sorted(np.bincount(lo.requests["replica"])) == [4, 4, 4]
+    kv = simulate(w, cost, make_policy("none"), AcceptanceModel(alpha=0.5),
+                  ClusterConfig(replicas=3, max_batch=8, router="least_kv"))
+    assert sorted(np.bincount(kv.requests["replica"])) == [4, 4, 4]
+
+
+def test_static_batching_runs_batches_to_completion(constant_cost):
+    # Batch of 2 formed at t=0: prefill 0.1 + 0.1 s, then decode steps of 0.1 s until the longest (4 tokens)
+    # is done: 3 steps -> 0.5 s. The short request (2 tokens) finishes at 0.3 s but its slot stays.
+    # r2 arrives at 0.01 s and must wait for the whole batch: prefill 0.1 s from 0.5 s -> 0.6 s first token.
+    w = workload([0.0, 0.0, 0.01], [100, 100, 100], [4, 2, 2])
+    r = simulate(w, constant_cost, make_policy("none"), AcceptanceModel(alpha=0.5),
+                 ClusterConfig(max_batch=2, mode="static"))
+    q = r.requests
+    assert q["first_token_s"].tolist() == pytest.approx([0.2, 0.2, 0.6])
+    assert q["finished_s"].tolist() == pytest.approx([0.5, 0.3, 0.7])
+    assert (r.iterations.loc[r.iterations["step_s"] > 0, "batch"] == [2, 2, 2, 1]).all()
+
+
+def test_summary_metrics_are_consistent(formula_profile):
+    cost = CostModel(load_profile(formula_profile), max_batch=32)
+    w = synthetic(200, rate=5.0, seed=1)
+    r = simulate(w, cost, make_policy("fixed", gamma=3), AcceptanceModel(alpha=0.8), ClusterConfig(max_batch=32))
+    s = summarize(r, slo_ttft_s=1e9, slo_tpot_s=1e9)
+    assert s["completed"] == 200 and s["slo_attainment"] == 1.0
+    assert s["goodput_req_s"] == pytest.approx(s["throughput_req_s"])
+    assert s["throughput_tok_s"] == pytest.approx(w.output_tokens.sum() / r.makespan_s)
+    assert s["mean_gamma"] == pytest.approx(3.0)
+    assert 0 < s["busy_fraction_mean"] <= 1.0
+    assert s["latency_p50"] <= s["latency_p90"] <= s["latency_p99"]
+    assert s["mean_accepted"] == pytest.approx(expected_tokens(0.8, 3) - 1, abs=0.15)
+    tight = summarize(r, slo_ttft_s=1e-9, slo_tpot_s=1e9)
+    assert tight["goodput_req_s"] == 0.0
