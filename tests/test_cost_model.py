@@ -1,0 +1,101 @@
+"""Cost model: grid values, interpolation, documented extrapolation, the adaptive table's known answer."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import linear_step, write_formula_profile
+from sim.acceptance import AcceptanceModel, expected_tokens
+from sim.cost_model import CostModel, ExtrapolationWarning
+from sim.policies import Adaptive, optimal_gamma_table
+from sim.profile import load_profile
+
+
+@pytest.fixture
+def cost(formula_profile):
+    return CostModel(load_profile(formula_profile), max_batch=64, max_gamma=8)
+
+
+def test_grid_points_return_measured_medians(cost):
+    v = linear_step(0.010, 0.0005, knee=64)
+    d = linear_step(0.001, 0.00002)
+    for b in (1, 4, 32, 64):
+        for c in (128, 512, 2048):
+            for g in (0, 3, 8):
+                assert cost.target_verify(b, g, c) == pytest.approx(v(b, g + 1, c))
+            assert cost.draft_decode(b, c) == pytest.approx(d(b, 1, c))
+            assert cost.iteration(b, 3, c) == pytest.approx(3 * d(b, 1, c) + v(b, 4, c))
+
+
+def test_linear_interpolation_between_grid_points(tmp_path):
+    # Times depend on batch and context, so interpolation is visible on both axes.
+    p = write_formula_profile(tmp_path / "p", verify=lambda b, t, c: 0.01 * b * t + 1e-5 * c + 0.001 * b * b,
+                              draft=lambda b, t, c: 0.001 * b + 1e-6 * c)
+    cm = CostModel(load_profile(p), max_batch=64)
+    f = lambda b, t, c: 0.01 * b * t + 1e-5 * c + 0.001 * b * b  # noqa: E731
+    # batch 6 lies between measured 4 and 8: linear between them (not the formula's b² curvature).
+    assert cm.target_verify(6, 1, 128) == pytest.approx((f(4, 2, 128) + f(8, 2, 128)) / 2)
+    # context 320 lies between 128 and 512.
+    assert cm.target_verify(4, 0, 320) == pytest.approx((f(4, 1, 128) + f(4, 1, 512)) / 2)
+    assert cm.draft_decode(3, 128) == pytest.approx(0.5 * (0.001 * 2 + 0.001 * 4) + 1e-6 * 128)
+
+
+def test_extrapolation_rules_and_a_single_warning(tmp_path):
+    p = write_formula_profile(tmp_path / "p", verify=lambda b, t, c: 0.01 * b * t + 1e-5 * c,
+                              draft=lambda b, t, c: 0.001 * b, batches=(1, 2, 4, 8), max_tokens=5,
+                              contexts=(128, 512))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        cm = CostModel(load_profile(p), max_batch=16, max_gamma=8)
+        # batch beyond 8: linear from the last two points (exact for a linear formula).
+        assert cm.target_verify(16, 0, 128) == pytest.approx(0.01 * 16 + 1e-5 * 128)
+        # tokens beyond 5 (γ = 8 -> 9 tokens): linear.
+        assert cm.target_verify(2, 8, 128) == pytest.approx(0.01 * 2 * 9 + 1e-5 * 128)
+        # context beyond 512: linear; below 128: flat at the 128 value.
+        assert cm.target_verify(2, 0, 1024) == pytest.approx(0.02 + 1e-5 * 1024)
+        assert cm.target_verify(2, 0, 10) == pytest.approx(0.02 + 1e-5 * 128)
+    extrap = [x for x in w if issubclass(x.category, ExtrapolationWarning)]
+    assert len(extrap) == 1
+
+
+def test_extrapolation_never_goes_below_the_grid_edge(tmp_path):
+    # A noisy last segment that decreases must not make larger batches cheaper than the largest measured.
+    p = write_formula_profile(tmp_path / "p", verify=lambda b, t, c: 0.05 if b == 8 else 0.06 if b == 4 else 0.01 * b,
+                              draft=lambda b, t, c: 0.001, batches=(1, 2, 4, 8), max_tokens=2, contexts=(128,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = CostModel(load_profile(p), max_batch=32, max_gamma=1)
+        assert cm.target_verify(32, 0, 128) == pytest.approx(0.05)
+
+
+def test_prefill_curve(cost):
+    assert cost.prefill(64) == pytest.approx(0.064)
+    assert cost.prefill(160) == pytest.approx(0.160)  # between 64 and 256
+    assert cost.prefill(64, "draft") == pytest.approx(0.0064)
+    assert cost.prefill(8) == pytest.approx(0.016)  # below the shortest (16): flat
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cost.prefill(8192) == pytest.approx(8.192)  # beyond: last segment's slope
+
+
+def test_adaptive_table_matches_brute_force_on_known_profile(cost):
+    """γ*(b) from the formulas directly (no cost-model code) agrees with the Adaptive policy's table."""
+    v = linear_step(0.010, 0.0005, knee=64)
+    d = linear_step(0.001, 0.00002)
+    alpha, c = 0.8, 512
+    pol = Adaptive(context=c)
+    pol.setup(cost, AcceptanceModel(alpha=alpha), context=0)
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        rate = [b * expected_tokens(alpha, g) / (g * d(b, 1, c) + v(b, g + 1, c)) for g in range(9)]
+        assert pol.table[b - 1] == int(np.argmax(rate)), b
+    # The seed phenomenon on this profile: long speculation at batch 1, none once compute-bound.
+    assert pol.table[0] >= 4
+    assert pol.table[63] == 0
+    assert all(np.diff(pol.table[[0, 1, 3, 7, 15, 31, 63]]) <= 0)
+    assert pol.describe()["table"][1] == pol.table[0]
+
+
+def test_optimal_gamma_is_zero_when_nothing_is_accepted(cost):
+    assert (optimal_gamma_table(cost, AcceptanceModel(alpha=0.0), 512) == 0).all()
