@@ -9,6 +9,7 @@ Adding a policy is one small class plus a ``conf/policy/<name>.yaml`` whose ``na
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,3 +143,289 @@ class Adaptive(Policy):
     def describe(self) -> dict:
         return {"name": self.name, "context": self.context,
                 "table": {int(b + 1): int(g) for b, g in enumerate(self.table)} if self.table is not None else None}
+
+
+# --- policies added for the quantitative study (issue 4) ------------------------------------------------------
+
+
+def _check_int(value, key: str, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"{key} is {value!r}; expected an integer ≥ {lo}")
+    return int(value)
+
+
+def _check_prob(value, key: str, lo_open: bool = True) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} is {value!r}; expected a number in (0, 1]") from None
+    if not (0 < v <= 1 if lo_open else 0 <= v <= 1):
+        raise ValueError(f"{key} is {value!r}; expected a number in {'(0, 1]' if lo_open else '[0, 1]'}")
+    return v
+
+
+@register
+class AdaptiveContext(Policy):
+    """A table γ*(b, c) over batch size and mean context, built offline from the profile.
+
+    At long contexts the KV cache traffic keeps verification memory-bound at larger batches, so the
+    batch-only table (``adaptive``, built at one reference context) under-speculates there (MagicDec's
+    regime). ``contexts``: the context grid in tokens (``null``: powers of two from 128 up to twice the
+    longest context the profile measured). At run time the batch's mean context picks the nearest grid
+    point on a log scale.
+    """
+
+    name = "adaptive_context"
+
+    def __init__(self, contexts: list[float] | None = None, max_gamma: int | None = None):
+        if contexts is not None:
+            contexts = [float(c) for c in contexts]
+            if not contexts or any(not c > 0 for c in contexts):
+                raise ValueError(f"policy.contexts is {contexts!r}; expected a list of positive token counts or null")
+        self.contexts = sorted(contexts) if contexts is not None else None
+        self.max_gamma = None if max_gamma is None else _check_int(max_gamma, "policy.max_gamma")
+        self.table: np.ndarray | None = None
+
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
+        if self.contexts is None:
+            top = 2 * float(np.max(cost.contexts))
+            self.contexts = [float(c) for c in 2.0 ** np.arange(7, 40) if c <= max(top, 128.0)]
+        self.table = np.stack([optimal_gamma_table(cost, acceptance, c, self.max_gamma) for c in self.contexts])
+        self._table = self.table.tolist()
+        mids = np.sqrt(np.asarray(self.contexts[:-1]) * np.asarray(self.contexts[1:]))  # log-scale midpoints
+        self._bounds = mids.tolist()
+
+    def choose(self, view: BatchView) -> int:
+        return self._table[bisect.bisect_right(self._bounds, view.context)][view.batch - 1]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "contexts": self.contexts,
+                "table": None if self.table is None else
+                {str(int(c)): {int(b + 1): int(g) for b, g in enumerate(row)} for c, row in zip(self.contexts, self.table)}}
+
+
+@register
+class Goodput(Policy):
+    """SmartSpec-style goodput control: each iteration pick the γ maximising predicted goodput
+
+        G(γ) = Σ_{i in batch} E(α̂_i, γ) / T(b, γ, c̄)   (tokens/second; may pick γ = 0),
+
+    with acceptance estimated online from what was accepted so far. Each speculative iteration gives, per
+    request, ``accepted`` successes out of ``accepted + 1`` trials (``γ`` trials when all γ were accepted);
+    a global and a per-request exponentially weighted count (``ema`` = weight of the newest observation)
+    give α̂_g = S_g / N_g and α̂_i = (S_i + k·α̂_g) / (N_i + k) (``prior_weight`` = k pseudo-trials of the
+    global rate). The global estimate starts at ``prior_alpha`` (``null``: the acceptance model's mean α, i.e.
+    what the offline tables assume). ``per_request=false`` uses α̂_g for everyone.
+
+    When γ = 0 is chosen nothing is learnt, so every ``explore_every`` consecutive γ = 0 iterations one runs
+    at γ = 1 (0 = never) — this lets it notice acceptance drifting up.
+    """
+
+    name = "goodput"
+
+    def __init__(self, ema: float = 0.05, per_request: bool = True, prior_alpha: float | None = None,
+                 prior_weight: float = 4.0, explore_every: int = 50, max_gamma: int | None = None):
+        self.ema = _check_prob(ema, "policy.ema")
+        self.per_request = bool(per_request)
+        self.prior_alpha = None if prior_alpha is None else _check_prob(prior_alpha, "policy.prior_alpha", lo_open=False)
+        if not float(prior_weight) > 0:
+            raise ValueError(f"policy.prior_weight is {prior_weight!r}; expected a positive number of pseudo-trials")
+        self.prior_weight = float(prior_weight)
+        self.explore_every = _check_int(explore_every, "policy.explore_every")
+        self.max_gamma = None if max_gamma is None else _check_int(max_gamma, "policy.max_gamma")
+
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
+        self.cost = cost
+        self.gmax = min(cost.max_gamma, cost.max_gamma if self.max_gamma is None else self.max_gamma)
+        a0 = float(acceptance.mean_alpha if self.prior_alpha is None else self.prior_alpha)
+        self.alpha0 = min(a0, 0.999)
+        # Global counts start as 1/ema pseudo-trials at the prior (one EMA window).
+        self.n_g = 1.0 / self.ema
+        self.s_g = self.alpha0 * self.n_g
+        self._s = np.zeros(1024)
+        self._n = np.zeros(1024)
+        self._zero_run = 0
+        self._powers = np.arange(self.gmax + 2)
+
+    def _grow(self, top: int) -> None:
+        if top >= len(self._s):
+            n = max(top + 1, 2 * len(self._s))
+            self._s = np.concatenate([self._s, np.zeros(n - len(self._s))])
+            self._n = np.concatenate([self._n, np.zeros(n - len(self._n))])
+
+    def alpha_global(self) -> float:
+        """The current global acceptance estimate α̂_g."""
+        return self.s_g / self.n_g
+
+    def alphas(self, ids: np.ndarray) -> np.ndarray:
+        """Per-request acceptance estimates α̂_i for ``ids`` (shrunk towards α̂_g)."""
+        ag = self.alpha_global()
+        if not self.per_request or len(ids) == 0:
+            return np.full(len(ids), ag)
+        self._grow(int(ids.max()))
+        k = self.prior_weight
+        return (self._s[ids] + k * ag) / (self._n[ids] + k)
+
+    def predicted_goodput(self, view: BatchView) -> np.ndarray:
+        """Predicted tokens/second of the batch for γ = 0..max_gamma."""
+        a = np.clip(self.alphas(view.ids), 0.0, 0.999)
+        # E_i(γ) = Σ_{k=0..γ} a_i^k, summed over requests: cumulative sum of Σ_i a_i^k.
+        pw = (a[:, None] ** self._powers[None, : self.gmax + 1]).sum(axis=0)
+        e = np.cumsum(pw)
+        t = np.array([self.cost.iteration(view.batch, g, view.context) for g in range(self.gmax + 1)])
+        return e / t
+
+    def choose(self, view: BatchView) -> int:
+        g = int(np.argmax(self.predicted_goodput(view)))
+        if g == 0 and self.explore_every and self.gmax >= 1:
+            self._zero_run += 1
+            if self._zero_run >= self.explore_every:
+                self._zero_run = 0
+                return 1
+        elif g:
+            self._zero_run = 0
+        return g
+
+    def observe(self, view: BatchView, gamma: int, accepted: np.ndarray) -> None:
+        if gamma == 0 or len(accepted) == 0:
+            return
+        acc = accepted.astype(float)
+        trials = acc + (accepted < gamma)
+        d = 1.0 - self.ema
+        self.s_g = d * self.s_g + self.ema * float(acc.mean())
+        self.n_g = d * self.n_g + self.ema * float(trials.mean())
+        if self.per_request:
+            ids = view.ids
+            self._grow(int(ids.max()))
+            self._s[ids] = d * self._s[ids] + acc
+            self._n[ids] = d * self._n[ids] + trials
+
+    def describe(self) -> dict:
+        return {"name": self.name, "ema": self.ema, "per_request": self.per_request, "prior_alpha": self.prior_alpha,
+                "prior_weight": self.prior_weight, "explore_every": self.explore_every,
+                "final_alpha_global": float(self.alpha_global()) if hasattr(self, "n_g") else None}
+
+
+def _parse_ranges(ranges, key: str = "policy.ranges") -> list[tuple[int, int]]:
+    """``[[min_batch, γ], ...]`` → sorted list of (min_batch, γ); the first must start at batch 1."""
+    if not isinstance(ranges, (list, tuple)) or not ranges:
+        raise ValueError(f"{key} is {ranges!r}; expected a list of [min_batch, gamma] pairs starting at batch 1")
+    out = []
+    for i, r in enumerate(ranges):
+        if not isinstance(r, (list, tuple)) or len(r) != 2:
+            raise ValueError(f"{key}[{i}] is {r!r}; expected a [min_batch, gamma] pair")
+        out.append((_check_int(r[0], f"{key}[{i}][0] (min_batch)", 1), _check_int(r[1], f"{key}[{i}][1] (gamma)")))
+    out.sort()
+    if out[0][0] != 1:
+        raise ValueError(f"{key}: the first range starts at batch {out[0][0]}; it must start at batch 1")
+    if len({b for b, _ in out}) != len(out):
+        raise ValueError(f"{key}: two ranges start at the same batch size")
+    return out
+
+
+def table_to_ranges(table: np.ndarray | list[int]) -> list[tuple[int, int, int]]:
+    """Compress a γ*(b) table (b = 1..len) into (first batch, last batch, γ) runs."""
+    out: list[tuple[int, int, int]] = []
+    for b, g in enumerate(table, start=1):
+        if out and out[-1][2] == int(g):
+            out[-1] = (out[-1][0], b, int(g))
+        else:
+            out.append((b, b, int(g)))
+    return out
+
+
+@register
+class Threshold(Policy):
+    """vLLM-style batch-size ranges → γ. ``ranges``: ``[[min_batch, γ], ...]`` (each applies from its
+    min_batch up to the next one's); ``off_above``: γ = 0 for batches above this size (vLLM's
+    ``speculative_disable_by_batch_size``). ``ranges: null`` derives the ranges from the profile's γ*(b)
+    table at the reference context (what ``specbatch-tune`` exports), so only ``off_above`` is hand-set.
+    """
+
+    name = "threshold"
+
+    def __init__(self, ranges: list | None = None, off_above: int | None = None):
+        self.ranges = None if ranges is None else _parse_ranges(ranges)
+        self.off_above = None if off_above is None else _check_int(off_above, "policy.off_above", 1)
+        self._table: list[int] = []
+
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
+        if self.ranges is None:
+            self.ranges = [(lo, g) for lo, _, g in table_to_ranges(optimal_gamma_table(cost, acceptance, context))]
+        table = []
+        for b in range(1, cost.max_batch + 1):
+            g = [g for lo, g in self.ranges if lo <= b][-1]
+            if self.off_above is not None and b > self.off_above:
+                g = 0
+            table.append(min(g, cost.max_gamma))
+        self._table = table
+
+    def choose(self, view: BatchView) -> int:
+        return self._table[view.batch - 1]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "ranges": [list(r) for r in self.ranges] if self.ranges else None,
+                "off_above": self.off_above}
+
+
+@register
+class EmaTiers(Policy):
+    """SGLang-style: γ from the EMA of the accepted length within tiers, with hysteresis.
+
+    ``r`` = EMA (weight ``ema`` for the newest iteration) of the accepted length relative to the current
+    tier, accepted draft tokens per sequence / γ, over speculative iterations; it starts at the acceptance
+    model's expectation at the start tier. ``tiers`` is the ascending list of allowed γ. The policy moves up
+    one tier when ``r ≥ up_ratio`` (drafts are mostly accepted in full: speculate further) and down one when
+    ``r < down_ratio``; after a switch it holds for ``hold`` speculative iterations so the EMA can settle
+    (together with the gap between the two ratios, this is the hysteresis). It looks only at acceptance,
+    not at batch size or cost.
+    """
+
+    name = "ema_tiers"
+
+    def __init__(self, tiers: list[int] = (1, 2, 4, 6, 8), start: int | None = None, ema: float = 0.1,
+                 up_ratio: float = 0.7, down_ratio: float = 0.4, hold: int = 20):
+        tiers = [_check_int(t, f"policy.tiers[{i}]", 1) for i, t in enumerate(tiers)]
+        if not tiers or sorted(set(tiers)) != tiers:
+            raise ValueError(f"policy.tiers is {tiers!r}; expected a non-empty ascending list of distinct γ ≥ 1")
+        self.tiers = tiers
+        if start is not None and start not in tiers:
+            raise ValueError(f"policy.start is {start!r}; expected one of policy.tiers {tiers}")
+        self.start = start
+        self.ema = _check_prob(ema, "policy.ema")
+        self.up_ratio = _check_prob(up_ratio, "policy.up_ratio")
+        self.down_ratio = _check_prob(down_ratio, "policy.down_ratio", lo_open=False)
+        if not self.down_ratio < self.up_ratio:
+            raise ValueError(f"policy.down_ratio ({down_ratio}) must be below policy.up_ratio ({up_ratio})")
+        self.hold = _check_int(hold, "policy.hold")
+
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
+        self.tiers = [t for t in self.tiers if t <= cost.max_gamma] or [min(1, cost.max_gamma)]
+        start = self.start if self.start in self.tiers else self.tiers[(len(self.tiers) - 1) // 2]
+        self.level = self.tiers.index(start)
+        self.ratio = (acceptance.expected_tokens(start) - 1.0) / max(1, start)
+        self.since_switch = 0
+        self.switches = 0
+
+    def choose(self, view: BatchView) -> int:
+        return self.tiers[self.level]
+
+    def observe(self, view: BatchView, gamma: int, accepted: np.ndarray) -> None:
+        if gamma == 0 or len(accepted) == 0:
+            return
+        self.ratio = (1 - self.ema) * self.ratio + self.ema * float(accepted.mean()) / gamma
+        self.since_switch += 1
+        if self.since_switch < self.hold:
+            return
+        lvl = self.level
+        if self.ratio >= self.up_ratio and lvl + 1 < len(self.tiers):
+            self.level += 1
+        elif self.ratio < self.down_ratio and lvl > 0:
+            self.level -= 1
+        if self.level != lvl:
+            self.switches += 1
+            self.since_switch = 0
+
+    def describe(self) -> dict:
+        return {"name": self.name, "tiers": self.tiers, "ema": self.ema, "up_ratio": self.up_ratio,
+                "down_ratio": self.down_ratio, "hold": self.hold, "switches": getattr(self, "switches", None)}
