@@ -42,10 +42,10 @@ class ConfigError(ValueError):
 def resolve_path(path: str, what: str) -> Path:
     """An absolute path, a path relative to the working directory, or one relative to the shipped traces."""
     p = Path(os.path.expanduser(str(path)))
-    if p.is_absolute() or p.exists():
+    if p.exists():
         return p
     shipped = traces_dir() / p
-    if shipped.exists():
+    if not p.is_absolute() and shipped.exists():
         return shipped
     raise ConfigError(f"{what}: {path!r} not found (looked in {Path.cwd()} and {traces_dir()})")
 
