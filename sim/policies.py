@@ -170,8 +170,8 @@ class AdaptiveContext(Policy):
 
     At long contexts the KV cache traffic keeps verification memory-bound at larger batches, so the
     batch-only table (``adaptive``, built at one reference context) under-speculates there (MagicDec's
-    regime). ``contexts``: the context grid in tokens (``null``: powers of two from 128 up to twice the
-    longest context the profile measured). At run time the batch's mean context picks the nearest grid
+    regime). ``contexts``: the context grid in tokens (``null``: powers of two from 128 below the longest
+    context the profile measured, then that longest one; no extrapolation). At run time the batch's mean context picks the nearest grid
     point on a log scale.
     """
 
@@ -188,8 +188,9 @@ class AdaptiveContext(Policy):
 
     def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
         if self.contexts is None:
-            top = 2 * float(np.max(cost.contexts))
-            self.contexts = [float(c) for c in 2.0 ** np.arange(7, 40) if c <= max(top, 128.0)]
+            top = float(np.max(cost.contexts))
+            grid = [float(c) for c in 2.0 ** np.arange(7, 40) if c < top]
+            self.contexts = grid + [top]
         self.table = np.stack([optimal_gamma_table(cost, acceptance, c, self.max_gamma) for c in self.contexts])
         self._table = self.table.tolist()
         mids = np.sqrt(np.asarray(self.contexts[:-1]) * np.asarray(self.contexts[1:]))  # log-scale midpoints
