@@ -303,8 +303,7 @@ class Goodput(Policy):
 
     def describe(self) -> dict:
         return {"name": self.name, "ema": self.ema, "per_request": self.per_request, "prior_alpha": self.prior_alpha,
-                "prior_weight": self.prior_weight, "explore_every": self.explore_every,
-                "final_alpha_global": float(self.alpha_global()) if hasattr(self, "n_g") else None}
+                "prior_weight": self.prior_weight, "explore_every": self.explore_every}
 
 
 def _parse_ranges(ranges, key: str = "policy.ranges") -> list[tuple[int, int]]:

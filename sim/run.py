@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +122,25 @@ def load_workload(cfg: DictConfig) -> wl.Workload:
         w = wl.synthetic(int(c.n), 1.0, c.process, float(c.cv), lengths_from,
                          (lc.prompt_median, lc.prompt_sigma), (lc.output_median, lc.output_sigma),
                          seed=int(cfg.seed), name=f"synthetic-{c.process}")
+        if c.get("classes"):
+            w = assign_classes(w, dict(c.classes), int(cfg.seed))
     else:
         raise ConfigError(f"workload.kind is {c.kind!r}; expected 'trace' or 'synthetic'")
     return wl.cap_lengths(w, c.get("max_prompt"), c.get("max_output"))
+
+
+def assign_classes(w: wl.Workload, classes: dict, seed: int) -> wl.Workload:
+    """Give each request a class drawn at random with the given fractions (``workload.classes``:
+    class name → fraction), for class-dependent acceptance (``acceptance.class_alpha``)."""
+    names = [str(k) for k in classes]
+    try:
+        frac = np.array([float(classes[k]) for k in classes])
+    except (TypeError, ValueError):
+        raise ConfigError(f"workload.classes is {classes!r}; expected class name -> positive fraction") from None
+    if not len(frac) or not (frac > 0).all():
+        raise ConfigError(f"workload.classes is {classes!r}; expected class name -> positive fraction")
+    rc = np.random.default_rng([seed, 1]).choice(len(names), len(w), p=frac / frac.sum())
+    return replace(w, request_class=rc.astype(np.int64), class_names=tuple(names))
 
 
 def apply_rate(cfg: DictConfig, w: wl.Workload, cost: CostModel, cluster: ClusterConfig) -> tuple[wl.Workload, dict]:
