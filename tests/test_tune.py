@@ -1,0 +1,66 @@
+"""specbatch-tune: the exported formats parse back to the γ*(b) table they came from."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import linear_step, write_formula_profile
+from sim.acceptance import AcceptanceModel
+from sim.policies import optimal_gamma_table
+from sim.tune import gamma_for_batch, main, tune
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    return write_formula_profile(tmp_path_factory.mktemp("t") / "p", verify=linear_step(0.010, 0.0005, knee=64),
+                                 draft=linear_step(0.001, 0.00002))
+
+
+def test_export_files_parse_back(profile, tmp_path, capsys):
+    out = tmp_path / "tune"
+    assert main(["--profile", str(profile), "--alpha", "0.8", "--context", "512", "--max-batch", "64",
+                 "--out", str(out)]) == 0
+    assert "γ" in capsys.readouterr().out
+    result = json.loads((out / "tune.json").read_text())
+    vllm = json.loads((out / "vllm.json").read_text())
+    sglang = json.loads((out / "sglang.json").read_text())
+    res, cost, acc = tune(str(profile), 0.8, context=512, max_batch=64)
+    table = optimal_gamma_table(cost, AcceptanceModel(alpha=0.8), 512)
+    assert result["table"] == {str(b + 1): int(g) for b, g in enumerate(table)}
+    assert vllm == result["vllm"] and sglang == result["sglang"]
+    for b in range(1, 65):
+        assert gamma_for_batch(vllm, b) == table[b - 1]
+        tier = next(t for t in sglang["speculative_tiers"] if t["max_batch_size"] >= b)
+        assert tier["speculative_num_steps"] == table[b - 1]
+        assert tier["speculative_num_draft_tokens"] == table[b - 1] + 1
+    # γ* reaches 0 at large batch on this profile, so speculation is switched off above some batch size.
+    assert table[-1] == 0 and vllm["speculative_disable_by_batch_size"] is not None
+    assert table[vllm["speculative_disable_by_batch_size"] - 1] > 0
+    ranges = result["ranges"]
+    assert ranges[0]["min_batch"] == 1 and ranges[-1]["max_batch"] == 64
+    assert all(r["speedup_min"] <= r["speedup_mean"] <= r["speedup_max"] for r in ranges)
+    assert all(r["speedup_min"] >= 1.0 - 1e-9 for r in ranges)
+
+
+@pytest.mark.parametrize("what", ["json", "vllm", "sglang"])
+def test_print_formats_are_json(profile, capsys, what):
+    assert main(["--profile", str(profile), "--out", "-", "--print", what]) == 0
+    json.loads(capsys.readouterr().out)
+
+
+def test_report_prints(profile, capsys):
+    assert main(["--profile", str(profile), "--out", "-", "--print", "report"]) == 0
+    assert "compute-bound" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,msg", [(["--alpha", "1.5"], "--alpha"), (["--context", "0"], "--context"),
+                                      (["--acceptance", "profile"], "acceptance.csv")])
+def test_bad_values_exit_2_naming_the_option(profile, capsys, args, msg):
+    assert main(["--profile", str(profile), "--out", "-", *args]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_missing_profile_exits_2(tmp_path, capsys):
+    assert main(["--profile", str(tmp_path / "nope"), "--out", "-"]) == 2
+    assert "error" in capsys.readouterr().err
