@@ -93,13 +93,24 @@ def _flatten(d, prefix: str) -> dict:
     return out
 
 
+def _packaged_policy_defaults(name: str) -> dict:
+    try:
+        from importlib import resources
+        f = resources.files("specbatch.conf") / "policy" / f"{name}.yaml"
+        return yaml.safe_load(f.read_text()) or {} if f.is_file() else {}
+    except Exception:
+        return {}
+
+
 def policy_label(policy_cfg: dict) -> str:
-    """``none``, ``fixed γ=2``, ``adaptive``, ``adaptive context=512``: the name and its set parameters."""
+    """``none``, ``fixed γ=2``, ``adaptive``, ``adaptive context=512``: the name, plus γ and the parameters
+    that differ from the packaged ``conf/policy/<name>.yaml``."""
     policy_cfg = dict(policy_cfg or {})
     name = str(policy_cfg.pop("name", "?"))
+    defaults = _packaged_policy_defaults(name)
     parts = []
     for k, v in policy_cfg.items():
-        if v is None:
+        if v is None or (k != "gamma" and k in defaults and defaults[k] == v):
             continue
         parts.append(f"γ={v}" if k == "gamma" else f"{k}={v}")
     return " ".join([name, *parts])
