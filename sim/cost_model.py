@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy.interpolate import RegularGridInterpolator
 
-from .profile import Profile, ProfileError
+from .profile import Profile, ProfileError, check_monotone
 
 
 class ExtrapolationWarning(UserWarning):
@@ -44,7 +44,8 @@ def _grid(df: pd.DataFrame, axes: list[str], what: str, path) -> tuple[list[np.n
     table = df.pivot_table(index=axes[:-1], columns=axes[-1], values="median_s", aggfunc="median")
     full_index = pd.MultiIndex.from_product(values[:-1], names=axes[:-1]) if len(axes) > 2 else pd.Index(values[0], name=axes[0])
     table = table.reindex(index=full_index, columns=values[-1])
-    arr = table.to_numpy(dtype=float).reshape([len(v) for v in values])
+    # np.array copies: to_numpy() may hand back a read-only view (pandas copy-on-write), and holes are filled in place.
+    arr = np.array(table.to_numpy(dtype=float), dtype=float).reshape([len(v) for v in values])
     if np.isnan(arr).any():
         # Fill holes by linear interpolation along each axis in turn (a hole needs a measured neighbour).
         for ax in range(arr.ndim):
@@ -57,8 +58,11 @@ def _grid(df: pd.DataFrame, axes: list[str], what: str, path) -> tuple[list[np.n
                     row[~ok] = np.interp(x[~ok], x[ok], row[ok])
             arr = np.moveaxis(flat.reshape(moved.shape), -1, ax)
         if np.isnan(arr).any():
-            raise ProfileError(f"{path}/steps.csv: {what} grid over {axes} has points with no measured neighbour "
-                               f"to fill from; measure a complete grid")
+            holes = np.argwhere(np.isnan(arr))
+            shown = "; ".join(", ".join(f"{a}={int(values[k][j])}" for k, (a, j) in enumerate(zip(axes, h)))
+                              for h in holes[:3])
+            raise ProfileError(f"{path}/steps.csv: {what} grid over {axes} has {len(holes)} missing point(s) with no "
+                               f"measured neighbour on any axis to fill from (e.g. {shown}); measure a complete grid")
     return [v.astype(float) for v in values], arr
 
 
@@ -84,6 +88,7 @@ class CostModel:
         if drf.empty:
             raise ProfileError(f"{path}/steps.csv: no ok draft decode rows (model=draft, phase=decode, tokens=1)")
         self._check_oom_only(profile)
+        check_monotone(profile)
         self.verify_axes, self.verify_grid = _grid(tgt, ["tokens", "batch", "context"], "target verify", path)
         self.draft_axes, draft_grid = _grid(drf, ["batch", "context"], "draft decode", path)
         self.draft_grid = draft_grid
@@ -115,12 +120,13 @@ class CostModel:
                 raise ProfileError(f"{profile.path}/steps.csv: model={model} phase={phase} has only oom/error rows "
                                    f"at batch {bad[0]} but ok rows at larger batches; remeasure that batch")
 
-    def _prefill_curve(self, steps: pd.DataFrame, model: str) -> tuple[np.ndarray, np.ndarray] | None:
+    def _prefill_curve(self, steps: pd.DataFrame, model: str) -> tuple | None:
         rows = steps[(steps["model"] == model) & (steps["phase"] == "prefill") & (steps["batch"] == 1)]
         if rows.empty:
             return None
         rows = rows.groupby("tokens")["median_s"].median().sort_index()
-        return rows.index.to_numpy(dtype=float), rows.to_numpy(dtype=float)
+        x, y = rows.index.to_numpy(dtype=float), rows.to_numpy(dtype=float)
+        return x, y, x.tolist(), y.tolist()
 
     def _check_ranges(self) -> None:
         notes = []
@@ -210,14 +216,17 @@ class CostModel:
         curve = self._prefill[model]
         if curve is None:
             raise ProfileError(f"{self.profile.path}/steps.csv: no ok prefill rows for model={model} at batch 1")
-        x, y = curve
-        if prompt_tokens <= x[-1] or len(x) == 1:
-            if prompt_tokens < x[0]:
-                return float(y[0])
-            return float(np.interp(prompt_tokens, x, y)) if len(x) > 1 else float(y[0]) * prompt_tokens / x[0]
+        x, y = curve[2], curve[3]  # Python lists: this runs once per admitted request
+        if prompt_tokens <= x[0]:
+            return y[0]
+        if len(x) == 1:
+            return y[0] * prompt_tokens / x[0]
+        if prompt_tokens <= x[-1]:
+            i = bisect.bisect_left(x, prompt_tokens)
+            return y[i - 1] + (y[i] - y[i - 1]) * (prompt_tokens - x[i - 1]) / (x[i] - x[i - 1])
         self._warn(f"prefill of {prompt_tokens:.0f} > {x[-1]:.0f} tokens")
         slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
-        return float(y[-1] + max(slope, 0.0) * (prompt_tokens - x[-1]))
+        return y[-1] + max(slope, 0.0) * (prompt_tokens - x[-1])
 
     def has_prefill(self, model: str = "target") -> bool:
         return self._prefill[model] is not None

@@ -40,6 +40,8 @@ MODELS = ("target", "draft")
 PHASES = ("decode", "verify", "prefill")
 STATUSES = ("ok", "oom", "error")
 META_REQUIRED = ["schema_version", "source", "device", "dtype", "date", "models", "timing"]
+# A measured time may dip by up to this fraction as batch or tokens grow (timing noise); a larger fall is an error.
+MONOTONE_TOLERANCE = 0.25
 
 
 class ProfileError(ValueError):
@@ -88,12 +90,35 @@ def _err(path: Path, msg: str) -> ProfileError:
     return ProfileError(f"{path}: {msg}")
 
 
+def _row(i: int) -> str:
+    """Data row ``i`` (0-based index into the CSV's rows) as 'row R (line L)': R counts data rows from 1,
+    L is the line in the file (the header is line 1)."""
+    return f"row {i + 1} (line {i + 2})"
+
+
+def _show(v) -> str:
+    """A cell value for an error message: plain Python repr, never ``np.float64(...)``."""
+    return repr(v.item() if isinstance(v, np.generic) else v)
+
+
+def _not_utf8(path: Path) -> ProfileError:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return _err(path, f"not UTF-8 text (line {lineno}, byte {e.start + 1} of that line: "
+                                  f"{line[e.start:e.start + 1]!r}); re-save the file as UTF-8")
+    return _err(path, "not UTF-8 text; re-save the file as UTF-8")
+
+
 def _check_meta(path: Path, meta: dict) -> None:
     missing = [k for k in META_REQUIRED if k not in meta]
     if missing:
         raise _err(path, f"missing key(s) {missing}; expected {META_REQUIRED}")
-    if meta["schema_version"] != SCHEMA_VERSION:
-        raise _err(path, f"key 'schema_version' is {meta['schema_version']!r}; this specbatch reads {SCHEMA_VERSION}")
+    if type(meta["schema_version"]) is not int or meta["schema_version"] != SCHEMA_VERSION:
+        raise _err(path, f"key 'schema_version' is {meta['schema_version']!r}; this specbatch reads schema version "
+                         f"{SCHEMA_VERSION} (the integer {SCHEMA_VERSION}); re-profile or convert the profile")
     if meta["source"] not in ("measured", "analytical"):
         raise _err(path, f"key 'source' is {meta['source']!r}; expected 'measured' or 'analytical'")
     for m in MODELS:
@@ -104,6 +129,8 @@ def _check_meta(path: Path, meta: dict) -> None:
         if not isinstance(kv, (int, float)) or kv <= 0:
             raise _err(path, f"key 'models.{m}.kv_bytes_per_token' is {kv!r}; expected a positive number")
     dev = meta["device"]
+    if not isinstance(dev, dict):
+        raise _err(path, f"key 'device' is {dev!r}; expected an object with 'kv_cache_bytes'")
     kvc = dev.get("kv_cache_bytes") if isinstance(dev, dict) else None
     if not isinstance(kvc, (int, float)) or kvc <= 0:
         raise _err(path, f"key 'device.kv_cache_bytes' is {kvc!r}; expected a positive number of bytes")
@@ -119,7 +146,7 @@ def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:
         bad = ~df[col].isin(allowed)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise _err(path, f"row {i + 2}, column '{col}': {df[col].iloc[i]!r}; expected one of {list(allowed)}")
+            raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected one of {list(allowed)}")
     for col in ("batch", "tokens", "context", "samples"):
         v = pd.to_numeric(df[col], errors="coerce")
         bad = v.isna() | (v < 0) | (v != np.floor(v))
@@ -127,7 +154,8 @@ def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:
             bad |= v < 1
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise _err(path, f"row {i + 2}, column '{col}': {df[col].iloc[i]!r}; expected a non-negative integer")
+            what = "a positive integer" if col in ("batch", "tokens") else "a non-negative integer"
+            raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected {what}")
         df[col] = v.astype(np.int64)
     ok = (df["status"] == "ok").to_numpy()
     for col in ("median_s", "p10_s", "p90_s"):
@@ -135,12 +163,16 @@ def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:
         bad = ok & (v.isna() | ~(v > 0) | ~np.isfinite(v)).to_numpy()
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise _err(path, f"row {i + 2}, column '{col}': {df[col].iloc[i]!r}; expected a positive time in seconds")
+            raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected a positive, finite time "
+                             "in seconds (status=ok rows need all three times)")
         df[col] = v.astype(float)
     dup = df.duplicated(["model", "phase", "batch", "tokens", "context"], keep=False)
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
-        raise _err(path, f"row {i + 2}: duplicate point (model, phase, batch, tokens, context)")
+        key = df.loc[df.index[i], ["model", "phase", "batch", "tokens", "context"]].to_dict()
+        j = int(np.flatnonzero(dup.to_numpy())[1])
+        raise _err(path, f"{_row(i)} and {_row(j)}: duplicate point {key}; expected each (model, phase, batch, "
+                         "tokens, context) once")
     return df
 
 
@@ -154,7 +186,7 @@ def _check_acceptance(path: Path, df: pd.DataFrame) -> pd.DataFrame:
     bad = a.isna() | (a < 0) | (a > 1)
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise _err(path, f"row {i + 2}, column 'alpha': {df['alpha'].iloc[i]!r}; expected a probability in [0, 1]")
+        raise _err(path, f"{_row(i)}, column 'alpha': {_show(df['alpha'].iloc[i])}; expected a probability in [0, 1]")
     pos = pd.to_numeric(df["position"], errors="coerce")
     expected = np.arange(1, len(df) + 1)
     if pos.isna().any() or not np.array_equal(np.sort(pos.to_numpy()), expected):
@@ -176,24 +208,72 @@ def load_profile(path: str | os.PathLike) -> Profile:
         if not p.is_file():
             raise _err(p, "file not found; a profile folder needs meta.json and steps.csv")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
         raise _err(meta_path, f"not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(meta_path) from None
     if not isinstance(meta, dict):
         raise _err(meta_path, "expected a JSON object")
     _check_meta(meta_path, meta)
     try:
-        steps = pd.read_csv(steps_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise _err(steps_path, f"cannot be parsed as CSV ({e})") from None
+        steps = pd.read_csv(steps_path, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise _err(steps_path, f"file is empty; expected a header row with columns {STEP_COLUMNS}") from None
+    except pd.errors.ParserError as e:
+        raise _err(steps_path, f"cannot be parsed as CSV ({str(e).strip()})") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(steps_path) from None
     steps = _check_steps(steps_path, steps)
     acceptance = None
     if acc_path.is_file():
         try:
-            acceptance = _check_acceptance(acc_path, pd.read_csv(acc_path))
-        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise _err(acc_path, f"cannot be parsed as CSV ({e})") from None
+            acceptance = _check_acceptance(acc_path, pd.read_csv(acc_path, encoding="utf-8"))
+        except pd.errors.EmptyDataError:
+            raise _err(acc_path, f"file is empty; expected a header row with columns {ACCEPTANCE_COLUMNS}") from None
+        except pd.errors.ParserError as e:
+            raise _err(acc_path, f"cannot be parsed as CSV ({str(e).strip()})") from None
+        except UnicodeDecodeError:
+            raise _not_utf8(acc_path) from None
     return Profile(path=path, meta=meta, steps=steps, acceptance=acceptance)
+
+
+def check_monotone(profile: Profile, tolerance: float = MONOTONE_TOLERANCE) -> None:
+    """Raise :class:`ProfileError` when a measured time falls by more than ``tolerance`` (a fraction) as batch
+    or tokens grow with the other axes fixed, naming both rows. Smaller dips are timing noise and allowed.
+
+    Checked among ``ok`` rows: the target decode/verify surface (tokens = γ+1) along batch and along tokens,
+    draft decode along batch, and prefill along prompt length and batch."""
+    path = profile.path / "steps.csv"
+    s = profile.ok_steps
+    groups = [
+        ("target decode/verify", s[(s["model"] == "target") & s["phase"].isin(["decode", "verify"])]),
+        ("draft decode", s[(s["model"] == "draft") & (s["phase"] == "decode")]),
+        ("target prefill", s[(s["model"] == "target") & (s["phase"] == "prefill")]),
+        ("draft prefill", s[(s["model"] == "draft") & (s["phase"] == "prefill")]),
+    ]
+    axes = ("batch", "tokens", "context")
+    for what, g in groups:
+        if len(g) < 2:
+            continue
+        g = g.assign(_row=np.arange(len(g)), _i=g.index.to_numpy())
+        for axis in ("batch", "tokens"):
+            fixed = [a for a in axes if a != axis]
+            o = g.sort_values(fixed + [axis], kind="stable")
+            prev_t = o.groupby(fixed, sort=False)["median_s"].shift(1)
+            prev_i = o.groupby(fixed, sort=False)["_i"].shift(1)
+            prev_v = o.groupby(fixed, sort=False)[axis].shift(1)
+            bad = (o["median_s"] < (1.0 - tolerance) * prev_t).to_numpy()
+            if bad.any():
+                k = int(np.flatnonzero(bad)[0])
+                r = o.iloc[k]
+                i0, i1 = int(prev_i.iloc[k]), int(r["_i"])
+                t0, t1 = float(prev_t.iloc[k]), float(r["median_s"])
+                at = ", ".join(f"{a}={int(r[a])}" for a in fixed)
+                raise _err(path, f"{what} time falls from {t0:.6g} s at {axis}={int(prev_v.iloc[k])} ({_row(i0)}) to "
+                                 f"{t1:.6g} s at {axis}={int(r[axis])} ({_row(i1)}) with {at}: a drop of "
+                                 f"{100 * (1 - t1 / t0):.0f} %, more than the {100 * tolerance:.0f} % allowed for "
+                                 f"timing noise; a bigger step cannot be that much faster; remeasure these points")
 
 
 # --- writing (used by the profiler and by tests) -------------------------------------------------------------

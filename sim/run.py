@@ -39,6 +39,29 @@ class ConfigError(ValueError):
     """A config value is missing or out of range; the message names the key."""
 
 
+def config_number(value, key: str, kind=float, minimum: float | None = None, strict: bool = False,
+                  maximum: float | None = None) -> float | int:
+    """``value`` (config key ``key``) as ``kind`` (float or int) within the bounds, else a :class:`ConfigError`
+    naming the key, the value and what was expected. ``strict`` makes ``minimum`` exclusive."""
+    lo = "" if minimum is None else (f" > {minimum:g}" if strict else f" ≥ {minimum:g}")
+    hi = "" if maximum is None else f" ≤ {maximum:g}"
+    expected = f"{'an integer' if kind is int else 'a number'}{lo}{' and' if lo and hi else ''}{hi}"
+    try:
+        if isinstance(value, bool) or value is None:
+            raise ValueError
+        v = float(value)
+        if kind is int:
+            if v != int(v):
+                raise ValueError
+            v = int(v)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key} is {value!r}; expected {expected}") from None
+    if v != v or (minimum is not None and (v <= minimum if strict else v < minimum)) or \
+            (maximum is not None and v > maximum):
+        raise ConfigError(f"{key} is {value!r}; expected {expected}")
+    return v
+
+
 def resolve_path(path: str, what: str) -> Path:
     """An absolute path, a path relative to the working directory, or one relative to the shipped traces."""
     p = Path(os.path.expanduser(str(path)))
@@ -78,6 +101,9 @@ def resolve_profile(name: str) -> Path:
 def build_acceptance(cfg: DictConfig, profile: Profile, max_gamma: int, w: wl.Workload) -> AcceptanceModel:
     a = cfg.acceptance
     class_alpha = {}
+    if a.get("concentration") is not None:
+        config_number(a.concentration, "acceptance.concentration", minimum=0.0, strict=True)
+    config_number(a.get("drift_per_hour", 0.0), "acceptance.drift_per_hour")
     for cname, alpha in (a.get("class_alpha") or {}).items():
         if cname not in w.class_names:
             raise ConfigError(f"acceptance.class_alpha: class {cname!r} not in the workload's classes "
@@ -92,9 +118,11 @@ def build_acceptance(cfg: DictConfig, profile: Profile, max_gamma: int, w: wl.Wo
                                    drift_per_hour=a.drift_per_hour, max_gamma=max_gamma)
         if a.source != "scalar":
             raise ConfigError(f"acceptance.source is {a.source!r}; expected 'scalar' or 'profile'")
-        if a.alpha is None or not 0 <= float(a.alpha) <= 1:
-            raise ConfigError(f"acceptance.alpha is {a.alpha!r}; expected a probability in [0, 1]")
-        return AcceptanceModel(alpha=float(a.alpha), concentration=a.concentration, class_alpha=class_alpha,
+        try:
+            alpha = config_number(a.alpha, "acceptance.alpha", minimum=0.0, maximum=1.0)
+        except ConfigError:
+            raise ConfigError(f"acceptance.alpha is {a.alpha!r}; expected a probability in [0, 1]") from None
+        return AcceptanceModel(alpha=alpha, concentration=a.concentration, class_alpha=class_alpha,
                                drift_per_hour=a.drift_per_hour, max_gamma=max_gamma)
     except ValueError as e:
         if isinstance(e, ConfigError):
@@ -187,11 +215,27 @@ def build_cluster(cfg: DictConfig) -> ClusterConfig:
     return cl
 
 
+def check_policy_params(name: str, params: dict, max_gamma: int) -> None:
+    """Range checks on the common policy keys that the policy classes would only trip over mid-run."""
+    for key in ("gamma", "max_gamma"):
+        if params.get(key) is not None:
+            config_number(params[key], f"policy.{key}", int, minimum=0)
+            if int(params[key]) > max_gamma:
+                raise ConfigError(f"policy.{key} is {params[key]!r} but max_gamma is {max_gamma}; the simulator's "
+                                  f"tables stop at max_gamma: set max_gamma={int(params[key])} or lower policy.{key}")
+    if params.get("context") is not None:
+        config_number(params["context"], "policy.context", minimum=0.0, strict=True)
+
+
 def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> Run:
-    """Simulate the configured run; write its outputs to ``out_dir`` when given."""
-    max_gamma = int(cfg.max_gamma)
-    if max_gamma < 0:
-        raise ConfigError(f"max_gamma is {max_gamma}; expected an integer ≥ 0")
+    """Simulate the configured run; write its outputs to ``out_dir`` when given.
+
+    Every config value is checked before the (possibly long) simulation starts: a bad one raises
+    :class:`ConfigError` naming its key."""
+    max_gamma = config_number(cfg.max_gamma, "max_gamma", int, minimum=0)
+    seed = config_number(cfg.seed, "seed", int, minimum=0)
+    slo_ttft = config_number(cfg.slo.ttft_s, "slo.ttft_s", minimum=0.0, strict=True)
+    slo_tpot = config_number(cfg.slo.tpot_s, "slo.tpot_s", minimum=0.0, strict=True)
     cluster = build_cluster(cfg)
     profile = load_profile(resolve_profile(cfg.profile))
     with warnings.catch_warnings(record=True) as caught:
@@ -205,10 +249,15 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> Run:
             policy = make_policy(cfg.policy.name, **params)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        result = simulate(w, cost, policy, acceptance, cluster, seed=int(cfg.seed))
+        check_policy_params(cfg.policy.name, params, max_gamma)
+        for model in ("target", "draft") if policy.uses_draft else ("target",):
+            if not cost.has_prefill(model):
+                raise ProfileError(f"{profile.path}/steps.csv: no ok prefill rows for model={model} at batch 1; "
+                                   f"policy {cfg.policy.name!r} needs the {model} prefill time")
+        result = simulate(w, cost, policy, acceptance, cluster, seed=seed)
     for wmsg in caught:  # re-emit once each (the cost model warns once per kind of extrapolation)
         warnings.warn(wmsg.message, wmsg.category, stacklevel=2)
-    summary = summarize(result, float(cfg.slo.ttft_s), float(cfg.slo.tpot_s))
+    summary = summarize(result, slo_ttft, slo_tpot)
     summary.update({"policy": cfg.policy.name, "profile": profile.name, "workload": w.name,
                     "arrival_rate_req_s": w.rate, **rate_info})
     r = Run(result, summary, w, policy, profile)
@@ -239,6 +288,8 @@ def _json(obj) -> str:
 def write_outputs(r: Run, cfg: DictConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # a rerun is incomplete until its summary lands
+    for stale in out.glob(".*.tmp"):  # temporaries of a run killed mid-write (never read as outputs)
+        stale.unlink(missing_ok=True)
     _atomic_parquet(r.result.requests, out / "requests.parquet")
     if cfg.get("save_iterations", True):
         _atomic_parquet(r.result.iterations, out / "iterations.parquet")

@@ -9,8 +9,10 @@ spreadsheet: data row 1 is the first after the header) and the column.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -66,61 +68,207 @@ class Workload:
 
 # --- loading -----------------------------------------------------------------------------------------------
 
+CHUNK_ROWS = 1 << 18  # rows parsed at a time: memory stays bounded by the chunk plus the result arrays
+MAX_TOKENS = 10**9  # a token count above this is a data error (and would overflow sums of lengths)
+COLUMN_KEYS = ("arrival", "prompt", "output")
 
-def _read_table(path: Path, fmt: str, usecols: list[str]) -> pd.DataFrame:
+# Why a value is bad (codes 1..; 0 = good). Used in error messages and in the skipped-row notes.
+_TOKEN_REASONS = ("", "empty", "not a number", "NaN or infinite", "negative", "zero", "not an integer",
+                  f"larger than {MAX_TOKENS:,} tokens")
+_TIME_REASONS = ("", "empty", "not a number", "NaN or infinite", "negative")
+_DATETIME_REASONS = ("", "empty", "not a date-time")
+_NAN_WORDS = ("nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity", "na", "n/a", "null", "none")
+
+
+class SkippedRowsWarning(UserWarning):
+    """``on_bad_rows=skip`` dropped rows from a trace; the message (and ``Workload.notes``) says how many and why."""
+
+
+def _detect_format(path: Path, fmt: str) -> str:
     if fmt == "auto":
         suffix = "".join(path.suffixes[-2:]).lower()
-        fmt = "parquet" if suffix.endswith(".parquet") else "jsonl" if suffix.endswith((".jsonl", ".ndjson")) else "csv"
-    try:
-        if fmt == "csv":
-            head = pd.read_csv(path, nrows=0)
-            _check_columns(path, list(head.columns), usecols)
-            return pd.read_csv(path, usecols=usecols, dtype=str, keep_default_na=False)
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
+        return "parquet" if suffix.endswith(".parquet") else "jsonl" if suffix.endswith((".jsonl", ".ndjson")) else "csv"
+    if fmt not in ("csv", "jsonl", "parquet"):
+        raise WorkloadError(f"{path}: unknown format {fmt!r}; expected csv, jsonl, parquet or auto")
+    return fmt
 
-            names = pq.read_schema(path).names
-            _check_columns(path, names, usecols)
-            return pd.read_parquet(path, columns=usecols)
-        if fmt == "jsonl":
-            df = pd.read_json(path, lines=True, dtype=False)
-            _check_columns(path, list(df.columns), usecols)
-            return df[usecols]
-    except WorkloadError:
-        raise
-    except UnicodeDecodeError as e:
-        raise WorkloadError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8") from None
-    except pd.errors.EmptyDataError:
-        raise WorkloadError(f"{path}: file is empty; expected a header row with columns {usecols}") from None
-    except (pd.errors.ParserError, ValueError, OSError) as e:
-        raise WorkloadError(f"{path}: cannot be read as {fmt} ({str(e).splitlines()[0]})") from None
-    raise WorkloadError(f"{path}: unknown format {fmt!r}; expected csv, jsonl, parquet or auto")
+
+def _locate_bad_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 lies: 'line L (data row R), byte B', for the error message."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return "the file starts with a UTF-16 byte-order mark (it is UTF-16, not UTF-8)"
+        f.seek(0)
+        offset = 0
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = "the header line" if lineno == 1 else f"line {lineno} (data row {lineno - 1})"
+                return f"{where}, byte {offset + e.start} of the file: {line[e.start:e.start + 1]!r} ({e.reason})"
+            offset += len(line)
+    return "unknown position"
+
+
+def _not_utf8(path: Path) -> WorkloadError:
+    return WorkloadError(f"{path}: not UTF-8 text ({_locate_bad_utf8(path)}); re-save the file as UTF-8")
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The header row (the first non-blank line) as the csv module reads it."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for row in csv.reader(f):
+                if any(c.strip() for c in row):
+                    return row
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except csv.Error as e:
+        raise WorkloadError(f"{path}: the header row cannot be read as CSV ({e})") from None
+    return []
 
 
 def _check_columns(path: Path, have: list[str], want: list[str]) -> None:
+    if not have:
+        raise WorkloadError(f"{path}: file is empty; expected a header row with columns {want}")
     missing = [c for c in want if c not in have]
     if missing:
-        raise WorkloadError(f"{path}: missing column(s) {missing}; the file has {have}. "
+        hint = ""
+        spaced = [h for h in have if h != h.strip() and h.strip() in missing]
+        if spaced:
+            hint = f" (the header has {spaced}: names with surrounding spaces; remove the spaces)"
+        raise WorkloadError(f"{path}: missing column(s) {missing}; the file has {have}{hint}. "
                             "Set workload.columns to map arrival/prompt/output to the file's column names")
+    for c in dict.fromkeys(want):
+        if have.count(c) > 1:
+            pos = [i + 1 for i, h in enumerate(have) if h == c]
+            raise WorkloadError(f"{path}: column '{c}' appears {len(pos)} times in the header (columns {pos}); "
+                                "expected each column once")
 
 
-def _parse_times(raw: pd.Series, unit: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return (seconds as float64, bad-row mask)."""
+def _locate_bad_json(path: Path, want: list[str]) -> str:
+    with open(path, encoding="utf-8") as f:
+        row = 0
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row += 1
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {lineno} (row {row}) is not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(obj, dict):
+                return f"line {lineno} (row {row}) is {type(obj).__name__}; expected a JSON object with keys {want}"
+    return "not valid JSON lines"
+
+
+def _chunks(path: Path, fmt: str, usecols: list[str], dtypes: dict | None):
+    """Yield the trace as DataFrames of at most CHUNK_ROWS rows holding ``usecols``.
+
+    CSV with ``dtypes=None`` reads every cell as text (exact values for messages); with ``dtypes`` the C
+    parser converts numbers directly (fast; raises ValueError on a non-numeric cell)."""
+    if fmt == "csv":
+        have = _csv_header(path)
+        _check_columns(path, have, usecols)
+        kw = dict(dtype=dtypes) if dtypes is not None else dict(dtype=str, keep_default_na=False)
+        yield from pd.read_csv(path, usecols=usecols, chunksize=CHUNK_ROWS, encoding="utf-8-sig", **kw)
+    elif fmt == "jsonl":
+        if path.stat().st_size == 0 or not path.read_bytes()[:1 << 16].strip():
+            raise WorkloadError(f"{path}: file is empty; expected one JSON object per line with keys {usecols}")
+        first = True
+        try:
+            reader = pd.read_json(path, lines=True, dtype=False, chunksize=CHUNK_ROWS, encoding="utf-8")
+            for df in reader:
+                if first:
+                    _check_columns(path, list(df.columns), usecols)
+                    first = False
+                yield df.reindex(columns=usecols)
+        except ValueError as e:
+            if isinstance(e, (WorkloadError, UnicodeDecodeError)):
+                raise
+            raise WorkloadError(f"{path}: cannot be read as JSON lines ({_locate_bad_json(path, usecols)})") from None
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise WorkloadError(f"{path}: cannot be read as parquet ({str(e).splitlines()[0]})") from None
+        _check_columns(path, pf.schema_arrow.names, usecols)
+        for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=usecols):
+            yield batch.to_pandas()
+
+
+def _text(s: pd.Series) -> pd.Series:
+    return s.astype(str).str.strip().str.lower()
+
+
+def _token_codes(s: pd.Series, typed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(values as int64 with bad entries set to 1, reason codes into _TOKEN_REASONS)."""
+    v = pd.to_numeric(s, errors="coerce").to_numpy(dtype=float) if not typed else s.to_numpy(dtype=float)
+    nan = np.isnan(v)
+    code = np.zeros(len(v), np.uint8)
+    if nan.any() or not np.isfinite(v).all():
+        t = _text(s[nan]) if nan.any() else None
+        empty = np.zeros(len(v), bool)
+        words = np.zeros(len(v), bool)
+        if t is not None:
+            empty[nan] = (s[nan].isna() | (t == "")).to_numpy()
+            words[nan] = t.isin(_NAN_WORDS).to_numpy()
+        code = np.select([empty, nan & ~words, nan | np.isinf(v)], [1, 2, 3], 0).astype(np.uint8)
+    with np.errstate(invalid="ignore"):
+        fin = code == 0
+        code[fin & (v < 0)] = 4
+        code[fin & (v == 0)] = 5
+        code[(code == 0) & (v != np.floor(v))] = 6
+        code[(code == 0) & (v > MAX_TOKENS)] = 7
+    out = np.where(code == 0, v, 1).astype(np.int64)
+    return out, code
+
+
+def _time_codes(s: pd.Series, unit: str, typed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(float seconds, or int64 ns since the epoch for date-times; reason codes)."""
     if unit == "datetime":
-        ts = pd.to_datetime(raw, errors="coerce", format="mixed")
+        try:
+            ts = pd.to_datetime(s, errors="coerce", format="mixed", utc=True)
+        except (ValueError, TypeError, OverflowError):  # pandas raises on some mixes even with coerce
+            ts = pd.Series([pd.to_datetime(x, errors="coerce", utc=True) for x in s], index=s.index)
         bad = ts.isna().to_numpy()
-        secs = np.full(len(raw), np.nan)
-        secs[~bad] = (ts[~bad] - ts[~bad].min()).dt.total_seconds().to_numpy() if (~bad).any() else []
-        return secs, bad
-    v = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
-    bad = ~np.isfinite(v) | (v < 0)
-    return (v / 1000.0 if unit == "ms" else v), bad
+        code = np.zeros(len(s), np.uint8)
+        if bad.any():
+            empty = (s.isna() | (_text(s) == "")).to_numpy()
+            code[bad] = np.where(empty[bad], 1, 2)
+        ns = ts.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        return np.where(bad, 0, ns), code
+    v, code = _token_codes(s, typed)  # reuse the number checks; remap the token-only ones
+    fv = pd.to_numeric(s, errors="coerce").to_numpy(dtype=float) if not typed else s.to_numpy(dtype=float)
+    code = np.where(code >= 5, 0, code).astype(np.uint8)  # zero, fractions and large values are fine times
+    secs = np.where(code == 0, fv, 0.0)
+    return (secs / 1000.0 if unit == "ms" else secs), code
 
 
-def _parse_tokens(raw: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    v = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
-    bad = ~np.isfinite(v) | (v < 1) | (v != np.floor(v))
-    return np.where(bad, 1, v).astype(np.int64), bad
+@dataclass
+class _Bad:
+    """Bad-value bookkeeping for one column: count and first row per reason, and that row's raw value."""
+
+    reasons: tuple[str, ...]
+    count: dict = field(default_factory=dict)
+    first: dict = field(default_factory=dict)  # reason code -> (row, raw value)
+
+    def add(self, code: np.ndarray, raw: pd.Series, offset: int) -> None:
+        for c in np.unique(code[code > 0]).tolist():
+            idx = np.flatnonzero(code == c)
+            self.count[c] = self.count.get(c, 0) + len(idx)
+            if c not in self.first:
+                self.first[c] = (offset + int(idx[0]) + 1, raw.iloc[int(idx[0])])
+
+
+def _raw(v):
+    if isinstance(v, float) and np.isnan(v):
+        return ""  # a missing value (JSON null, absent key)
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def load_trace(path: str | os.PathLike, columns: dict | None = None, time_unit: str = "s", fmt: str = "auto",
@@ -129,59 +277,144 @@ def load_trace(path: str | os.PathLike, columns: dict | None = None, time_unit: 
     """Load a request trace from CSV, JSONL or Parquet.
 
     ``columns`` maps ``arrival``, ``prompt`` and ``output`` to the file's column names. ``time_unit`` is
-    ``s``, ``ms`` or ``datetime`` (date-time strings). ``on_bad_rows="skip"`` drops rows with missing,
-    non-numeric, negative or zero values and records how many and why in ``Workload.notes``; ``"error"``
-    raises on the first one. Unsorted arrivals raise unless ``sort=True``. Arrivals are shifted so the
-    first is at 0 s.
+    ``s``, ``ms`` or ``datetime`` (date-time strings; time zones are honoured, naive times taken as UTC).
+    ``on_bad_rows="skip"`` drops rows with missing, non-numeric, NaN, negative, zero or fractional token
+    values and records how many and why (per column and reason, with the first such row) in
+    ``Workload.notes`` and a :class:`SkippedRowsWarning`; ``"error"`` raises on the first one. Unsorted
+    arrivals raise unless ``sort=True``; equal arrival times (bursts) are fine. Arrivals are shifted so the
+    first is at 0 s. Rows are numbered from 1 for the first data row (the header is not counted).
+
+    The file is parsed in chunks of :data:`CHUNK_ROWS` rows, so memory stays bounded by the result arrays
+    (24 bytes per request) plus one chunk.
     """
     path = Path(path)
+    unknown = sorted(set(columns or {}) - set(COLUMN_KEYS))
+    if unknown:
+        raise WorkloadError(f"{path}: workload.columns has unknown key(s) {unknown}; expected keys {list(COLUMN_KEYS)}")
     columns = {"arrival": "arrival", "prompt": "prompt", "output": "output", **(columns or {})}
     if time_unit not in TIME_UNITS:
         raise WorkloadError(f"{path}: time_unit {time_unit!r}; expected one of {list(TIME_UNITS)}")
     if on_bad_rows not in ("error", "skip"):
         raise WorkloadError(f"{path}: on_bad_rows {on_bad_rows!r}; expected 'error' or 'skip'")
     if not path.is_file():
-        raise WorkloadError(f"{path}: trace file not found")
-    usecols = [columns["arrival"], columns["prompt"], columns["output"]] + ([class_column] if class_column else [])
-    df = _read_table(path, fmt, usecols)
-    if df.empty:
+        raise WorkloadError(f"{path}: trace file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    fmt = _detect_format(path, fmt)
+    ca, cp, co = columns["arrival"], columns["prompt"], columns["output"]
+    usecols = list(dict.fromkeys([ca, cp, co] + ([class_column] if class_column else [])))
+    if len(usecols) < 3 + bool(class_column):
+        raise WorkloadError(f"{path}: workload.columns maps two keys to one column ({columns}); "
+                            "expected distinct columns for arrival, prompt and output")
+    typed = None
+    if fmt == "csv":  # fast path: let the C parser convert numbers; fall back to text on anything odd
+        typed = {cp: "float64", co: "float64", ca: str if time_unit == "datetime" else "float64"}
+        if class_column:
+            typed[class_column] = str
+    try:
+        try:
+            parsed = _parse(path, fmt, usecols, typed, ca, cp, co, class_column, time_unit, on_bad_rows)
+        except _Fallback:
+            parsed = _parse(path, fmt, usecols, None, ca, cp, co, class_column, time_unit, on_bad_rows)
+    except WorkloadError:
+        raise
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except pd.errors.EmptyDataError:
+        raise WorkloadError(f"{path}: file is empty; expected a header row with columns {usecols}") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:
+        raise WorkloadError(f"{path}: cannot be read as {fmt} ({str(e).splitlines()[0]})") from None
+    t, p, o, classes, bad, keep, n_rows = parsed
+    if n_rows == 0:
         raise WorkloadError(f"{path}: no data rows (only a header)")
-    t, bad_t = _parse_times(df[columns["arrival"]], time_unit)
-    p, bad_p = _parse_tokens(df[columns["prompt"]])
-    o, bad_o = _parse_tokens(df[columns["output"]])
     notes = []
-    bad_any = bad_t | bad_p | bad_o
-    if bad_any.any():
-        if on_bad_rows == "error":
-            i = int(np.flatnonzero(bad_any)[0])
-            col, what = ((columns["arrival"], "a finite, non-negative time" if time_unit != "datetime" else "a date-time")
-                         if bad_t[i] else (columns["prompt"], "a positive integer token count") if bad_p[i]
-                         else (columns["output"], "a positive integer token count"))
-            raise WorkloadError(f"{path}: row {i + 1}, column '{col}': {df[col].iloc[i]!r}; expected {what} "
-                                "(set workload.on_bad_rows=skip to drop such rows)")
-        for mask, col in ((bad_t, columns["arrival"]), (bad_p, columns["prompt"]), (bad_o, columns["output"])):
-            if mask.any():
-                notes.append(f"skipped {int(mask.sum())} row(s) with a bad '{col}' value")
-        keep = ~bad_any
-        t, p, o, df = t[keep], p[keep], o[keep], df[keep]
-        if len(t) == 0:
-            raise WorkloadError(f"{path}: every row was bad; nothing left to replay")
-        if time_unit == "datetime":
-            t = t - t.min()
+    rows = None  # original 0-based row index of each kept request, when rows were dropped
+    if keep is not None:
+        n_bad = int((~keep).sum())
+        detail = []
+        for col, b in bad.items():
+            total = int(sum(b.count.values()))
+            if total:
+                notes.append(f"skipped {total} row(s) with a bad '{col}' value")
+                for c in sorted(b.count):
+                    row, raw = b.first[c]
+                    detail.append(f"column '{col}' was {b.reasons[c]} in {b.count[c]} row(s) (first: row {row}, {_raw(raw)!r})")
+        notes = [f"skipped {n_bad} of {n_rows} row(s); {n_rows - n_bad} left"] + notes + detail
+        if not keep.any():
+            raise WorkloadError(f"{path}: every row was bad; nothing left to replay ({'; '.join(detail)})")
+        rows = np.flatnonzero(keep)
+        t, p, o = t[keep], p[keep], o[keep]
+        classes = classes[keep] if classes is not None else None
+        warnings.warn(f"{path}: " + "; ".join(notes), SkippedRowsWarning, stacklevel=2)
+    if time_unit == "datetime":
+        t = (t - t.min()) / 1e9
     if not sort:
         dec = np.flatnonzero(np.diff(t) < 0)
         if len(dec):
             i = int(dec[0]) + 1
-            raise WorkloadError(f"{path}: row {i + 1}, column '{columns['arrival']}': arrival goes backwards "
+            row = (rows[i] if rows is not None else i) + 1
+            raise WorkloadError(f"{path}: row {row}, column '{ca}': arrival goes backwards "
                                 f"({t[i]:.6f} s after {t[i - 1]:.6f} s); sort the file or set workload.sort=true")
     order = np.argsort(t, kind="stable")
-    t, p, o = t[order], p[order], o[order]
+    if not np.array_equal(order, np.arange(len(order))):
+        t, p, o = t[order], p[order], o[order]
+        classes = classes[order] if classes is not None else None
     rc, class_names = None, ()
     if class_column:
-        codes, uniques = pd.factorize(df[class_column].astype(str).to_numpy()[order], sort=True)
-        rc, class_names = codes.astype(np.int64), tuple(uniques)
+        codes, uniques = pd.factorize(classes, sort=True)
+        rc, class_names = codes.astype(np.int64), tuple(str(u) for u in uniques)
     return Workload(arrival_s=t - t[0], prompt_tokens=p, output_tokens=o, name=name or path.stem,
                     request_class=rc, class_names=class_names, notes=tuple(notes))
+
+
+class _Fallback(Exception):
+    """The fast typed parse met something it cannot describe exactly; reparse as text."""
+
+
+def _parse(path, fmt, usecols, typed, ca, cp, co, class_column, time_unit, on_bad_rows):
+    """Parse every chunk. Returns (t, p, o, classes, bad-bookkeeping, keep-mask or None, rows)."""
+    treasons = _DATETIME_REASONS if time_unit == "datetime" else _TIME_REASONS
+    bad = {ca: _Bad(treasons), cp: _Bad(_TOKEN_REASONS), co: _Bad(_TOKEN_REASONS)}
+    ts, ps, os_, cs, masks = [], [], [], [], []
+    offset = 0
+    any_bad = False
+    try:
+        for df in _chunks(path, fmt, usecols, typed):
+            is_typed = typed is not None
+            t, ct = _time_codes(df[ca], time_unit, is_typed and time_unit != "datetime")
+            p, cp_ = _token_codes(df[cp], is_typed)
+            o, co_ = _token_codes(df[co], is_typed)
+            badrow = (ct > 0) | (cp_ > 0) | (co_ > 0)
+            if badrow.any():
+                if is_typed:
+                    raise _Fallback
+                any_bad = True
+                if on_bad_rows == "error":
+                    i = int(np.flatnonzero(badrow)[0])
+                    col, code, reasons = ((ca, ct[i], treasons) if ct[i] else (cp, cp_[i], _TOKEN_REASONS) if cp_[i]
+                                          else (co, co_[i], _TOKEN_REASONS))
+                    what = ("a date-time" if time_unit == "datetime" else "a finite, non-negative time") \
+                        if col == ca else "a positive integer token count"
+                    raise WorkloadError(f"{path}: row {offset + i + 1}, column '{col}': {_raw(df[col].iloc[i])!r} "
+                                        f"is {reasons[code]}; expected {what} (set workload.on_bad_rows=skip to drop such rows)")
+                for col, code in ((ca, ct), (cp, cp_), (co, co_)):
+                    bad[col].add(code, df[col], offset)
+            ts.append(t)
+            ps.append(p)
+            os_.append(o)
+            masks.append(~badrow)
+            if class_column:
+                cs.append(df[class_column].astype(str).to_numpy(dtype=object))
+            offset += len(df)
+    except ValueError as e:
+        if typed is not None and not isinstance(e, (WorkloadError, UnicodeDecodeError)):
+            raise _Fallback from None  # e.g. "could not convert string to float"
+        raise
+    if offset == 0:
+        return np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64), None, bad, None, 0
+    t = np.concatenate(ts)
+    p, o = np.concatenate(ps), np.concatenate(os_)
+    classes = np.concatenate(cs) if class_column else None
+    keep = np.concatenate(masks) if any_bad else None
+    return t, p, o, classes, bad, keep, offset
 
 
 # --- synthetic arrivals --------------------------------------------------------------------------------------
