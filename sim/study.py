@@ -80,16 +80,48 @@ def expand(params: dict[str, list[str]], only: dict[str, list[str]] | None = Non
     return [dict(zip(keys, combo)) for combo in itertools.product(*(params[k] for k in keys))]
 
 
-def compose_run(name: str, point: dict[str, str], overrides: list[str] = ()) -> dict:
-    """The resolved run config (plain dict) for one sweep point, as ``specbatch-sim`` would compose it."""
+def _is_group(key: str) -> bool:
+    return (conf_dir() / key.replace(".", "/")).is_dir()
+
+
+def compose_runs(name: str, points: list[dict[str, str]], overrides: list[str] = ()) -> list[dict]:
+    """The resolved run configs (plain dicts) for sweep points, as ``specbatch-sim -m`` would compose them.
+
+    Hydra composes once per distinct choice of config-group options (``policy``, ``workload``, ...); the
+    plain value overrides (``workload.load``, ``seed``, ...) are then set on a copy, as hydra would."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
+    cache: dict[tuple, object] = {}
+    out = []
     with initialize_config_module(config_module="specbatch.conf", version_base=None):
-        cfg = compose(config_name="config",
-                      overrides=[f"+study={name}", *[f"{k}={v}" for k, v in point.items()], *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+        for point in points:
+            groups = tuple((k, v) for k, v in point.items() if _is_group(k))
+            if groups not in cache:
+                cache[groups] = compose(config_name="config",
+                                        overrides=[f"+study={name}", *[f"{k}={v}" for k, v in groups], *overrides])
+            cfg = cache[groups].copy()
+            for k, v in point.items():
+                if not _is_group(k):
+                    if OmegaConf.select(cfg, k, default="__missing__") == "__missing__":
+                        raise ValueError(f"study {name}: swept key {k!r} is not in the config")
+                    OmegaConf.update(cfg, k, yaml_value(v), merge=False)
+            out.append(OmegaConf.to_container(cfg, resolve=True))
+    GlobalHydra.instance().clear()
+    return out
+
+
+def yaml_value(v: str):
+    """A swept value as hydra reads it (``0.7`` → float, ``3`` → int, ``null`` → None, else the string)."""
+    import yaml
+
+    return yaml.safe_load(v)
+
+
+def compose_run(name: str, point: dict[str, str], overrides: list[str] = ()) -> dict:
+    """The resolved run config (plain dict) for one sweep point."""
+    return compose_runs(name, [point], overrides)[0]
 
 
 def _number(v: str):
@@ -144,8 +176,9 @@ def run_study(name: str, out_dir: str | os.PathLike | None = None, *, profile: s
     extra = list(overrides) + ([f"profile={profile}"] if profile else [])
     points = expand(sweep_params(name), only)
     out = Path(out_dir) if out_dir is not None else None
-    jobs_list = [(i, p, compose_run(name, p, extra), str(out / f"run-{i}") if (out and save_runs) else None)
-                 for i, p in enumerate(points)]
+    cfgs = compose_runs(name, points, extra)
+    jobs_list = [(i, p, c, str(out / f"run-{i}") if (out and save_runs) else None)
+                 for i, (p, c) in enumerate(zip(points, cfgs))]
     rows = []
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as ex:
