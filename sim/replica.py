@@ -57,40 +57,42 @@ class IterationLog:
 
 
 class _Running:
-    """The running batch as aligned arrays (admission order): request ids, context (prompt + generated,
-    tokens), tokens left to generate, accepted draft tokens so far, acceptance thresholds, and the replica's
-    iteration count and Σγ when the request joined (its iterations and Σγ are differences at leave time)."""
+    """The running batch as aligned arrays in admission order.
 
-    __slots__ = ("ids", "ctx", "left", "acc", "thr", "it0", "g0")
+    ``s`` is an int64 matrix with one row per sequence and columns :data:`ID` (request id), :data:`CTX`
+    (context = prompt + generated, tokens), :data:`LEFT` (tokens still to generate), :data:`ACC` (accepted
+    draft tokens while in this batch), :data:`IT0` and :data:`G0` (the replica's iteration count and Σγ when
+    the request joined: its iterations and Σγ are differences at leave time). ``thr`` holds each
+    sequence's acceptance thresholds (see :meth:`AcceptanceModel.thresholds`).
+    """
+
+    ID, CTX, LEFT, ACC, IT0, G0 = range(6)
+    __slots__ = ("s", "thr")
 
     def __init__(self, k: int):
-        self.ids = np.empty(0, np.int64)
-        self.ctx = np.empty(0, np.int64)
-        self.left = np.empty(0, np.int64)
-        self.acc = np.empty(0, np.int64)
+        self.s = np.empty((0, 6), np.int64)
         self.thr = np.empty((0, k))
-        self.it0 = np.empty(0, np.int64)
-        self.g0 = np.empty(0, np.int64)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.s)
 
-    def extend(self, ids, ctx, left, acc, thr, it0, g0) -> None:
-        self.ids = np.concatenate([self.ids, ids])
-        self.ctx = np.concatenate([self.ctx, ctx])
-        self.left = np.concatenate([self.left, left])
-        self.acc = np.concatenate([self.acc, acc])
+    @property
+    def ids(self) -> np.ndarray:
+        return self.s[:, self.ID]
+
+    def extend(self, rows: np.ndarray, thr: np.ndarray) -> None:
+        self.s = np.concatenate([self.s, rows])
         self.thr = np.concatenate([self.thr, thr])
-        self.it0 = np.concatenate([self.it0, np.full(len(ids), it0, np.int64)])
-        self.g0 = np.concatenate([self.g0, np.full(len(ids), g0, np.int64)])
 
-    def take(self, sel) -> dict:
-        """Remove the rows selected by ``sel`` (mask or slice) and return them as a dict of arrays."""
-        out = {k: getattr(self, k)[sel] for k in self.__slots__}
-        keep = ~sel if isinstance(sel, np.ndarray) else None
-        for k in self.__slots__:
-            a = getattr(self, k)
-            setattr(self, k, a[keep] if keep is not None else np.delete(a, sel, axis=0))
+    def take(self, sel) -> np.ndarray:
+        """Remove the rows selected by ``sel`` (a boolean mask or a slice) and return them."""
+        out = self.s[sel]
+        if isinstance(sel, slice):
+            keep = np.ones(len(self.s), bool)
+            keep[sel] = False
+        else:
+            keep = ~sel
+        self.s, self.thr = self.s[keep], self.thr[keep]
         return out
 
 
@@ -153,20 +155,25 @@ class Replica:
         """Prefill ``rids`` one after another, join them to the batch with their first token, stamp
         admission and first-token times; return the seconds taken."""
         r, cost, draft = self.reqs, self.cost, self.policy.uses_draft
+        ids = np.asarray(rids, np.int64)
         total = 0.0
-        for rid in rids:
-            ctx = int(r.prompt[rid] + r.generated[rid])
+        for ctx in (r.prompt[ids] + r.generated[ids]).tolist():
             total += cost.prefill(ctx, "target")
             if draft:
                 total += cost.prefill(ctx, "draft")
-        ids = np.asarray(rids, np.int64)
         fresh = ids[np.isnan(r.first_token[ids])]
         r.admitted[fresh] = t0
         r.first_token[fresh] = t0 + total
         gen = r.generated[ids] + 1
         r.generated[ids] = gen
-        self.batch.extend(ids, r.prompt[ids] + gen, r.output[ids] - gen, np.zeros(len(ids), np.int64),
-                          r.accept_thr[ids], self.n_iter, self.gamma_total)
+        rows = np.empty((len(ids), 6), np.int64)
+        rows[:, _Running.ID] = ids
+        rows[:, _Running.CTX] = r.prompt[ids] + gen
+        rows[:, _Running.LEFT] = r.output[ids] - gen
+        rows[:, _Running.ACC] = 0
+        rows[:, _Running.IT0] = self.n_iter
+        rows[:, _Running.G0] = self.gamma_total
+        self.batch.extend(rows, r.accept_thr[ids])
         return total
 
     def _speculate(self, gamma: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,21 +183,31 @@ class Replica:
             acc = np.zeros(len(b), np.int64)
         else:
             acc = (self._uniforms(len(b))[:, None] < b.thr[:, :gamma]).sum(axis=1)
-        return acc, np.minimum(acc + 1, b.left)
+        return acc, np.minimum(acc + 1, b.s[:, _Running.LEFT])
 
     def _leave(self, sel, when: float | None) -> np.ndarray:
         """Remove rows ``sel`` from the batch and write their state back; ``when`` = finish time (or
         ``None`` for a preemption). Returns the ids that left."""
         rows = self.batch.take(sel)
-        r, ids = self.reqs, rows["ids"]
-        r.generated[ids] = rows["ctx"] - r.prompt[ids]
-        r.accepted_sum[ids] += rows["acc"]
-        r.iterations[ids] += self.n_iter - rows["it0"]
-        r.gamma_sum[ids] += self.gamma_total - rows["g0"]
+        r, ids = self.reqs, rows[:, _Running.ID]
+        r.generated[ids] = rows[:, _Running.CTX] - r.prompt[ids]
+        r.accepted_sum[ids] += rows[:, _Running.ACC]
+        r.iterations[ids] += self.n_iter - rows[:, _Running.IT0]
+        r.gamma_sum[ids] += self.gamma_total - rows[:, _Running.G0]
         if when is not None:
             r.finished[ids] = when
             self.outstanding -= len(ids)
         return ids
+
+    def _advance(self, gamma: int, acc: np.ndarray, gain: np.ndarray) -> tuple[int, int]:
+        """Apply one iteration's gains to the batch; return (tokens gained, draft tokens accepted)."""
+        s = self.batch.s
+        s[:, _Running.CTX] += gain
+        s[:, _Running.LEFT] -= gain
+        s[:, _Running.ACC] += acc
+        self.n_iter += 1
+        self.gamma_total += gamma
+        return int(gain.sum()), int(acc.sum())
 
     # -- continuous batching -----------------------------------------------------------------------------
 
@@ -215,7 +232,7 @@ class Replica:
         b, r = self.batch, self.reqs
         preempted = 0
         while True:
-            used = int(b.ctx.sum())
+            used = int(b.s[:, _Running.CTX].sum())
             n = len(b)
             view = BatchView(now, self.index, n, used / n, b.ids)
             gamma = min(int(self.policy.choose(view)), self.cost.max_gamma)
@@ -241,7 +258,7 @@ class Replica:
             prefill_s = 0.0
             if admitted:
                 prefill_s = self._prefill(admitted, t0)
-                first_done = b.left <= 0
+                first_done = b.s[:, _Running.LEFT] <= 0
                 if first_done.any():
                     self._leave(first_done, t0 + prefill_s)
             gamma = preempted = tokens = accepted = n = 0
@@ -255,17 +272,12 @@ class Replica:
             yield env.timeout(duration)
             self.busy_s += duration
             if n:
-                b.ctx += gain
-                b.left -= gain
-                b.acc += acc
-                self.n_iter += 1
-                self.gamma_total += gamma
-                tokens, accepted = int(gain.sum()), int(acc.sum())
+                tokens, accepted = self._advance(gamma, acc, gain)
                 self.policy.observe(view, gamma, acc)
-                done = b.left <= 0
+                done = b.s[:, _Running.LEFT] <= 0
                 if done.any():
                     self._leave(done, env.now)
-            self.kv_tokens = int(b.ctx.sum())
+            self.kv_tokens = int(b.s[:, _Running.CTX].sum())
             self.log.add(t0, self.index, n, gamma, prefill_s, step_s, tokens + len(admitted), accepted,
                          len(admitted), preempted, len(self.waiting), self.kv_tokens, ctx_mean)
 
@@ -291,14 +303,14 @@ class Replica:
             prefill_s = self._prefill(batch, t0)
             b0 = len(batch)
             pad_ctx = 0  # context of sequences that finished but still occupy their batch slot
-            done = b.left <= 0
+            done = b.s[:, _Running.LEFT] <= 0
             if done.any():
-                pad_ctx += int(b.ctx[done].sum())
+                pad_ctx += int(b.s[done, _Running.CTX].sum())
                 self._leave(done, t0 + prefill_s)
             first = True
             while len(b) or first:
                 ts = env.now
-                ctx_mean = (int(b.ctx.sum()) + pad_ctx) / b0
+                ctx_mean = (int(b.s[:, _Running.CTX].sum()) + pad_ctx) / b0
                 gamma, step_s, tokens, accepted = 0, 0.0, 0, 0
                 if len(b):
                     view = BatchView(ts, self.index, b0, ctx_mean, b.ids)
@@ -309,18 +321,13 @@ class Replica:
                 yield env.timeout(pre + step_s)
                 self.busy_s += pre + step_s
                 if len(b):
-                    b.ctx += gain
-                    b.left -= gain
-                    b.acc += acc
-                    self.n_iter += 1
-                    self.gamma_total += gamma
-                    tokens, accepted = int(gain.sum()), int(acc.sum())
+                    tokens, accepted = self._advance(gamma, acc, gain)
                     self.policy.observe(view, gamma, acc)
-                    done = b.left <= 0
+                    done = b.s[:, _Running.LEFT] <= 0
                     if done.any():
-                        pad_ctx += int(b.ctx[done].sum())
+                        pad_ctx += int(b.s[done, _Running.CTX].sum())
                         self._leave(done, env.now)
-                self.kv_tokens = int(b.ctx.sum()) + pad_ctx
+                self.kv_tokens = int(b.s[:, _Running.CTX].sum()) + pad_ctx
                 self.log.add(t0 if first else ts, self.index, b0 if step_s else 0, gamma, pre, step_s,
                              tokens + (b0 if first else 0), accepted, b0 if first else 0, 0, len(self.waiting),
                              self.kv_tokens, ctx_mean)

@@ -1,0 +1,118 @@
+"""Simulator speed: simulated requests per wall-second, and a 1M-request, 64-replica run.
+
+    python benchmarks/sim_speed.py                 # both parts, shipped default profile
+    python benchmarks/sim_speed.py --skip-large    # only the 10k-request part
+    python benchmarks/sim_speed.py --large-requests 200000
+
+Part 1 replays the first 10,000 requests of the Azure conversation trace on one replica with γ = 4
+(policy fixed) at three loads: the trace's own arrival rate (on a small profiled device this saturates
+the replica, so batches stay full) and 0.9 and 0.5 of the estimated no-speculation capacity (smaller
+batches, so more iterations per request). Each is timed `--repeats` times; the median is reported, with
+the ratio to the goal (10,000 simulated requests per wall-second) and to the no-speculation run of the
+same load measured in the same process (the baseline).
+
+Part 2 runs, in a fresh subprocess so its peak memory is its own, 1M requests with the conversation
+trace's (prompt, output) pairs resampled, Poisson arrivals at 0.8 of the capacity of 64 replicas,
+round-robin routing, γ = 4, and reports wall time and peak RSS. Goal: ≤ 120 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from sim.acceptance import AcceptanceModel
+from sim.capacity import estimate_capacity
+from sim.cluster import ClusterConfig, simulate
+from sim.cost_model import CostModel
+from sim.policies import make_policy
+from sim.profile import load_profile
+from sim.run import resolve_profile
+from sim.workload import first_n, load_trace, set_rate, synthetic
+from specbatch import traces_dir
+
+AZURE = {"arrival": "TIMESTAMP", "prompt": "ContextTokens", "output": "GeneratedTokens"}
+
+
+def conv_trace():
+    return load_trace(traces_dir() / "azure/AzureLLMInferenceTrace_conv.csv", AZURE, "datetime")
+
+
+def timed(w, cost, policy, cluster, seed=0):
+    t = time.perf_counter()
+    r = simulate(w, cost, make_policy(policy[0], **policy[1]), AcceptanceModel(alpha=0.7), cluster, seed=seed)
+    return time.perf_counter() - t, r
+
+
+def part1(cost, repeats: int) -> None:
+    w10k = first_n(conv_trace(), 10_000)
+    cluster = ClusterConfig(replicas=1, max_batch=64)
+    cap = estimate_capacity(cost, w10k, cluster)
+    print(f"10,000 Azure conv requests, 1 replica, max_batch 64, capacity ≈ {cap:.3g} req/s; median of {repeats}")
+    print(f"{'load':>14} {'policy':>8} {'wall s':>8} {'sim req/s':>10} {'iters':>8} {'mean batch':>10} "
+          f"{'vs goal':>8} {'vs none':>8}")
+    for label, w in (("trace rate", w10k), ("0.9 capacity", set_rate(w10k, 0.9 * cap)),
+                     ("0.5 capacity", set_rate(w10k, 0.5 * cap))):
+        base = statistics.median(timed(w, cost, ("none", {}), cluster)[0] for _ in range(repeats))
+        runs = [timed(w, cost, ("fixed", {"gamma": 4}), cluster) for _ in range(repeats)]
+        wall = statistics.median(t for t, _ in runs)
+        r = runs[0][1]
+        rate = len(w) / wall
+        mb = float(r.iterations["batch"].mean())
+        print(f"{label:>14} {'fixed 4':>8} {wall:8.2f} {rate:10.0f} {len(r.iterations):8d} {mb:10.1f} "
+              f"{rate / 10_000:8.2f} {base / wall:8.2f}")
+
+
+def part2_child(n: int, profile: str) -> None:
+    cost = CostModel(load_profile(resolve_profile(profile)), max_batch=64)
+    lengths = conv_trace()
+    cluster = ClusterConfig(replicas=64, max_batch=64)
+    w = synthetic(n, rate=1.0, lengths_from=lengths, seed=0, name="conv-resampled")
+    w = set_rate(w, 0.8 * estimate_capacity(cost, w, cluster))
+    t = time.perf_counter()
+    r = simulate(w, cost, make_policy("fixed", gamma=4), AcceptanceModel(alpha=0.7), cluster, seed=0)
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    done = int(r.requests["finished_s"].notna().sum())
+    print(json.dumps({"requests": n, "completed": done, "wall_s": wall, "peak_rss_mib": peak,
+                      "iterations": len(r.iterations), "mean_batch": float(r.iterations["batch"].mean())}))
+
+
+def part2(n: int, profile: str) -> None:
+    out = subprocess.run([sys.executable, __file__, "--child", str(n), "--profile", profile], capture_output=True,
+                         text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n{res['requests']:,} requests (conv lengths resampled, Poisson at 0.8 capacity), 64 replicas, γ = 4")
+    print(f"  wall {res['wall_s']:.1f} s ({res['requests'] / res['wall_s']:,.0f} sim req/s; goal ≤ 120 s: "
+          f"{120 / res['wall_s']:.2f}× margin), peak RSS {res['peak_rss_mib']:.0f} MiB, "
+          f"{res['iterations']:,} iterations, mean batch {res['mean_batch']:.1f}, completed {res['completed']:,}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--large-requests", type=int, default=1_000_000)
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    warnings.simplefilter("ignore")
+    if a.child:
+        part2_child(a.child, a.profile)
+        return
+    profile = load_profile(resolve_profile(a.profile))
+    print(f"profile: {profile.name} ({profile.meta['device'].get('name')}); numpy {np.__version__}")
+    part1(CostModel(profile, max_batch=64), a.repeats)
+    if not a.skip_large:
+        part2(a.large_requests, a.profile)
+
+
+if __name__ == "__main__":
+    main()
