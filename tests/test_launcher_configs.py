@@ -1,0 +1,46 @@
+"""The shipped launcher configs (conf/hydra/launcher) compose with their plugins."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def _need(module: str, extra: str):
+    if importlib.util.find_spec(module) is None:
+        msg = f"{module} is not installed (pip install 'specbatch[{extra}]')"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def launcher_cfg(name: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "sim.cli", f"hydra/launcher={name}", "--cfg", "hydra", "-p", "hydra.launcher"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return yaml.safe_load(r.stdout.split("\n", 1)[1] if r.stdout.startswith("# @package") else r.stdout)
+
+
+def test_local_joblib_config():
+    c = launcher_cfg("local")
+    assert c["_target_"].endswith("JoblibLauncher") and c["n_jobs"] == -1
+
+
+def test_slurm_config():
+    _need("hydra_plugins.hydra_submitit_launcher", "slurm")
+    c = launcher_cfg("slurm")
+    assert c["_target_"].endswith("SlurmLauncher")
+    assert c["cpus_per_task"] == 1 and c["timeout_min"] == 60
+
+
+@pytest.mark.parametrize("name", ["ray_local", "ray_cluster"])
+def test_ray_configs(name):
+    _need("hydra_plugins.hydra_ray_launcher", "ray")
+    c = launcher_cfg(name)
+    assert c["_target_"].endswith("RayLauncher")
+    assert c["ray"]["remote"]["num_cpus"] == 1
+    assert c["ray"]["init"]["address"] == ("local" if name == "ray_local" else "${oc.env:RAY_ADDRESS,auto}")
