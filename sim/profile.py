@@ -256,24 +256,28 @@ def check_monotone(profile: Profile, tolerance: float = MONOTONE_TOLERANCE) -> N
     for what, g in groups:
         if len(g) < 2:
             continue
-        g = g.assign(_row=np.arange(len(g)), _i=g.index.to_numpy())
+        cols = {a: g[a].to_numpy(dtype=np.int64) for a in axes}
+        t = g["median_s"].to_numpy(dtype=float)
+        idx = g.index.to_numpy()
         for axis in ("batch", "tokens"):
             fixed = [a for a in axes if a != axis]
-            o = g.sort_values(fixed + [axis], kind="stable")
-            prev_t = o.groupby(fixed, sort=False)["median_s"].shift(1)
-            prev_i = o.groupby(fixed, sort=False)["_i"].shift(1)
-            prev_v = o.groupby(fixed, sort=False)[axis].shift(1)
-            bad = (o["median_s"] < (1.0 - tolerance) * prev_t).to_numpy()
+            order = np.lexsort([cols[axis]] + [cols[a] for a in reversed(fixed)])  # by fixed axes, then axis
+            same = np.ones(len(order) - 1, bool)
+            for a in fixed:
+                v = cols[a][order]
+                same &= v[1:] == v[:-1]
+            ts = t[order]
+            bad = same & (ts[1:] < (1.0 - tolerance) * ts[:-1])
             if bad.any():
                 k = int(np.flatnonzero(bad)[0])
-                r = o.iloc[k]
-                i0, i1 = int(prev_i.iloc[k]), int(r["_i"])
-                t0, t1 = float(prev_t.iloc[k]), float(r["median_s"])
-                at = ", ".join(f"{a}={int(r[a])}" for a in fixed)
-                raise _err(path, f"{what} time falls from {t0:.6g} s at {axis}={int(prev_v.iloc[k])} ({_row(i0)}) to "
-                                 f"{t1:.6g} s at {axis}={int(r[axis])} ({_row(i1)}) with {at}: a drop of "
-                                 f"{100 * (1 - t1 / t0):.0f} %, more than the {100 * tolerance:.0f} % allowed for "
-                                 f"timing noise; a bigger step cannot be that much faster; remeasure these points")
+                j0, j1 = order[k], order[k + 1]
+                t0, t1 = ts[k], ts[k + 1]
+                at = ", ".join(f"{a}={int(cols[a][j1])}" for a in fixed)
+                raise _err(path, f"{what} time falls from {t0:.6g} s at {axis}={int(cols[axis][j0])} "
+                                 f"({_row(int(idx[j0]))}) to {t1:.6g} s at {axis}={int(cols[axis][j1])} "
+                                 f"({_row(int(idx[j1]))}) with {at}: a drop of {100 * (1 - t1 / t0):.0f} %, more than "
+                                 f"the {100 * tolerance:.0f} % allowed for timing noise; a bigger step cannot be that "
+                                 "much faster; remeasure these points")
 
 
 # --- writing (used by the profiler and by tests) -------------------------------------------------------------
