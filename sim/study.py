@@ -239,6 +239,17 @@ def compare(table: pd.DataFrame, metric: str = "latency_mean") -> pd.DataFrame:
     return out
 
 
+def gap_pivot(table: pd.DataFrame, metric: str = "latency_mean") -> pd.DataFrame:
+    """Gap to the per-load oracle in percent (median over seeds): rows = arm, columns = load level
+    (the group keys joined with ``/``); the last row names each level's oracle arm."""
+    c = compare(table, metric)
+    keys = _group_keys(table)
+    c["level"] = c[keys].astype(str).agg("/".join, axis=1)
+    pv = c.pivot(index="arm", columns="level", values="gap_pct")
+    orc = c.drop_duplicates("level").set_index("level")["oracle_arm"]
+    return pd.concat([pv.round(1).astype(object), orc.to_frame().T.rename(index={"oracle_arm": "(oracle)"})])
+
+
 def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sim.study", description="Run a study and print its comparison.")
     p.add_argument("name", help=f"study name ({', '.join(study_names())})")
@@ -265,6 +276,8 @@ def _main(argv: list[str] | None = None) -> int:
         c = compare(table, metric)
         print(f"\n== {args.name}: {metric} (median over {int(c['n'].max())} seeds; gap to the per-load oracle) ==")
         print(c.drop(columns=["metric"]).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        print(f"\n-- gap to the oracle in % of {metric} (rows: arm; columns: {'/'.join(_group_keys(table))}) --")
+        print(gap_pivot(table, metric).to_string())
     print(f"\n{len(table)} runs in {time.perf_counter() - t0:.0f} s; table: {Path(out) / 'study.csv'}; "
           f"profile {table['profile'].iloc[0]}")
     return 0
