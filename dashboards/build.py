@@ -107,7 +107,9 @@ def build_dashboard(table: pd.DataFrame, out_html: str | os.PathLike, title: str
     """Write the dashboard HTML for ``table`` to ``out_html`` and return its path. With ``static``
     (e.g. ``("png", "svg")``) also export every figure to ``static_dir`` (default: beside the HTML)."""
     out_html = Path(out_html)
-    scenarios = list(dict.fromkeys(table["scenario"]))
+    counts = table["scenario"].value_counts()
+    scenarios = sorted(dict.fromkeys(table["scenario"]), key=lambda sc: -counts[sc])  # the largest shows first
+    ordered = table.set_index("scenario").loc[scenarios].reset_index()
     sections, all_figs = [], {}
     for k, sc in enumerate(scenarios):
         part = table[table["scenario"] == sc].reset_index(drop=True)
@@ -128,7 +130,7 @@ def build_dashboard(table: pd.DataFrame, out_html: str | os.PathLike, title: str
             f'<section class="scenario" id="scenario-{k}" {attrs}><h2>{html.escape(sc)}</h2>'
             f'<p class="meta">{len(part)} runs · policies: {html.escape(", ".join(dict.fromkeys(part["policy_label"])))}'
             f' · from {html.escape(", ".join(studies))}</p>{"".join(divs)}</section>')
-    controls = "".join(_options(n, list(dict.fromkeys(table[n].astype(str)))) for n in ("workload", "pair", "profile"))
+    controls = "".join(_options(n, list(dict.fromkeys(ordered[n].astype(str)))) for n in ("workload", "pair", "profile"))
     page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<style>{CSS}</style><script type="text/javascript">{get_plotlyjs()}</script></head><body>'
             f'<h1>{html.escape(title)}</h1><p class="meta">{len(table)} runs · {len(scenarios)} scenario(s) · '

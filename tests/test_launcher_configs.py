@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
-import yaml
 
 
 def _need(module: str, extra: str):
@@ -19,10 +16,12 @@ def _need(module: str, extra: str):
 
 
 def launcher_cfg(name: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "sim.cli", f"hydra/launcher={name}", "--cfg", "hydra", "-p", "hydra.launcher"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return yaml.safe_load(r.stdout.split("\n", 1)[1] if r.stdout.startswith("# @package") else r.stdout)
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("specbatch.conf", version_base=None):
+        cfg = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
 
 
 def test_local_joblib_config():
