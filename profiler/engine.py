@@ -1,0 +1,474 @@
+"""A real serving engine: batched speculative decoding with the preset models, in wall-clock time.
+
+It replays a :class:`sim.workload.Workload` on the local device (CPU here, CUDA where present) with the
+*simulator's* scheduler: the engine drives a :class:`sim.replica.Replica` (its admission, preemption,
+acceptance sampling and bookkeeping methods) without SimPy, and replaces each simulated duration by the
+real work on the models. The iteration semantics are therefore exactly those of ``sim/replica.py``:
+
+1. requests whose arrival time has passed (wall clock since the start) join the queue;
+2. FCFS admission up to ``max_batch`` and the KV capacity (tokens, same watermark rule);
+3. sequential per-request prefill of the admitted requests on the target (and on the draft when the policy
+   uses one), each into its own slot of the batch's KV cache; their first token is stamped when the last
+   prefill of the iteration ends;
+4. one speculative iteration for the whole running batch: the policy picks γ (same ``Policy`` object,
+   same ``BatchView``), γ draft decode steps with batch b, one target verify of γ+1 tokens per sequence,
+   then each request gains 1 + accepted (capped by what it has left) and finished requests leave.
+   The KV caches are rolled back per sequence to the accepted prefix.
+
+Acceptance is ``synthetic`` (the simulator's seeded Bernoulli draws: same thresholds, same generator
+stream as :func:`sim.cluster.simulate` with the same seed, as vLLM's synthetic rejection sampler) or
+``real`` (the speculative-sampling test on the models' distributions at ``temperature``; greedy at 0).
+Both run the same model and sampling work, so a step costs the same in either mode.
+
+KV cache: one pre-allocated buffer per layer of ``max_batch`` slots × ``max_len`` positions (a subclass of
+the profiler's :class:`~profiler.models.PreallocLayer`). The running batch occupies slots ``0..b-1``; a
+request leaving frees its slot by moving the last slot's sequence into it. Sequences have different
+lengths (mixed contexts): each step writes every sequence's new K/V at its own positions (one scatter per
+layer) and attends over ``max(length) + new`` positions with a per-sequence boolean mask, i.e. attention
+is padded to the longest sequence of the batch. (A fully accepted round leaves the draft's KV entry for
+the last draft token unwritten; it only affects the draft's next proposal in ``real`` mode.)
+
+Clock: ``wall`` is ``time.perf_counter`` with arrivals honoured by sleeping until the next one when idle —
+the real thing on a machine of one's own. ``cpu`` is this process's CPU time (``time.process_time``; run
+torch with one thread) with idle gaps jumped over instead of slept: arrivals are honoured in the engine's
+own CPU clock, so the replay is immune to other processes competing for the cores of a shared machine
+(profile with the same clock, see :mod:`profiler.validate`).
+
+Outputs: the same per-request table (:meth:`sim.requests.RequestTable.frame`) and per-iteration table
+(:data:`sim.replica.ITERATION_COLUMNS`) as the simulator, returned as a :class:`sim.cluster.SimResult`, so
+:func:`sim.metrics.summarize` applies to both.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import simpy
+import torch
+from transformers.cache_utils import Cache
+
+from profiler import models as M
+from sim.acceptance import AcceptanceModel
+from sim.cluster import SimResult
+from sim.cost_model import CostModel
+from sim.policies import Policy
+from sim.replica import ITERATION_COLUMNS, IterationLog, Replica, _Running
+from sim.requests import RequestTable
+from sim.workload import Workload
+
+ACCEPTANCE_MODES = ("synthetic", "real")
+CLOCKS = ("wall", "cpu")
+
+
+# --- the slot KV cache -------------------------------------------------------------------------------------
+
+
+class _StepState:
+    """What the next forward writes and reads, shared by all layers of one cache."""
+
+    __slots__ = ("lo", "hi", "index", "span")
+
+    def __init__(self):
+        self.lo, self.hi, self.index, self.span = 0, 0, None, 0
+
+
+class SlotLayer(M.PreallocLayer):
+    """A :class:`~profiler.models.PreallocLayer` whose batch rows are independent sequences (slots).
+
+    ``update`` scatters the new tokens of slot ``lo + i`` at that sequence's own positions and returns the
+    K/V of slots ``lo..hi-1`` over the first ``span`` positions (the caller passes the matching mask)."""
+
+    def __init__(self, max_len: int, state: _StepState):
+        super().__init__(max_len)
+        self.state = state
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        s = self.state
+        idx = s.index.expand(-1, key_states.shape[1], -1, key_states.shape[-1])
+        kb, vb = self.kbuf[s.lo:s.hi], self.vbuf[s.lo:s.hi]
+        kb.scatter_(2, idx, key_states)
+        vb.scatter_(2, idx, value_states)
+        return kb[:, :, :s.span], vb[:, :, :s.span]
+
+    def get_seq_length(self) -> int:
+        return self.state.span
+
+
+class SlotCache:
+    """Per-model KV cache of ``slots`` sequences × ``max_len`` positions."""
+
+    def __init__(self, cfg, slots: int, max_len: int, dtype, device):
+        layers, kv_heads, head_dim = M.kv_shape(cfg)
+        self.state = _StepState()
+        self.layers = [SlotLayer(max_len, self.state) for _ in range(layers)]
+        for layer in self.layers:
+            layer.allocate(slots, kv_heads, head_dim, dtype, device, fill=False)
+            layer.kbuf.zero_()
+            layer.vbuf.zero_()
+        self.cache = Cache(layers=self.layers)
+        self.max_len = max_len
+
+    def set_step(self, lo: int, hi: int, positions: torch.Tensor, span: int) -> None:
+        """Next forward: slots ``lo..hi-1`` write at ``positions`` (rows × new tokens); attend ``span``."""
+        if span > self.max_len:
+            raise ValueError(f"KV slot overflow: {span} > {self.max_len} positions (raise max_len)")
+        self.state.lo, self.state.hi, self.state.span = lo, hi, span
+        self.state.index = positions[:, None, :, None]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
+        for layer in self.layers:
+            layer.kbuf[dst, :, :length].copy_(layer.kbuf[src, :, :length])
+            layer.vbuf[dst, :, :length].copy_(layer.vbuf[src, :, :length])
+
+
+def _mask(lengths: torch.Tensor, tokens: int, span: int) -> torch.Tensor:
+    """Boolean (b, 1, tokens, span) mask: query q of sequence i sees positions ≤ lengths[i] + q."""
+    j = torch.arange(span, device=lengths.device)
+    q = torch.arange(tokens, device=lengths.device)
+    return (j[None, None, :] <= (lengths[:, None, None] + q[None, :, None]))[:, None]
+
+
+# --- model steps ------------------------------------------------------------------------------------------
+
+
+def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sampled tokens (b,) and the probabilities they were drawn from (None when greedy)."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1), None
+    p = torch.softmax(logits / temperature, -1)
+    return torch.multinomial(p, 1, generator=gen)[:, 0], p
+
+
+@torch.inference_mode()
+def prefill_into_slot(model, slots: SlotCache, slot: int, ids: list[int], temperature: float,
+                      gen: torch.Generator, device, clock=time.perf_counter) -> tuple[int, float]:
+    """Prefill one sequence (batch 1) into ``slot`` with the profiler's prefill step; return its next token
+    and the seconds (on ``clock``) of the forward alone.
+
+    The forward is :func:`profiler.models.prefill` on a fresh pre-allocated cache (exactly the profiled
+    step); its K/V is then copied into the slot and the first token sampled."""
+    n = len(ids)
+    layers, kv_heads, head_dim = M.kv_shape(model.config)
+    tmp = Cache(layers=[M.PreallocLayer(n) for _ in range(layers)])
+    dtype = slots.layers[0].kbuf.dtype
+    for layer in tmp.layers:
+        layer.allocate(1, kv_heads, head_dim, dtype, device, fill=False)
+    x = torch.tensor([ids], device=device)
+    t0 = clock()
+    logits = M.prefill(model, tmp, x)
+    fwd = clock() - t0
+    for src, dst in zip(tmp.layers, slots.layers):
+        dst.kbuf[slot, :, :n].copy_(src.kbuf[0])
+        dst.vbuf[slot, :, :n].copy_(src.vbuf[0])
+    tok, _ = _sample(logits, temperature, gen)
+    return int(tok[0]), fwd
+
+
+@torch.inference_mode()
+def batched_forward(model, slots: SlotCache, tokens: torch.Tensor, lengths: torch.Tensor, all_logits: bool):
+    """One forward of ``tokens`` (b, t) for slots ``0..b-1`` whose caches hold ``lengths`` (b,) positions."""
+    b, t = tokens.shape
+    positions = lengths[:, None] + torch.arange(t, device=tokens.device)[None, :]
+    span = int(lengths.max()) + t
+    slots.set_step(0, b, positions, span)
+    out = model(input_ids=tokens, position_ids=positions, attention_mask=_mask(lengths, t, span),
+                cache=slots.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+    return out.logits
+
+
+# --- the engine -------------------------------------------------------------------------------------------
+
+
+class _NoCost:
+    """Stands in for the cost model inside the driven Replica: the engine's prefill takes real time."""
+
+    def __init__(self, max_gamma: int):
+        self.max_gamma = max_gamma
+
+    def prefill(self, *_args) -> float:
+        return 0.0
+
+
+@dataclass
+class EngineConfig:
+    """Engine shape and run settings (``max_batch``/``kv_capacity_tokens``/``watermark`` as in the cluster)."""
+
+    max_batch: int = 8
+    kv_capacity_tokens: int | None = None  # None: max_batch x max_len
+    watermark: float = 0.01
+    acceptance: str = "synthetic"  # synthetic | real
+    temperature: float = 1.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = 1
+    seed: int = 0
+    clock: str = "wall"  # wall (perf_counter, sleeps until arrivals) | cpu (this process's CPU time, see run)
+    warmup: bool = True  # run a few untimed steps first (allocator, first-call overheads)
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Target + draft models with slot KV caches, driven by the simulator's scheduler in wall-clock time."""
+
+    def __init__(self, target: str, draft: str, cfg: EngineConfig | None = None, max_len: int = 2048,
+                 models: tuple | None = None):
+        self.cfg = cfg = cfg or EngineConfig()
+        if cfg.clock not in CLOCKS:
+            raise ValueError(f"clock={cfg.clock!r}; expected one of {CLOCKS}")
+        if cfg.acceptance not in ACCEPTANCE_MODES:
+            raise ValueError(f"acceptance={cfg.acceptance!r}; expected one of {ACCEPTANCE_MODES}")
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        self.device = cfg.device
+        self.dtype = M.DTYPES[cfg.dtype]
+        if models is None:
+            self.target, _ = M.load_model(target, self.dtype, self.device, seed=cfg.seed)
+            self.draft, _ = M.load_model(draft, self.dtype, self.device, seed=cfg.seed + 1)
+        else:
+            self.target, self.draft = models
+        self.vocab = min(self.target.config.vocab_size, self.draft.config.vocab_size)
+        self.max_len = int(max_len)
+        self.tcache = SlotCache(self.target.config, cfg.max_batch, self.max_len, self.dtype, self.device)
+        self.dcache = SlotCache(self.draft.config, cfg.max_batch, self.max_len, self.dtype, self.device)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+
+    @property
+    def capacity(self) -> int:
+        c = self.cfg
+        return int(c.kv_capacity_tokens) if c.kv_capacity_tokens is not None else c.max_batch * self.max_len
+
+    # -- one speculative step on slots 0..b-1 -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def spec_step(self, last: torch.Tensor, lengths: torch.Tensor, gamma: int, synthetic_acc: torch.Tensor | None):
+        """γ draft decodes + one verify for slots ``0..b-1``: ``last`` (b,) tokens not yet cached,
+        ``lengths`` (b,) cached positions. Returns ``(n_accepted (b,), new_tokens (b, γ+1), next_token (b,))``;
+        ``synthetic_acc`` (b,) overrides the acceptance decision (the models still do all the work)."""
+        temp, gen = self.cfg.temperature, self.gen
+        b = last.shape[0]
+        rows = torch.arange(b, device=last.device)
+        drafts, qs = [], []
+        tok = last
+        for k in range(gamma):
+            logits = batched_forward(self.draft, self.dcache, tok[:, None], lengths + k, False)[:, -1]
+            tok, q = _sample(logits, temp, gen)
+            drafts.append(tok)
+            qs.append(q)
+        d = torch.stack(drafts, 1) if gamma else last.new_empty((b, 0))
+        ids = torch.cat([last[:, None], d], 1)
+        logits = batched_forward(self.target, self.tcache, ids, lengths, True).float()  # (b, γ+1, V)
+        if temp <= 0:
+            target_tok = logits.argmax(-1)
+            n_acc = (target_tok[:, :gamma] == d).int().cumprod(1).sum(1)
+            if synthetic_acc is not None:
+                n_acc = synthetic_acc
+            next_tok = target_tok[rows, n_acc]
+        else:
+            p = torch.softmax(logits / temp, -1)
+            if gamma:
+                qp = torch.stack(qs, 1)
+                p_tok = p[:, :gamma].gather(-1, d[..., None])[..., 0]
+                q_tok = qp.gather(-1, d[..., None])[..., 0]
+                u = torch.rand(b, gamma, device=last.device, generator=gen)
+                n_acc = (u * q_tok <= p_tok).int().cumprod(1).sum(1)
+                if synthetic_acc is not None:
+                    n_acc = synthetic_acc
+                q_pad = torch.cat([qp, torch.zeros_like(qp[:, :1])], 1)
+                residual = (p - q_pad).clamp_min(0)[rows, n_acc]
+                residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-20)
+                # a synthetic "rejection" may hit an all-zero residual (draft = target there): use p instead
+                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, n_acc])
+            else:
+                n_acc = torch.zeros(b, dtype=torch.long, device=last.device)
+                residual = p[:, 0]
+            next_tok = torch.multinomial(residual, 1, generator=gen)[:, 0]
+        return n_acc, ids, next_tok
+
+    def warm_up(self, gamma: int = 2) -> None:
+        """A few untimed steps (first-call allocations, lazy inits) on slots 0..1."""
+        b = min(2, self.cfg.max_batch)
+        for s in range(b):
+            ids = torch.randint(0, self.vocab, (16,), generator=self.gen, device=self.device).tolist()
+            prefill_into_slot(self.target, self.tcache, s, ids, self.cfg.temperature, self.gen, self.device)
+            prefill_into_slot(self.draft, self.dcache, s, ids, self.cfg.temperature, self.gen, self.device)
+        last = torch.zeros(b, dtype=torch.long, device=self.device)
+        lengths = torch.tensor([16, 12][:b], device=self.device)
+        for g in (0, gamma):
+            self.spec_step(last, lengths, g, None)
+
+    # -- serving loop ------------------------------------------------------------------------------------------
+
+    def run(self, workload: Workload, cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
+            seed: int = 0, reference_context: float | None = None, time_limit_s: float | None = None) -> SimResult:
+        """Replay ``workload`` (arrivals honoured in wall-clock time) and return the same tables as
+        :func:`sim.cluster.simulate` with one replica. ``cost`` only sets up the policy (and ``max_gamma``)."""
+        cfg, device = self.cfg, self.device
+        if len(workload) == 0:
+            raise ValueError("the workload has no requests")
+        need = int((workload.prompt_tokens + workload.output_tokens).max()) + cost.max_gamma + 2
+        if need > self.max_len:
+            raise ValueError(f"a request needs {need} KV positions but the engine's slots hold {self.max_len}")
+        # same seeding as sim.cluster.simulate with replicas=1
+        seeds = np.random.SeedSequence(seed).spawn(3)
+        reqs = RequestTable(workload)
+        scale = acceptance.request_scale(len(workload), np.random.default_rng(seeds[0]),
+                                         workload.request_class, workload.arrival_s)
+        reqs.accept_thr = acceptance.thresholds(scale, cost.max_gamma)
+        if reference_context is None:
+            reference_context = float(workload.prompt_tokens.mean() + workload.output_tokens.mean() / 2)
+        policy = copy.deepcopy(policy)
+        policy.setup(cost, acceptance, reference_context)
+        capacity = self.capacity
+        log = IterationLog()
+        rep = Replica(simpy.Environment(), 0, reqs, _NoCost(cost.max_gamma), policy, acceptance,
+                      np.random.default_rng(seeds[2]), log, max_batch=cfg.max_batch, kv_capacity_tokens=capacity,
+                      watermark=cfg.watermark)
+        reqs.rejected[:] = (reqs.prompt + reqs.output) > capacity
+        uses_draft = policy.uses_draft
+        rng = np.random.default_rng([seed, 7])
+        history = {}  # request id -> token ids (prompt + generated), for prefill and recompute
+        slot_of: dict[int, int] = {}
+        slot_rid: list[int] = []  # slot -> request id
+        last_tok = torch.zeros(cfg.max_batch, dtype=torch.long, device=device)
+        synthetic = cfg.acceptance == "synthetic"
+        b = rep.batch
+        diag: list[tuple[float, float]] = []  # per iteration: prefill forwards, speculative step (model work)
+        if cfg.warmup:
+            self.warm_up()
+
+        def free(ids) -> None:
+            for rid in np.asarray(ids).tolist():
+                s = slot_of.pop(rid)
+                end = len(slot_rid) - 1
+                moved = slot_rid.pop()
+                if s != end:
+                    n = len(history[moved])
+                    self.tcache.move(end, s, n)
+                    if uses_draft:
+                        self.dcache.move(end, s, n)
+                    last_tok[s] = last_tok[end]
+                    slot_rid[s] = moved
+                    slot_of[moved] = s
+
+        arrivals = reqs.arrival.tolist()
+        order = [i for i in range(reqs.n) if not reqs.rejected[i]]
+        nxt = 0
+        clock = time.perf_counter if cfg.clock == "wall" else time.process_time
+        skipped = [0.0]  # cpu clock: idle time jumped over (the clock does not run while nothing runs)
+        t_origin = clock()
+
+        def now() -> float:
+            return clock() - t_origin + skipped[0]
+
+        def idle_until(t_arrival: float) -> None:
+            if cfg.clock == "wall":
+                time.sleep(max(0.0, t_arrival - now()))
+            else:
+                skipped[0] += max(0.0, t_arrival - now())
+
+        while nxt < len(order) or rep.outstanding:
+            t = now()
+            while nxt < len(order) and arrivals[order[nxt]] <= t:
+                rep.submit(order[nxt])
+                nxt += 1
+            if not len(b) and not rep.waiting:
+                idle_until(arrivals[order[nxt]])
+                continue
+            if time_limit_s is not None and t > time_limit_s:
+                raise TimeoutError(f"engine run exceeded {time_limit_s} s")
+            t0 = now()
+            fwd = model_s = 0.0
+            admitted = rep._admit()
+            if admitted:
+                for rid in admitted:
+                    h = history.get(rid)
+                    if h is None:
+                        h = history[rid] = rng.integers(0, self.vocab, int(reqs.prompt[rid])).tolist()
+                    s = len(slot_rid)
+                    slot_rid.append(rid)
+                    slot_of[rid] = s
+                    tok, f = prefill_into_slot(self.target, self.tcache, s, h, cfg.temperature, self.gen, device,
+                                               clock)
+                    fwd += f
+                    if uses_draft:
+                        fwd += prefill_into_slot(self.draft, self.dcache, s, h, cfg.temperature, self.gen, device,
+                                                 clock)[1]
+                    last_tok[s] = tok
+                    h.append(tok)
+                ids = np.asarray(admitted, np.int64)
+                fresh = ids[np.isnan(reqs.first_token[ids])]
+                rep._prefill(admitted, t0)
+                t1 = now()
+                reqs.first_token[fresh] = t1
+                first_done = b.s[:, _Running.LEFT] <= 0
+                if first_done.any():
+                    free(rep._leave(first_done, t1))
+            else:
+                t1 = t0
+            gamma = preempted = tokens = accepted = n = 0
+            ctx_mean = 0.0
+            if len(b):
+                gamma, view, preempted = rep._pick_gamma(t1)
+                if preempted:  # the victims left the batch: drop their slots and generated-but-cached tokens
+                    gone = [rid for rid in slot_rid if rid not in set(b.ids.tolist())]
+                    for rid in gone:
+                        history[rid] = history[rid][:int(reqs.prompt[rid] + reqs.generated[rid])]
+                    free(gone)
+                n, ctx_mean = view.batch, view.context
+                rid_rows = b.ids.tolist()
+                slots = [slot_of[r] for r in rid_rows]
+                # cached positions per slot = context - 1 (the last token is not yet in the cache)
+                lengths = torch.empty(n, dtype=torch.long)
+                ctx = b.s[:, _Running.CTX]
+                lengths[slots] = torch.as_tensor(ctx - 1)
+                acc_rows, gain = rep._speculate(gamma) if synthetic else (None, None)
+                syn = None
+                if synthetic and gamma:
+                    syn = torch.empty(n, dtype=torch.long)
+                    syn[slots] = torch.as_tensor(acc_rows)
+                tm = clock()
+                n_acc, ids_t, next_tok = self.spec_step(last_tok[:n], lengths.to(device), gamma, syn)
+                model_s = clock() - tm
+                n_acc_l, ids_l, next_l = n_acc.tolist(), ids_t.tolist(), next_tok.tolist()
+                if not synthetic:
+                    acc_rows = np.array([n_acc_l[s] for s in slots], np.int64)
+                    gain = np.minimum(acc_rows + 1, b.s[:, _Running.LEFT])
+                for rid, s, g in zip(rid_rows, slots, gain.tolist()):
+                    a = n_acc_l[s]
+                    history[rid].extend((ids_l[s][1:1 + a] + [next_l[s]])[:g])
+                last_tok[:n] = next_tok
+                tokens, accepted = rep._advance(gamma, acc_rows, gain)
+                rep.policy.observe(view, gamma, acc_rows)
+                done = b.s[:, _Running.LEFT] <= 0
+                if done.any():
+                    free(rep._leave(done, now()))
+            t2 = now()
+            rep.busy_s += t2 - t0
+            rep.kv_tokens = int(b.s[:, _Running.CTX].sum())
+            log.add(t0, 0, n, gamma, t1 - t0, t2 - t1, tokens + len(admitted), accepted, len(admitted), preempted,
+                    len(rep.waiting), rep.kv_tokens, ctx_mean)
+            diag.append((fwd, model_s))
+
+        iters = pd.DataFrame({c: np.frombuffer(log.cols[c], dtype=float) for c in ITERATION_COLUMNS})
+        for c in ("replica", "batch", "gamma", "tokens", "accepted", "admitted", "preempted", "queue", "kv_tokens"):
+            iters[c] = iters[c].astype(np.int64)
+        fin = reqs.finished[~reqs.rejected]
+        makespan = float(np.nanmax(fin)) if len(fin) else 0.0
+        #: engine-only diagnostics per iteration (aligned with the iteration table): seconds in prefill
+        #: forwards and in the speculative step's model work; the rest of prefill_s/step_s is engine overhead
+        self.diagnostics = pd.DataFrame(diag, columns=["prefill_forward_s", "step_model_s"])
+        return SimResult(requests=reqs.frame(), iterations=iters, busy_s=[rep.busy_s], makespan_s=makespan,
+                         kv_capacity_tokens=capacity, policy=policy.describe())
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

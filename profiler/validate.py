@@ -1,0 +1,508 @@
+"""specbatch-validate: does the simulator agree with real execution on this machine?
+
+For a draft/target pair it (1) profiles the pair here (or reuses a fresh profile), (2) replays the same
+trace slice through the real engine (:mod:`profiler.engine`) and through the simulator
+(:func:`sim.cluster.simulate`) with the same policy, acceptance model, seed and cluster shape, and
+(3) reports the relative error ``(sim − real) / real`` of mean, p50 and p99 end-to-end latency, TTFT, TPOT
+and throughput, plus a self-contained dashboard overlaying the two latency CDFs and iteration timelines.
+
+    specbatch-validate                                # reduced: tiny pair, 2 loads x 3 policies
+    specbatch-validate --pair llama-68m:tiny-llama-draft --requests 120 --out fidelity-out
+    specbatch-validate --clock wall                   # wall clock (a quiet machine of your own)
+
+Modelling of what the profile misses (``--model``): the profile times each step alone, on a batch whose
+sequences all have the same context. The engine also spends time between and around those steps.
+:class:`EngineCostModel` adds the engine-side terms, each measured once in a short calibration on the
+engine itself (never fitted to a validation run):
+
+* ``sched``  — per-iteration scheduler/bookkeeping time outside the model calls (admission, policy,
+  acceptance draws, slot bookkeeping, building positions and masks), a constant + per-sequence term;
+* ``prefill`` — per-admission overhead of the engine's prefill (fresh cache, first-token sampling, copy
+  into the batch's slot), added to the profile's prefill forward;
+* ``mixed`` — mixed contexts: the engine's batched step with per-sequence lengths (scatter writes,
+  boolean mask, attention padded to the longest sequence) versus the profiled uniform step, as a ratio on
+  the step time measured at the same (b, γ, mean context).
+
+``--model none`` uses the plain profile (the baseline), ``--model all`` all three terms.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("latency_mean", "latency_p50", "latency_p99", "ttft_mean", "ttft_p50", "ttft_p99",
+           "tpot_mean", "tpot_p50", "tpot_p99", "throughput_tok_s")
+HEADLINE = ("latency_mean", "latency_p99", "throughput_tok_s")
+POLICIES = {"none": {}, "fixed": {"gamma": 4}, "adaptive": {}}
+FIXES = ("sched", "prefill", "mixed")
+
+# the reduced validation: tiny pair, small grid, short trace slice
+REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, loads=(0.4, 0.8), max_batch=8, max_prompt=96,
+               max_output=48, max_gamma=6, grid=dict(batches=[1, 2, 4, 8], gammas=[0, 1, 2, 4, 6],
+                                                      contexts=[32, 160], prefill_lengths=[8, 32, 96],
+                                                      prefill_batches=[1]))
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --- profiling with the engine's clock ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def profiler_clock(clock: str):
+    """Make :func:`profiler.sweep.run_profile` time CPU steps with ``clock`` (``cpu``: process CPU time)."""
+    from profiler import timing
+
+    if clock == "wall":
+        yield
+        return
+    orig = timing.make_timer
+
+    def make_timer(device):
+        if str(device).startswith("cuda"):
+            return orig(device)
+
+        def cpu_timer(step):
+            t0 = time.process_time()
+            step()
+            return time.process_time() - t0
+
+        return cpu_timer
+
+    timing.make_timer = make_timer
+    try:
+        yield
+    finally:
+        timing.make_timer = orig
+
+
+def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str = "cpu", threads: int = 1,
+                 device: str = "cpu", point_budget_s: float = 0.02, seed: int = 0, passes: int = 2,
+                 max_passes: int = 4) -> Path:
+    """Profile ``draft``/``target`` on this machine into ``out`` with the profiler's sweep.
+
+    On a shared machine the speed drifts between points (other jobs come and go), so the grid is swept
+    ``passes`` times and each point keeps the median of its pass medians; while the result fails the
+    profile's monotonicity check another pass is added (up to ``max_passes``)."""
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from profiler.sweep import KEY, Grid, run_profile
+    from sim.profile import ProfileError, check_monotone, load_profile, write_profile_meta, write_steps
+
+    cfg = OmegaConf.create(dict(
+        pair=dict(target=target, draft=draft, name=f"{draft}__{target}"), device=device, dtype="auto",
+        threads=threads, cache="prealloc", seed=seed, resume=False, memory_limit_bytes=None,
+        note=f"specbatch-validate, clock={clock}, loadavg at start {loadavg()}",
+        timing=dict(warmup=1, min_samples=5, max_samples=20, floor_samples=3, rel_precision=0.02,
+                    point_budget_s=point_budget_s, deadline_s=None, temperature=1.0)))
+    frames = []
+    for k in range(max_passes):
+        with profiler_clock(clock):
+            run_profile(cfg, out_dir=out / f"pass{k}", grid=Grid.from_cfg(grid), progress=False)
+        frames.append(pd.read_csv(out / f"pass{k}" / "steps.csv"))
+        if k + 1 < passes:
+            continue
+        allrows = pd.concat(frames)
+        ok = allrows[allrows["status"] == "ok"]
+        merged = ok.groupby(KEY, as_index=False).agg(median_s=("median_s", "median"), p10_s=("p10_s", "min"),
+                                                      p90_s=("p90_s", "max"), samples=("samples", "sum"))
+        merged["status"] = "ok"
+        meta = json.loads((out / f"pass{k}" / "meta.json").read_text())
+        meta.pop("schema_version", None)
+        meta["timing"]["clock"] = clock
+        meta["timing"]["passes"] = k + 1
+        meta["timing"]["merge"] = "median over passes of each point's median (p10 min, p90 max, samples summed)"
+        write_steps(out, merged)
+        write_profile_meta(out, meta)
+        try:
+            check_monotone(load_profile(out))
+            break
+        except ProfileError:
+            if k + 1 == max_passes:
+                raise
+    return out
+
+
+def fresh_profile(path: Path, target: str, draft: str, clock: str, grid: dict, max_age_h: float) -> bool:
+    """True when ``path`` holds a complete profile of this pair, clock and grid younger than ``max_age_h``."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        age = _dt.datetime.now(_dt.timezone.utc) - _dt.datetime.fromisoformat(meta["date"])
+        return (meta["pair"]["target"] == target and meta["pair"]["draft"] == draft and meta["timing"].get("complete")
+                and meta["timing"].get("clock") == clock and meta["timing"]["grid"] == grid
+                and age.total_seconds() < max_age_h * 3600)
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+
+
+# --- the engine-side terms ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Overheads:
+    """Engine-side time the profile does not contain (seconds), measured by :func:`calibrate`."""
+
+    sched_base_s: float = 0.0  # per iteration
+    sched_per_seq_s: float = 0.0  # per running sequence per iteration
+    prefill_s: float = 0.0  # per admitted request (per model prefilled)
+    mixed_ratio: float = 1.0  # engine mixed-context step / profiled uniform step at the same mean context
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _cost_class():
+    from sim.cost_model import CostModel
+
+    class EngineCostModel(CostModel):
+        """The profile's cost model plus the engine-side terms of :class:`Overheads` (see module docstring)."""
+
+        def __init__(self, profile, overheads: Overheads, fixes=FIXES, **kw):
+            self.overheads, self.fixes = overheads, tuple(fixes)
+            super().__init__(profile, **kw)
+
+        def iteration(self, batch: int, gamma: int, context: float) -> float:
+            t = super().iteration(batch, gamma, context)
+            o = self.overheads
+            if "mixed" in self.fixes:
+                t *= o.mixed_ratio
+            if "sched" in self.fixes:
+                t += o.sched_base_s + o.sched_per_seq_s * batch
+            return t
+
+        def prefill(self, prompt_tokens: float, model: str = "target") -> float:
+            t = super().prefill(prompt_tokens, model)
+            return t + (self.overheads.prefill_s if "prefill" in self.fixes else 0.0)
+
+    return EngineCostModel
+
+
+def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_gamma: int):
+    from sim.cost_model import CostModel
+
+    if overheads is None or not fixes:
+        return CostModel(profile, max_batch=max_batch, max_gamma=max_gamma)
+    return _cost_class()(profile, overheads, fixes, max_batch=max_batch, max_gamma=max_gamma)
+
+
+def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, max_prompt: int = 96,
+              max_output: int = 48, repeats: int = 5) -> tuple[Overheads, dict]:
+    """Measure the engine-side terms on the engine itself (a calibration workload with its own seed and
+    micro-benchmarks of the batched step); never uses a validation run. Returns the terms and details."""
+    import torch
+
+    from sim import workload as wl
+    from sim.cluster import ClusterConfig
+    from sim.capacity import estimate_capacity
+    from sim.policies import make_policy
+
+    clock = time.perf_counter if engine.cfg.clock == "wall" else time.process_time
+    # 1. scheduler and prefill overheads: a short run at high load with a drafting policy
+    w = wl.synthetic(requests, 1.0, "poisson", 1.0, None, (max_prompt / 2, 0.5), (max_output / 2, 0.5), seed=seed)
+    w = wl.cap_lengths(w, max_prompt, max_output)
+    cap = estimate_capacity(cost, w, ClusterConfig(max_batch=engine.cfg.max_batch,
+                                                    kv_capacity_tokens=engine.capacity))
+    w = wl.set_rate(w, 1.5 * cap)
+    r = engine.run(w, cost, make_policy("fixed", gamma=2), acceptance, seed=seed)
+    it, dg = r.iterations, engine.diagnostics
+    dec = (it["batch"] > 0).to_numpy()
+    sched = (it["step_s"] - dg["step_model_s"]).to_numpy()[dec]
+    bsz = it["batch"].to_numpy()[dec]
+    if len(np.unique(bsz)) > 1:
+        per_seq, base = np.polyfit(bsz, sched, 1)
+    else:
+        per_seq, base = 0.0, float(np.median(sched))
+    per_seq, base = max(0.0, float(per_seq)), max(0.0, float(base))
+    adm = (it["admitted"] > 0).to_numpy()
+    extra = (it["prefill_s"] - dg["prefill_forward_s"]).to_numpy()[adm] / (2 * it["admitted"].to_numpy()[adm])
+    prefill_extra = max(0.0, float(np.median(extra))) if adm.any() else 0.0
+
+    # 2. the batched step with mixed contexts vs the profiled uniform step at the same mean context
+    rng = np.random.default_rng(seed)
+    ctxs = [c for c in cost.contexts.tolist() if c + cost.max_gamma + 2 <= engine.max_len] or [16.0]
+    rows = []
+    dev = engine.device
+    for b in sorted({1, 2, min(4, engine.cfg.max_batch), engine.cfg.max_batch}):
+        for g in sorted({0, min(2, cost.max_gamma), min(4, cost.max_gamma)}):
+            for c in (ctxs[len(ctxs) // 2], ctxs[-1]):
+                for kind in ("uniform", "mixed"):
+                    if kind == "uniform":
+                        lens = np.full(b, int(c) - 1)
+                    else:
+                        lens = rng.integers(max(1, int(c) // 3), int(c) * 5 // 3, b)
+                        lens = np.minimum(lens, engine.max_len - cost.max_gamma - 2)
+                    last = torch.zeros(b, dtype=torch.long, device=dev)
+                    lt = torch.as_tensor(lens, device=dev)
+                    engine.spec_step(last, lt, g, None)
+                    ts = []
+                    for _ in range(repeats):
+                        t0 = clock()
+                        engine.spec_step(last, lt, g, None)
+                        ts.append(clock() - t0)
+                    prof = cost.iteration(b, g, float(lens.mean()) + 1)
+                    rows.append(dict(batch=b, gamma=g, context=float(lens.mean()) + 1, kind=kind,
+                                     engine_s=float(np.median(ts)), profile_s=prof))
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df["ratio"] = df["engine_s"] / df["profile_s"]
+    mixed_ratio = float(np.exp(np.log(df.loc[df["kind"] == "mixed", "ratio"]).median()))
+    uniform_ratio = float(np.exp(np.log(df.loc[df["kind"] == "uniform", "ratio"]).median()))
+    o = Overheads(sched_base_s=base, sched_per_seq_s=per_seq, prefill_s=prefill_extra, mixed_ratio=mixed_ratio)
+    details = {"overheads": o.as_dict(), "uniform_ratio": uniform_ratio,
+               "sched_median_s": float(np.median(sched)) if len(sched) else 0.0,
+               "calibration_iterations": int(dec.sum()), "step_points": rows}
+    return o, details
+
+
+# --- one comparison ------------------------------------------------------------------------------------------
+
+
+def trace_slice(requests: int, *, start: int = 0, prompt_div: float = 16.0, output_div: float = 8.0,
+                max_prompt: int = 96, max_output: int = 48):
+    """The first ``requests`` of the shipped Azure conversation trace from row ``start`` (arrival pattern kept),
+    lengths divided by ``prompt_div``/``output_div`` and capped so that small models can serve them."""
+    from dataclasses import replace
+
+    from sim import workload as wl
+    from specbatch import traces_dir
+
+    w = wl.load_trace(traces_dir() / "azure" / "AzureLLMInferenceTrace_conv.csv",
+                      {"arrival": "TIMESTAMP", "prompt": "ContextTokens", "output": "GeneratedTokens"}, "datetime")
+    w = w.take(np.arange(start, start + requests))
+    arr = w.arrival_s - w.arrival_s[0]
+    p = np.clip(np.round(w.prompt_tokens / prompt_div), 4, max_prompt).astype(np.int64)
+    o = np.clip(np.round(w.output_tokens / output_div), 2, max_output).astype(np.int64)
+    return replace(w, arrival_s=arr, prompt_tokens=p, output_tokens=o, name=f"azure_conv[{start}:{start + requests}]")
+
+
+def rel_errors(real: dict, sim: dict) -> dict:
+    """``(sim − real) / real`` for each of :data:`METRICS`."""
+    return {m: float((sim[m] - real[m]) / real[m]) if real[m] else float("nan") for m in METRICS}
+
+
+def frozen_policy(name: str, cost, acceptance, context: float):
+    """A set-up policy whose ``setup`` is a no-op afterwards, so the engine and every simulator variant use
+    the same γ table."""
+    from sim.policies import make_policy
+
+    p = make_policy(name, **POLICIES[name])
+    p.setup(cost, acceptance, context)
+    p.setup = lambda *a, **k: None
+    return p
+
+
+def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"], loads=REDUCED["loads"],
+             policies=tuple(POLICIES), max_batch: int = REDUCED["max_batch"], max_prompt: int = REDUCED["max_prompt"],
+             max_output: int = REDUCED["max_output"], max_gamma: int = REDUCED["max_gamma"], grid: dict | None = None,
+             alpha: float = 0.7, clock: str = "cpu", threads: int = 1, device: str = "cpu", seed: int = 0,
+             trace_start: int = 0, out: Path | str = "fidelity-out", profile: str | None = None,
+             max_age_h: float = 12.0, repeats: int = 1, variants=(("profile", ()), ("model", FIXES)),
+             log=print) -> dict:
+    """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report."""
+    import torch
+
+    from profiler.engine import Engine, EngineConfig
+    from sim.acceptance import AcceptanceModel
+    from sim.capacity import estimate_capacity
+    from sim.cluster import ClusterConfig, simulate
+    from sim.metrics import summarize
+    from sim import workload as wl
+    from sim.profile import load_profile
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    target, draft = pair.split(":")
+    grid = grid or REDUCED["grid"]
+    torch.set_num_threads(threads)
+    load_start = loadavg()
+    prof_dir = Path(profile) if profile else out / "profile"
+    if profile is None and not fresh_profile(prof_dir, target, draft, clock, grid, max_age_h):
+        log(f"profiling {draft} / {target} on {device} (clock={clock}) ...")
+        profile_pair(prof_dir, target, draft, grid, clock=clock, threads=threads, device=device, seed=seed)
+    t_profile = time.perf_counter() - t_start
+    prof = load_profile(prof_dir)
+    plain = make_cost(prof, None, (), max_batch, max_gamma)
+    acc = AcceptanceModel(alpha=alpha, max_gamma=max_gamma)
+    max_len = max_prompt + max_output + max_gamma + 4
+    max_len = max(max_len, 64)
+    ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock, threads=threads,
+                        device=device, seed=seed, dtype=str(prof.meta["dtype"]))
+    engine = Engine(target, draft, ecfg, max_len=max_len)
+    log("calibrating the engine-side terms ...")
+    over, cal = calibrate(engine, plain, acc, max_prompt=max_prompt, max_output=max_output)
+    log(f"  {over}")
+    costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
+    final = costs[variants[-1][0]]
+    cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity)
+    base = trace_slice(requests, start=trace_start, max_prompt=max_prompt, max_output=max_output)
+    capacity = estimate_capacity(plain, base, cluster)
+    cases = []
+    for load in loads:
+        w = wl.set_rate(base, load * capacity)
+        ref_ctx = float(w.prompt_tokens.mean() + w.output_tokens.mean() / 2)
+        for pname in policies:
+            pol = frozen_policy(pname, final, acc, ref_ctx)
+            real_runs = []
+            for rep in range(repeats):
+                la = loadavg()
+                t0 = time.perf_counter()
+                r = engine.run(w, final, pol, acc, seed=seed)
+                real_runs.append((r, summarize(r), time.perf_counter() - t0, la))
+            r, s_real, wall, la = real_runs[0]
+            case = {"load": load, "policy": pname, "rate_req_s": w.rate, "loadavg": la, "engine_wall_s": wall,
+                    "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
+                    "sim": {}, "errors": {}, "_real": r, "_sim": {}}
+            if repeats > 1:  # run-to-run noise of the real engine: second run vs first
+                case["noise"] = rel_errors(s_real, real_runs[1][1])
+                case["real_runs"] = [{m: x[1][m] for m in METRICS} for x in real_runs]
+            for vname, _ in variants:
+                sres = simulate(w, costs[vname], pol, acc, cluster, seed=seed)
+                s_sim = summarize(sres)
+                case["sim"][vname] = {m: s_sim[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")}
+                case["errors"][vname] = rel_errors(s_real, s_sim)
+                case["_sim"][vname] = sres
+            e = case["errors"][variants[-1][0]]
+            log(f"load {load:.2f} {pname:8s} real latency {s_real['latency_mean']:.3f}s  errors: "
+                + "  ".join(f"{m} {100 * e[m]:+.1f}%" for m in HEADLINE)
+                + (f"  (profile only: " + "  ".join(f"{m} {100 * case['errors'][variants[0][0]][m]:+.1f}%"
+                                                    for m in HEADLINE) + ")" if len(variants) > 1 else ""))
+            cases.append(case)
+    report = {
+        "pair": {"target": target, "draft": draft}, "device": device, "clock": clock, "threads": threads,
+        "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
+        "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
+        "profile": str(prof_dir), "calibration": cal, "variants": {n: list(f) for n, f in variants},
+        "loadavg_start": load_start, "loadavg_end": loadavg(), "cpu_count": os.cpu_count(),
+        "elapsed_s": {"profile": round(t_profile, 1), "total": round(time.perf_counter() - t_start, 1)},
+        "cases": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cases],
+        "max_abs_error": {v: {m: float(max(abs(c["errors"][v][m]) for c in cases)) for m in METRICS}
+                          for v, _ in variants},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_dashboard(cases, report, out / "dashboard.html", variants[-1][0])
+    return report
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+
+def _cdf(x: np.ndarray):
+    x = np.sort(x[~np.isnan(x)])
+    return x, np.arange(1, len(x) + 1) / max(1, len(x))
+
+
+def write_dashboard(cases: list[dict], report: dict, path: Path, variant: str) -> Path:
+    """A self-contained HTML page (plotly.js embedded): per case, the two end-to-end latency CDFs and the two
+    iteration timelines (step time and batch size over time), with the error table on top."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    titles = []
+    for c in cases:
+        titles += [f"latency CDF — load {c['load']:g}, {c['policy']}", f"iteration timeline — load {c['load']:g}, "
+                   f"{c['policy']}"]
+    fig = make_subplots(rows=len(cases), cols=2, subplot_titles=titles, vertical_spacing=0.3 / max(1, len(cases)),
+                        specs=[[{}, {"secondary_y": True}] for _ in cases])
+    colors = {"real": "#1f77b4", "sim": "#d62728"}
+    for i, c in enumerate(cases, 1):
+        first = i == 1
+        for who, res in (("real", c["_real"]), ("sim", c["_sim"][variant])):
+            x, y = _cdf(res.requests["latency_s"].to_numpy())
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{who} latency CDF", legendgroup=who,
+                                     line=dict(color=colors[who], shape="hv"), showlegend=first), row=i, col=1)
+            it = res.iterations
+            fig.add_trace(go.Scatter(x=it["start_s"], y=1e3 * (it["prefill_s"] + it["step_s"]), mode="markers",
+                                     marker=dict(size=3, color=colors[who], opacity=0.5), legendgroup=who,
+                                     name=f"{who} iteration ms", showlegend=first), row=i, col=2)
+            fig.add_trace(go.Scatter(x=it["start_s"], y=it["batch"], mode="lines", legendgroup=who,
+                                     line=dict(color=colors[who], width=1, dash="dot", shape="hv"),
+                                     name=f"{who} batch size", showlegend=first), row=i, col=2, secondary_y=True)
+        fig.update_xaxes(title_text="end-to-end latency (s)", row=i, col=1)
+        fig.update_xaxes(title_text="time (s)", row=i, col=2)
+        fig.update_yaxes(title_text="iteration (ms)", row=i, col=2)
+        fig.update_yaxes(title_text="batch", row=i, col=2, secondary_y=True)
+    fig.update_layout(height=330 * len(cases), width=1200, title="specbatch-validate: real engine vs simulator")
+    rows = "".join(
+        f"<tr><td>{c['load']:g}</td><td>{c['policy']}</td>" + "".join(
+            f"<td>{100 * c['errors'][variant][m]:+.1f}%</td>" for m in METRICS) + "</tr>" for c in cases)
+    head = "".join(f"<th>{m}</th>" for m in METRICS)
+    info = (f"pair {report['pair']['draft']} / {report['pair']['target']} on {report['device']}, clock={report['clock']}, "
+            f"threads={report['threads']}, loadavg {report['loadavg_start']} → {report['loadavg_end']}, "
+            f"simulator variant '{variant}'")
+    html = ("<html><head><meta charset='utf-8'><title>specbatch-validate</title></head><body>"
+            f"<h2>Simulator error (sim − real) / real</h2><p>{info}</p>"
+            f"<table border='1' cellpadding='3'><tr><th>load</th><th>policy</th>{head}</tr>{rows}</table>"
+            + fig.to_html(full_html=False, include_plotlyjs=True) + "</body></html>")
+    path.write_text(html, encoding="utf-8")
+    return path
+
+
+def format_report(report: dict) -> str:
+    variants = list(report["variants"])
+    lines = [f"pair {report['pair']['draft']} / {report['pair']['target']}, device {report['device']}, "
+             f"clock {report['clock']}, loadavg {report['loadavg_start']} -> {report['loadavg_end']}",
+             f"{'load':>5} {'policy':9}{'variant':9}" + "".join(f"{m:>17}" for m in METRICS)]
+    for c in report["cases"]:
+        for v in variants:
+            lines.append(f"{c['load']:>5.2f} {c['policy']:9}{v:9}" + "".join(f"{100 * c['errors'][v][m]:>+16.1f}%"
+                                                                         for m in METRICS))
+        if "noise" in c:
+            lines.append(f"{'':>5} {'':9}{'noise':9}" + "".join(f"{100 * c['noise'][m]:>+16.1f}%" for m in METRICS))
+    for v in variants:
+        lines.append(f"max |error| {v:9}" + "".join(f"{100 * report['max_abs_error'][v][m]:>16.1f}%" for m in METRICS))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="specbatch-validate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pair", default=REDUCED["pair"], help="target:draft presets (default %(default)s)")
+    ap.add_argument("--requests", type=int, default=REDUCED["requests"])
+    ap.add_argument("--loads", type=float, nargs="+", default=list(REDUCED["loads"]),
+                    help="fractions of the estimated no-speculation capacity")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--max-batch", type=int, default=REDUCED["max_batch"])
+    ap.add_argument("--max-prompt", type=int, default=REDUCED["max_prompt"])
+    ap.add_argument("--max-output", type=int, default=REDUCED["max_output"])
+    ap.add_argument("--alpha", type=float, default=0.7, help="synthetic acceptance rate")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=1, help="engine runs per case (2: also report run-to-run noise)")
+    ap.add_argument("--profile", default=None, help="reuse this profile folder instead of profiling")
+    ap.add_argument("--trace-start", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="fidelity-out")
+    a = ap.parse_args(argv)
+    try:
+        report = validate(pair=a.pair, requests=a.requests, loads=tuple(a.loads), policies=tuple(a.policies),
+                          max_batch=a.max_batch, max_prompt=a.max_prompt, max_output=a.max_output, alpha=a.alpha,
+                          clock=a.clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
+                          profile=a.profile, repeats=a.repeats, trace_start=a.trace_start)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"specbatch-validate: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print(f"wrote {Path(a.out) / 'report.json'} and {Path(a.out) / 'dashboard.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
