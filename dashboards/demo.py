@@ -76,14 +76,25 @@ def analytical_profile(folder: Path) -> Path:
 
 
 def pick_profile(name: str, out: Path) -> str:
+    """The profile folder to use: ``name`` resolved and checked; for ``default``, an analytical stand-in
+    when no usable measured profile is shipped (said loudly)."""
+    import warnings
+
+    from sim.cost_model import CostModel
+    from sim.profile import ProfileError, load_profile
     from sim.run import ConfigError, resolve_profile
 
     try:
-        return str(resolve_profile(name))
-    except ConfigError as e:
+        path = resolve_profile(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            CostModel(load_profile(path))  # validates the whole profile now, not in every run
+        return str(path)
+    except (ConfigError, ProfileError) as e:
         if name not in ("", "default"):
             raise
-        print(f"specbatch-demo: {e}\n  → using an analytical stand-in profile (not a measurement)", file=sys.stderr)
+        print(f"specbatch-demo: no usable shipped profile ({e})\n  → using an analytical stand-in profile "
+              "(not a measurement)", file=sys.stderr)
         return str(analytical_profile(out / "profile-analytical").resolve())
 
 
@@ -119,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     rc2 = sweep(out / "fixed", ["policy=fixed", f"policy.gamma={','.join(map(str, FIXED_GAMMAS))}", *common], a.jobs)
     if rc or rc2:
         print(f"specbatch-demo: a sweep failed (exit {rc or rc2}); the dashboard shows the complete runs", file=sys.stderr)
-    table = collect([out])
+    try:
+        table = collect([out])
+    except FileNotFoundError as e:
+        print(f"specbatch-demo: error: {e}", file=sys.stderr)
+        return 1
     write_table(table, out / "runs.parquet")
     static = tuple(f.strip() for f in a.static.split(",") if f.strip())
     html = build_dashboard(table, out / "dashboard.html", title="specbatch demo: speculation policies × load",
