@@ -57,7 +57,8 @@ class AcceptanceModel:
             mean = np.clip(mean + self.drift_per_hour * arrival_s / 3600.0, 0.0, 1.0)
         q = mean
         if self.concentration is not None:
-            inner = (mean > 0) & (mean < 1)
+            # Beta needs a, b > 0; a mean so close to 0 (or 1) that a (or b) underflows stays at the mean.
+            inner = (mean * self.concentration > 0) & ((1 - mean) * self.concentration > 0)
             a = mean[inner] * self.concentration
             b = (1 - mean[inner]) * self.concentration
             q = mean.copy()
