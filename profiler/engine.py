@@ -463,6 +463,8 @@ class Engine:
         #: engine-only diagnostics per iteration (aligned with the iteration table): seconds in prefill
         #: forwards and in the speculative step's model work; the rest of prefill_s/step_s is engine overhead
         self.diagnostics = pd.DataFrame(diag, columns=["prefill_forward_s", "step_model_s"])
+        #: token ids per request id: prompt (random ids) + the generated tokens
+        self.tokens = history
         return SimResult(requests=reqs.frame(), iterations=iters, busy_s=[rep.busy_s], makespan_s=makespan,
                          kv_capacity_tokens=capacity, policy=policy.describe())
 

@@ -19,9 +19,10 @@ engine itself (never fitted to a validation run):
   acceptance draws, slot bookkeeping, building positions and masks), a constant + per-sequence term;
 * ``prefill`` — per-admission overhead of the engine's prefill (fresh cache, first-token sampling, copy
   into the batch's slot), added to the profile's prefill forward;
-* ``mixed`` — mixed contexts: the engine's batched step with per-sequence lengths (scatter writes,
-  boolean mask, attention padded to the longest sequence) versus the profiled uniform step, as a ratio on
-  the step time measured at the same (b, γ, mean context).
+* ``mixed`` — mixed contexts: the engine's batched step with per-sequence lengths (position ids, one
+  scatter per layer, a boolean mask, attention padded to the longest sequence) versus the profiled
+  uniform step at the same (b, γ, mean context), as extra seconds per target forward and per draft forward
+  (least squares over micro-benchmarked points with uniform and mixed contexts).
 
 ``--model none`` uses the plain profile (the baseline), ``--model all`` all three terms.
 """
@@ -44,9 +45,11 @@ METRICS = ("latency_mean", "latency_p50", "latency_p99", "ttft_mean", "ttft_p50"
 HEADLINE = ("latency_mean", "latency_p99", "throughput_tok_s")
 POLICIES = {"none": {}, "fixed": {"gamma": 4}, "adaptive": {}}
 FIXES = ("sched", "prefill", "mixed")
+# cumulative: what each engine-side term buys on top of the previous ones
+VARIANTS = (("profile", ()), ("+sched", ("sched",)), ("+prefill", ("sched", "prefill")), ("model", FIXES))
 
 # the reduced validation: tiny pair, small grid, short trace slice
-REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, loads=(0.4, 0.8), max_batch=8, max_prompt=96,
+REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, loads=(0.3, 0.6), max_batch=8, max_prompt=96,
                max_output=48, max_gamma=6, grid=dict(batches=[1, 2, 4, 8], gammas=[0, 1, 2, 4, 6],
                                                       contexts=[32, 160], prefill_lengths=[8, 32, 96],
                                                       prefill_batches=[1]))
@@ -160,7 +163,8 @@ class Overheads:
     sched_base_s: float = 0.0  # per iteration
     sched_per_seq_s: float = 0.0  # per running sequence per iteration
     prefill_s: float = 0.0  # per admitted request (per model prefilled)
-    mixed_ratio: float = 1.0  # engine mixed-context step / profiled uniform step at the same mean context
+    verify_s: float = 0.0  # per batched target forward with per-sequence contexts, beyond the profiled step
+    draft_s: float = 0.0  # per batched draft forward with per-sequence contexts, beyond the profiled step
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -180,7 +184,7 @@ def _cost_class():
             t = super().iteration(batch, gamma, context)
             o = self.overheads
             if "mixed" in self.fixes:
-                t *= o.mixed_ratio
+                t += o.verify_s + gamma * o.draft_s
             if "sched" in self.fixes:
                 t += o.sched_base_s + o.sched_per_seq_s * batch
             return t
@@ -234,18 +238,18 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
 
     # 2. the batched step with mixed contexts vs the profiled uniform step at the same mean context
     rng = np.random.default_rng(seed)
-    ctxs = [c for c in cost.contexts.tolist() if c + cost.max_gamma + 2 <= engine.max_len] or [16.0]
+    c_hi = int(min(cost.contexts[-1], engine.max_len - cost.max_gamma - 2))
+    c_lo = int(max(8, min(cost.contexts[0], c_hi // 2)))
     rows = []
     dev = engine.device
     for b in sorted({1, 2, min(4, engine.cfg.max_batch), engine.cfg.max_batch}):
         for g in sorted({0, min(2, cost.max_gamma), min(4, cost.max_gamma)}):
-            for c in (ctxs[len(ctxs) // 2], ctxs[-1]):
+            for c in (c_lo, (c_lo + c_hi) // 2):
                 for kind in ("uniform", "mixed"):
                     if kind == "uniform":
-                        lens = np.full(b, int(c) - 1)
+                        lens = np.full(b, c - 1)
                     else:
-                        lens = rng.integers(max(1, int(c) // 3), int(c) * 5 // 3, b)
-                        lens = np.minimum(lens, engine.max_len - cost.max_gamma - 2)
+                        lens = np.minimum(rng.integers(max(1, c // 3), c * 5 // 3, b), c_hi + cost.max_gamma)
                     last = torch.zeros(b, dtype=torch.long, device=dev)
                     lt = torch.as_tensor(lens, device=dev)
                     engine.spec_step(last, lt, g, None)
@@ -260,11 +264,18 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    df["ratio"] = df["engine_s"] / df["profile_s"]
-    mixed_ratio = float(np.exp(np.log(df.loc[df["kind"] == "mixed", "ratio"]).median()))
-    uniform_ratio = float(np.exp(np.log(df.loc[df["kind"] == "uniform", "ratio"]).median()))
-    o = Overheads(sched_base_s=base, sched_per_seq_s=per_seq, prefill_s=prefill_extra, mixed_ratio=mixed_ratio)
-    details = {"overheads": o.as_dict(), "uniform_ratio": uniform_ratio,
+    df["extra_s"] = df["engine_s"] - df["profile_s"]
+
+    def fit(d):
+        a = np.c_[np.ones(len(d)), d["gamma"].to_numpy(float)]
+        (v, dr), *_ = np.linalg.lstsq(a, d["extra_s"].to_numpy(), rcond=None)
+        return max(0.0, float(v)), max(0.0, float(dr))
+
+    verify_extra, draft_extra = fit(df)
+    o = Overheads(sched_base_s=base, sched_per_seq_s=per_seq, prefill_s=prefill_extra, verify_s=verify_extra,
+                  draft_s=draft_extra)
+    details = {"overheads": o.as_dict(), "uniform_fit": fit(df[df["kind"] == "uniform"]),
+               "mixed_fit": fit(df[df["kind"] == "mixed"]),
                "sched_median_s": float(np.median(sched)) if len(sched) else 0.0,
                "calibration_iterations": int(dec.sum()), "step_points": rows}
     return o, details
@@ -312,7 +323,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              max_output: int = REDUCED["max_output"], max_gamma: int = REDUCED["max_gamma"], grid: dict | None = None,
              alpha: float = 0.7, clock: str = "cpu", threads: int = 1, device: str = "cpu", seed: int = 0,
              trace_start: int = 0, out: Path | str = "fidelity-out", profile: str | None = None,
-             max_age_h: float = 12.0, repeats: int = 1, variants=(("profile", ()), ("model", FIXES)),
+             max_age_h: float = 12.0, repeats: int = 1, variants=None,
              log=print) -> dict:
     """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report."""
     import torch
@@ -325,9 +336,12 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     from sim import workload as wl
     from sim.profile import load_profile
 
+    variants = variants or VARIANTS
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if pair.count(":") != 1 or not all(pair.split(":")):
+        raise ValueError(f"pair {pair!r}: expected 'target:draft' (two presets or checkpoint folders)")
     target, draft = pair.split(":")
     grid = grid or REDUCED["grid"]
     torch.set_num_threads(threads)
