@@ -1,7 +1,7 @@
 """The profiling sweep: time every grid point of a draft/target pair and write a profile folder.
 
-Order: for each context, for each batch (ascending), the draft decode point, then target decode (γ = 0) and
-verify (γ >= 1) points; then prefill points. After every point ``steps.csv`` is rewritten atomically, so an
+Order: prefill points first; then for each context, for each batch (ascending), the draft decode point, then
+target decode (γ = 0) and verify (γ >= 1) points. After every point ``steps.csv`` is rewritten atomically, so an
 interrupted run resumes from the points already written. A point that runs out of memory is written with
 ``status=oom`` and larger batches of that model at that context are skipped.
 """
@@ -183,10 +183,11 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
 
     rows = _resume_rows(out, meta) if cfg.get("resume", True) else []
     done = {tuple(r[k] for k in KEY) for r in rows}
-    oom_ceiling: dict[tuple[str, int, str], int] = {}  # (model, context, kind) -> smallest batch that OOMed
+    oom_ceiling: dict[tuple[str, int, str], int] = {}  # (model, context|length, kind) -> smallest OOM batch
     for r in rows:
         if r["status"] == "oom":
-            k = (r["model"], int(r["context"]), "prefill" if r["phase"] == "prefill" else "step")
+            pre = r["phase"] == "prefill"
+            k = (r["model"], int(r["tokens"] if pre else r["context"]), "prefill" if pre else "step")
             oom_ceiling[k] = min(oom_ceiling.get(k, 1 << 30), int(r["batch"]))
     out.mkdir(parents=True, exist_ok=True)
     write_profile_meta(out, meta)
@@ -208,7 +209,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
         groups.setdefault((p[0], p[1] == "prefill", p[2], p[4] if p[1] != "prefill" else p[3]), []).append(p)
     for (role, is_prefill, batch, ctx_or_len), pts in groups.items():
         model = models[role]
-        ceil_key = (role, 0 if is_prefill else ctx_or_len, "prefill" if is_prefill else "step")
+        ceil_key = (role, ctx_or_len, "prefill" if is_prefill else "step")  # per context, or per prompt length
         if batch > oom_ceiling.get(ceil_key, 1 << 30):
             skipped_oom += len(pts)
             bar.update(len(pts))
@@ -316,7 +317,8 @@ def _plan(grid: Grid, models) -> list[tuple]:
             for role in ("draft", "target"):
                 pts.append((role, "prefill", b, length, 0))
     # group points sharing a cache together: draft first, then target, per (context, batch)
-    return sorted(pts, key=lambda p: (p[1] == "prefill", p[4] if p[1] != "prefill" else p[3], p[2], p[0] == "target"))
+    # prefill first (cheap, and every deadline-bounded profile then has it), then by context and batch
+    return sorted(pts, key=lambda p: (p[1] != "prefill", p[4] if p[1] != "prefill" else p[3], p[2], p[0] == "target"))
 
 
 def _key(p) -> list:
