@@ -271,6 +271,8 @@ def _atomic_parquet(df, path: Path) -> None:
     os.close(fd)
     try:
         df.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as f:  # on disk before the rename, as atomic_write_text does
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -285,11 +287,17 @@ def _json(obj) -> str:
     return json.dumps(obj, indent=2, default=default, allow_nan=True) + "\n"
 
 
+OUTPUT_FILES = ("requests.parquet", "iterations.parquet", "policy.json", "workload.json", "config.yaml", "summary.json")
+
+
 def write_outputs(r: Run, cfg: DictConfig, out: Path) -> None:
+    """Write the run's outputs, each atomically (temporary file + rename), ``summary.json`` last: a folder
+    with a ``summary.json`` holds a complete run; a run killed or failing mid-write leaves none."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # a rerun is incomplete until its summary lands
-    for stale in out.glob(".*.tmp"):  # temporaries of a run killed mid-write (never read as outputs)
-        stale.unlink(missing_ok=True)
+    for name in OUTPUT_FILES:  # temporaries of a run killed mid-write (never read as outputs)
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     _atomic_parquet(r.result.requests, out / "requests.parquet")
     if cfg.get("save_iterations", True):
         _atomic_parquet(r.result.iterations, out / "iterations.parquet")
