@@ -1,4 +1,4 @@
-"""A real serving engine: batched speculative decoding with the preset models, in wall-clock time.
+"""A real serving engine: batched speculative decoding with the preset models, in real time.
 
 It replays a :class:`sim.workload.Workload` on the local device (CPU here, CUDA where present) with the
 *simulator's* scheduler: the engine drives a :class:`sim.replica.Replica` (its admission, preemption,
@@ -306,7 +306,7 @@ class Engine:
 
     def run(self, workload: Workload, cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
             seed: int = 0, reference_context: float | None = None, time_limit_s: float | None = None) -> SimResult:
-        """Replay ``workload`` (arrivals honoured in wall-clock time) and return the same tables as
+        """Replay ``workload`` (arrivals honoured in the engine's clock, see the module docstring) and return the same tables as
         :func:`sim.cluster.simulate` with one replica. ``cost`` only sets up the policy (and ``max_gamma``)."""
         cfg, device = self.cfg, self.device
         if len(workload) == 0:
