@@ -138,6 +138,8 @@ def _check_columns(path: Path, have: list[str], want: list[str]) -> None:
         spaced = [h for h in have if h != h.strip() and h.strip() in missing]
         if spaced:
             hint = f" (the header has {spaced}: names with surrounding spaces; remove the spaces)"
+        elif len(have) == 1 and any(sep in have[0] for sep in ("\t", ";", "|")):
+            hint = " (the header looks tab-, semicolon- or bar-separated; specbatch reads comma-separated CSV)"
         raise WorkloadError(f"{path}: missing column(s) {missing}; the file has {have}{hint}. "
                             "Set workload.columns to map arrival/prompt/output to the file's column names")
     for c in dict.fromkeys(want):
@@ -184,7 +186,7 @@ def _chunks(path: Path, fmt: str, usecols: list[str], dtypes: dict | None):
                     _check_columns(path, list(df.columns), usecols)
                     first = False
                 yield df.reindex(columns=usecols)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # pandas raises TypeError for a line that is not an object
             if isinstance(e, (WorkloadError, UnicodeDecodeError)):
                 raise
             raise WorkloadError(f"{path}: cannot be read as JSON lines ({_locate_bad_json(path, usecols)})") from None
@@ -402,7 +404,8 @@ def _parse(path, fmt, usecols, typed, ca, cp, co, class_column, time_unit, on_ba
             os_.append(o)
             masks.append(~badrow)
             if class_column:
-                cs.append(df[class_column].astype(str).to_numpy(dtype=object))
+                cls = df[class_column]  # a missing class is the class named "" (never the invalid code -1)
+                cs.append(cls.where(cls.notna(), "").astype(str).to_numpy(dtype=object))
             offset += len(df)
     except ValueError as e:
         if typed is not None and not isinstance(e, (WorkloadError, UnicodeDecodeError)):

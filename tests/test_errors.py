@@ -36,6 +36,7 @@ TRACE_CASES = [
     ("missing-column", "arrival,prompt\n0,5\n", None, None, None, ["missing column(s) ['output']", "the file has"]),
     ("misnamed-column", "time,prompt,output\n0,5,3\n", None, None, None, ["missing column(s) ['arrival']", "'time'"]),
     ("header-spaces", "arrival, prompt,output\n0,5,3\n", None, None, None, ["' prompt'", "surrounding spaces"]),
+    ("tab-separated", "arrival\tprompt\toutput\n0\t5\t3\n", None, None, None, ["tab-", "comma-separated"]),
     ("duplicate-column", "arrival,prompt,output,output\n0,5,3,3\n", None, "output", None, ["appears 2 times"]),
     ("non-numeric-token", HEADER + "0,5,3\n1,abc,3\n", 2, "prompt", "'abc'", ["not a number", "positive integer"]),
     ("non-numeric-time", HEADER + "0,5,3\nsoon,5,3\n", 2, "arrival", "'soon'", ["not a number", "non-negative time"]),
@@ -95,6 +96,10 @@ def test_malformed_jsonl_and_parquet(tmp_path):
     bad.write_text('{"arrival": 0, "prompt": 5, "output": 3}\n{"arrival": 1, "prompt": 5,\n')
     with pytest.raises(WorkloadError, match=r"bad.jsonl: cannot be read as JSON lines \(line 2 \(row 2\)"):
         _load(bad)
+    array = tmp_path / "array.jsonl"
+    array.write_text('{"arrival": 0, "prompt": 5, "output": 3}\n[1, 5, 3]\n')
+    with pytest.raises(WorkloadError, match=r"line 2 \(row 2\) is list; expected a JSON object"):
+        _load(array)
     typed = tmp_path / "typed.jsonl"
     typed.write_text('{"arrival": 0, "prompt": 5, "output": 3}\n{"arrival": 1, "prompt": "many", "output": 3}\n')
     with pytest.raises(WorkloadError, match=r"row 2, column 'prompt': 'many' is not a number"):
@@ -436,3 +441,10 @@ def test_profile_without_prefill_rows_fails_before_simulating(tmp_path, good_pro
     folder = _variant(good_profile, tmp_path / "noprefill", steps=lambda d: d[d["phase"] != "prefill"])
     with pytest.raises(ProfileError, match="no ok prefill rows for model=target"):
         run(_cfg(base_cfg, profile=str(folder)))
+
+
+def test_missing_request_class_is_the_empty_class(tmp_path):
+    path = tmp_path / "classes.csv"
+    path.write_text("arrival,prompt,output,kind\n0,5,3,code\n1,5,3,\n2,5,3,chat\n")
+    w = _load(path, class_column="kind")
+    assert w.class_names == ("", "chat", "code") and w.request_class.tolist() == [2, 0, 1]
