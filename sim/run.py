@@ -206,6 +206,10 @@ class Run:
 
 def build_cluster(cfg: DictConfig) -> ClusterConfig:
     c = cfg.cluster
+    if c.get("kv_capacity_tokens") is not None:
+        config_number(c.kv_capacity_tokens, "cluster.kv_capacity_tokens", int, minimum=2)
+    if not isinstance(c.get("watermark"), (int, float)) or isinstance(c.get("watermark"), bool):
+        raise ConfigError(f"cluster.watermark is {c.get('watermark')!r}; expected a fraction in [0, 1)")
     cl = ClusterConfig(replicas=c.replicas, router=c.router, max_batch=c.max_batch, mode=c.mode,
                        kv_capacity_tokens=c.kv_capacity_tokens, watermark=c.watermark)
     try:
