@@ -187,3 +187,12 @@ def test_moderate_trace_loads_in_bounded_time_and_memory(tmp_path):
     assert peak < 8 * result + 64 * 2**20, f"peak {peak / 2**20:.0f} MiB for a {result / 2**20:.1f} MiB result"
     assert elapsed < 30, f"{elapsed:.1f} s"
     assert math.isfinite(w.rate)
+
+
+@pytest.mark.parametrize("alpha", [5e-324, 1e-310, 1.0 - 1e-17])
+def test_acceptance_spread_with_extreme_alpha_does_not_crash(alpha):
+    # Beta(a, b) needs a, b > 0: a mean so close to 0 or 1 that a or b underflows keeps the mean (found by
+    # the property tests: numpy raised "a <= 0").
+    m = AcceptanceModel(alpha=alpha, concentration=0.5, max_gamma=4)
+    q = m.request_scale(100, np.random.default_rng(0))
+    assert np.isfinite(q).all() and (q >= 0).all()
