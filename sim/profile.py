@@ -27,6 +27,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,10 @@ MONOTONE_TOLERANCE = 0.25
 
 class ProfileError(ValueError):
     """A profile folder is missing a file or holds a value that is not what the format expects."""
+
+
+class ProfileWarning(UserWarning):
+    """A profile is usable but suspect (e.g. an incomplete capture whose times fall as the step grows)."""
 
 
 @dataclass
@@ -238,12 +243,29 @@ def load_profile(path: str | os.PathLike) -> Profile:
     return Profile(path=path, meta=meta, steps=steps, acceptance=acceptance)
 
 
-def check_monotone(profile: Profile, tolerance: float = MONOTONE_TOLERANCE) -> None:
+def check_monotone(profile: Profile, tolerance: float = MONOTONE_TOLERANCE, strict: bool | None = None) -> None:
     """Raise :class:`ProfileError` when a measured time falls by more than ``tolerance`` (a fraction) as batch
     or tokens grow with the other axes fixed, naming both rows. Smaller dips are timing noise and allowed.
 
     Checked among ``ok`` rows: the target decode/verify surface (tokens = γ+1) along batch and along tokens,
-    draft decode along batch, and prefill along prompt length and batch."""
+    draft decode along batch, and prefill along prompt length and batch.
+
+    ``strict=None`` (default): a profile whose ``meta.json`` declares ``timing.complete: false`` (an
+    interim or interrupted capture, used knowingly) gets a :class:`ProfileWarning` with the same message
+    instead of the error; every other profile gets the error."""
+    if strict is None:
+        timing = profile.meta.get("timing")
+        strict = not (isinstance(timing, dict) and timing.get("complete") is False)
+    try:
+        _check_monotone(profile, tolerance)
+    except ProfileError as e:
+        if strict:
+            raise
+        warnings.warn(f"{e} (meta.json says timing.complete=false, so this is a warning: results from this "
+                      "profile are unreliable)", ProfileWarning, stacklevel=2)
+
+
+def _check_monotone(profile: Profile, tolerance: float) -> None:
     path = profile.path / "steps.csv"
     s = profile.ok_steps
     groups = [

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import linear_step, write_formula_profile
 from sim import workload as wl
 from sim.cost_model import CostModel
-from sim.profile import ProfileError, load_profile
+from sim.profile import ProfileError, ProfileWarning, load_profile
 from sim.run import ConfigError, run
 from sim.workload import SkippedRowsWarning, WorkloadError
 from specbatch import conf_dir
@@ -354,6 +354,14 @@ def test_small_timing_dips_and_filled_holes_are_accepted(tmp_path, good_profile)
     top_oom = _variant(good_profile, tmp_path / "oom", steps=lambda d: _at(d, "oom", "status", model="target", batch=8,
                                                                            phase="verify"))
     CostModel(load_profile(top_oom), max_batch=8, max_gamma=4)  # oom at the largest batch only bounds the grid
+
+
+def test_incomplete_profile_gets_a_warning_not_an_error(tmp_path, good_profile):
+    """An interim capture (meta.json timing.complete=false) is used knowingly: the same finding is a warning."""
+    folder = _variant(good_profile, tmp_path / "interim", steps=_scale(0.5, model="target", batch=8, tokens=3, context=512),
+                      meta=lambda m: m["timing"].update(complete=False))
+    with pytest.warns(ProfileWarning, match=r"time falls .* at batch=8 .*timing.complete=false"):
+        CostModel(load_profile(folder), max_batch=8, max_gamma=4)
 
 
 def test_missing_profile_folder():
