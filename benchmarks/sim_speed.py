@@ -53,9 +53,9 @@ def timed(w, cost, policy, cluster, seed=0):
 
 def part1(cost, repeats: int) -> None:
     w10k = first_n(conv_trace(), 10_000)
-    cluster = ClusterConfig(replicas=1, max_batch=64)
+    cluster = ClusterConfig(replicas=1, max_batch=32)
     cap = estimate_capacity(cost, w10k, cluster)
-    print(f"10,000 Azure conv requests, 1 replica, max_batch 64, capacity ≈ {cap:.3g} req/s; median of {repeats}")
+    print(f"10,000 Azure conv requests, 1 replica, max_batch 32, capacity ≈ {cap:.3g} req/s; median of {repeats}")
     print(f"{'load':>14} {'policy':>8} {'wall s':>8} {'sim req/s':>10} {'iters':>8} {'mean batch':>10} "
           f"{'vs goal':>8} {'vs none':>8}")
     for label, w in (("trace rate", w10k), ("0.9 capacity", set_rate(w10k, 0.9 * cap)),
@@ -71,9 +71,9 @@ def part1(cost, repeats: int) -> None:
 
 
 def part2_child(n: int, profile: str) -> None:
-    cost = CostModel(load_profile(resolve_profile(profile)), max_batch=64)
+    cost = CostModel(load_profile(resolve_profile(profile)), max_batch=32)
     lengths = conv_trace()
-    cluster = ClusterConfig(replicas=64, max_batch=64)
+    cluster = ClusterConfig(replicas=64, max_batch=32)
     w = synthetic(n, rate=1.0, lengths_from=lengths, seed=0, name="conv-resampled")
     w = set_rate(w, 0.8 * estimate_capacity(cost, w, cluster))
     t = time.perf_counter()
@@ -109,7 +109,7 @@ def main() -> None:
         return
     profile = load_profile(resolve_profile(a.profile))
     print(f"profile: {profile.name} ({profile.meta['device'].get('name')}); numpy {np.__version__}")
-    part1(CostModel(profile, max_batch=64), a.repeats)
+    part1(CostModel(profile, max_batch=32), a.repeats)
     if not a.skip_large:
         part2(a.large_requests, a.profile)
 

@@ -36,66 +36,19 @@ def extra_policies() -> list[str]:
     return [n for n in policy_names() if n not in (*CORE_POLICIES, "fixed") and (conf / f"{n}.yaml").is_file()]
 
 
-def analytical_profile(folder: Path) -> Path:
-    """A stand-in profile from a simple roofline-like formula, for when no measured profile is shipped:
-    verify is memory-bound (flat) up to 128 tokens of work per step, then linear; KV reads grow with
-    batch × context; the draft is ~12× cheaper."""
-    from sim.profile import write_profile_meta, write_steps
-
-    def verify(b, t, c):
-        return 0.020 + 0.00012 * max(0, b * t - 128) + 2e-8 * b * c
-
-    def draft(b, c):
-        return 0.0016 + 0.000004 * b + 2e-9 * b * c
-
-    rows = []
-    for c in (128, 512, 2048, 8192):
-        for b in (1, 2, 4, 8, 16, 32, 48, 64):
-            for t in range(1, 10):
-                v = verify(b, t, c)
-                rows.append(dict(model="target", phase="decode" if t == 1 else "verify", batch=b, tokens=t, context=c,
-                                 median_s=v, p10_s=v * 0.97, p90_s=v * 1.03, samples=1, status="ok"))
-            d = draft(b, c)
-            rows.append(dict(model="draft", phase="decode", batch=b, tokens=1, context=c, median_s=d, p10_s=d * 0.97,
-                             p90_s=d * 1.03, samples=1, status="ok"))
-    for m, scale in (("target", 1.0), ("draft", 0.08)):
-        for n in (16, 64, 256, 1024, 4096, 8192, 16384):
-            v = scale * (0.02 + 6e-5 * n)
-            rows.append(dict(model=m, phase="prefill", batch=1, tokens=n, context=0, median_s=v, p10_s=v, p90_s=v,
-                             samples=1, status="ok"))
-    folder.mkdir(parents=True, exist_ok=True)
-    write_steps(folder, rows)
-    write_profile_meta(folder, {
-        "source": "analytical", "date": "2026-01-01", "dtype": "float16",
-        "device": {"name": "demo-formula", "kind": "cuda", "memory_bytes": 80 * 10**9, "kv_cache_bytes": 40 * 10**9},
-        "models": {"target": {"name": "target-7b (formula)", "kv_bytes_per_token": 524288},
-                   "draft": {"name": "draft-160m (formula)", "kv_bytes_per_token": 36864}},
-        "timing": {"method": "formula (dashboards.demo stand-in)"},
-    })
-    return folder
-
-
-def pick_profile(name: str, out: Path) -> str:
-    """The profile folder to use: ``name`` resolved and checked; for ``default``, an analytical stand-in
-    when no usable measured profile is shipped (said loudly)."""
+def pick_profile(name: str) -> str:
+    """The profile folder to use (``default``: the shipped measured profile), validated once up front."""
     import warnings
 
     from sim.cost_model import CostModel
-    from sim.profile import ProfileError, load_profile
-    from sim.run import ConfigError, resolve_profile
+    from sim.profile import load_profile
+    from sim.run import resolve_profile
 
-    try:
-        path = resolve_profile(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            CostModel(load_profile(path))  # validates the whole profile now, not in every run
-        return str(path)
-    except (ConfigError, ProfileError) as e:
-        if name not in ("", "default"):
-            raise
-        print(f"specbatch-demo: no usable shipped profile ({e})\n  → using an analytical stand-in profile "
-              "(not a measurement)", file=sys.stderr)
-        return str(analytical_profile(out / "profile-analytical").resolve())
+    path = resolve_profile(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        CostModel(load_profile(path))  # validates the whole profile now, not in every run
+    return str(path)
 
 
 def sweep(sweep_dir: Path, overrides: list[str], jobs: int) -> int:
@@ -120,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     out = Path(a.resume or a.out or Path("multirun/demo") / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    profile = pick_profile(a.profile, out)
+    try:
+        profile = pick_profile(a.profile)
+    except ValueError as e:  # ConfigError, ProfileError
+        print(f"specbatch-demo: error: {e}", file=sys.stderr)
+        return 2
     common = [f"profile={profile}", f"workload={a.workload}", f"workload.first_n={a.requests}", f"workload.load={a.loads}"]
     extras = extra_policies()
     rc = sweep(out / "policies", [f"policy={','.join([*CORE_POLICIES, *extras])}", *common], a.jobs)
-    if rc != 0 and extras:
-        print(f"specbatch-demo: the sweep with {extras} failed; rerunning with the core policies only", file=sys.stderr)
-        rc = sweep(out / "policies", [f"policy={','.join(CORE_POLICIES)}", *common], a.jobs)
     rc2 = sweep(out / "fixed", ["policy=fixed", f"policy.gamma={','.join(map(str, FIXED_GAMMAS))}", *common], a.jobs)
     if rc or rc2:
         print(f"specbatch-demo: a sweep failed (exit {rc or rc2}); the dashboard shows the complete runs", file=sys.stderr)

@@ -41,7 +41,7 @@ def test_adaptive_table_is_saved_with_the_run(tmp_path, formula_profile):
     p = sim([f"profile={formula_profile}", "workload.first_n=30", "policy=adaptive", f"hydra.run.dir={out}"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     table = json.loads((out / "policy.json").read_text())["table"]
-    assert len(table) == 64 and all(0 <= g <= 8 for g in table.values())
+    assert len(table) == 32 and all(0 <= g <= 8 for g in table.values())
 
 
 @pytest.mark.parametrize("override,expected", [
