@@ -97,7 +97,7 @@ def profiler_clock(clock: str):
 
 
 def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str = "cpu", threads: int = 1,
-                 device: str = "cpu", point_budget_s: float = 0.02, seed: int = 0, passes: int = 2,
+                 device: str = "cpu", point_budget_s: float = 0.1, seed: int = 0, passes: int = 2,
                  max_passes: int = 4) -> Path:
     """Profile ``draft``/``target`` on this machine into ``out`` with the profiler's sweep.
 
@@ -114,7 +114,7 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
         pair=dict(target=target, draft=draft, name=f"{draft}__{target}"), device=device, dtype="auto",
         threads=threads, cache="prealloc", seed=seed, resume=False, memory_limit_bytes=None,
         note=f"specbatch-validate, clock={clock}, loadavg at start {loadavg()}",
-        timing=dict(warmup=1, min_samples=5, max_samples=20, floor_samples=3, rel_precision=0.02,
+        timing=dict(warmup=2, min_samples=9, max_samples=60, floor_samples=5, rel_precision=0.02,
                     point_budget_s=point_budget_s, deadline_s=None, temperature=1.0)))
     frames = []
     for k in range(max_passes):
