@@ -42,7 +42,9 @@ PHASES = ("decode", "verify", "prefill")
 STATUSES = ("ok", "oom", "error")
 META_REQUIRED = ["schema_version", "source", "device", "dtype", "date", "models", "timing"]
 # A measured time may dip by up to this fraction as batch or tokens grow (timing noise); a larger fall is an error.
-MONOTONE_TOLERANCE = 0.25
+# Measured CPU profiles show genuine dips of 25-30 % where the BLAS library switches kernels with the
+# matrix shape (e.g. batch 2 slower than batch 4 for a small model); a larger drop is a broken measurement.
+MONOTONE_TOLERANCE = 0.40
 
 
 class ProfileError(ValueError):
