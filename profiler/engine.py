@@ -53,11 +53,10 @@ from transformers.cache_utils import Cache
 
 from profiler import models as M
 from sim.acceptance import AcceptanceModel
-from sim.cluster import SimResult
+from sim.cluster import SimResult, mean_context, request_table
 from sim.cost_model import CostModel
 from sim.policies import Policy
 from sim.replica import ITERATION_COLUMNS, IterationLog, Replica, _Running
-from sim.requests import RequestTable
 from sim.workload import Workload
 
 ACCEPTANCE_MODES = ("synthetic", "real")
@@ -316,12 +315,9 @@ class Engine:
             raise ValueError(f"a request needs {need} KV positions but the engine's slots hold {self.max_len}")
         # same seeding as sim.cluster.simulate with replicas=1
         seeds = np.random.SeedSequence(seed).spawn(3)
-        reqs = RequestTable(workload)
-        scale = acceptance.request_scale(len(workload), np.random.default_rng(seeds[0]),
-                                         workload.request_class, workload.arrival_s)
-        reqs.accept_thr = acceptance.thresholds(scale, cost.max_gamma)
+        reqs = request_table(workload, acceptance, cost.max_gamma, seeds[0])
         if reference_context is None:
-            reference_context = float(workload.prompt_tokens.mean() + workload.output_tokens.mean() / 2)
+            reference_context = mean_context(workload)
         policy = copy.deepcopy(policy)
         policy.setup(cost, acceptance, reference_context)
         capacity = self.capacity

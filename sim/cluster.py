@@ -77,6 +77,21 @@ class SimResult:
     policy: dict = field(default_factory=dict)
 
 
+def request_table(workload: Workload, acceptance: AcceptanceModel, max_gamma: int,
+                  seed: np.random.SeedSequence) -> RequestTable:
+    """Fresh request state, with each request's acceptance thresholds (up to ``max_gamma``) drawn from ``seed``."""
+    reqs = RequestTable(workload)
+    scale = acceptance.request_scale(len(workload), np.random.default_rng(seed), workload.request_class,
+                                     workload.arrival_s)
+    reqs.accept_thr = acceptance.thresholds(scale, max_gamma)
+    return reqs
+
+
+def mean_context(workload: Workload) -> float:
+    """Reference context for offline tables (tokens): mean prompt plus half the mean output."""
+    return float(workload.prompt_tokens.mean() + workload.output_tokens.mean() / 2)
+
+
 def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
              cluster: ClusterConfig | None = None, seed: int = 0, reference_context: float | None = None) -> SimResult:
     """Replay ``workload`` through the cluster and return the results. Same inputs and seed → same result."""
@@ -87,12 +102,9 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     if len(workload) == 0:
         raise ValueError("the workload has no requests")
     seeds = np.random.SeedSequence(seed).spawn(cluster.replicas + 2)
-    reqs = RequestTable(workload)
-    scale = acceptance.request_scale(len(workload), np.random.default_rng(seeds[0]),
-                                     workload.request_class, workload.arrival_s)
-    reqs.accept_thr = acceptance.thresholds(scale, cost.max_gamma)
+    reqs = request_table(workload, acceptance, cost.max_gamma, seeds[0])
     if reference_context is None:
-        reference_context = float(workload.prompt_tokens.mean() + workload.output_tokens.mean() / 2)
+        reference_context = mean_context(workload)
     policy.setup(cost, acceptance, reference_context)
     capacity = kv_capacity_tokens(cost, policy, cluster)
 

@@ -117,7 +117,7 @@ def test_preemption_and_wall_clock_arrivals(models, cost):
     target, draft = models
     cfg = E.EngineConfig(max_batch=4, kv_capacity_tokens=70, acceptance="synthetic", clock="wall", warmup=False)
     eng = E.Engine("tiny-llama", "tiny-llama-draft", cfg, max_len=96, models=(target, draft))
-    w = _workload([10, 12, 9, 11], [20, 18, 22, 16], [0.0, 0.0, 0.05, 0.05])
+    w = _workload([10, 12, 9, 11], [20, 18, 22, 16], [0.0, 0.0, 0.0, 0.05])  # three overlap: KV 70 must preempt
     r = eng.run(w, cost, make_policy("fixed", gamma=2), AcceptanceModel(alpha=0.7, max_gamma=6))
     req = r.requests
     assert (req["generated_tokens"] == req["output_tokens"]).all()
