@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,10 +52,20 @@ def pick_profile(name: str) -> str:
     return str(path)
 
 
+def sim_command() -> list[str]:
+    """The installed ``specbatch-sim`` script (beside this interpreter, else on PATH). Running the script, not
+    ``python -m sim.cli``, keeps a checkout in the working directory from shadowing the installed package
+    (whose ``specbatch.conf`` only exists in the install)."""
+    script = Path(sys.executable).with_name("specbatch-sim")
+    found = str(script) if script.is_file() else shutil.which("specbatch-sim")
+    return [found] if found else [sys.executable, "-m", "sim.cli"]
+
+
 def sweep(sweep_dir: Path, overrides: list[str], jobs: int) -> int:
-    cmd = [sys.executable, "-m", "sim.cli", "-m", "hydra/launcher=local", f"hydra.launcher.n_jobs={jobs}",
-           f"hydra.sweep.dir={sweep_dir}", "print_summary=false", *overrides]
-    print("+ specbatch-sim " + " ".join(cmd[3:]), flush=True)
+    args = ["-m", "hydra/launcher=local", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={sweep_dir}",
+            "print_summary=false", *overrides]
+    cmd = [*sim_command(), *args]
+    print("+ specbatch-sim " + " ".join(args), flush=True)
     env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
     return subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode
 
