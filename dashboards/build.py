@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from sim.profile import load_profile
+from sim.profile import atomic_write_text, load_profile
 
 from . import figures as F
 
@@ -140,10 +140,7 @@ def build_dashboard(table: pd.DataFrame, out_html: str | os.PathLike, title: str
             f'{"".join(sections)}<script type="text/javascript">{JS}</script>'
             f'<script type="application/json" id="specbatch-figures">{json.dumps(sorted(all_figs))}</script>'
             f'</body></html>')
-    out_html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_html.with_name(f".{out_html.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out_html)
+    atomic_write_text(out_html, page)
     if static:
         export_static(all_figs, Path(static_dir) if static_dir else out_html.with_suffix(""), static)
     return out_html

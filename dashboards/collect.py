@@ -28,6 +28,8 @@ from typing import Iterable
 import pandas as pd
 import yaml
 
+from sim.profile import atomic_write
+
 SUMMARY = "summary.json"
 
 
@@ -185,9 +187,4 @@ def swept_keys(df: pd.DataFrame) -> list[str]:
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the table as Parquet (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))

@@ -202,6 +202,18 @@ def _check_acceptance(path: Path, df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("position").reset_index(drop=True)
 
 
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    """Read a profile CSV; an empty, unparsable or non-UTF-8 file is a :class:`ProfileError` naming it."""
+    try:
+        return pd.read_csv(path, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise _err(path, f"file is empty; expected a header row with columns {columns}") from None
+    except pd.errors.ParserError as e:
+        raise _err(path, f"cannot be parsed as CSV ({str(e).strip()})") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
 def load_profile(path: str | os.PathLike) -> Profile:
     """Load and validate the profile folder at ``path``.
 
@@ -223,25 +235,10 @@ def load_profile(path: str | os.PathLike) -> Profile:
     if not isinstance(meta, dict):
         raise _err(meta_path, "expected a JSON object")
     _check_meta(meta_path, meta)
-    try:
-        steps = pd.read_csv(steps_path, encoding="utf-8")
-    except pd.errors.EmptyDataError:
-        raise _err(steps_path, f"file is empty; expected a header row with columns {STEP_COLUMNS}") from None
-    except pd.errors.ParserError as e:
-        raise _err(steps_path, f"cannot be parsed as CSV ({str(e).strip()})") from None
-    except UnicodeDecodeError:
-        raise _not_utf8(steps_path) from None
-    steps = _check_steps(steps_path, steps)
+    steps = _check_steps(steps_path, _read_csv(steps_path, STEP_COLUMNS))
     acceptance = None
     if acc_path.is_file():
-        try:
-            acceptance = _check_acceptance(acc_path, pd.read_csv(acc_path, encoding="utf-8"))
-        except pd.errors.EmptyDataError:
-            raise _err(acc_path, f"file is empty; expected a header row with columns {ACCEPTANCE_COLUMNS}") from None
-        except pd.errors.ParserError as e:
-            raise _err(acc_path, f"cannot be parsed as CSV ({str(e).strip()})") from None
-        except UnicodeDecodeError:
-            raise _not_utf8(acc_path) from None
+        acceptance = _check_acceptance(acc_path, _read_csv(acc_path, ACCEPTANCE_COLUMNS))
     return Profile(path=path, meta=meta, steps=steps, acceptance=acceptance)
 
 
@@ -307,20 +304,27 @@ def _check_monotone(profile: Profile, tolerance: float) -> None:
 # --- writing (used by the profiler and by tests) -------------------------------------------------------------
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader never sees a half-written file."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Create ``path`` so that a reader never sees a half-written file: ``write(tmp)`` fills a hidden
+    temporary file in the same folder, which is flushed to disk and then renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_profile_meta(folder: str | os.PathLike, meta: dict) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from .cluster import ClusterConfig, SimResult, simulate
 from .cost_model import CostModel
 from .metrics import summarize
 from .policies import Policy, make_policy
-from .profile import Profile, ProfileError, atomic_write_text, load_profile
+from .profile import Profile, ProfileError, atomic_write, atomic_write_text, load_profile
 
 
 class ConfigError(ValueError):
@@ -271,16 +270,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> Run:
 
 
 def _atomic_parquet(df, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:  # on disk before the rename, as atomic_write_text does
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def _json(obj) -> str:
