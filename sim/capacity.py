@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cluster import ClusterConfig
+from .cluster import ClusterConfig, kv_capacity_tokens
 from .cost_model import CostModel
+from .policies import NoSpeculation
 from .workload import Workload
 
 
 def estimate_capacity(cost: CostModel, w: Workload, cluster: ClusterConfig, sample: int = 2000) -> float:
     """Requests/second the cluster sustains without speculation (see module docstring)."""
-    p = cost.profile
-    kv = cluster.kv_capacity_tokens or p.kv_cache_bytes // p.kv_bytes_per_token("target")
+    kv = kv_capacity_tokens(cost, NoSpeculation(), cluster)
     mean_p, mean_o = float(w.prompt_tokens.mean()), float(w.output_tokens.mean())
     b = int(max(1, min(cluster.max_batch, kv // max(1.0, mean_p + mean_o))))
     c = mean_p + mean_o / 2
