@@ -192,6 +192,15 @@ def _cost_class():
                 t += o.sched_base_s + o.sched_per_seq_s * batch
             return t
 
+        def iteration_many(self, batch: int, gamma: int, contexts):
+            t = super().iteration_many(batch, gamma, contexts)
+            o = self.overheads
+            if "mixed" in self.fixes:
+                t = t + (o.verify_s + gamma * o.draft_s)
+            if "sched" in self.fixes:
+                t = t + (o.sched_base_s + o.sched_per_seq_s * batch)
+            return t
+
         def prefill(self, prompt_tokens: float, model: str = "target") -> float:
             t = super().prefill(prompt_tokens, model)
             return t + (self.overheads.prefill_s if "prefill" in self.fixes else 0.0)

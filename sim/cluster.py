@@ -1,7 +1,8 @@
 """A serving cluster: N replicas in one SimPy environment behind a router, fed by an arrival process.
 
-The arrival process wakes once per distinct arrival time and hands every request arriving then to the
-router, which picks a replica from the replicas' state at that instant:
+The arrival process wakes once per distinct arrival time — before any replica starts an iteration at
+that time — and hands every request arriving then to the router, which picks a replica from the
+replicas' state at that instant:
 
 * ``round_robin`` — replica i mod N for the i-th request;
 * ``random`` — uniformly at random (seeded);
@@ -23,6 +24,7 @@ import simpy
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel
 from .policies import Policy
+from .events import URGENT, at_time
 from .replica import ITERATION_COLUMNS, IterationLog, Replica
 from .requests import RequestTable
 from .workload import Workload
@@ -40,6 +42,7 @@ class ClusterConfig:
     mode: str = "continuous"
     kv_capacity_tokens: int | None = None
     watermark: float = 0.01
+    fast_forward: bool = True  # identical results either way; False steps one SimPy event per iteration
 
     def validate(self) -> None:
         if not isinstance(self.replicas, (int, np.integer)) or self.replicas < 1:
@@ -54,6 +57,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.kv_capacity_tokens is {self.kv_capacity_tokens}; expected ≥ 2 tokens or null")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"cluster.watermark is {self.watermark}; expected a fraction in [0, 1)")
+        if not isinstance(self.fast_forward, (bool, np.bool_)):
+            raise ValueError(f"cluster.fast_forward is {self.fast_forward!r}; expected true or false")
 
 
 def kv_capacity_tokens(cost: CostModel, policy: Policy, cfg: ClusterConfig) -> int:
@@ -113,7 +118,7 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     # Each replica gets its own copy of the (set-up) policy, so online state is per replica.
     replicas = [Replica(env, i, reqs, cost, copy.deepcopy(policy), acceptance, np.random.default_rng(seeds[i + 2]), log,
                         max_batch=cluster.max_batch, kv_capacity_tokens=capacity, watermark=cluster.watermark,
-                        mode=cluster.mode) for i in range(cluster.replicas)]
+                        mode=cluster.mode, fast_forward=cluster.fast_forward) for i in range(cluster.replicas)]
     too_big = (reqs.prompt + reqs.output) > capacity
     reqs.rejected[:] = too_big
     env.process(_arrivals(env, reqs, replicas, cluster.router, np.random.default_rng(seeds[1])))
@@ -146,9 +151,8 @@ def _arrivals(env: simpy.Environment, reqs: RequestTable, replicas: list[Replica
     rand = rng.integers(0, k, n) if router == "random" else None
     for g in range(len(starts) - 1):
         lo, hi = starts[g], starts[g + 1]
-        delay = times[lo] - env.now
-        if delay > 0:
-            yield env.timeout(delay)
+        if times[lo] > env.now:
+            yield at_time(env, times[lo], URGENT)  # before any iteration starting then
         for rid in range(lo, hi):
             if rejected[rid]:
                 continue
@@ -160,5 +164,5 @@ def _arrivals(env: simpy.Environment, reqs: RequestTable, replicas: list[Replica
             elif router == "least_outstanding":
                 target = min(replicas, key=lambda r: r.outstanding)
             else:
-                target = min(replicas, key=lambda r: r.kv_tokens + r.queued_tokens)
+                target = min(replicas, key=lambda r: r.kv_in_use() + r.queued_tokens)
             target.submit(rid)

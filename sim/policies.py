@@ -44,6 +44,13 @@ class Policy:
     def observe(self, view: BatchView, gamma: int, accepted: np.ndarray) -> None:
         """Feedback after an iteration: accepted draft tokens per request in ``view.ids``."""
 
+    def steady_gamma(self, batch: int, context: float) -> tuple[int, float] | None:
+        """``(γ, context_limit)`` when the choice depends only on the batch size and mean context and the
+        policy learns nothing from :meth:`observe`: γ holds for every iteration of this batch size whose
+        mean context (tokens) stays below ``context_limit``. ``None`` (the default) means the policy must
+        see every iteration; the replica then never fast-forwards under it."""
+        return None
+
     def describe(self) -> dict:
         """Plain-data description saved with the run (e.g. the γ table)."""
         return {"name": self.name}
@@ -81,6 +88,9 @@ class NoSpeculation(Policy):
     def choose(self, view: BatchView) -> int:
         return 0
 
+    def steady_gamma(self, batch: int, context: float) -> tuple[int, float]:
+        return 0, np.inf
+
 
 @register
 class Fixed(Policy):
@@ -95,6 +105,9 @@ class Fixed(Policy):
 
     def choose(self, view: BatchView) -> int:
         return self.gamma
+
+    def steady_gamma(self, batch: int, context: float) -> tuple[int, float]:
+        return self.gamma, np.inf
 
     def describe(self) -> dict:
         return {"name": self.name, "gamma": self.gamma}
@@ -139,6 +152,9 @@ class Adaptive(Policy):
 
     def choose(self, view: BatchView) -> int:
         return self._table[view.batch - 1]
+
+    def steady_gamma(self, batch: int, context: float) -> tuple[int, float]:
+        return self._table[batch - 1], np.inf
 
     def describe(self) -> dict:
         return {"name": self.name, "context": self.context,
@@ -198,6 +214,10 @@ class AdaptiveContext(Policy):
 
     def choose(self, view: BatchView) -> int:
         return self._table[bisect.bisect_right(self._bounds, view.context)][view.batch - 1]
+
+    def steady_gamma(self, batch: int, context: float) -> tuple[int, float]:
+        i = bisect.bisect_right(self._bounds, context)
+        return self._table[i][batch - 1], (self._bounds[i] if i < len(self._bounds) else np.inf)
 
     def describe(self) -> dict:
         return {"name": self.name, "contexts": self.contexts,
@@ -362,6 +382,9 @@ class Threshold(Policy):
 
     def choose(self, view: BatchView) -> int:
         return self._table[view.batch - 1]
+
+    def steady_gamma(self, batch: int, context: float) -> tuple[int, float]:
+        return self._table[batch - 1], np.inf
 
     def describe(self) -> dict:
         return {"name": self.name, "ranges": [list(r) for r in self.ranges] if self.ranges else None,

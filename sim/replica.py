@@ -17,6 +17,17 @@ Continuous batching (Orca/vLLM, iteration level). Each iteration, at simulated t
 4. The iteration is **one** SimPy timeout of prefill + step seconds; its effects are committed when it
    ends. Requests that reach their output length finish then and leave.
 
+**Fast-forward.** Between two changes of the running batch the iterations are a pure function of the
+batch, the acceptance draws and the cost model when the policy's γ depends only on (batch size, mean
+context) (:meth:`Policy.steady_gamma`). The replica then plans up to the next event that can change the
+batch in one vectorised step — the first request to finish, the first iteration whose KV growth would
+need a preemption, a change of γ — and waits for it with a single SimPy timeout. An arrival that could
+be admitted mid-plan cuts the plan at the next iteration boundary. Results are identical to stepping
+one event per iteration (same floats, same random draws); ``fast_forward=False`` does the latter.
+
+Arrivals at time t are dispatched before any replica starts an iteration at t (they are scheduled with
+SimPy's urgent priority), so a request arriving exactly at an iteration boundary joins that iteration.
+
 Static batching (``mode="static"``, the seed paper's prototype): the replica takes up to ``max_batch``
 waiting requests whose full lengths (prompt + output) fit in the KV cache, prefills them and decodes
 until the longest finishes; every step is charged at the starting batch size (finished sequences stay
@@ -34,6 +45,7 @@ import simpy
 
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel
+from .events import at_time
 from .policies import BatchView, Policy
 from .requests import RequestTable
 
@@ -52,8 +64,56 @@ class IterationLog:
         for f, v in zip(self._appenders, values):
             f(v)
 
+    def extend(self, *columns) -> None:
+        """Append many rows at once: per column (in order) a float64-convertible array, or a scalar for all."""
+        n = next(len(c) for c in columns if isinstance(c, np.ndarray))
+        for col, v in zip(self.cols.values(), columns):
+            if isinstance(v, np.ndarray):
+                col.frombytes(v.astype(np.float64, copy=False).tobytes())
+            else:
+                col.extend((float(v),) * n)
+
     def __len__(self) -> int:
         return len(self.cols["start_s"])
+
+
+class _Plan:
+    """Iterations planned ahead for an unchanged running batch of ``n`` sequences at speculation length
+    ``gamma``: iteration j runs from ``times[j]`` to ``times[j+1]`` (seconds; iteration 0 starts with
+    ``prefill_s`` of prefill). ``acc[j, i]`` = draft tokens accepted, ``cum[j, i]`` = tokens gained by the
+    end of iteration j (before the cap at the output length), ``tot[j]`` = Σ_i cum[j, i]; ``ctx0`` is the
+    batch's total context before iteration 0. Only the last planned iteration can finish a request
+    (``finishes``). ``submitted``: times of requests queued while the plan ran."""
+
+    __slots__ = ("t0", "prefill_s", "admitted", "n", "gamma", "acc", "cum", "tot", "ctx0", "finishes", "contexts",
+                 "steps", "times", "queue0", "submitted", "cuttable")
+
+
+class UniformStream:
+    """An endless stream of U(0, 1) draws from one generator, read strictly in order.
+
+    The values do not depend on how reads are split (a generator's ``random(a)`` then ``random(b)`` equals
+    ``random(a + b)``), so reading k·b values at once or b values k times gives the same numbers."""
+
+    __slots__ = ("rng", "buf", "pos", "block")
+
+    def __init__(self, rng: np.random.Generator, block: int = 1 << 16):
+        self.rng, self.block = rng, block
+        self.buf = np.empty(0)
+        self.pos = 0
+
+    def peek(self, n: int) -> np.ndarray:
+        """The next ``n`` values, without consuming them."""
+        if self.pos + n > len(self.buf):
+            self.buf = np.concatenate([self.buf[self.pos:], self.rng.random(max(self.block, n))])
+            self.pos = 0
+        return self.buf[self.pos:self.pos + n]
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` values, consumed."""
+        u = self.peek(n)
+        self.pos += n
+        return u
 
 
 class _Running:
@@ -100,11 +160,12 @@ class Replica:
     """A serving replica. Requests enter through :meth:`submit`; :attr:`outstanding` counts those not yet
     finished; :attr:`kv_tokens` is the running batch's context (tokens) as of the last iteration."""
 
-    _UNIFORM_BLOCK = 1 << 16
+    PLAN_ITERATIONS = 256  # longest fast-forward plan (iterations); a longer quiet spell takes several
 
     def __init__(self, env: simpy.Environment, index: int, reqs: RequestTable, cost: CostModel, policy: Policy,
                  acceptance: AcceptanceModel, rng: np.random.Generator, log: IterationLog, *, max_batch: int,
-                 kv_capacity_tokens: int, watermark: float = 0.01, mode: str = "continuous"):
+                 kv_capacity_tokens: int, watermark: float = 0.01, mode: str = "continuous",
+                 fast_forward: bool = False):
         if mode not in ("continuous", "static"):
             raise ValueError(f"cluster.mode is {mode!r}; expected 'continuous' or 'static'")
         self.env, self.index, self.reqs, self.cost = env, index, reqs, cost
@@ -120,8 +181,9 @@ class Replica:
         self.busy_s = 0.0
         self.n_iter = 0  # decode/verify iterations so far
         self.gamma_total = 0  # Σ γ over those iterations
-        self._u = np.empty(0)
-        self._upos = 0
+        self.uniforms = UniformStream(rng)
+        self.fast_forward = bool(fast_forward)
+        self._plan: _Plan | None = None  # the fast-forward plan being waited on
         self._wake: simpy.Event | None = None
         self.process = env.process(self._run_static() if mode == "static" else self._run_continuous())
 
@@ -129,6 +191,14 @@ class Replica:
 
     def submit(self, rid: int) -> None:
         """Queue request ``rid`` (its prompt + output must fit in the KV cache; the cluster checks)."""
+        plan = self._plan
+        if plan is not None:
+            plan.submitted.append(self.env.now)
+            # It could join at the next iteration boundary only if there is a free slot and nobody queued
+            # ahead of it (a queued head is blocked by the KV cache, which only fills up during a plan).
+            if plan.cuttable and not self.waiting and len(self.batch) < self.max_batch:
+                plan.cuttable = False
+                self.process.interrupt()
         self.waiting.append(rid)
         self.outstanding += 1
         self.queued_tokens += int(self.reqs.prompt[rid])
@@ -136,20 +206,19 @@ class Replica:
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
 
+    def kv_in_use(self) -> int:
+        """KV tokens held by the running batch as of the last iteration that ended before now."""
+        plan = self._plan
+        if plan is None:
+            return self.kv_tokens
+        done = int(np.searchsorted(plan.times[1:], self.env.now, side="left"))  # iterations ended before now
+        return self.kv_tokens if done == 0 else int(plan.ctx0 + plan.tot[done - 1])
+
     def _sleep_until_work(self) -> simpy.Event:
         self._wake = self.env.event()
         return self._wake
 
     # -- shared pieces --------------------------------------------------------------------------------------
-
-    def _uniforms(self, n: int) -> np.ndarray:
-        """``n`` uniforms from the replica's generator, drawn in blocks (same seed → same stream)."""
-        if self._upos + n > len(self._u):
-            self._u = self.rng.random(max(self._UNIFORM_BLOCK, n))
-            self._upos = 0
-        u = self._u[self._upos:self._upos + n]
-        self._upos += n
-        return u
 
     def _prefill(self, rids: list[int], t0: float) -> float:
         """Prefill ``rids`` one after another, join them to the batch with their first token, stamp
@@ -182,7 +251,7 @@ class Replica:
         if gamma == 0:
             acc = np.zeros(len(b), np.int64)
         else:
-            acc = (self._uniforms(len(b))[:, None] < b.thr[:, :gamma]).sum(axis=1)
+            acc = (self.uniforms.take(len(b))[:, None] < b.thr[:, :gamma]).sum(axis=1)
         return acc, np.minimum(acc + 1, b.s[:, _Running.LEFT])
 
     def _leave(self, sel, when: float | None) -> np.ndarray:
@@ -261,6 +330,11 @@ class Replica:
                 first_done = b.s[:, _Running.LEFT] <= 0
                 if first_done.any():
                     self._leave(first_done, t0 + prefill_s)
+            if len(b) and self.fast_forward:
+                plan = self._make_plan(t0, prefill_s, len(admitted))
+                if plan is not None:
+                    yield from self._follow(plan)
+                    continue
             gamma = preempted = tokens = accepted = n = 0
             step_s = ctx_mean = 0.0
             if len(b):
@@ -280,6 +354,112 @@ class Replica:
             self.kv_tokens = int(b.s[:, _Running.CTX].sum())
             self.log.add(t0, self.index, n, gamma, prefill_s, step_s, tokens + len(admitted), accepted,
                          len(admitted), preempted, len(self.waiting), self.kv_tokens, ctx_mean)
+
+    # -- fast-forward (continuous batching) ------------------------------------------------------------
+
+    def _make_plan(self, t0: float, prefill_s: float, admitted: int) -> _Plan | None:
+        """Plan the iterations from ``t0`` up to the first that changes the batch or γ, or ``None`` when this
+        iteration must be stepped alone (a learning policy, or a preemption is due)."""
+        b = self.batch
+        s, n = b.s, len(b)
+        ctx0 = int(s[:, _Running.CTX].sum())
+        steady = self.policy.steady_gamma(n, ctx0 / n)
+        if steady is None:
+            return None
+        gamma, limit = min(int(steady[0]), self.cost.max_gamma), steady[1]
+        slack = self.capacity - ctx0 - n * (gamma + 1)  # KV tokens the batch may still grow by
+        if gamma < 0 or slack < 0:
+            return None  # _pick_gamma reports the bad γ / preempts
+        left = s[:, _Running.LEFT]
+        lmin = int(left.min())
+        # Nobody can finish before iteration ceil(lmin / (γ+1)); the one with lmin tokens left is done by lmin.
+        k = min(lmin, 2 * (-(-lmin // (gamma + 1))) + 4, self.PLAN_ITERATIONS)
+        if gamma:
+            u = self.uniforms.peek(k * n).reshape(k, n)
+            acc = (u[:, :, None] < b.thr[None, :, :gamma]).sum(axis=2)
+            cum = (acc + 1).cumsum(axis=0)
+        else:
+            acc = np.zeros((k, n), np.int64)
+            cum = np.broadcast_to(np.arange(1, k + 1)[:, None], (k, n))
+        tot = cum.sum(axis=1)  # tokens the batch gained by the end of each iteration (before output caps)
+        finish = (cum >= left).any(axis=1)
+        rows = int(finish.argmax()) + 1 if finish.any() else k
+        # Later iterations must not need a preemption, nor see γ change (mean context reaching `limit`).
+        rows = min(rows, int(np.searchsorted(tot, slack, side="right")) + 1)
+        contexts = (ctx0 + np.concatenate([[0], tot[:rows - 1]])) / n
+        if limit != np.inf:
+            rows = max(1, min(rows, int(np.searchsorted(contexts, limit, side="left"))))
+        if rows > 1 and self.waiting and n < self.max_batch:
+            # A queued head was kept out by the KV cache at t0, counting requests that have since finished
+            # at prefill; it must stay out at the next boundary (and so at all later ones: KV only grows).
+            head = self.waiting[0]
+            need = int(self.reqs.prompt[head] + self.reqs.generated[head]) + 1
+            if ctx0 + int(tot[0]) + need <= self.admit_limit:
+                rows = 1
+        p = _Plan()
+        p.t0, p.prefill_s, p.admitted, p.n, p.gamma = t0, prefill_s, admitted, n, gamma
+        p.acc, p.cum, p.tot, p.ctx0 = acc, cum, tot, ctx0
+        p.finishes = bool(finish[rows - 1])
+        p.contexts = contexts[:rows]
+        p.steps = self.cost.iteration_many(n, gamma, p.contexts)
+        durations = p.steps.copy()
+        durations[0] = prefill_s + durations[0]
+        p.times = np.concatenate([[t0], durations]).cumsum()  # iteration j runs from times[j] to times[j+1]
+        p.queue0, p.submitted, p.cuttable = len(self.waiting), [], False
+        return p
+
+    def _follow(self, p: _Plan):
+        """Wait until the plan's last iteration ends — or, when an admissible request arrives, until the
+        iteration in progress ends — then commit what ran."""
+        env = self.env
+        self._plan = p
+        p.cuttable = True
+        try:
+            yield at_time(env, float(p.times[-1]))
+            rows = len(p.steps)
+        except simpy.Interrupt:  # finish the iteration in progress: the first whose end is ≥ now
+            rows = int(np.searchsorted(p.times[1:], env.now, side="left")) + 1
+            yield at_time(env, float(p.times[rows]))
+        self._plan = None
+        self._commit(p, rows)
+
+    def _commit(self, p: _Plan, rows: int) -> None:
+        """Apply the plan's first ``rows`` iterations: batch state, counters, busy time and the log."""
+        b, n = self.batch, p.n
+        s = b.s
+        gained = p.cum[rows - 1]
+        finishing = p.finishes and rows == len(p.steps)
+        if finishing:
+            gained = np.minimum(gained, s[:, _Running.LEFT])
+        s[:, _Running.CTX] += gained
+        s[:, _Running.LEFT] -= gained
+        acc_rows = p.acc[:rows].sum(axis=1)
+        s[:, _Running.ACC] += p.acc[:rows].sum(axis=0)
+        self.n_iter += rows
+        self.gamma_total += rows * p.gamma
+        if p.gamma:
+            self.uniforms.take(rows * n)
+        busy = self.busy_s + (p.prefill_s + float(p.steps[0]))
+        for step in p.steps[1:rows].tolist():
+            busy += step
+        self.busy_s = busy
+        kv = p.ctx0 + p.tot[:rows]
+        tokens = acc_rows + n
+        if finishing:
+            tokens[-1] = int(gained.sum()) - (int(p.tot[rows - 2]) if rows > 1 else 0)
+            self._leave(s[:, _Running.LEFT] <= 0, self.env.now)
+            kv[-1] = self.kv_tokens = int(b.s[:, _Running.CTX].sum())
+        else:
+            self.kv_tokens = int(kv[-1])
+        prefill = admitted = 0
+        if p.prefill_s or p.admitted:
+            prefill, admitted = np.zeros(rows), np.zeros(rows)
+            prefill[0], admitted[0] = p.prefill_s, p.admitted
+            tokens[0] += p.admitted
+        ends = p.times[1:rows + 1]
+        queue = p.queue0 + np.searchsorted(p.submitted, ends, side="right") if p.submitted else p.queue0
+        self.log.extend(p.times[:rows], self.index, n, p.gamma, prefill, p.steps[:rows], tokens, acc_rows,
+                        admitted, 0, queue, kv, p.contexts[:rows])
 
     # -- static batching ---------------------------------------------------------------------------------
 

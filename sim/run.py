@@ -210,7 +210,8 @@ def build_cluster(cfg: DictConfig) -> ClusterConfig:
     if not isinstance(c.get("watermark"), (int, float)) or isinstance(c.get("watermark"), bool):
         raise ConfigError(f"cluster.watermark is {c.get('watermark')!r}; expected a fraction in [0, 1)")
     cl = ClusterConfig(replicas=c.replicas, router=c.router, max_batch=c.max_batch, mode=c.mode,
-                       kv_capacity_tokens=c.kv_capacity_tokens, watermark=c.watermark)
+                       kv_capacity_tokens=c.kv_capacity_tokens, watermark=c.watermark,
+                       fast_forward=c.get("fast_forward", True))
     try:
         cl.validate()
     except ValueError as e:
