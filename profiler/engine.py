@@ -56,7 +56,7 @@ from sim.acceptance import AcceptanceModel
 from sim.cluster import SimResult, mean_context, request_table
 from sim.cost_model import CostModel
 from sim.policies import Policy
-from sim.replica import ITERATION_COLUMNS, IterationLog, Replica, _Running
+from sim.replica import IterationLog, Replica, _Running
 from sim.workload import Workload
 
 ACCEPTANCE_MODES = ("synthetic", "real")
@@ -451,9 +451,7 @@ class Engine:
                     len(rep.waiting), rep.kv_tokens, ctx_mean)
             diag.append((fwd, model_s))
 
-        iters = pd.DataFrame({c: np.frombuffer(log.cols[c], dtype=float) for c in ITERATION_COLUMNS})
-        for c in ("replica", "batch", "gamma", "tokens", "accepted", "admitted", "preempted", "queue", "kv_tokens"):
-            iters[c] = iters[c].astype(np.int64)
+        iters = log.frame()
         fin = reqs.finished[~reqs.rejected]
         makespan = float(np.nanmax(fin)) if len(fin) else 0.0
         #: engine-only diagnostics per iteration (aligned with the iteration table): seconds in prefill

@@ -25,7 +25,7 @@ from .acceptance import AcceptanceModel
 from .cost_model import CostModel
 from .policies import Policy
 from .events import URGENT, at_time
-from .replica import ITERATION_COLUMNS, IterationLog, Replica
+from .replica import IterationLog, Replica
 from .requests import RequestTable
 from .workload import Workload
 
@@ -127,10 +127,7 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     unfinished = np.flatnonzero(np.isnan(reqs.finished) & ~reqs.rejected)
     if len(unfinished):  # a defect, never an expected outcome: every admitted request must finish
         raise RuntimeError(f"simulation ended with {len(unfinished)} unfinished requests (first id {unfinished[0]})")
-    iters = pd.DataFrame({c: np.frombuffer(log.cols[c], dtype=float) for c in ITERATION_COLUMNS})
-    for c in ("replica", "batch", "gamma", "tokens", "accepted", "admitted", "preempted", "queue", "kv_tokens"):
-        iters[c] = iters[c].astype(np.int64)
-    iters = iters.sort_values(["start_s", "replica"], kind="stable").reset_index(drop=True)
+    iters = log.frame().sort_values(["start_s", "replica"], kind="stable").reset_index(drop=True)
     fin = reqs.finished[~reqs.rejected]
     makespan = float(np.nanmax(fin)) if len(fin) else 0.0
     return SimResult(requests=reqs.frame(), iterations=iters, busy_s=[r.busy_s for r in replicas],

@@ -104,6 +104,9 @@ class CostModel:
         dt = self._eval2(self.draft_axes, self.draft_grid, b, ctx)  # (b, ctx)
         self._verify_tab = [[vt[g, i].tolist() for i in range(len(b))] for g in range(len(toks))]
         self._draft_tab = [dt[i].tolist() for i in range(len(b))]
+        # Whole iterations, γ·T_draft + T_verify at each context grid point (interpolation is linear, so
+        # interpolating the sum is the sum of the interpolations inside the grid).
+        self._iter_tab = [[(vt[g, i] + g * dt[i]).tolist() for i in range(len(b))] for g in range(len(toks))]
         self._prefill = {m: self._prefill_curve(steps, m) for m in ("target", "draft")}
         self._check_ranges()
 
@@ -201,41 +204,35 @@ class CostModel:
         return self._interp_ctx(self._verify_tab[gamma][batch - 1], context)
 
     def iteration(self, batch: int, gamma: int, context: float) -> float:
-        """Seconds for one speculative iteration: γ draft decodes plus one target verify of γ+1 tokens."""
-        t = self.target_verify(batch, gamma, context)
-        if gamma:
-            t += gamma * self._interp_ctx(self._draft_tab[batch - 1], context)
-        return t
-
-    def _interp_ctx_many(self, row: list[float], contexts: np.ndarray) -> np.ndarray:
-        """:meth:`_interp_ctx` for an array of contexts, with the same arithmetic (bit-identical results)."""
-        ctx, y = self._ctx, np.asarray(row)
-        if len(ctx) == 1:
-            return np.full(len(contexts), y[0])
-        i = np.clip(np.searchsorted(ctx, contexts, side="left"), 1, len(ctx) - 1)
-        c0, c1, y0, y1 = ctx[i - 1], ctx[i], y[i - 1], y[i]
-        out = y0 + (y1 - y0) * (contexts - c0) / (c1 - c0)
-        beyond = contexts > ctx[-1]
-        if beyond.any():
-            self._warn(f"context {contexts.max():.0f} > {ctx[-1]:.0f} tokens")
-            out[beyond] = np.maximum(y[-1], out[beyond])
-        out[contexts <= ctx[0]] = y[0]
-        return out
+        """Seconds for one speculative iteration: γ draft decodes plus one target verify of γ+1 tokens.
+        Beyond the longest measured context the total is extrapolated (never below its value at the edge)."""
+        self._check_query(batch, gamma)
+        return self._interp_ctx(self._iter_tab[gamma][batch - 1], context)
 
     def iteration_many(self, batch: int, gamma: int, contexts: np.ndarray) -> np.ndarray:
-        """:meth:`iteration` for many mean contexts (tokens) at one (batch, γ); equal to it bit for bit.
-        A subclass that changes :meth:`iteration` must change this the same way."""
+        """:meth:`iteration` for an ascending array of mean contexts (tokens) at one (batch, γ), equal to it
+        bit for bit (the simulator relies on it). A subclass that changes :meth:`iteration` must change
+        this the same way."""
         self._check_query(batch, gamma)
-        v, d = self._verify_tab[gamma][batch - 1], self._draft_tab[batch - 1]
-        if len(contexts) <= 16:  # a few points: Python floats beat numpy's per-call overhead
-            f = self._interp_ctx
-            if gamma:
-                return np.array([f(v, c) + gamma * f(d, c) for c in contexts.tolist()])
-            return np.array([f(v, c) for c in contexts.tolist()])
-        t = self._interp_ctx_many(v, contexts)
-        if gamma:
-            t = t + gamma * self._interp_ctx_many(d, contexts)
-        return t
+        row, ctx = self._iter_tab[gamma][batch - 1], self._ctx_list
+        if len(ctx) == 1:
+            return np.full(len(contexts), row[0])
+        out = np.empty(len(contexts))
+        # cuts[m] = how many contexts are ≤ grid point m; segment m (between points m-1 and m) shares one
+        # pair of coefficients, with exactly the arithmetic of _interp_ctx.
+        cuts = np.searchsorted(contexts, self._ctx, side="right").tolist()
+        out[:cuts[0]] = row[0]
+        for m in range(1, len(ctx)):
+            a, z = cuts[m - 1], cuts[m]
+            if z > a:
+                c0, c1, y0 = ctx[m - 1], ctx[m], row[m - 1]
+                out[a:z] = y0 + (row[m] - y0) * (contexts[a:z] - c0) / (c1 - c0)
+        a = cuts[-1]
+        if a < len(contexts):
+            self._warn(f"context {contexts[-1]:.0f} > {ctx[-1]:.0f} tokens")
+            c0, c1, y0 = ctx[-2], ctx[-1], row[-2]
+            out[a:] = np.maximum(row[-1], y0 + (row[-1] - y0) * (contexts[a:] - c0) / (c1 - c0))
+        return out
 
     def prefill(self, prompt_tokens: float, model: str = "target") -> float:
         """Seconds to prefill one prompt of ``prompt_tokens`` tokens on ``model`` (batch 1).

@@ -37,10 +37,14 @@ KV accounting is in tokens: one token of context occupies target KV plus draft K
 """
 from __future__ import annotations
 
-from array import array
 from collections import deque
 
+import math
+from array import array
+from bisect import bisect_left, bisect_right
+
 import numpy as np
+import pandas as pd
 import simpy
 
 from .acceptance import AcceptanceModel
@@ -53,40 +57,65 @@ ITERATION_COLUMNS = ("start_s", "replica", "batch", "gamma", "prefill_s", "step_
                      "preempted", "queue", "kv_tokens", "context")
 
 
+INT_COLUMNS = ("replica", "batch", "gamma", "tokens", "accepted", "admitted", "preempted", "queue", "kv_tokens")
+
+
 class IterationLog:
-    """Append-only, column-wise record of every iteration (compact ``array('d')`` columns)."""
+    """Append-only record of every iteration, in the order of :data:`ITERATION_COLUMNS`: compact
+    ``array('d')`` columns for rows appended a few at a time, float64 blocks for long runs of rows;
+    :meth:`frame` assembles the table."""
 
     def __init__(self):
-        self.cols = {c: array("d") for c in ITERATION_COLUMNS}
-        self._appenders = [self.cols[c].append for c in ITERATION_COLUMNS]
+        self.cols = [array("d") for _ in ITERATION_COLUMNS]
+        self._appenders = [c.append for c in self.cols]
+        self.blocks: list[np.ndarray] = []
+        self._pending: list[np.ndarray] = []
 
     def add(self, *values: float) -> None:
+        """Append one row."""
         for f, v in zip(self._appenders, values):
             f(v)
 
     def extend(self, *columns) -> None:
-        """Append many rows at once: per column (in order) a float64-convertible array, or a scalar for all."""
-        n = next(len(c) for c in columns if isinstance(c, np.ndarray))
-        for col, v in zip(self.cols.values(), columns):
-            if isinstance(v, np.ndarray):
-                col.frombytes(v.astype(np.float64, copy=False).tobytes())
-            else:
-                col.extend((float(v),) * n)
+        """Append several rows: per column a list of values, or a number repeated for every row."""
+        n = next(len(c) for c in columns if isinstance(c, list))
+        for col, v in zip(self.cols, columns):
+            col.extend(v if isinstance(v, list) else (v,) * n)
+
+    def add_block(self, block: np.ndarray) -> None:
+        """Append a float64 array of shape ``(len(ITERATION_COLUMNS), rows)`` (kept: do not reuse it)."""
+        self._pending.append(block)
+        if len(self._pending) >= 1024:  # merge small blocks, so many short plans cost no per-array overhead
+            self.blocks.append(np.concatenate(self._pending, axis=1))
+            self._pending = []
 
     def __len__(self) -> int:
-        return len(self.cols["start_s"])
+        return len(self.cols[0]) + sum(b.shape[1] for b in self.blocks + self._pending)
+
+    def frame(self) -> pd.DataFrame:
+        """The iterations table (integer columns as int64): single rows first, then blocks, each in
+        append order (the simulator sorts it by start time and replica)."""
+        rows = np.array([np.frombuffer(col, dtype=float) for col in self.cols])
+        data = np.concatenate([rows] + self.blocks + self._pending, axis=1)
+        df = pd.DataFrame({c: data[i] for i, c in enumerate(ITERATION_COLUMNS)})
+        for c in INT_COLUMNS:
+            df[c] = df[c].astype(np.int64)
+        return df
 
 
 class _Plan:
     """Iterations planned ahead for an unchanged running batch of ``n`` sequences at speculation length
-    ``gamma``: iteration j runs from ``times[j]`` to ``times[j+1]`` (seconds; iteration 0 starts with
-    ``prefill_s`` of prefill). ``acc[j, i]`` = draft tokens accepted, ``cum[j, i]`` = tokens gained by the
-    end of iteration j (before the cap at the output length), ``tot[j]`` = Σ_i cum[j, i]; ``ctx0`` is the
-    batch's total context before iteration 0. Only the last planned iteration can finish a request
-    (``finishes``). ``submitted``: times of requests queued while the plan ran."""
+    ``gamma``. Iteration j ends at ``ends[j]`` (seconds; iteration 0 starts at ``t0`` with ``prefill_s`` of
+    prefill, the next where the previous ends) at mean context ``contexts[j]`` (tokens), costing
+    ``steps[j]``. Short plans hold Python lists (``starts``); long ones numpy arrays (``times`` = the
+    boundaries t0, ends...).
+    ``cum[j, i]`` = tokens sequence i gained by the end of iteration j before the cap at its output length
+    (``None`` when γ = 0: then it is j + 1); ``tot[j]`` = Σ_i cum[j, i]; ``ctx0`` = the batch's context
+    before iteration 0. Only the last planned iteration can finish a request (``finishes``).
+    ``submitted``: times of requests queued while the plan ran."""
 
-    __slots__ = ("t0", "prefill_s", "admitted", "n", "gamma", "acc", "cum", "tot", "ctx0", "finishes", "contexts",
-                 "steps", "times", "queue0", "submitted", "cuttable")
+    __slots__ = ("t0", "prefill_s", "admitted", "n", "gamma", "cum", "tot", "ctx0", "finishes", "starts", "ends", "times",
+                 "contexts", "steps", "queue0", "submitted", "cuttable")
 
 
 class UniformStream:
@@ -211,8 +240,8 @@ class Replica:
         plan = self._plan
         if plan is None:
             return self.kv_tokens
-        done = int(np.searchsorted(plan.times[1:], self.env.now, side="left"))  # iterations ended before now
-        return self.kv_tokens if done == 0 else int(plan.ctx0 + plan.tot[done - 1])
+        done = bisect_left(plan.ends, self.env.now)  # iterations that ended before now
+        return self.kv_tokens if done == 0 else plan.ctx0 + int(plan.tot[done - 1])
 
     def _sleep_until_work(self) -> simpy.Event:
         self._wake = self.env.event()
@@ -224,25 +253,22 @@ class Replica:
         """Prefill ``rids`` one after another, join them to the batch with their first token, stamp
         admission and first-token times; return the seconds taken."""
         r, cost, draft = self.reqs, self.cost, self.policy.uses_draft
-        ids = np.asarray(rids, np.int64)
         total = 0.0
-        for ctx in (r.prompt[ids] + r.generated[ids]).tolist():
+        rows = []
+        for rid in rids:  # per request: a few scalars (cheaper than numpy calls on a handful of rows)
+            gen = int(r.generated[rid])
+            ctx = int(r.prompt[rid]) + gen
             total += cost.prefill(ctx, "target")
             if draft:
                 total += cost.prefill(ctx, "draft")
-        fresh = ids[np.isnan(r.first_token[ids])]
-        r.admitted[fresh] = t0
-        r.first_token[fresh] = t0 + total
-        gen = r.generated[ids] + 1
-        r.generated[ids] = gen
-        rows = np.empty((len(ids), 6), np.int64)
-        rows[:, _Running.ID] = ids
-        rows[:, _Running.CTX] = r.prompt[ids] + gen
-        rows[:, _Running.LEFT] = r.output[ids] - gen
-        rows[:, _Running.ACC] = 0
-        rows[:, _Running.IT0] = self.n_iter
-        rows[:, _Running.G0] = self.gamma_total
-        self.batch.extend(rows, r.accept_thr[ids])
+            rows.append((rid, ctx + 1, int(r.output[rid]) - gen - 1, 0, self.n_iter, self.gamma_total))
+        first = t0 + total
+        for rid in rids:
+            if math.isnan(r.first_token[rid]):  # fresh, not resuming after a preemption
+                r.admitted[rid] = t0
+                r.first_token[rid] = first
+            r.generated[rid] += 1
+        self.batch.extend(np.array(rows, np.int64).reshape(len(rows), 6), r.accept_thr[rids])
         return total
 
     def _speculate(self, gamma: int) -> tuple[np.ndarray, np.ndarray]:
@@ -258,15 +284,17 @@ class Replica:
         """Remove rows ``sel`` from the batch and write their state back; ``when`` = finish time (or
         ``None`` for a preemption). Returns the ids that left."""
         rows = self.batch.take(sel)
-        r, ids = self.reqs, rows[:, _Running.ID]
-        r.generated[ids] = rows[:, _Running.CTX] - r.prompt[ids]
-        r.accepted_sum[ids] += rows[:, _Running.ACC]
-        r.iterations[ids] += self.n_iter - rows[:, _Running.IT0]
-        r.gamma_sum[ids] += self.gamma_total - rows[:, _Running.G0]
+        r = self.reqs
+        for rid, ctx, _, acc, it0, g0 in rows.tolist():
+            r.generated[rid] = ctx - r.prompt[rid]
+            r.accepted_sum[rid] += acc
+            r.iterations[rid] += self.n_iter - it0
+            r.gamma_sum[rid] += self.gamma_total - g0
+            if when is not None:
+                r.finished[rid] = when
         if when is not None:
-            r.finished[ids] = when
-            self.outstanding -= len(ids)
-        return ids
+            self.outstanding -= len(rows)
+        return rows[:, _Running.ID]
 
     def _advance(self, gamma: int, acc: np.ndarray, gain: np.ndarray) -> tuple[int, int]:
         """Apply one iteration's gains to the batch; return (tokens gained, draft tokens accepted)."""
@@ -376,35 +404,63 @@ class Replica:
         k = min(lmin, 2 * (-(-lmin // (gamma + 1))) + 4, self.PLAN_ITERATIONS)
         if gamma:
             u = self.uniforms.peek(k * n).reshape(k, n)
-            acc = (u[:, :, None] < b.thr[None, :, :gamma]).sum(axis=2)
-            cum = (acc + 1).cumsum(axis=0)
+            cum = (u[:, :, None] < b.thr[None, :, :gamma]).sum(axis=2)
+            cum += 1
+            cum = cum.cumsum(axis=0)
+            first = int((cum < left).sum(axis=0).min())  # iterations before the first finish (k: none)
+            tot = cum.sum(axis=1)
         else:
-            acc = np.zeros((k, n), np.int64)
-            cum = np.broadcast_to(np.arange(1, k + 1)[:, None], (k, n))
-        tot = cum.sum(axis=1)  # tokens the batch gained by the end of each iteration (before output caps)
-        finish = (cum >= left).any(axis=1)
-        rows = int(finish.argmax()) + 1 if finish.any() else k
-        # Later iterations must not need a preemption, nor see γ change (mean context reaching `limit`).
-        rows = min(rows, int(np.searchsorted(tot, slack, side="right")) + 1)
-        contexts = (ctx0 + np.concatenate([[0], tot[:rows - 1]])) / n
-        if limit != np.inf:
-            rows = max(1, min(rows, int(np.searchsorted(contexts, limit, side="left"))))
-        if rows > 1 and self.waiting and n < self.max_batch:
-            # A queued head was kept out by the KV cache at t0, counting requests that have since finished
-            # at prefill; it must stay out at the next boundary (and so at all later ones: KV only grows).
+            cum, first = None, lmin - 1
+            tot = np.arange(n, n * (k + 1), n)
+        rows = min(first + 1, k)
+
+        # Stop before an iteration that would need a preemption, see γ change (mean context reaching
+        # `limit`), or could admit the queued head (kept out at t0 counting requests that finished at
+        # prefill; KV only grows during the plan, so checking the first boundary suffices).
+        if self.waiting and n < self.max_batch and rows > 1:
             head = self.waiting[0]
-            need = int(self.reqs.prompt[head] + self.reqs.generated[head]) + 1
-            if ctx0 + int(tot[0]) + need <= self.admit_limit:
+            if ctx0 + int(tot[0]) + int(self.reqs.prompt[head] + self.reqs.generated[head]) + 1 <= self.admit_limit:
                 rows = 1
         p = _Plan()
+        if rows <= 4:  # a few iterations: Python floats beat numpy's per-call overhead
+            tl = tot[:rows].tolist()
+            iteration = self.cost.iteration
+            starts, steps, contexts = [t0], [], []
+            t, c = t0, ctx0 / n
+            for j in range(rows):
+                if j:
+                    c = (ctx0 + tl[j - 1]) / n
+                    if tl[j - 1] > slack or c >= limit:
+                        break
+                    starts.append(t)
+                step = iteration(n, gamma, c)
+                steps.append(step)
+                contexts.append(c)
+                t = t + (prefill_s + step if not j else step)
+            p.times, p.ends = None, starts[1:] + [t]
+        else:  # the same computation, vectorised (bit-identical: same operations in the same order)
+            grown = tot[:rows - 1]
+            if grown[-1] > slack:
+                rows = int(np.searchsorted(grown, slack, side="right")) + 1
+            c = np.empty(rows)
+            c[0] = ctx0
+            c[1:] = tot[:rows - 1]
+            c[1:] += ctx0
+            c /= n
+            if c[-1] >= limit:
+                rows = int(np.searchsorted(c, limit, side="left"))
+            contexts = c[:rows]
+            steps = self.cost.iteration_many(n, gamma, contexts)
+            times = np.empty(rows + 1)  # iteration j runs from times[j] to times[j+1]: running sums, as SimPy's clock
+            times[0] = t0
+            times[1:] = steps
+            times[1] = prefill_s + times[1]
+            times = times.cumsum()
+            p.times, p.ends, starts = times, times[1:].tolist(), None
         p.t0, p.prefill_s, p.admitted, p.n, p.gamma = t0, prefill_s, admitted, n, gamma
-        p.acc, p.cum, p.tot, p.ctx0 = acc, cum, tot, ctx0
-        p.finishes = bool(finish[rows - 1])
-        p.contexts = contexts[:rows]
-        p.steps = self.cost.iteration_many(n, gamma, p.contexts)
-        durations = p.steps.copy()
-        durations[0] = prefill_s + durations[0]
-        p.times = np.concatenate([[t0], durations]).cumsum()  # iteration j runs from times[j] to times[j+1]
+        p.cum, p.tot, p.ctx0 = cum, tot, ctx0
+        p.finishes = first < k and len(steps) == first + 1
+        p.starts, p.steps, p.contexts = starts, steps, contexts
         p.queue0, p.submitted, p.cuttable = len(self.waiting), [], False
         return p
 
@@ -415,11 +471,11 @@ class Replica:
         self._plan = p
         p.cuttable = True
         try:
-            yield at_time(env, float(p.times[-1]))
+            yield at_time(env, p.ends[-1])
             rows = len(p.steps)
         except simpy.Interrupt:  # finish the iteration in progress: the first whose end is ≥ now
-            rows = int(np.searchsorted(p.times[1:], env.now, side="left")) + 1
-            yield at_time(env, float(p.times[rows]))
+            rows = bisect_left(p.ends, env.now) + 1
+            yield at_time(env, p.ends[rows - 1])
         self._plan = None
         self._commit(p, rows)
 
@@ -427,39 +483,68 @@ class Replica:
         """Apply the plan's first ``rows`` iterations: batch state, counters, busy time and the log."""
         b, n = self.batch, p.n
         s = b.s
-        gained = p.cum[rows - 1]
         finishing = p.finishes and rows == len(p.steps)
+        gained = p.cum[rows - 1] if p.gamma else rows
         if finishing:
             gained = np.minimum(gained, s[:, _Running.LEFT])
         s[:, _Running.CTX] += gained
         s[:, _Running.LEFT] -= gained
-        acc_rows = p.acc[:rows].sum(axis=1)
-        s[:, _Running.ACC] += p.acc[:rows].sum(axis=0)
+        if p.gamma:
+            s[:, _Running.ACC] += p.cum[rows - 1] - rows  # Σ accepted = Σ (accepted + 1) − iterations
+            self.uniforms.take(rows * n)
         self.n_iter += rows
         self.gamma_total += rows * p.gamma
-        if p.gamma:
-            self.uniforms.take(rows * n)
-        busy = self.busy_s + (p.prefill_s + float(p.steps[0]))
-        for step in p.steps[1:rows].tolist():
-            busy += step
-        self.busy_s = busy
-        kv = p.ctx0 + p.tot[:rows]
-        tokens = acc_rows + n
-        if finishing:
-            tokens[-1] = int(gained.sum()) - (int(p.tot[rows - 2]) if rows > 1 else 0)
-            self._leave(s[:, _Running.LEFT] <= 0, self.env.now)
-            kv[-1] = self.kv_tokens = int(b.s[:, _Running.CTX].sum())
+        steps = p.steps[:rows]
+        if p.times is None:
+            busy = self.busy_s + (p.prefill_s + steps[0])
+            for step in steps[1:]:
+                busy += step
         else:
-            self.kv_tokens = int(kv[-1])
-        prefill = admitted = 0
-        if p.prefill_s or p.admitted:
-            prefill, admitted = np.zeros(rows), np.zeros(rows)
-            prefill[0], admitted[0] = p.prefill_s, p.admitted
-            tokens[0] += p.admitted
-        ends = p.times[1:rows + 1]
-        queue = p.queue0 + np.searchsorted(p.submitted, ends, side="right") if p.submitted else p.queue0
-        self.log.extend(p.times[:rows], self.index, n, p.gamma, prefill, p.steps[:rows], tokens, acc_rows,
-                        admitted, 0, queue, kv, p.contexts[:rows])
+            busy = self.busy_s + (p.prefill_s + float(steps[0]))
+            for step in steps[1:].tolist():
+                busy += step
+        self.busy_s = busy
+        cut = 0
+        if finishing:
+            cut = int(p.tot[rows - 1]) - int(gained.sum())  # tokens the output caps cut off
+            self._leave(s[:, _Running.LEFT] <= 0, self.env.now)
+            self.kv_tokens = int(b.s[:, _Running.CTX].sum())
+        else:
+            self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
+        if p.times is None:
+            self._log_rows(p, rows, cut)
+        else:
+            self._log_block(p, rows, cut)
+
+    def _log_rows(self, p: _Plan, rows: int, cut: int) -> None:
+        tot, ctx0, n = p.tot[:rows].tolist(), p.ctx0, p.n
+        for j in range(rows):
+            gain = tot[j] - (tot[j - 1] if j else 0)
+            queue = p.queue0 + bisect_right(p.submitted, p.ends[j]) if p.submitted else p.queue0
+            last = j == rows - 1
+            self.log.add(p.starts[j], self.index, n, p.gamma, 0.0 if j else p.prefill_s, p.steps[j],
+                         gain - (cut if last else 0) + (0 if j else p.admitted), gain - n, 0 if j else p.admitted, 0,
+                         queue, self.kv_tokens if last else ctx0 + tot[j], p.contexts[j])
+
+    def _log_block(self, p: _Plan, rows: int, cut: int) -> None:
+        blk = np.empty((len(ITERATION_COLUMNS), rows))
+        blk[0] = p.times[:rows]
+        blk[1], blk[2], blk[3], blk[4], blk[5] = self.index, p.n, p.gamma, 0.0, p.steps[:rows]
+        blk[4, 0] = p.prefill_s
+        tokens = blk[6]
+        tokens[0] = p.tot[0]
+        np.subtract(p.tot[1:rows], p.tot[:rows - 1], out=tokens[1:])
+        np.subtract(tokens, p.n, out=blk[7])
+        tokens[0] += p.admitted
+        tokens[-1] -= cut
+        blk[8], blk[9], blk[10] = 0.0, 0.0, p.queue0
+        blk[8, 0] = p.admitted
+        for when in p.submitted:  # queued from the first iteration ending at or after its arrival
+            blk[10, bisect_left(p.ends, when):] += 1
+        np.add(p.tot[:rows], p.ctx0, out=blk[11])
+        blk[11, -1] = self.kv_tokens
+        blk[12] = p.contexts[:rows]
+        self.log.add_block(blk)
 
     # -- static batching ---------------------------------------------------------------------------------
 
