@@ -5,11 +5,12 @@
     python benchmarks/sim_speed.py --large-requests 200000
 
 Part 1 replays the first 10,000 requests of the Azure conversation trace on one replica with γ = 4
-(policy fixed) at three loads: the trace's own arrival rate (on a small profiled device this saturates
-the replica, so batches stay full) and 0.9 and 0.5 of the estimated no-speculation capacity (smaller
-batches, so more iterations per request). Each is timed `--repeats` times; the median is reported, with
-the ratio to the goal (10,000 simulated requests per wall-second) and to the no-speculation run of the
-same load measured in the same process (the baseline).
+(policy fixed) and with the adaptive table, at three loads: the trace's own arrival rate (on a small
+profiled device this saturates the replica, so batches stay full) and 0.9 and 0.5 of the estimated
+no-speculation capacity (smaller batches, so more iterations per request). Each is timed `--repeats`
+times, interleaved with the baseline — the same run stepping one SimPy event per iteration
+(``fast_forward=False``), whose results must be identical; medians are reported, with the ratio to the
+goal (10,000 simulated requests per wall-second) and the speed-up over the baseline.
 
 Part 2 runs, in a fresh subprocess so its peak memory is its own, 1M requests with the conversation
 trace's (prompt, output) pairs resampled, Poisson arrivals at 0.8 of the capacity of 64 replicas,
@@ -53,21 +54,27 @@ def timed(w, cost, policy, cluster, seed=0):
 
 def part1(cost, repeats: int) -> None:
     w10k = first_n(conv_trace(), 10_000)
-    cluster = ClusterConfig(replicas=1, max_batch=32)
-    cap = estimate_capacity(cost, w10k, cluster)
+    fast, step = ClusterConfig(replicas=1, max_batch=32), ClusterConfig(replicas=1, max_batch=32, fast_forward=False)
+    cap = estimate_capacity(cost, w10k, fast)
     print(f"10,000 Azure conv requests, 1 replica, max_batch 32, capacity ≈ {cap:.3g} req/s; median of {repeats}")
-    print(f"{'load':>14} {'policy':>8} {'wall s':>8} {'sim req/s':>10} {'iters':>8} {'mean batch':>10} "
-          f"{'vs goal':>8} {'vs none':>8}")
+    print("baseline: the same run stepping one SimPy event per iteration (cluster.fast_forward=false)")
+    print(f"{'load':>14} {'policy':>10} {'wall s':>8} {'sim req/s':>10} {'iters':>8} {'mean batch':>10} "
+          f"{'vs goal':>8} {'baseline s':>10} {'speed-up':>8}")
     for label, w in (("trace rate", w10k), ("0.9 capacity", set_rate(w10k, 0.9 * cap)),
                      ("0.5 capacity", set_rate(w10k, 0.5 * cap))):
-        base = statistics.median(timed(w, cost, ("none", {}), cluster)[0] for _ in range(repeats))
-        runs = [timed(w, cost, ("fixed", {"gamma": 4}), cluster) for _ in range(repeats)]
-        wall = statistics.median(t for t, _ in runs)
-        r = runs[0][1]
-        rate = len(w) / wall
-        mb = float(r.iterations["batch"].mean())
-        print(f"{label:>14} {'fixed 4':>8} {wall:8.2f} {rate:10.0f} {len(r.iterations):8d} {mb:10.1f} "
-              f"{rate / 10_000:8.2f} {base / wall:8.2f}")
+        for policy in (("fixed", {"gamma": 4}), ("adaptive", {})):
+            walls, base = [], []
+            for _ in range(repeats):  # interleaved, so drifts in machine speed hit both alike
+                t, r = timed(w, cost, policy, fast)
+                walls.append(t)
+                tb, rb = timed(w, cost, policy, step)
+                base.append(tb)
+            if not r.requests.equals(rb.requests):
+                raise SystemExit(f"{label}: fast-forward and one-event-per-iteration runs differ (a defect)")
+            wall, b = statistics.median(walls), statistics.median(base)
+            name = policy[0] + (f" {policy[1]['gamma']}" if policy[1] else "")
+            print(f"{label:>14} {name:>10} {wall:8.2f} {len(w) / wall:10.0f} {len(r.iterations):8d} "
+                  f"{float(r.iterations['batch'].mean()):10.1f} {len(w) / wall / 10_000:8.2f} {b:10.2f} {b / wall:8.2f}")
 
 
 def part2_child(n: int, profile: str) -> None:
