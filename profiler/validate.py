@@ -319,6 +319,23 @@ def rel_errors(real: dict, sim: dict) -> dict:
     return {m: float((sim[m] - real[m]) / real[m]) if real[m] else float("nan") for m in METRICS}
 
 
+def step_agreement(iterations, diagnostics, cost) -> dict:
+    """Step-level check of the profile against the engine: for every engine iteration that ran a step,
+    the profile's prediction ``cost.iteration(b, γ, c̄)`` divided by the engine's measured step time
+    (``step_s``: the whole step incl. engine bookkeeping) and by its model work alone (``step_model_s``).
+    Medians (dimensionless; > 1 = the profile is slower than the engine), overall and per batch size."""
+    it = iterations.reset_index(drop=True)
+    ran = (it["batch"] > 0).to_numpy() & (it["step_s"] > 0).to_numpy()
+    it, model = it[ran], diagnostics["step_model_s"].to_numpy()[ran]
+    pred = np.array([cost.iteration(int(b), int(g), float(c))
+                     for b, g, c in zip(it["batch"], it["gamma"], it["context"])])
+    whole, work = pred / it["step_s"].to_numpy(), pred / model
+    by_batch = {int(b): round(float(np.median(whole[(it["batch"] == b).to_numpy()])), 3)
+                for b in sorted(it["batch"].unique())}
+    return {"iterations": int(ran.sum()), "profile_over_step": round(float(np.median(whole)), 3),
+            "profile_over_model_work": round(float(np.median(work)), 3), "profile_over_step_by_batch": by_batch}
+
+
 def frozen_policy(name: str, cost, acceptance, context: float):
     """A set-up policy whose ``setup`` is a no-op afterwards, so the engine and every simulator variant use
     the same γ table."""
@@ -394,7 +411,9 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             r, s_real, wall, la = real_runs[0]
             if repeats > 1:  # compare with the mean over the engine runs (the dashboard shows the first)
                 s_real = {**s_real, **{m: float(np.mean([x[1][m] for x in real_runs])) for m in METRICS}}
+            steps = step_agreement(r.iterations, engine.diagnostics, plain) if len(r.iterations) else None
             case = {"load": load, "policy": pname, "rate_req_s": w.rate, "loadavg": la, "engine_wall_s": wall,
+                    "steps": steps,
                     "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
                     "sim": {}, "errors": {}, "_real": r, "_sim": {}}
             if repeats > 1:  # run-to-run noise of the real engine: second run vs first
@@ -493,6 +512,11 @@ def format_report(report: dict) -> str:
                                                                          for m in METRICS))
         if "noise" in c:
             lines.append(f"{'':>5} {'':9}{'noise':9}" + "".join(f"{100 * c['noise'][m]:>+16.1f}%" for m in METRICS))
+        if c.get("steps"):
+            st = c["steps"]
+            lines.append(f"{'':>5} {'':9}steps    profile / engine step time, median {st['profile_over_step']:.3f} "
+                         f"(model work only {st['profile_over_model_work']:.3f}); by batch "
+                         + ", ".join(f"{b}: {v:.2f}" for b, v in st["profile_over_step_by_batch"].items()))
     for v in variants:
         lines.append(f"max |error| {v:9}" + "".join(f"{100 * report['max_abs_error'][v][m]:>16.1f}%" for m in METRICS))
     return "\n".join(lines)

@@ -28,6 +28,8 @@ def test_reduced_validation(tmp_path):
     for variant in ("profile", "model"):
         err = {m: [c["errors"][variant][m] for c in report["cases"]] for m in V.METRICS}
         assert all(np.isfinite(err[m]).all() for m in V.METRICS), (variant, err)
+    for c in report["cases"]:  # the step-level comparison ran on every case
+        assert c["steps"]["iterations"] > 0 and c["steps"]["profile_over_step"] > 0
     o = report["calibration"]["overheads"]
     assert o["sched_base_s"] > 0 and o["prefill_s"] > 0
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -42,3 +44,20 @@ def test_cli_rejects_bad_input(capsys):
         V.main(["--policies", "magic"])
     assert V.main(["--pair", "tiny-llama", "--out", "/tmp/unused-specbatch-validate"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_profile):
+    import pandas as pd
+
+    from sim.cost_model import CostModel
+    from sim.profile import load_profile
+
+    cost = CostModel(load_profile(formula_profile), max_batch=8, max_gamma=4)
+    it = pd.DataFrame({"batch": [0, 1, 4, 4], "gamma": [0, 0, 2, 4], "context": [0.0, 200.0, 300.0, 900.0]})
+    pred = [0.0] + [cost.iteration(b, g, c) for b, g, c in zip(it["batch"][1:], it["gamma"][1:], it["context"][1:])]
+    it["step_s"] = [0.0, pred[1] / 2, pred[2] / 2, pred[3] / 2]  # the engine ran twice as fast as the profile says
+    diag = pd.DataFrame({"prefill_forward_s": 0.0, "step_model_s": [0.0, pred[1] / 4, pred[2] / 4, pred[3] / 4]})
+    st = V.step_agreement(it, diag, cost)
+    assert st["iterations"] == 3  # the idle iteration (batch 0) is left out
+    assert st["profile_over_step"] == 2.0 and st["profile_over_model_work"] == 4.0
+    assert st["profile_over_step_by_batch"] == {1: 2.0, 4: 2.0}
