@@ -25,7 +25,7 @@ PAIRS = {
     # model with the same 32000-token vocabulary, and the engine feeds target tokens to the draft. Steps last
     # milliseconds to tens of milliseconds, well above the tiny pair's Python-level jitter.
     "llama68m": dict(pair="llama-68m:llama-68m", max_prompt=96, max_output=48, max_batch=8,
-                     grid=dict(batches=[1, 2, 4, 8], gammas=[0, 1, 2, 4, 6], contexts=[32, 160],
+                     grid=dict(batches=[1, 2, 3, 4, 5, 6, 7, 8], gammas=[0, 1, 2, 4, 6], contexts=[32, 160],
                                prefill_lengths=[8, 32, 96], prefill_batches=[1])),
 }
 

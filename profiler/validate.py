@@ -407,11 +407,11 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
                 la = loadavg()
                 t0 = time.perf_counter()
                 r = engine.run(w, final, pol, acc, seed=seed)
-                real_runs.append((r, summarize(r), time.perf_counter() - t0, la))
-            r, s_real, wall, la = real_runs[0]
+                real_runs.append((r, summarize(r), time.perf_counter() - t0, la, engine.diagnostics))
+            r, s_real, wall, la, diagnostics = real_runs[0]
             if repeats > 1:  # compare with the mean over the engine runs (the dashboard shows the first)
                 s_real = {**s_real, **{m: float(np.mean([x[1][m] for x in real_runs])) for m in METRICS}}
-            steps = step_agreement(r.iterations, engine.diagnostics, plain) if len(r.iterations) else None
+            steps = step_agreement(r.iterations, diagnostics, plain) if len(r.iterations) else None
             case = {"load": load, "policy": pname, "rate_req_s": w.rate, "loadavg": la, "engine_wall_s": wall,
                     "steps": steps,
                     "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},

@@ -127,7 +127,7 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     unfinished = np.flatnonzero(np.isnan(reqs.finished) & ~reqs.rejected)
     if len(unfinished):  # a defect, never an expected outcome: every admitted request must finish
         raise RuntimeError(f"simulation ended with {len(unfinished)} unfinished requests (first id {unfinished[0]})")
-    iters = log.frame().sort_values(["start_s", "replica"], kind="stable").reset_index(drop=True)
+    iters = log.frame(sort=True)
     fin = reqs.finished[~reqs.rejected]
     makespan = float(np.nanmax(fin)) if len(fin) else 0.0
     return SimResult(requests=reqs.frame(), iterations=iters, busy_s=[r.busy_s for r in replicas],

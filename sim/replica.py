@@ -92,15 +92,18 @@ class IterationLog:
     def __len__(self) -> int:
         return len(self.cols[0]) + sum(b.shape[1] for b in self.blocks + self._pending)
 
-    def frame(self) -> pd.DataFrame:
-        """The iterations table (integer columns as int64): single rows first, then blocks, each in
-        append order (the simulator sorts it by start time and replica)."""
-        rows = np.array([np.frombuffer(col, dtype=float) for col in self.cols])
-        data = np.concatenate([rows] + self.blocks + self._pending, axis=1)
-        df = pd.DataFrame({c: data[i] for i, c in enumerate(ITERATION_COLUMNS)})
-        for c in INT_COLUMNS:
-            df[c] = df[c].astype(np.int64)
-        return df
+    def frame(self, sort: bool = False) -> pd.DataFrame:
+        """The iterations table (integer columns as int64), in append order (single rows first, then
+        blocks) or, with ``sort``, by start time then replica (stable). Empties the log: its memory goes
+        to the table."""
+        parts = [np.array([np.frombuffer(col, dtype=float) for col in self.cols])] + self.blocks + self._pending
+        self.__init__()
+        data = np.concatenate(parts, axis=1)
+        del parts
+        if sort:
+            data = data[:, np.lexsort((data[1], data[0]))]  # lexsort is stable
+        cols = {c: data[i].astype(np.int64) if c in INT_COLUMNS else data[i] for i, c in enumerate(ITERATION_COLUMNS)}
+        return pd.DataFrame(cols, copy=False)
 
 
 class _Plan:
