@@ -22,14 +22,15 @@ from profiler import validate as V  # noqa: E402
 
 @pytest.mark.slow
 def test_reduced_validation(tmp_path):
-    report = V.validate(out=tmp_path, log=lambda *_: None)
+    report = V.validate(out=tmp_path, repeats=2, log=lambda *_: None)
     assert len(report["cases"]) == 6
     assert report["elapsed_s"]["total"] < 240
     for variant in ("profile", "model"):
         err = {m: [c["errors"][variant][m] for c in report["cases"]] for m in V.METRICS}
         assert all(np.isfinite(err[m]).all() for m in V.METRICS), (variant, err)
-    for c in report["cases"]:  # the step-level comparison ran on every case
-        assert c["steps"]["iterations"] > 0 and c["steps"]["profile_over_step"] > 0
+    for c in report["cases"]:  # the step-level comparison ran on every case, on the first engine run's steps
+        assert 0 < c["steps"]["iterations"] <= c["real"]["iterations"] and c["steps"]["profile_over_step"] > 0
+        assert set(c["noise"]) == set(V.METRICS)
     o = report["calibration"]["overheads"]
     assert o["sched_base_s"] > 0 and o["prefill_s"] > 0
     saved = json.loads((tmp_path / "report.json").read_text())
