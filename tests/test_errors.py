@@ -420,6 +420,7 @@ CONFIG_CASES = [
     (dict(cluster__kv_capacity_tokens=1), "cluster.kv_capacity_tokens is 1"),
     (dict(cluster__kv_capacity_tokens=2.5), "cluster.kv_capacity_tokens is 2.5; expected an integer ≥ 2"),
     (dict(cluster__watermark="high"), "cluster.watermark is 'high'; expected a fraction in [0, 1)"),
+    (dict(cluster__fast_forward="yes"), "cluster.fast_forward is 'yes'; expected true or false"),
     (dict(workload__kind="replay"), "workload.kind is 'replay'"),
     (dict(workload__path="/no/such/trace.csv"), "workload.path: '/no/such/trace.csv' not found"),
     (dict(profile="/no/such/profile"), "profile: '/no/such/profile' not found"),
