@@ -520,6 +520,8 @@ class Replica:
             self._log_block(p, rows, cut)
 
     def _log_rows(self, p: _Plan, rows: int, cut: int) -> None:
+        """Log a short plan's committed iterations row by row (``cut``: tokens the output caps removed
+        from the last one)."""
         tot, ctx0, n = p.tot[:rows].tolist(), p.ctx0, p.n
         for j in range(rows):
             gain = tot[j] - (tot[j - 1] if j else 0)
@@ -530,6 +532,7 @@ class Replica:
                          queue, self.kv_tokens if last else ctx0 + tot[j], p.contexts[j])
 
     def _log_block(self, p: _Plan, rows: int, cut: int) -> None:
+        """Log a long plan's committed iterations as one block (same values as :meth:`_log_rows`)."""
         blk = np.empty((len(ITERATION_COLUMNS), rows))
         blk[0] = p.times[:rows]
         blk[1], blk[2], blk[3], blk[4], blk[5] = self.index, p.n, p.gamma, 0.0, p.steps[:rows]
