@@ -76,12 +76,6 @@ class IterationLog:
         for f, v in zip(self._appenders, values):
             f(v)
 
-    def extend(self, *columns) -> None:
-        """Append several rows: per column a list of values, or a number repeated for every row."""
-        n = next(len(c) for c in columns if isinstance(c, list))
-        for col, v in zip(self.cols, columns):
-            col.extend(v if isinstance(v, list) else (v,) * n)
-
     def add_block(self, block: np.ndarray) -> None:
         """Append a float64 array of shape ``(len(ITERATION_COLUMNS), rows)`` (kept: do not reuse it)."""
         self._pending.append(block)
@@ -108,16 +102,15 @@ class IterationLog:
 
 class _Plan:
     """Iterations planned ahead for an unchanged running batch of ``n`` sequences at speculation length
-    ``gamma``. Iteration j ends at ``ends[j]`` (seconds; iteration 0 starts at ``t0`` with ``prefill_s`` of
-    prefill, the next where the previous ends) at mean context ``contexts[j]`` (tokens), costing
-    ``steps[j]``. Short plans hold Python lists (``starts``); long ones numpy arrays (``times`` = the
-    boundaries t0, ends...).
+    ``gamma``. Iteration j runs from ``times[j]`` to ``times[j+1]`` (seconds; iteration 0 starts at ``t0``
+    with ``prefill_s`` of prefill; ``ends`` = ``times[1:]`` as a list) at mean context ``contexts[j]``
+    (tokens), costing ``steps[j]``. Short plans hold Python lists, long ones numpy arrays.
     ``cum[j, i]`` = tokens sequence i gained by the end of iteration j before the cap at its output length
     (``None`` when γ = 0: then it is j + 1); ``tot[j]`` = Σ_i cum[j, i]; ``ctx0`` = the batch's context
     before iteration 0. Only the last planned iteration can finish a request (``finishes``).
     ``submitted``: times of requests queued while the plan ran."""
 
-    __slots__ = ("t0", "prefill_s", "admitted", "n", "gamma", "cum", "tot", "ctx0", "finishes", "starts", "ends", "times",
+    __slots__ = ("t0", "prefill_s", "admitted", "n", "gamma", "cum", "tot", "ctx0", "finishes", "ends", "times",
                  "contexts", "steps", "queue0", "submitted", "cuttable")
 
 
@@ -420,50 +413,43 @@ class Replica:
         # Stop before an iteration that would need a preemption, see γ change (mean context reaching
         # `limit`), or could admit the queued head (kept out at t0 counting requests that finished at
         # prefill; KV only grows during the plan, so checking the first boundary suffices).
+        if rows > 1 and tot[rows - 2] > slack:
+            rows = int(np.searchsorted(tot[:rows - 1], slack, side="right")) + 1
+        if rows > 1 and limit != np.inf and (ctx0 + int(tot[rows - 2])) / n >= limit:
+            rows = int(np.searchsorted((ctx0 + tot[:rows - 1]) / n, limit, side="left")) + 1
         if self.waiting and n < self.max_batch and rows > 1:
             head = self.waiting[0]
             if ctx0 + int(tot[0]) + int(self.reqs.prompt[head] + self.reqs.generated[head]) + 1 <= self.admit_limit:
                 rows = 1
         p = _Plan()
         if rows <= 4:  # a few iterations: Python floats beat numpy's per-call overhead
-            tl = tot[:rows].tolist()
+            grown = [0] + tot[:rows - 1].tolist()
             iteration = self.cost.iteration
-            starts, steps, contexts = [t0], [], []
-            t, c = t0, ctx0 / n
+            times, steps, contexts = [t0], [], []
             for j in range(rows):
-                if j:
-                    c = (ctx0 + tl[j - 1]) / n
-                    if tl[j - 1] > slack or c >= limit:
-                        break
-                    starts.append(t)
+                c = (ctx0 + grown[j]) / n
                 step = iteration(n, gamma, c)
                 steps.append(step)
                 contexts.append(c)
-                t = t + (prefill_s + step if not j else step)
-            p.times, p.ends = None, starts[1:] + [t]
+                times.append(times[-1] + (prefill_s + step if not j else step))
+            p.ends = times[1:]
         else:  # the same computation, vectorised (bit-identical: same operations in the same order)
-            grown = tot[:rows - 1]
-            if grown[-1] > slack:
-                rows = int(np.searchsorted(grown, slack, side="right")) + 1
-            c = np.empty(rows)
-            c[0] = ctx0
-            c[1:] = tot[:rows - 1]
-            c[1:] += ctx0
-            c /= n
-            if c[-1] >= limit:
-                rows = int(np.searchsorted(c, limit, side="left"))
-            contexts = c[:rows]
+            contexts = np.empty(rows)
+            contexts[0] = ctx0
+            contexts[1:] = tot[:rows - 1]
+            contexts[1:] += ctx0
+            contexts /= n
             steps = self.cost.iteration_many(n, gamma, contexts)
-            times = np.empty(rows + 1)  # iteration j runs from times[j] to times[j+1]: running sums, as SimPy's clock
+            times = np.empty(rows + 1)  # running sums, as SimPy's clock
             times[0] = t0
             times[1:] = steps
             times[1] = prefill_s + times[1]
             times = times.cumsum()
-            p.times, p.ends, starts = times, times[1:].tolist(), None
+            p.ends = times[1:].tolist()
         p.t0, p.prefill_s, p.admitted, p.n, p.gamma = t0, prefill_s, admitted, n, gamma
         p.cum, p.tot, p.ctx0 = cum, tot, ctx0
         p.finishes = first < k and len(steps) == first + 1
-        p.starts, p.steps, p.contexts = starts, steps, contexts
+        p.times, p.steps, p.contexts = times, steps, contexts
         p.queue0, p.submitted, p.cuttable = len(self.waiting), [], False
         return p
 
@@ -497,15 +483,10 @@ class Replica:
             self.uniforms.take(rows * n)
         self.n_iter += rows
         self.gamma_total += rows * p.gamma
-        steps = p.steps[:rows]
-        if p.times is None:
-            busy = self.busy_s + (p.prefill_s + steps[0])
-            for step in steps[1:]:
-                busy += step
-        else:
-            busy = self.busy_s + (p.prefill_s + float(steps[0]))
-            for step in steps[1:].tolist():
-                busy += step
+        steps = p.steps[:rows] if isinstance(p.steps, list) else p.steps[:rows].tolist()
+        busy = self.busy_s + (p.prefill_s + steps[0])
+        for step in steps[1:]:  # in order, as one event per iteration would add them
+            busy += step
         self.busy_s = busy
         cut = 0
         if finishing:
@@ -514,7 +495,7 @@ class Replica:
             self.kv_tokens = int(b.s[:, _Running.CTX].sum())
         else:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
-        if p.times is None:
+        if isinstance(p.times, list):
             self._log_rows(p, rows, cut)
         else:
             self._log_block(p, rows, cut)
@@ -527,7 +508,7 @@ class Replica:
             gain = tot[j] - (tot[j - 1] if j else 0)
             queue = p.queue0 + bisect_right(p.submitted, p.ends[j]) if p.submitted else p.queue0
             last = j == rows - 1
-            self.log.add(p.starts[j], self.index, n, p.gamma, 0.0 if j else p.prefill_s, p.steps[j],
+            self.log.add(p.times[j], self.index, n, p.gamma, 0.0 if j else p.prefill_s, p.steps[j],
                          gain - (cut if last else 0) + (0 if j else p.admitted), gain - n, 0 if j else p.admitted, 0,
                          queue, self.kv_tokens if last else ctx0 + tot[j], p.contexts[j])
 
