@@ -61,36 +61,101 @@ INT_COLUMNS = ("replica", "batch", "gamma", "tokens", "accepted", "admitted", "p
 
 
 class IterationLog:
-    """Append-only record of every iteration, in the order of :data:`ITERATION_COLUMNS`: compact
-    ``array('d')`` columns for rows appended a few at a time, float64 blocks for long runs of rows;
-    :meth:`frame` assembles the table."""
+    """Append-only record of every iteration, in the order of :data:`ITERATION_COLUMNS`.
+
+    Iterations stepped one at a time arrive as rows (:meth:`add`) and go to compact ``array('d')``
+    columns. Fast-forward plans arrive whole (:meth:`add_plan`) and are kept as the arrays the plan
+    already holds; every :attr:`FLUSH_PLANS` plans they are turned into rows together, in a few
+    vectorised operations, so a plan costs a handful of list appends. :meth:`frame` assembles the table."""
+
+    FLUSH_PLANS = 1024
 
     def __init__(self):
         self.cols = [array("d") for _ in ITERATION_COLUMNS]
         self._appenders = [c.append for c in self.cols]
         self.blocks: list[np.ndarray] = []
-        self._pending: list[np.ndarray] = []
+        self._clear_pending()
+
+    def _clear_pending(self) -> None:
+        self._plans: list[tuple] = []  # (replica, n, γ, prefill_s, admitted, queue0, ctx0, kv_last, cut, rows)
+        self._times: list = []  # per plan: start times, step seconds, mean contexts, cumulative tokens
+        self._steps: list = []
+        self._contexts: list = []
+        self._tot: list = []
+        self._rows = 0  # rows held by the pending plans
+        self._bumps: list[int] = []  # pending rows from which the queue is one longer ...
+        self._unbumps: list[int] = []  # ... until (exclusive) these rows
 
     def add(self, *values: float) -> None:
         """Append one row."""
         for f, v in zip(self._appenders, values):
             f(v)
 
-    def add_block(self, block: np.ndarray) -> None:
-        """Append a float64 array of shape ``(len(ITERATION_COLUMNS), rows)`` (kept: do not reuse it)."""
-        self._pending.append(block)
-        if len(self._pending) >= 1024:  # merge small blocks, so many short plans cost no per-array overhead
-            self.blocks.append(np.concatenate(self._pending, axis=1))
-            self._pending = []
+    def add_plan(self, replica: int, n: int, gamma: int, prefill_s: float, admitted: int, queue0: int, ctx0: int,
+                 kv_last: int, cut: int, times, steps, contexts, tot, queued_from: list[int]) -> None:
+        """Append the ``rows = len(steps)`` iterations of a fast-forward plan for a batch of ``n`` at ``gamma``:
+        start ``times`` (s), ``steps`` (s), mean ``contexts`` (tokens) and ``tot`` (tokens the batch gained by
+        the end of each iteration, before the output caps), one entry per iteration (lists or arrays, kept:
+        do not modify them). Iteration 0 carries ``prefill_s`` and the ``admitted`` requests; the last
+        loses ``cut`` tokens to the output caps and leaves ``kv_last`` tokens of KV (the others: ``ctx0`` +
+        ``tot``). The queue holds ``queue0`` requests, plus one from each iteration index in ``queued_from``."""
+        rows = len(steps)
+        for j in queued_from:
+            self._bumps.append(self._rows + j)
+            self._unbumps.append(self._rows + rows)
+        self._plans.append((replica, n, gamma, prefill_s, admitted, queue0, ctx0, kv_last, cut, rows))
+        self._times.append(times)
+        self._steps.append(steps)
+        self._contexts.append(contexts)
+        self._tot.append(tot)
+        self._rows += rows
+        if len(self._plans) >= self.FLUSH_PLANS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Turn the pending plans into one float64 block of rows (same values a row per iteration gives)."""
+        if not self._plans:
+            return
+        meta = np.array(self._plans, dtype=float).T
+        replica, n, gamma, prefill_s, admitted, queue0, ctx0, kv_last, cut, rows = meta
+        counts = rows.astype(np.int64)
+        first = np.zeros(len(counts), np.int64)  # each plan's first row
+        np.cumsum(counts[:-1], out=first[1:])
+        last = first + counts - 1
+        total = self._rows
+        blk = np.empty((len(ITERATION_COLUMNS), total))
+        blk[0] = np.concatenate(self._times)
+        blk[1], blk[2], blk[3] = np.repeat(replica, counts), np.repeat(n, counts), np.repeat(gamma, counts)
+        blk[4], blk[8], blk[9] = 0.0, 0.0, 0.0
+        blk[4, first], blk[8, first] = prefill_s, admitted
+        blk[5] = np.concatenate(self._steps)
+        tot = np.concatenate(self._tot).astype(float)
+        tokens = blk[6]
+        tokens[0] = tot[0]
+        np.subtract(tot[1:], tot[:-1], out=tokens[1:])
+        tokens[first] = tot[first]
+        np.subtract(tokens, blk[2], out=blk[7])  # accepted = gained − one token per sequence
+        tokens[first] += admitted
+        tokens[last] -= cut
+        delta = np.zeros(total + 1)
+        np.add.at(delta, self._bumps, 1.0)
+        np.add.at(delta, self._unbumps, -1.0)
+        np.add(np.repeat(queue0, counts), np.cumsum(delta[:-1]), out=blk[10])
+        np.add(np.repeat(ctx0, counts), tot, out=blk[11])
+        blk[11, last] = kv_last
+        blk[12] = np.concatenate(self._contexts)
+        self.blocks.append(blk)
+        self._clear_pending()
 
     def __len__(self) -> int:
-        return len(self.cols[0]) + sum(b.shape[1] for b in self.blocks + self._pending)
+        return len(self.cols[0]) + sum(b.shape[1] for b in self.blocks) + self._rows
 
     def frame(self, sort: bool = False) -> pd.DataFrame:
         """The iterations table (integer columns as int64), in append order (single rows first, then
-        blocks) or, with ``sort``, by start time then replica (stable). Empties the log: its memory goes
+        plans) or, with ``sort``, by start time then replica (stable). Empties the log: its memory goes
         to the table."""
-        parts = [np.array([np.frombuffer(col, dtype=float) for col in self.cols])] + self.blocks + self._pending
+        self._flush()
+        parts = [np.array([np.frombuffer(col, dtype=float) for col in self.cols])] + self.blocks
         self.__init__()
         data = np.concatenate(parts, axis=1)
         del parts
@@ -495,43 +560,9 @@ class Replica:
             self.kv_tokens = int(b.s[:, _Running.CTX].sum())
         else:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
-        if isinstance(p.times, list):
-            self._log_rows(p, rows, cut)
-        else:
-            self._log_block(p, rows, cut)
-
-    def _log_rows(self, p: _Plan, rows: int, cut: int) -> None:
-        """Log a short plan's committed iterations row by row (``cut``: tokens the output caps removed
-        from the last one)."""
-        tot, ctx0, n = p.tot[:rows].tolist(), p.ctx0, p.n
-        for j in range(rows):
-            gain = tot[j] - (tot[j - 1] if j else 0)
-            queue = p.queue0 + bisect_right(p.submitted, p.ends[j]) if p.submitted else p.queue0
-            last = j == rows - 1
-            self.log.add(p.times[j], self.index, n, p.gamma, 0.0 if j else p.prefill_s, p.steps[j],
-                         gain - (cut if last else 0) + (0 if j else p.admitted), gain - n, 0 if j else p.admitted, 0,
-                         queue, self.kv_tokens if last else ctx0 + tot[j], p.contexts[j])
-
-    def _log_block(self, p: _Plan, rows: int, cut: int) -> None:
-        """Log a long plan's committed iterations as one block (same values as :meth:`_log_rows`)."""
-        blk = np.empty((len(ITERATION_COLUMNS), rows))
-        blk[0] = p.times[:rows]
-        blk[1], blk[2], blk[3], blk[4], blk[5] = self.index, p.n, p.gamma, 0.0, p.steps[:rows]
-        blk[4, 0] = p.prefill_s
-        tokens = blk[6]
-        tokens[0] = p.tot[0]
-        np.subtract(p.tot[1:rows], p.tot[:rows - 1], out=tokens[1:])
-        np.subtract(tokens, p.n, out=blk[7])
-        tokens[0] += p.admitted
-        tokens[-1] -= cut
-        blk[8], blk[9], blk[10] = 0.0, 0.0, p.queue0
-        blk[8, 0] = p.admitted
-        for when in p.submitted:  # queued from the first iteration ending at or after its arrival
-            blk[10, bisect_left(p.ends, when):] += 1
-        np.add(p.tot[:rows], p.ctx0, out=blk[11])
-        blk[11, -1] = self.kv_tokens
-        blk[12] = p.contexts[:rows]
-        self.log.add_block(blk)
+        queued_from = [j for j in (bisect_left(p.ends, when) for when in p.submitted) if j < rows]
+        self.log.add_plan(self.index, n, p.gamma, p.prefill_s, p.admitted, p.queue0, p.ctx0, self.kv_tokens, cut,
+                          p.times[:rows], p.steps[:rows], p.contexts[:rows], p.tot[:rows], queued_from)
 
     # -- static batching ---------------------------------------------------------------------------------
 
