@@ -217,6 +217,15 @@ class CostModel:
         row, ctx = self._iter_tab[gamma][batch - 1], self._ctx_list
         if len(ctx) == 1:
             return np.full(len(contexts), row[0])
+        hi = float(contexts[-1])
+        m = bisect.bisect_left(ctx, hi)
+        if 0 < m < len(ctx) and float(contexts[0]) > ctx[m - 1]:  # all inside one segment: the common case
+            c0, y0 = ctx[m - 1], row[m - 1]
+            out = contexts - c0
+            out *= row[m] - y0
+            out /= ctx[m] - c0
+            out += y0
+            return out
         out = np.empty(len(contexts))
         # cuts[m] = how many contexts are ≤ grid point m; segment m (between points m-1 and m) shares one
         # pair of coefficients, with exactly the arithmetic of _interp_ctx.
