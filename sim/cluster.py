@@ -89,6 +89,8 @@ def request_table(workload: Workload, acceptance: AcceptanceModel, max_gamma: in
     scale = acceptance.request_scale(len(workload), np.random.default_rng(seed), workload.request_class,
                                      workload.arrival_s)
     reqs.accept_thr = acceptance.thresholds(scale, max_gamma)
+    thr = reqs.accept_thr
+    reqs.shared_thr = thr[0].copy() if len(thr) and (thr == thr[0]).all() else None
     return reqs
 
 

@@ -183,28 +183,44 @@ class UniformStream:
     """An endless stream of U(0, 1) draws from one generator, read strictly in order.
 
     The values do not depend on how reads are split (a generator's ``random(a)`` then ``random(b)`` equals
-    ``random(a + b)``), so reading k·b values at once or b values k times gives the same numbers."""
+    ``random(a + b)``), so reading k·b values at once or b values k times gives the same numbers.
 
-    __slots__ = ("rng", "buf", "pos", "block")
+    With ``thresholds`` (a non-increasing vector shared by every request, P(≥ j draft tokens accepted) for
+    j = 1..len), the stream also holds each draw's accepted count at full length,
+    ``accepted = #{j : U < thresholds[j]}``, computed a block at a time; at speculation length γ a draw
+    accepts ``min(accepted, γ)`` (the thresholds are non-increasing, so the first γ are the ones passed)."""
 
-    def __init__(self, rng: np.random.Generator, block: int = 1 << 16):
+    __slots__ = ("rng", "buf", "acc", "pos", "block", "neg_thr")
+
+    def __init__(self, rng: np.random.Generator, block: int = 1 << 16, thresholds: np.ndarray | None = None):
         self.rng, self.block = rng, block
         self.buf = np.empty(0)
+        self.neg_thr = None if thresholds is None else -np.asarray(thresholds, float)  # ascending
+        self.acc = np.empty(0, np.int64)
         self.pos = 0
+
+    def _fill(self, n: int) -> None:
+        if self.pos + n > len(self.buf):
+            fresh = self.rng.random(max(self.block, n))
+            self.buf = np.concatenate([self.buf[self.pos:], fresh])
+            if self.neg_thr is not None:  # -t_j < -U  ⟺  U < t_j, counted by one binary search per draw
+                self.acc = np.concatenate([self.acc[self.pos:], np.searchsorted(self.neg_thr, -fresh, side="left")])
+            self.pos = 0
 
     def peek(self, n: int) -> np.ndarray:
         """The next ``n`` values, without consuming them."""
-        if self.pos + n > len(self.buf):
-            self.buf = np.concatenate([self.buf[self.pos:], self.rng.random(max(self.block, n))])
-            self.pos = 0
+        self._fill(n)
         return self.buf[self.pos:self.pos + n]
 
-    def take(self, n: int) -> np.ndarray:
-        """The next ``n`` values, consumed."""
-        u = self.peek(n)
-        self.pos += n
-        return u
+    def peek_accepted(self, n: int) -> np.ndarray:
+        """The full-length accepted counts of the next ``n`` values (needs ``thresholds``), not consumed."""
+        self._fill(n)
+        return self.acc[self.pos:self.pos + n]
 
+    def skip(self, n: int) -> None:
+        """Consume the next ``n`` values."""
+        self._fill(n)
+        self.pos += n
 
 class _Running:
     """The running batch as aligned arrays in admission order.
@@ -271,7 +287,8 @@ class Replica:
         self.busy_s = 0.0
         self.n_iter = 0  # decode/verify iterations so far
         self.gamma_total = 0  # Σ γ over those iterations
-        self.uniforms = UniformStream(rng)
+        shared = reqs.shared_thr  # every request's thresholds, when they are all the same
+        self.uniforms = UniformStream(rng, thresholds=None if shared is None else shared[:cost.max_gamma])
         self.fast_forward = bool(fast_forward)
         self._plan: _Plan | None = None  # the fast-forward plan being waited on
         self._wake: simpy.Event | None = None
@@ -338,8 +355,18 @@ class Replica:
         if gamma == 0:
             acc = np.zeros(len(b), np.int64)
         else:
-            acc = (self.uniforms.take(len(b))[:, None] < b.thr[:, :gamma]).sum(axis=1)
+            acc = self._peek_accepted(1, gamma)[0]
+            self.uniforms.skip(len(b))
         return acc, np.minimum(acc + 1, b.s[:, _Running.LEFT])
+
+    def _peek_accepted(self, k: int, gamma: int) -> np.ndarray:
+        """Accepted draft tokens ``(k, batch)`` for the next k iterations at speculation length ``gamma`` ≥ 1
+        (draw j·batch + i goes to sequence i), without consuming the draws. A new array."""
+        n, stream = len(self.batch), self.uniforms
+        if stream.neg_thr is not None:
+            return np.minimum(stream.peek_accepted(k * n).reshape(k, n), gamma)
+        u = stream.peek(k * n).reshape(k, n)
+        return (u[:, :, None] < self.batch.thr[None, :, :gamma]).sum(axis=2)
 
     def _leave(self, sel, when: float | None) -> np.ndarray:
         """Remove rows ``sel`` from the batch and write their state back; ``when`` = finish time (or
@@ -464,10 +491,9 @@ class Replica:
         # Nobody can finish before iteration ceil(lmin / (γ+1)); the one with lmin tokens left is done by lmin.
         k = min(lmin, 2 * (-(-lmin // (gamma + 1))) + 4, self.PLAN_ITERATIONS)
         if gamma:
-            u = self.uniforms.peek(k * n).reshape(k, n)
-            cum = (u[:, :, None] < b.thr[None, :, :gamma]).sum(axis=2)
+            cum = self._peek_accepted(k, gamma)
             cum += 1
-            cum = cum.cumsum(axis=0)
+            np.cumsum(cum, axis=0, out=cum)
             first = int((cum < left).sum(axis=0).min())  # iterations before the first finish (k: none)
             tot = cum.sum(axis=1)
         else:
@@ -545,7 +571,7 @@ class Replica:
         s[:, _Running.LEFT] -= gained
         if p.gamma:
             s[:, _Running.ACC] += p.cum[rows - 1] - rows  # Σ accepted = Σ (accepted + 1) − iterations
-            self.uniforms.take(rows * n)
+            self.uniforms.skip(rows * n)
         self.n_iter += rows
         self.gamma_total += rows * p.gamma
         steps = p.steps[:rows] if isinstance(p.steps, list) else p.steps[:rows].tolist()

@@ -33,6 +33,7 @@ class RequestTable:
         self.accepted_sum = np.zeros(n, np.int64)  # Σ accepted draft tokens (before the output cap)
         self.rejected = np.zeros(n, bool)  # never served: needs more KV than a replica has
         self.accept_thr = np.ones((n, 1))  # P(≥ j draft tokens accepted), set by the simulator
+        self.shared_thr: np.ndarray | None = None  # the one row of accept_thr when all rows are equal
 
     def frame(self) -> pd.DataFrame:
         """One row per request with its timestamps and derived latencies (seconds)."""
