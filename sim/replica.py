@@ -229,15 +229,19 @@ class _Running:
     (context = prompt + generated, tokens), :data:`LEFT` (tokens still to generate), :data:`ACC` (accepted
     draft tokens while in this batch), :data:`IT0` and :data:`G0` (the replica's iteration count and Σγ when
     the request joined: its iterations and Σγ are differences at leave time). ``thr`` holds each
-    sequence's acceptance thresholds (see :meth:`AcceptanceModel.thresholds`).
+    sequence's acceptance thresholds (see :meth:`AcceptanceModel.thresholds`), or is ``None`` when every
+    request shares one row (the replica's uniform stream then holds the accepted counts).
+
+    Small reductions over the batch (≤ ``max_batch`` values) go through ``tolist()``: Python's ``sum`` and
+    ``min`` on a short list cost a fraction of a numpy reduction's call overhead.
     """
 
     ID, CTX, LEFT, ACC, IT0, G0 = range(6)
     __slots__ = ("s", "thr")
 
-    def __init__(self, k: int):
+    def __init__(self, k: int | None):
         self.s = np.empty((0, 6), np.int64)
-        self.thr = np.empty((0, k))
+        self.thr = None if k is None else np.empty((0, k))
 
     def __len__(self) -> int:
         return len(self.s)
@@ -246,20 +250,32 @@ class _Running:
     def ids(self) -> np.ndarray:
         return self.s[:, self.ID]
 
-    def extend(self, rows: np.ndarray, thr: np.ndarray) -> None:
+    def extend(self, rows: np.ndarray, thr: np.ndarray | None) -> None:
         self.s = np.concatenate([self.s, rows])
-        self.thr = np.concatenate([self.thr, thr])
+        if self.thr is not None:
+            self.thr = np.concatenate([self.thr, thr])
 
-    def take(self, sel) -> np.ndarray:
-        """Remove the rows selected by ``sel`` (a boolean mask or a slice) and return them."""
-        out = self.s[sel]
-        if isinstance(sel, slice):
-            keep = np.ones(len(self.s), bool)
-            keep[sel] = False
-        else:
-            keep = ~sel
-        self.s, self.thr = self.s[keep], self.thr[keep]
+    def take(self, sel: np.ndarray) -> np.ndarray:
+        """Remove the rows where the boolean mask ``sel`` is true and return them."""
+        out = self.s.compress(sel, axis=0)
+        keep = ~sel
+        self.s = self.s.compress(keep, axis=0)
+        if self.thr is not None:
+            self.thr = self.thr.compress(keep, axis=0)
         return out
+
+    def take_last(self) -> np.ndarray:
+        """Remove the most recently admitted row and return it."""
+        out = self.s[-1:].copy()
+        self.s = self.s[:-1]
+        if self.thr is not None:
+            self.thr = self.thr[:-1]
+        return out
+
+    def finished(self) -> np.ndarray | None:
+        """Boolean mask of the rows with no tokens left, or ``None`` when there are none."""
+        left = self.s[:, self.LEFT]
+        return left <= 0 if len(left) and min(left.tolist()) <= 0 else None
 
 
 class Replica:
@@ -280,7 +296,7 @@ class Replica:
         self.capacity = int(kv_capacity_tokens)
         self.admit_limit = self.capacity * (1.0 - watermark)
         self.waiting: deque[int] = deque()
-        self.batch = _Running(cost.max_gamma)
+        self.batch = _Running(cost.max_gamma if reqs.shared_thr is None else None)
         self.outstanding = 0
         self.kv_tokens = 0
         self.queued_tokens = 0
@@ -346,7 +362,8 @@ class Replica:
                 r.admitted[rid] = t0
                 r.first_token[rid] = first
             r.generated[rid] += 1
-        self.batch.extend(np.array(rows, np.int64).reshape(len(rows), 6), r.accept_thr[rids])
+        self.batch.extend(np.array(rows, np.int64).reshape(len(rows), 6),
+                          None if self.batch.thr is None else r.accept_thr[rids])
         return total
 
     def _speculate(self, gamma: int) -> tuple[np.ndarray, np.ndarray]:
@@ -368,10 +385,9 @@ class Replica:
         u = stream.peek(k * n).reshape(k, n)
         return (u[:, :, None] < self.batch.thr[None, :, :gamma]).sum(axis=2)
 
-    def _leave(self, sel, when: float | None) -> np.ndarray:
-        """Remove rows ``sel`` from the batch and write their state back; ``when`` = finish time (or
-        ``None`` for a preemption). Returns the ids that left."""
-        rows = self.batch.take(sel)
+    def _leave(self, rows: np.ndarray, when: float | None) -> np.ndarray:
+        """Write back the state of ``rows`` (taken out of the batch); ``when`` = finish time (or ``None`` for a
+        preemption). Returns the ids that left."""
         r = self.reqs
         for rid, ctx, _, acc, it0, g0 in rows.tolist():
             r.generated[rid] = ctx - r.prompt[rid]
@@ -427,7 +443,7 @@ class Replica:
                 return gamma, view, preempted
             if n == 1:  # a lone request always fits at γ = 0 (prompt + output ≤ capacity was checked)
                 return max(0, min(gamma, self.capacity - used - 1)), view, preempted
-            victim = self._leave(slice(n - 1, n), None)
+            victim = self._leave(b.take_last(), None)
             r.preemptions[victim] += 1
             self.waiting.appendleft(int(victim[0]))
             self.queued_tokens += int(r.prompt[victim[0]])
@@ -443,9 +459,9 @@ class Replica:
             prefill_s = 0.0
             if admitted:
                 prefill_s = self._prefill(admitted, t0)
-                first_done = b.s[:, _Running.LEFT] <= 0
-                if first_done.any():
-                    self._leave(first_done, t0 + prefill_s)
+                done = b.finished()
+                if done is not None:
+                    self._leave(b.take(done), t0 + prefill_s)
             if len(b) and self.fast_forward:
                 plan = self._make_plan(t0, prefill_s, len(admitted))
                 if plan is not None:
@@ -464,10 +480,10 @@ class Replica:
             if n:
                 tokens, accepted = self._advance(gamma, acc, gain)
                 self.policy.observe(view, gamma, acc)
-                done = b.s[:, _Running.LEFT] <= 0
-                if done.any():
-                    self._leave(done, env.now)
-            self.kv_tokens = int(b.s[:, _Running.CTX].sum())
+                done = b.finished()
+                if done is not None:
+                    self._leave(b.take(done), env.now)
+            self.kv_tokens = sum(b.s[:, _Running.CTX].tolist())
             self.log.add(t0, self.index, n, gamma, prefill_s, step_s, tokens + len(admitted), accepted,
                          len(admitted), preempted, len(self.waiting), self.kv_tokens, ctx_mean)
 
@@ -478,7 +494,7 @@ class Replica:
         iteration must be stepped alone (a learning policy, or a preemption is due)."""
         b = self.batch
         s, n = b.s, len(b)
-        ctx0 = int(s[:, _Running.CTX].sum())
+        ctx0 = sum(s[:, _Running.CTX].tolist())
         steady = self.policy.steady_gamma(n, ctx0 / n)
         if steady is None:
             return None
@@ -487,15 +503,16 @@ class Replica:
         if gamma < 0 or slack < 0:
             return None  # _pick_gamma reports the bad γ / preempts
         left = s[:, _Running.LEFT]
-        lmin = int(left.min())
+        lmin = min(left.tolist())
         # Nobody can finish before iteration ceil(lmin / (γ+1)); the one with lmin tokens left is done by lmin.
         k = min(lmin, 2 * (-(-lmin // (gamma + 1))) + 4, self.PLAN_ITERATIONS)
         if gamma:
             cum = self._peek_accepted(k, gamma)
             cum += 1
-            np.cumsum(cum, axis=0, out=cum)
-            first = int((cum < left).sum(axis=0).min())  # iterations before the first finish (k: none)
-            tot = cum.sum(axis=1)
+            np.add.accumulate(cum, axis=0, out=cum)  # (the ufunc itself: np.cumsum's wrapper costs more)
+            # Iterations before the first finish (k: none); "someone is done" never turns false again.
+            first = k - np.count_nonzero(np.logical_or.reduce(cum >= left, axis=1))
+            tot = np.add.reduce(cum, axis=1)
         else:
             cum, first = None, lmin - 1
             tot = np.arange(n, n * (k + 1), n)
@@ -535,7 +552,7 @@ class Replica:
             times[0] = t0
             times[1:] = steps
             times[1] = prefill_s + times[1]
-            times = times.cumsum()
+            np.add.accumulate(times, out=times)
             p.ends = times[1:].tolist()
         p.t0, p.prefill_s, p.admitted, p.n, p.gamma = t0, prefill_s, admitted, n, gamma
         p.cum, p.tot, p.ctx0 = cum, tot, ctx0
@@ -581,9 +598,9 @@ class Replica:
         self.busy_s = busy
         cut = 0
         if finishing:
-            cut = int(p.tot[rows - 1]) - int(gained.sum())  # tokens the output caps cut off
-            self._leave(s[:, _Running.LEFT] <= 0, self.env.now)
-            self.kv_tokens = int(b.s[:, _Running.CTX].sum())
+            cut = int(p.tot[rows - 1]) - sum(gained.tolist())  # tokens the output caps cut off
+            self._leave(b.take(s[:, _Running.LEFT] <= 0), self.env.now)
+            self.kv_tokens = sum(b.s[:, _Running.CTX].tolist())
         else:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
         queued_from = [j for j in (bisect_left(p.ends, when) for when in p.submitted) if j < rows]
@@ -612,10 +629,11 @@ class Replica:
             prefill_s = self._prefill(batch, t0)
             b0 = len(batch)
             pad_ctx = 0  # context of sequences that finished but still occupy their batch slot
-            done = b.s[:, _Running.LEFT] <= 0
-            if done.any():
-                pad_ctx += int(b.s[done, _Running.CTX].sum())
-                self._leave(done, t0 + prefill_s)
+            done = b.finished()
+            if done is not None:
+                rows = b.take(done)
+                pad_ctx += int(rows[:, _Running.CTX].sum())
+                self._leave(rows, t0 + prefill_s)
             first = True
             while len(b) or first:
                 ts = env.now
@@ -632,10 +650,11 @@ class Replica:
                 if len(b):
                     tokens, accepted = self._advance(gamma, acc, gain)
                     self.policy.observe(view, gamma, acc)
-                    done = b.s[:, _Running.LEFT] <= 0
-                    if done.any():
-                        pad_ctx += int(b.s[done, _Running.CTX].sum())
-                        self._leave(done, env.now)
+                    done = b.finished()
+                    if done is not None:
+                        rows = b.take(done)
+                        pad_ctx += int(rows[:, _Running.CTX].sum())
+                        self._leave(rows, env.now)
                 self.kv_tokens = int(b.s[:, _Running.CTX].sum()) + pad_ctx
                 self.log.add(t0 if first else ts, self.index, b0 if step_s else 0, gamma, pre, step_s,
                              tokens + (b0 if first else 0), accepted, b0 if first else 0, 0, len(self.waiting),
