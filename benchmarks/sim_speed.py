@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -77,29 +78,40 @@ def part1(cost, repeats: int) -> None:
                   f"{float(r.iterations['batch'].mean()):10.1f} {len(w) / wall / 10_000:8.2f} {b:10.2f} {b / wall:8.2f}")
 
 
-def part2_child(n: int, profile: str) -> None:
+def part2_child(n: int, profile: str, workers: int) -> None:
     cost = CostModel(load_profile(resolve_profile(profile)), max_batch=32)
     lengths = conv_trace()
-    cluster = ClusterConfig(replicas=64, max_batch=32)
+    cluster = ClusterConfig(replicas=64, max_batch=32, workers=workers)
     w = synthetic(n, rate=1.0, lengths_from=lengths, seed=0, name="conv-resampled")
     w = set_rate(w, 0.8 * estimate_capacity(cost, w, cluster))
     t = time.perf_counter()
     r = simulate(w, cost, make_policy("fixed", gamma=4), AcceptanceModel(alpha=0.7), cluster, seed=0)
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker's
     done = int(r.requests["finished_s"].notna().sum())
-    print(json.dumps({"requests": n, "completed": done, "wall_s": wall, "peak_rss_mib": peak,
+    print(json.dumps({"requests": n, "workers": workers, "completed": done, "wall_s": wall, "peak_rss_mib": peak,
+                      "worker_peak_rss_mib": worker_peak,
                       "iterations": len(r.iterations), "mean_batch": float(r.iterations["batch"].mean())}))
 
 
-def part2(n: int, profile: str) -> None:
-    out = subprocess.run([sys.executable, __file__, "--child", str(n), "--profile", profile], capture_output=True,
-                         text=True, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"\n{res['requests']:,} requests (conv lengths resampled, Poisson at 0.8 capacity), 64 replicas, γ = 4")
-    print(f"  wall {res['wall_s']:.1f} s ({res['requests'] / res['wall_s']:,.0f} sim req/s; goal ≤ 120 s: "
-          f"{120 / res['wall_s']:.2f}× margin), peak RSS {res['peak_rss_mib']:.0f} MiB, "
-          f"{res['iterations']:,} iterations, mean batch {res['mean_batch']:.1f}, completed {res['completed']:,}")
+def child(n: int, profile: str, workers: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", str(n), "--profile", profile, "--workers", str(workers)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def part2(n: int, profile: str, workers: int, ratio_requests: int) -> None:
+    print(f"\n64 replicas, γ = 4, conv lengths resampled, Poisson at 0.8 capacity, round robin; {workers} worker(s)")
+    if workers > 1 and ratio_requests:
+        one, many = child(ratio_requests, profile, 1), child(ratio_requests, profile, workers)
+        print(f"  {ratio_requests:,} requests: 1 process {one['wall_s']:.1f} s, {workers} workers {many['wall_s']:.1f} s "
+              f"({one['wall_s'] / many['wall_s']:.2f}× faster)")
+    res = child(n, profile, workers)
+    print(f"  {res['requests']:,} requests: wall {res['wall_s']:.1f} s ({res['requests'] / res['wall_s']:,.0f} sim req/s; "
+          f"goal ≤ 120 s: {120 / res['wall_s']:.2f}× margin), peak RSS {res['peak_rss_mib']:.0f} MiB "
+          f"(largest worker {res['worker_peak_rss_mib']:.0f} MiB), {res['iterations']:,} iterations, "
+          f"mean batch {res['mean_batch']:.1f}, completed {res['completed']:,}")
 
 
 def main() -> None:
@@ -108,17 +120,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--large-requests", type=int, default=1_000_000)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="processes for part 2 (cluster.workers; default: this machine's CPUs)")
+    ap.add_argument("--ratio-requests", type=int, default=100_000,
+                    help="part 2 also times this many requests with 1 process and with --workers (0: skip)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     if a.child:
-        part2_child(a.child, a.profile)
+        part2_child(a.child, a.profile, a.workers)
         return
     profile = load_profile(resolve_profile(a.profile))
     print(f"profile: {profile.name} ({profile.meta['device'].get('name')}); numpy {np.__version__}")
     part1(CostModel(profile, max_batch=32), a.repeats)
     if not a.skip_large:
-        part2(a.large_requests, a.profile)
+        part2(a.large_requests, a.profile, a.workers, a.ratio_requests)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,19 @@ replicas' state at that instant:
 
 A request whose prompt + output exceeds a replica's KV capacity can never be served: it is rejected at
 arrival, counted, and never enters a queue.
+
+**Parallel workers.** Under ``round_robin`` and ``random`` routing every request's replica is fixed before
+the run (the router never looks at replica state), and replicas share nothing else: each has its own
+random stream and its own copy of the policy. ``workers > 1`` then splits the replicas into that many
+groups and simulates each group in its own process; the merged tables are identical to one process's
+(same floats, same row order). The state-aware routers need every replica in one environment.
 """
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,14 +31,15 @@ import pandas as pd
 import simpy
 
 from .acceptance import AcceptanceModel
-from .cost_model import CostModel
+from .cost_model import CostModel, ExtrapolationWarning
 from .policies import Policy
 from .events import URGENT, at_time
-from .replica import IterationLog, Replica
+from .replica import IterationLog, Replica, iterations_frame, sort_rows
 from .requests import RequestTable
 from .workload import Workload
 
 ROUTERS = ("round_robin", "random", "least_outstanding", "least_kv")
+STATE_FREE_ROUTERS = ("round_robin", "random")  # route from the request sequence alone
 
 
 @dataclass
@@ -43,6 +53,7 @@ class ClusterConfig:
     kv_capacity_tokens: int | None = None
     watermark: float = 0.01
     fast_forward: bool = True  # identical results either way; False steps one SimPy event per iteration
+    workers: int = 1  # processes simulating disjoint replica groups (state-free routers); identical results
 
     def validate(self) -> None:
         if not isinstance(self.replicas, (int, np.integer)) or self.replicas < 1:
@@ -59,6 +70,12 @@ class ClusterConfig:
             raise ValueError(f"cluster.watermark is {self.watermark}; expected a fraction in [0, 1)")
         if not isinstance(self.fast_forward, (bool, np.bool_)):
             raise ValueError(f"cluster.fast_forward is {self.fast_forward!r}; expected true or false")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, (int, np.integer)) or self.workers < 1:
+            raise ValueError(f"cluster.workers is {self.workers!r}; expected an integer ≥ 1")
+        if self.workers > 1 and self.replicas > 1 and self.router not in STATE_FREE_ROUTERS:
+            raise ValueError(f"cluster.workers is {self.workers} but router {self.router!r} looks at every replica's "
+                             f"state, so all replicas must share one process: use workers: 1, or a router from "
+                             f"{list(STATE_FREE_ROUTERS)}")
 
 
 def kv_capacity_tokens(cost: CostModel, policy: Policy, cfg: ClusterConfig) -> int:
@@ -115,39 +132,107 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     policy.setup(cost, acceptance, reference_context)
     capacity = kv_capacity_tokens(cost, policy, cluster)
 
-    env = simpy.Environment()
-    log = IterationLog()
-    # Each replica gets its own copy of the (set-up) policy, so online state is per replica.
-    replicas = [Replica(env, i, reqs, cost, copy.deepcopy(policy), acceptance, np.random.default_rng(seeds[i + 2]), log,
-                        max_batch=cluster.max_batch, kv_capacity_tokens=capacity, watermark=cluster.watermark,
-                        mode=cluster.mode, fast_forward=cluster.fast_forward) for i in range(cluster.replicas)]
     too_big = (reqs.prompt + reqs.output) > capacity
     reqs.rejected[:] = too_big
-    env.process(_arrivals(env, reqs, replicas, cluster.router, np.random.default_rng(seeds[1])))
-    env.run()
+    route = static_routes(reqs.rejected, cluster.router, cluster.replicas, np.random.default_rng(seeds[1]))
+    groups = np.array_split(np.arange(cluster.replicas), min(cluster.workers, cluster.replicas))
+    setup = (cost, policy, acceptance, cluster, capacity)
+    if len(groups) == 1:
+        data, busy = _simulate_group(reqs, route, list(range(cluster.replicas)), seeds[2:], *setup)
+    else:
+        data, busy = _simulate_groups(reqs, route, groups, seeds[2:], *setup)
 
     unfinished = np.flatnonzero(np.isnan(reqs.finished) & ~reqs.rejected)
     if len(unfinished):  # a defect, never an expected outcome: every admitted request must finish
         raise RuntimeError(f"simulation ended with {len(unfinished)} unfinished requests (first id {unfinished[0]})")
-    iters = log.frame(sort=True)
     fin = reqs.finished[~reqs.rejected]
     makespan = float(np.nanmax(fin)) if len(fin) else 0.0
-    return SimResult(requests=reqs.frame(), iterations=iters, busy_s=[r.busy_s for r in replicas],
+    return SimResult(requests=reqs.frame(), iterations=iterations_frame(data), busy_s=busy,
                      makespan_s=makespan, kv_capacity_tokens=capacity, policy=policy.describe())
 
 
-def _arrivals(env: simpy.Environment, reqs: RequestTable, replicas: list[Replica], router: str,
-              rng: np.random.Generator):
-    """Dispatch requests at their arrival times (one wake-up per distinct arrival time)."""
+def static_routes(rejected: np.ndarray, router: str, replicas: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Each request's replica (-1: rejected) for a router that ignores replica state, else ``None``.
+    ``round_robin`` counts only served requests; ``random`` draws one integer per request from ``rng``."""
+    if router == "round_robin":
+        route = np.full(len(rejected), -1, np.int64)
+        served = ~rejected
+        route[served] = np.arange(int(served.sum())) % replicas
+        return route
+    if router == "random":
+        route = rng.integers(0, replicas, len(rejected))
+        route[rejected] = -1
+        return route
+    return None
+
+
+def _simulate_group(reqs: RequestTable, route: np.ndarray | None, indices: list[int],
+                    seeds: list[np.random.SeedSequence], cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
+                    cluster: ClusterConfig, capacity: int) -> tuple[np.ndarray, list[float]]:
+    """Run replicas ``indices`` (seeded from ``seeds[index]``) over ``reqs`` in one SimPy environment; every
+    request in ``reqs`` is either rejected or routed to one of them. Returns the sorted iteration rows and
+    each replica's busy seconds."""
+    env = simpy.Environment()
+    log = IterationLog()
+    # Each replica gets its own copy of the (set-up) policy, so online state is per replica.
+    replicas = {i: Replica(env, i, reqs, cost, copy.deepcopy(policy), acceptance, np.random.default_rng(seeds[i]), log,
+                           max_batch=cluster.max_batch, kv_capacity_tokens=capacity, watermark=cluster.watermark,
+                           mode=cluster.mode, fast_forward=cluster.fast_forward) for i in indices}
+    env.process(_arrivals(env, reqs, replicas, cluster.router, route))
+    env.run()
+    return log.data(sort=True), [replicas[i].busy_s for i in indices]
+
+
+def _group_worker(reqs, route, indices, seeds, cost, policy, acceptance, cluster, capacity):
+    """:func:`_simulate_group` in a worker process; also returns the warnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data, busy = _simulate_group(reqs, route, indices, seeds, cost, policy, acceptance, cluster, capacity)
+    return reqs, data, busy, [(w.category, str(w.message)) for w in caught]
+
+
+def _simulate_groups(reqs: RequestTable, route: np.ndarray, groups: list[np.ndarray], seeds, cost: CostModel,
+                     policy: Policy, acceptance: AcceptanceModel, cluster: ClusterConfig,
+                     capacity: int) -> tuple[np.ndarray, list[float]]:
+    """:func:`_simulate_group` for each replica group in its own process (fresh interpreters: ``spawn``);
+    request state is written back into ``reqs``, iteration rows merged in start-time, replica order."""
+    jobs = []
+    for g in groups:
+        ids = np.flatnonzero(np.isin(route, g))
+        sub_route = route[ids]
+        jobs.append((ids, (reqs.subset(ids), sub_route, g.tolist(), seeds, cost, policy, acceptance, cluster, capacity)))
+    busy: list[float] = []
+    parts = []
+    seen: set[str] = set()
+    with ProcessPoolExecutor(max_workers=len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_group_worker, *args) for _, args in jobs]
+        for (ids, _), fut in zip(jobs, futures):
+            sub, data, group_busy, caught = fut.result()
+            reqs.update(ids, sub)
+            parts.append(data)
+            busy += group_busy
+            for category, message in caught:  # re-issued here, once each (the cost model warns once)
+                if message not in seen and not (issubclass(category, ExtrapolationWarning) and cost.warned):
+                    seen.add(message)
+                    if issubclass(category, ExtrapolationWarning):
+                        cost.warned = True
+                    warnings.warn(message, category, stacklevel=3)
+    return sort_rows(np.concatenate(parts, axis=1)), busy
+
+
+def _arrivals(env: simpy.Environment, reqs: RequestTable, replicas: dict[int, Replica], router: str,
+              route: np.ndarray | None):
+    """Dispatch requests at their arrival times (one wake-up per distinct arrival time): to ``route[rid]``
+    when the routes are fixed in advance, else by the state-aware ``router`` over ``replicas``."""
     t = reqs.arrival
-    n, k = len(t), len(replicas)
+    n = len(t)
     # Group simultaneous arrivals: boundaries where the time changes.
     starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]]).tolist()
     starts.append(n)
     times = t.tolist()
     rejected = reqs.rejected
-    rr = 0
-    rand = rng.integers(0, k, n) if router == "random" else None
+    fixed = None if route is None else route.tolist()
+    pool = list(replicas.values())
     for g in range(len(starts) - 1):
         lo, hi = starts[g], starts[g + 1]
         if times[lo] > env.now:
@@ -155,13 +240,10 @@ def _arrivals(env: simpy.Environment, reqs: RequestTable, replicas: list[Replica
         for rid in range(lo, hi):
             if rejected[rid]:
                 continue
-            if router == "round_robin":
-                target = replicas[rr % k]
-                rr += 1
-            elif router == "random":
-                target = replicas[rand[rid]]
+            if fixed is not None:
+                target = replicas[fixed[rid]]
             elif router == "least_outstanding":
-                target = min(replicas, key=lambda r: r.outstanding)
+                target = min(pool, key=lambda r: r.outstanding)
             else:
-                target = min(replicas, key=lambda r: r.kv_in_use() + r.queued_tokens)
+                target = min(pool, key=lambda r: r.kv_in_use() + r.queued_tokens)
             target.submit(rid)

@@ -77,7 +77,7 @@ class CostModel:
         self.profile = profile
         self.max_batch = int(max_batch)
         self.max_gamma = int(max_gamma)
-        self._warned = False
+        self.warned = False  # True once this model has issued its (single) extrapolation warning
         steps = profile.ok_steps
         path = profile.path
         tgt = steps[(steps["model"] == "target") & steps["phase"].isin(["decode", "verify"])]
@@ -140,8 +140,8 @@ class CostModel:
         self._range_notes = notes
 
     def _warn(self, what: str) -> None:
-        if not self._warned:
-            self._warned = True
+        if not self.warned:
+            self.warned = True
             warnings.warn(f"profile {self.profile.name}: extrapolating beyond the measured grid ({what}); "
                           "see sim.cost_model for the rule", ExtrapolationWarning, stacklevel=3)
 
@@ -188,7 +188,7 @@ class CostModel:
             raise ValueError(f"batch {batch} outside 1..{self.max_batch} (the cost model's max_batch)")
         if gamma < 0 or gamma > self.max_gamma:
             raise ValueError(f"gamma {gamma} outside 0..{self.max_gamma} (the cost model's max_gamma)")
-        if self._range_notes and not self._warned:
+        if self._range_notes and not self.warned:
             bmax = min(self.verify_axes[1][-1], self.draft_axes[0][-1])
             if batch > bmax or gamma + 1 > self.verify_axes[0][-1]:
                 self._warn("; ".join(self._range_notes))

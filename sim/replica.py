@@ -150,19 +150,31 @@ class IterationLog:
     def __len__(self) -> int:
         return len(self.cols[0]) + sum(b.shape[1] for b in self.blocks) + self._rows
 
-    def frame(self, sort: bool = False) -> pd.DataFrame:
-        """The iterations table (integer columns as int64), in append order (single rows first, then
-        plans) or, with ``sort``, by start time then replica (stable). Empties the log: its memory goes
-        to the table."""
+    def data(self, sort: bool = False) -> np.ndarray:
+        """The rows as one float64 matrix ``(len(ITERATION_COLUMNS), rows)``, in append order (single rows
+        first, then plans) or, with ``sort``, by start time then replica (:func:`sort_rows`). Empties the
+        log: its memory goes to the matrix."""
         self._flush()
         parts = [np.array([np.frombuffer(col, dtype=float) for col in self.cols])] + self.blocks
         self.__init__()
         data = np.concatenate(parts, axis=1)
         del parts
-        if sort:
-            data = data[:, np.lexsort((data[1], data[0]))]  # lexsort is stable
-        cols = {c: data[i].astype(np.int64) if c in INT_COLUMNS else data[i] for i, c in enumerate(ITERATION_COLUMNS)}
-        return pd.DataFrame(cols, copy=False)
+        return sort_rows(data) if sort else data
+
+    def frame(self, sort: bool = False) -> pd.DataFrame:
+        """:meth:`data` as the iterations table (:func:`iterations_frame`)."""
+        return iterations_frame(self.data(sort))
+
+
+def sort_rows(data: np.ndarray) -> np.ndarray:
+    """Iteration rows (a :meth:`IterationLog.data` matrix) ordered by start time, then replica; stable."""
+    return data[:, np.lexsort((data[1], data[0]))]
+
+
+def iterations_frame(data: np.ndarray) -> pd.DataFrame:
+    """The iterations table from a :meth:`IterationLog.data` matrix (integer columns as int64)."""
+    cols = {c: data[i].astype(np.int64) if c in INT_COLUMNS else data[i] for i, c in enumerate(ITERATION_COLUMNS)}
+    return pd.DataFrame(cols, copy=False)
 
 
 class _Plan:

@@ -35,6 +35,25 @@ class RequestTable:
         self.accept_thr = np.ones((n, 1))  # P(≥ j draft tokens accepted), set by the simulator
         self.shared_thr: np.ndarray | None = None  # the one row of accept_thr when all rows are equal
 
+    INPUTS = ("arrival", "prompt", "output", "rejected", "accept_thr")
+    STATE = ("generated", "replica", "admitted", "first_token", "finished", "iterations", "preemptions", "gamma_sum",
+             "accepted_sum")
+
+    def subset(self, ids: np.ndarray) -> "RequestTable":
+        """A copy holding only the requests ``ids`` (renumbered 0..len(ids)-1 in that order)."""
+        sub = object.__new__(RequestTable)
+        sub.n = len(ids)
+        for name in self.INPUTS + self.STATE:
+            setattr(sub, name, getattr(self, name)[ids])
+        sub.request_class = None if self.request_class is None else self.request_class[ids]
+        sub.shared_thr = self.shared_thr
+        return sub
+
+    def update(self, ids: np.ndarray, sub: "RequestTable") -> None:
+        """Copy the simulation state of ``sub`` (a :meth:`subset` for ``ids``) back into these rows."""
+        for name in self.STATE:
+            getattr(self, name)[ids] = getattr(sub, name)
+
     def frame(self) -> pd.DataFrame:
         """One row per request with its timestamps and derived latencies (seconds)."""
         out = self.output

@@ -1,0 +1,72 @@
+"""Parallel replica groups (``cluster.workers``): identical to one process under state-free routers."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import linear_step, write_formula_profile
+from sim.acceptance import AcceptanceModel
+from sim.cluster import ClusterConfig, simulate, static_routes
+from sim.cost_model import CostModel, ExtrapolationWarning
+from sim.policies import make_policy
+from sim.profile import load_profile
+from sim.workload import synthetic
+
+
+@pytest.fixture(scope="module")
+def cost(tmp_path_factory):
+    folder = write_formula_profile(tmp_path_factory.mktemp("p") / "formula", verify=linear_step(0.010, 0.0005, knee=64),
+                                   draft=linear_step(0.001, 0.00002), contexts=(128, 512))  # longer contexts extrapolate
+    return CostModel(load_profile(folder), max_batch=8)
+
+
+def _run(cost, cluster, policy=("fixed", {"gamma": 3}), concentration=None, n=400):
+    w = synthetic(n, rate=60.0, prompt_lognormal=(300, 0.9), output_lognormal=(60, 0.8), seed=5)
+    acc = AcceptanceModel(alpha=0.7, concentration=concentration)
+    return simulate(w, cost, make_policy(policy[0], **policy[1]), acc, cluster, seed=11)
+
+
+@pytest.mark.parametrize("router,policy,concentration,mode", [
+    ("round_robin", ("fixed", {"gamma": 3}), None, "continuous"),
+    ("random", ("goodput", {}), 4.0, "continuous"),  # a learning policy, heterogeneous acceptance
+    ("round_robin", ("adaptive", {}), 4.0, "static"),
+])
+def test_workers_give_the_same_tables_as_one_process(cost, router, policy, concentration, mode):
+    base = dict(replicas=5, max_batch=8, router=router, mode=mode, kv_capacity_tokens=3000)
+    one = _run(cost, ClusterConfig(**base), policy, concentration)
+    two = _run(cost, ClusterConfig(**base, workers=2), policy, concentration)
+    pd.testing.assert_frame_equal(one.requests, two.requests, check_exact=True)
+    pd.testing.assert_frame_equal(one.iterations, two.iterations, check_exact=True)
+    assert one.busy_s == two.busy_s and one.makespan_s == two.makespan_s
+    assert one.requests["rejected"].any() and one.requests["finished_s"].notna().sum() > 300  # some too big for the KV
+    assert sorted(one.requests.loc[~one.requests["rejected"], "replica"].unique()) == [0, 1, 2, 3, 4]
+
+
+def test_a_worker_extrapolation_warning_reaches_the_caller_once(cost):
+    fresh = CostModel(cost.profile, max_batch=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(fresh, ClusterConfig(replicas=4, max_batch=8, workers=2), n=200)
+    extrapolations = [w for w in caught if issubclass(w.category, ExtrapolationWarning)]
+    assert len(extrapolations) == 1 and "extrapolating" in str(extrapolations[0].message)
+    assert fresh.warned
+
+
+def test_static_routes_match_the_routers():
+    rejected = np.array([False, True, False, False, True, False, False])
+    np.testing.assert_array_equal(static_routes(rejected, "round_robin", 3, np.random.default_rng(0)),
+                                  [0, -1, 1, 2, -1, 0, 1])  # rejected requests take no turn
+    rnd = static_routes(rejected, "random", 3, np.random.default_rng(0))
+    np.testing.assert_array_equal(rnd[rejected], -1)
+    np.testing.assert_array_equal(rnd[~rejected], np.random.default_rng(0).integers(0, 3, 7)[~rejected])
+    assert static_routes(rejected, "least_kv", 3, np.random.default_rng(0)) is None
+
+
+@pytest.mark.parametrize("router", ["least_kv", "least_outstanding"])
+def test_state_aware_routers_refuse_workers(router):
+    with pytest.raises(ValueError, match=f"cluster.workers is 2 but router '{router}' looks at every replica"):
+        ClusterConfig(replicas=4, router=router, workers=2).validate()
+    ClusterConfig(replicas=1, router=router, workers=2).validate()  # one replica: nothing to split
