@@ -217,7 +217,9 @@ def _simulate_groups(reqs: RequestTable, route: np.ndarray, groups: list[np.ndar
                     if issubclass(category, ExtrapolationWarning):
                         cost.warned = True
                     warnings.warn(message, category, stacklevel=3)
-    return sort_rows(np.concatenate(parts, axis=1)), busy
+    data = np.concatenate(parts, axis=1)
+    parts.clear()  # before sorting: at most two copies of the rows at once
+    return sort_rows(data), busy
 
 
 def _arrivals(env: simpy.Environment, reqs: RequestTable, replicas: dict[int, Replica], router: str,
