@@ -402,9 +402,9 @@ class Engine:
                 rep._prefill(admitted, t0)
                 t1 = now()
                 reqs.first_token[fresh] = t1
-                first_done = b.s[:, _Running.LEFT] <= 0
-                if first_done.any():
-                    free(rep._leave(first_done, t1))
+                first_done = b.finished()
+                if first_done is not None:
+                    free(rep._leave(b.take(first_done), t1))
             else:
                 t1 = t0
             gamma = preempted = tokens = accepted = n = 0
@@ -441,9 +441,9 @@ class Engine:
                 last_tok[:n] = next_tok
                 tokens, accepted = rep._advance(gamma, acc_rows, gain)
                 rep.policy.observe(view, gamma, acc_rows)
-                done = b.s[:, _Running.LEFT] <= 0
-                if done.any():
-                    free(rep._leave(done, now()))
+                done = b.finished()
+                if done is not None:
+                    free(rep._leave(b.take(done), now()))
             t2 = now()
             rep.busy_s += t2 - t0
             rep.kv_tokens = int(b.s[:, _Running.CTX].sum())
