@@ -24,14 +24,9 @@ engine itself (never fitted to a validation run):
   uniform step at the same (b, γ, mean context), as extra seconds per target forward and per draft forward
   (least squares over micro-benchmarked points with uniform and mixed contexts).
 
-The report compares the engine with five simulator variants, cumulatively: ``profile`` (the plain
-profile, the baseline), ``+sched``, ``+prefill``, ``model`` (all three terms) and ``+drift``, so that it
-shows what each term buys. ``+drift`` also scales every time by the machine's speed when the engine ran
-relative to when the engine-side terms were calibrated (minutes after profiling): a fixed probe of the
-engine's batched step on uniform contexts (:func:`speed_probe`) is timed after calibration and again right
-before each engine run, and the drift is the median ratio over the probe's points. On a dedicated
-accelerator it stays near 1; on a shared VM the machine's speed wanders by tens of percent within minutes,
-and the probe measures it without looking at the validation run. The ``adaptive`` policy's γ table is built once (from the ``model`` costs) and shared by
+The report compares the engine with four simulator variants, cumulatively: ``profile`` (the plain
+profile, the baseline), ``+sched``, ``+prefill`` and ``model`` (all three terms), so that it shows what
+each term buys. The ``adaptive`` policy's γ table is built once (from the ``model`` costs) and shared by
 the engine and every variant, so all of them replay the same decisions.
 """
 from __future__ import annotations
@@ -54,8 +49,7 @@ HEADLINE = ("latency_mean", "latency_p99", "throughput_tok_s")
 POLICIES = {"none": {}, "fixed": {"gamma": 4}, "adaptive": {}}
 FIXES = ("sched", "prefill", "mixed")
 # cumulative: what each engine-side term buys on top of the previous ones
-VARIANTS = (("profile", ()), ("+sched", ("sched",)), ("+prefill", ("sched", "prefill")), ("model", FIXES),
-            ("+drift", FIXES + ("drift",)))
+VARIANTS = (("profile", ()), ("+sched", ("sched",)), ("+prefill", ("sched", "prefill")), ("model", FIXES))
 
 # the reduced validation: tiny pair, small grid, short trace slice
 REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, loads=(0.3, 0.6), max_batch=8, max_prompt=96,
@@ -185,9 +179,8 @@ def _cost_class():
     class EngineCostModel(CostModel):
         """The profile's cost model plus the engine-side terms of :class:`Overheads` (see module docstring)."""
 
-        def __init__(self, profile, overheads: Overheads, fixes=FIXES, drift: float = 1.0, **kw):
+        def __init__(self, profile, overheads: Overheads, fixes=FIXES, **kw):
             self.overheads, self.fixes = overheads, tuple(fixes)
-            self.drift = drift if "drift" in self.fixes else 1.0  # machine speed factor (1: as calibrated)
             super().__init__(profile, **kw)
 
         def iteration(self, batch: int, gamma: int, context: float) -> float:
@@ -197,7 +190,7 @@ def _cost_class():
                 t += o.verify_s + gamma * o.draft_s
             if "sched" in self.fixes:
                 t += o.sched_base_s + o.sched_per_seq_s * batch
-            return t * self.drift
+            return t
 
         def iteration_many(self, batch: int, gamma: int, contexts):
             t = super().iteration_many(batch, gamma, contexts)
@@ -206,44 +199,21 @@ def _cost_class():
                 t = t + (o.verify_s + gamma * o.draft_s)
             if "sched" in self.fixes:
                 t = t + (o.sched_base_s + o.sched_per_seq_s * batch)
-            return t * self.drift
+            return t
 
         def prefill(self, prompt_tokens: float, model: str = "target") -> float:
             t = super().prefill(prompt_tokens, model)
-            return (t + (self.overheads.prefill_s if "prefill" in self.fixes else 0.0)) * self.drift
+            return t + (self.overheads.prefill_s if "prefill" in self.fixes else 0.0)
 
     return EngineCostModel
 
 
-def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_gamma: int, drift: float = 1.0):
+def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_gamma: int):
     from sim.cost_model import CostModel
 
     if overheads is None or not fixes:
         return CostModel(profile, max_batch=max_batch, max_gamma=max_gamma)
-    return _cost_class()(profile, overheads, fixes, drift=drift, max_batch=max_batch, max_gamma=max_gamma)
-
-
-def speed_probe(engine, cost, *, repeats: int = 5) -> list[float]:
-    """The engine's batched speculative step timed on fixed uniform-context points — batch 1, 4 and
-    ``max_batch``, γ 0 and 2, the profile's shortest context — median seconds of ``repeats`` after one
-    warm-up each, on the engine's clock. Two probes' ratio is the machine's speed drift between them."""
-    import torch
-
-    clock = time.perf_counter if engine.cfg.clock == "wall" else time.process_time
-    c = int(max(8, min(cost.contexts[0], engine.max_len // 2)))
-    out = []
-    for b in sorted({1, min(4, engine.cfg.max_batch), engine.cfg.max_batch}):
-        for g in sorted({0, min(2, cost.max_gamma)}):
-            last = torch.zeros(b, dtype=torch.long, device=engine.device)
-            lens = torch.full((b,), c - 1, device=engine.device)
-            engine.spec_step(last, lens, g, None)
-            ts = []
-            for _ in range(repeats):
-                t0 = clock()
-                engine.spec_step(last, lens, g, None)
-                ts.append(clock() - t0)
-            out.append(float(np.median(ts)))
-    return out
+    return _cost_class()(profile, overheads, fixes, max_batch=max_batch, max_gamma=max_gamma)
 
 
 def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, max_prompt: int = 96,
@@ -421,9 +391,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     log("calibrating the engine-side terms ...")
     over, cal = calibrate(engine, plain, acc, max_prompt=max_prompt, max_output=max_output)
     log(f"  {over}")
-    probe_ref = np.array(speed_probe(engine, plain))
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
-    final = costs[[name for name, fixes in variants if "drift" not in fixes][-1]]  # the adaptive policy's table
+    final = costs[variants[-1][0]]
     cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity)
     base = trace_slice(requests, start=trace_start, max_prompt=max_prompt, max_output=max_output)
     capacity = estimate_capacity(plain, base, cluster)
@@ -433,9 +402,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         ref_ctx = float(w.prompt_tokens.mean() + w.output_tokens.mean() / 2)
         for pname in policies:
             pol = frozen_policy(pname, final, acc, ref_ctx)
-            real_runs, drifts = [], []
+            real_runs = []
             for rep in range(repeats):
-                drifts.append(float(np.median(np.array(speed_probe(engine, plain)) / probe_ref)))
                 la = loadavg()
                 t0 = time.perf_counter()
                 r = engine.run(w, final, pol, acc, seed=seed)
@@ -444,17 +412,15 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             if repeats > 1:  # compare with the mean over the engine runs (the dashboard shows the first)
                 s_real = {**s_real, **{m: float(np.mean([x[1][m] for x in real_runs])) for m in METRICS}}
             steps = step_agreement(r.iterations, diagnostics, plain) if len(r.iterations) else None
-            drift = float(np.mean(drifts))  # the simulator is compared with the mean over the engine runs
             case = {"load": load, "policy": pname, "rate_req_s": w.rate, "loadavg": la, "engine_wall_s": wall,
-                    "steps": steps, "drift": drift, "drift_per_run": drifts,
+                    "steps": steps,
                     "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
                     "sim": {}, "errors": {}, "_real": r, "_sim": {}}
             if repeats > 1:  # run-to-run noise of the real engine: second run vs first
                 case["noise"] = rel_errors(real_runs[0][1], real_runs[1][1])
                 case["real_runs"] = [{m: x[1][m] for m in METRICS} for x in real_runs]
-            for vname, fixes in variants:
-                vcost = make_cost(prof, over, fixes, max_batch, max_gamma, drift) if "drift" in fixes else costs[vname]
-                sres = simulate(w, vcost, pol, acc, cluster, seed=seed)
+            for vname, _ in variants:
+                sres = simulate(w, costs[vname], pol, acc, cluster, seed=seed)
                 s_sim = summarize(sres)
                 case["sim"][vname] = {m: s_sim[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")}
                 case["errors"][vname] = rel_errors(s_real, s_sim)
@@ -546,9 +512,6 @@ def format_report(report: dict) -> str:
                                                                          for m in METRICS))
         if "noise" in c:
             lines.append(f"{'':>5} {'':9}{'noise':9}" + "".join(f"{100 * c['noise'][m]:>+16.1f}%" for m in METRICS))
-        if "drift" in c:
-            lines.append(f"{'':>5} {'':9}drift    machine speed before the engine run(s) / at calibration (probe): "
-                         + ", ".join(f"{d:.3f}" for d in c["drift_per_run"]))
         if c.get("steps"):
             st = c["steps"]
             lines.append(f"{'':>5} {'':9}steps    profile / engine step time, median {st['profile_over_step']:.3f} "
