@@ -41,7 +41,7 @@ from collections import deque
 
 import math
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 
 import numpy as np
 import pandas as pd
@@ -233,6 +233,7 @@ class UniformStream:
         """Consume the next ``n`` values."""
         self._fill(n)
         self.pos += n
+
 
 class _Running:
     """The running batch as aligned arrays in admission order.
