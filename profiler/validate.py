@@ -428,7 +428,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             e = case["errors"][variants[-1][0]]
             log(f"load {load:.2f} {pname:8s} real latency {s_real['latency_mean']:.3f}s  errors: "
                 + "  ".join(f"{m} {100 * e[m]:+.1f}%" for m in HEADLINE)
-                + (f"  (profile only: " + "  ".join(f"{m} {100 * case['errors'][variants[0][0]][m]:+.1f}%"
+                + ("  (profile only: " + "  ".join(f"{m} {100 * case['errors'][variants[0][0]][m]:+.1f}%"
                                                     for m in HEADLINE) + ")" if len(variants) > 1 else ""))
             cases.append(case)
     report = {
