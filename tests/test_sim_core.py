@@ -190,3 +190,22 @@ def test_summary_metrics_are_consistent(formula_profile):
     assert s["mean_accepted"] == pytest.approx(expected_tokens(0.8, 3) - 1, abs=0.15)
     tight = summarize(r, slo_ttft_s=1e-9, slo_tpot_s=1e9)
     assert tight["goodput_req_s"] == 0.0
+
+
+def test_plans_flushed_in_small_groups_give_the_same_iteration_table(formula_profile, monkeypatch):
+    """Fast-forward plans become rows a group at a time; group boundaries (here every 2 plans, with queue
+    growth inside plans) change nothing against one row per iteration."""
+    from sim.replica import IterationLog
+
+    cost = CostModel(load_profile(formula_profile), max_batch=4)
+    w = synthetic(300, rate=40.0, prompt_lognormal=(200, 0.8), output_lognormal=(40, 0.8), seed=2)
+
+    def run(fast_forward):
+        return simulate(w, cost, make_policy("fixed", gamma=3), AcceptanceModel(alpha=0.7),
+                        ClusterConfig(replicas=2, max_batch=4, fast_forward=fast_forward), seed=4)
+
+    monkeypatch.setattr(IterationLog, "FLUSH_PLANS", 2)
+    fast, slow = run(True), run(False)
+    pd.testing.assert_frame_equal(fast.iterations, slow.iterations, check_exact=True)
+    pd.testing.assert_frame_equal(fast.requests, slow.requests, check_exact=True)
+    assert fast.iterations["queue"].max() > 5 and len(fast.iterations) > 1000
