@@ -168,6 +168,14 @@ class CostModel:
 
     # -- queries (hot path) -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _lerp(ctx: list[float], row: list[float], m: int, x):
+        """``row`` interpolated on the segment between context grid points m-1 and m at ``x`` (a float or an
+        array; extended linearly beyond). The one formula every query uses, so the scalar and vectorised
+        paths agree bit for bit."""
+        c0, y0 = ctx[m - 1], row[m - 1]
+        return y0 + (row[m] - y0) * (x - c0) / (ctx[m] - c0)
+
     def _interp_ctx(self, row: list[float], context: float) -> float:
         ctx = self._ctx_list
         if context <= ctx[0]:
@@ -177,11 +185,8 @@ class CostModel:
             if len(ctx) == 1:
                 return row[-1]
             self._warn(f"context {context:.0f} > {ctx[-1]:.0f} tokens")
-            i = len(ctx) - 1
-            c0, c1 = ctx[i - 1], ctx[i]
-            return max(row[i], row[i - 1] + (row[i] - row[i - 1]) * (context - c0) / (c1 - c0))
-        c0, c1 = ctx[i - 1], ctx[i]
-        return row[i - 1] + (row[i] - row[i - 1]) * (context - c0) / (c1 - c0)
+            return max(row[-1], self._lerp(ctx, row, len(ctx) - 1, context))
+        return self._lerp(ctx, row, i, context)
 
     def _check_query(self, batch: int, gamma: int) -> None:
         if batch < 1 or batch > self.max_batch:
@@ -220,27 +225,19 @@ class CostModel:
         hi = float(contexts[-1])
         m = bisect.bisect_left(ctx, hi)
         if 0 < m < len(ctx) and float(contexts[0]) > ctx[m - 1]:  # all inside one segment: the common case
-            c0, y0 = ctx[m - 1], row[m - 1]
-            out = contexts - c0
-            out *= row[m] - y0
-            out /= ctx[m] - c0
-            out += y0
-            return out
+            return self._lerp(ctx, row, m, contexts)
         out = np.empty(len(contexts))
-        # cuts[m] = how many contexts are ≤ grid point m; segment m (between points m-1 and m) shares one
-        # pair of coefficients, with exactly the arithmetic of _interp_ctx.
+        # cuts[m] = how many contexts are ≤ grid point m; segment m (between points m-1 and m) is one _lerp.
         cuts = np.searchsorted(contexts, self._ctx, side="right").tolist()
         out[:cuts[0]] = row[0]
         for m in range(1, len(ctx)):
             a, z = cuts[m - 1], cuts[m]
             if z > a:
-                c0, c1, y0 = ctx[m - 1], ctx[m], row[m - 1]
-                out[a:z] = y0 + (row[m] - y0) * (contexts[a:z] - c0) / (c1 - c0)
+                out[a:z] = self._lerp(ctx, row, m, contexts[a:z])
         a = cuts[-1]
         if a < len(contexts):
             self._warn(f"context {contexts[-1]:.0f} > {ctx[-1]:.0f} tokens")
-            c0, c1, y0 = ctx[-2], ctx[-1], row[-2]
-            out[a:] = np.maximum(row[-1], y0 + (row[-1] - y0) * (contexts[a:] - c0) / (c1 - c0))
+            out[a:] = np.maximum(row[-1], self._lerp(ctx, row, len(ctx) - 1, contexts[a:]))
         return out
 
     def prefill(self, prompt_tokens: float, model: str = "target") -> float:
