@@ -183,22 +183,25 @@ def _cost_class():
             self.overheads, self.fixes = overheads, tuple(fixes)
             super().__init__(profile, **kw)
 
+        def _terms(self, batch: int, gamma: int) -> list[float]:
+            """Seconds added to one iteration, in the order they are added."""
+            o, terms = self.overheads, []
+            if "mixed" in self.fixes:
+                terms.append(o.verify_s + gamma * o.draft_s)
+            if "sched" in self.fixes:
+                terms.append(o.sched_base_s + o.sched_per_seq_s * batch)
+            return terms
+
         def iteration(self, batch: int, gamma: int, context: float) -> float:
             t = super().iteration(batch, gamma, context)
-            o = self.overheads
-            if "mixed" in self.fixes:
-                t += o.verify_s + gamma * o.draft_s
-            if "sched" in self.fixes:
-                t += o.sched_base_s + o.sched_per_seq_s * batch
+            for term in self._terms(batch, gamma):
+                t = t + term
             return t
 
         def iteration_many(self, batch: int, gamma: int, contexts):
             t = super().iteration_many(batch, gamma, contexts)
-            o = self.overheads
-            if "mixed" in self.fixes:
-                t = t + (o.verify_s + gamma * o.draft_s)
-            if "sched" in self.fixes:
-                t = t + (o.sched_base_s + o.sched_per_seq_s * batch)
+            for term in self._terms(batch, gamma):
+                t = t + term
             return t
 
         def prefill(self, prompt_tokens: float, model: str = "target") -> float:
