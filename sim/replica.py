@@ -612,7 +612,7 @@ class Replica:
         cut = 0
         if finishing:
             cut = int(p.tot[rows - 1]) - sum(gained.tolist())  # tokens the output caps cut off
-            self._leave(b.take(s[:, _Running.LEFT] <= 0), self.env.now)
+            self._leave(b.take(b.finished()), self.env.now)  # a finishing plan ends with ≥ 1 done
             self.kv_tokens = sum(b.s[:, _Running.CTX].tolist())
         else:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
