@@ -176,8 +176,8 @@ def batched_forward(model, slots: SlotCache, tokens: torch.Tensor, lengths: torc
     positions = lengths[:, None] + torch.arange(t, device=tokens.device)[None, :]
     span = int(lengths.max()) + t
     slots.set_step(0, b, positions, span)
-    out = model(input_ids=tokens, position_ids=positions, attention_mask=_mask(lengths, t, span),
-                cache=slots.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+    out = M.forward(model, slots.cache, input_ids=tokens, position_ids=positions,
+                    attention_mask=_mask(lengths, t, span), use_cache=True, logits_to_keep=0 if all_logits else 1)
     return out.logits
 
 

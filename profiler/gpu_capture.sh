@@ -13,21 +13,22 @@ GRID="${GRID:-gpu_capture}"
 PAIR_DEADLINE="${PAIR_DEADLINE:-140}"   # seconds of sweep per pair (model build and start-up come on top)
 PAIR_TIMEOUT="${PAIR_TIMEOUT:-190}"     # hard limit per pair, seconds
 PAIRS="${PAIRS:-opt-125m__opt-6.7b llama-68m__llama-2-7b llama-3.2-1b__llama-3-8b}"
+PY="${PYTHON:-python3}"          # the interpreter that has torch (python3 on most GPU images)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRANSFORMERS_SDPA_FORCE_GQA=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT"
-python - <<'PY' || { echo "gpu_capture: no CUDA device visible to torch" >&2; exit 1; }
+"$PY" - <<'PY' || { echo "gpu_capture: no CUDA device visible to torch" >&2; exit 1; }
 import torch, sys
 assert torch.cuda.is_available()
 print("gpu_capture:", torch.cuda.get_device_name(), "torch", torch.__version__, file=sys.stderr)
 PY
-GPU="$(python -c 'import torch; n=torch.cuda.get_device_name().lower(); print(next((k for k in ("h200","h100","a100","l40s","4090") if k in n), "gpu"))')"
+GPU="$("$PY" -c 'import torch; n=torch.cuda.get_device_name().lower(); print(next((k for k in ("h200","h100","a100","l40s","4090") if k in n), "gpu"))')"
 START=$SECONDS
 STATUS=0
 for PAIR in $PAIRS; do
   echo "=== $PAIR (elapsed $((SECONDS - START)) s) ===" >&2
   timeout --signal=INT --kill-after=10 "$PAIR_TIMEOUT" \
-    python -m profiler.cli mode=profile device=cuda dtype=bfloat16 cache=prealloc "pair=$PAIR" "grid=$GRID" \
+    "$PY" -m profiler.cli mode=profile device=cuda dtype=bfloat16 cache=prealloc "pair=$PAIR" "grid=$GRID" \
       "name=$GPU-$PAIR" "out_dir=$OUT_DIR" resume=true \
       timing.warmup=1 timing.min_samples=5 timing.max_samples=30 timing.floor_samples=3 \
       timing.rel_precision=0.02 timing.point_budget_s=0.25 "timing.deadline_s=$PAIR_DEADLINE" \
@@ -36,7 +37,7 @@ for PAIR in $PAIRS; do
   if [ $rc -ne 0 ]; then echo "gpu_capture: $PAIR exited with $rc (partial profile kept)" >&2; STATUS=$rc; fi
 done
 echo "gpu_capture: done in $((SECONDS - START)) s; profiles in $OUT_DIR/$GPU-*" >&2
-python - "$OUT_DIR" "$GPU" <<'PY'
+"$PY" - "$OUT_DIR" "$GPU" <<'PY'
 import sys, pathlib
 from sim.profile import load_profile
 for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2] + "-*")):

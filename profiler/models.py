@@ -6,6 +6,8 @@ KV cache before the step. All functions leave the cache exactly ``context`` toke
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 
@@ -192,6 +194,24 @@ def rollback(cache, n: int) -> None:
 # --- the timed steps ---------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """Keyword under which ``model_class.forward`` takes the KV cache: ``cache`` in recent transformers,
+    ``past_key_values`` before. Passing the wrong one is not an error there (it lands in ``**kwargs``) but
+    silently runs every step without the cache, so it is looked up, never assumed."""
+    params = inspect.signature(model_class.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{model_class.__name__}.forward takes neither `cache` nor `past_key_values`; "
+                    "this transformers version is not supported by the profiler")
+
+
+def forward(model, cache, **kwargs):
+    """``model(**kwargs)`` with ``cache`` passed under the installed transformers' keyword."""
+    return model(**{_cache_keyword(type(model)): cache}, **kwargs)
+
+
 def _positions(batch: int, start: int, tokens: int, device) -> torch.Tensor:
     return torch.arange(start, start + tokens, device=device).unsqueeze(0).expand(batch, tokens)
 
@@ -204,8 +224,8 @@ def prefill(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
     """
     b, t = input_ids.shape
     start = cache.get_seq_length()
-    out = model(input_ids=input_ids, position_ids=_positions(b, start, t, input_ids.device), cache=cache,
-                use_cache=True, logits_to_keep=1)
+    out = forward(model, cache, input_ids=input_ids, position_ids=_positions(b, start, t, input_ids.device),
+                  use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]
 
 
@@ -217,8 +237,8 @@ def decode_one_token(model, cache, tokens: torch.Tensor, temperature: float = 1.
     """
     b = tokens.shape[0]
     start = cache.get_seq_length()
-    out = model(input_ids=tokens[:, None], position_ids=_positions(b, start, 1, tokens.device), cache=cache,
-                use_cache=True, logits_to_keep=1)
+    out = forward(model, cache, input_ids=tokens[:, None], position_ids=_positions(b, start, 1, tokens.device),
+                  use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
     if temperature <= 0:
         return logits.argmax(-1)
@@ -241,7 +261,7 @@ def verify(model, cache, last_token: torch.Tensor, draft_tokens: torch.Tensor, d
     b, gamma = draft_tokens.shape
     start = cache.get_seq_length()
     ids = torch.cat([last_token[:, None], draft_tokens], 1)
-    out = model(input_ids=ids, position_ids=_positions(b, start, gamma + 1, ids.device), cache=cache, use_cache=True)
+    out = forward(model, cache, input_ids=ids, position_ids=_positions(b, start, gamma + 1, ids.device), use_cache=True)
     logits = out.logits.float()  # (b, gamma+1, vocab)
     rows = torch.arange(b, device=ids.device)
     if temperature <= 0:

@@ -84,13 +84,29 @@ def test_prealloc_cache_matches_full_forward():
     for kind in ("prealloc", "dynamic"):
         cache = M.make_cache(kind, model.config, 2, 0, 12, torch.float32, "cpu")
         M.prefill(model, cache, ids[:, :8])
+        assert cache.get_seq_length() == 8  # the step wrote into the cache it was given
         with torch.inference_mode():
             pos = torch.arange(8, 12).expand(2, 4)
-            out = model(input_ids=ids[:, 8:], position_ids=pos, cache=cache, use_cache=True).logits
+            out = M.forward(model, cache, input_ids=ids[:, 8:], position_ids=pos, use_cache=True).logits
         torch.testing.assert_close(out, full[:, 8:], rtol=1e-4, atol=1e-4)
         assert cache.get_seq_length() == 12
         M.rollback(cache, 3)
         assert cache.get_seq_length() == 9
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    class New:
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class Neither:
+        def forward(self, input_ids=None, **kwargs): ...
+
+    assert M._cache_keyword(New) == "cache" and M._cache_keyword(Old) == "past_key_values"
+    with pytest.raises(TypeError, match="Neither.forward takes neither"):
+        M._cache_keyword(Neither)
 
 
 def test_verify_greedy_accepts_target_tokens_and_rolls_back():
