@@ -44,6 +44,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -61,6 +62,27 @@ from sim.workload import Workload
 
 ACCEPTANCE_MODES = ("synthetic", "real")
 CLOCKS = ("wall", "cpu")
+
+
+def make_clock(kind: str, device) -> Callable[[], float]:
+    """The engine's clock in seconds: ``wall`` (``time.perf_counter``) or ``cpu`` (this process's CPU time).
+
+    On CUDA every reading first waits for the queued GPU work (``torch.cuda.synchronize``), so an interval
+    covers the kernels it launched, not only their launch; ``cpu`` is refused there (it does not count GPU time).
+    """
+    if kind not in CLOCKS:
+        raise ValueError(f"clock={kind!r}; expected one of {CLOCKS}")
+    if not str(device).startswith("cuda"):
+        return time.perf_counter if kind == "wall" else time.process_time
+    if kind != "wall":
+        raise ValueError(f"clock={kind!r} with device={device!r}: the CPU-time clock does not count GPU work; "
+                         "use clock=wall on CUDA")
+
+    def cuda_wall() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return cuda_wall
 
 
 # --- the slot KV cache -------------------------------------------------------------------------------------
@@ -218,8 +240,7 @@ class Engine:
     def __init__(self, target: str, draft: str, cfg: EngineConfig | None = None, max_len: int = 2048,
                  models: tuple | None = None):
         self.cfg = cfg = cfg or EngineConfig()
-        if cfg.clock not in CLOCKS:
-            raise ValueError(f"clock={cfg.clock!r}; expected one of {CLOCKS}")
+        make_clock(cfg.clock, cfg.device)  # refuses an unknown clock, and cpu on CUDA
         if cfg.acceptance not in ACCEPTANCE_MODES:
             raise ValueError(f"acceptance={cfg.acceptance!r}; expected one of {ACCEPTANCE_MODES}")
         if cfg.threads:
@@ -355,7 +376,7 @@ class Engine:
         arrivals = reqs.arrival.tolist()
         order = [i for i in range(reqs.n) if not reqs.rejected[i]]
         nxt = 0
-        clock = time.perf_counter if cfg.clock == "wall" else time.process_time
+        clock = make_clock(cfg.clock, device)
         skipped = [0.0]  # cpu clock: idle time jumped over (the clock does not run while nothing runs)
         t_origin = clock()
 
@@ -428,6 +449,7 @@ class Engine:
                 if synthetic and gamma:
                     syn = torch.empty(n, dtype=torch.long)
                     syn[slots] = torch.as_tensor(acc_rows)
+                    syn = syn.to(device)
                 tm = clock()
                 n_acc, ids_t, next_tok = self.spec_step(last_tok[:n], lengths.to(device), gamma, syn)
                 model_s = clock() - tm

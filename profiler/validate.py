@@ -225,12 +225,13 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     micro-benchmarks of the batched step); never uses a validation run. Returns the terms and details."""
     import torch
 
+    from profiler.engine import make_clock
     from sim import workload as wl
     from sim.cluster import ClusterConfig
     from sim.capacity import estimate_capacity
     from sim.policies import make_policy
 
-    clock = time.perf_counter if engine.cfg.clock == "wall" else time.process_time
+    clock = make_clock(engine.cfg.clock, engine.device)
     # 1. scheduler and prefill overheads: a short run at high load with a drafting policy
     w = wl.synthetic(requests, 1.0, "poisson", 1.0, None, (max_prompt / 2, 0.5), (max_output / 2, 0.5), seed=seed)
     w = wl.cap_lengths(w, max_prompt, max_output)
@@ -537,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-prompt", type=int, default=REDUCED["max_prompt"])
     ap.add_argument("--max-output", type=int, default=REDUCED["max_output"])
     ap.add_argument("--alpha", type=float, default=0.7, help="synthetic acceptance rate")
-    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default=None,
+                    help="engine and profile clock (default: cpu on the CPU, wall on CUDA)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=1, help="engine runs per case (2: also report run-to-run noise)")
@@ -549,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = validate(pair=a.pair, requests=a.requests, loads=tuple(a.loads), policies=tuple(a.policies),
                           max_batch=a.max_batch, max_prompt=a.max_prompt, max_output=a.max_output, alpha=a.alpha,
-                          clock=a.clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
+                          clock=a.clock or ("wall" if a.device.startswith("cuda") else "cpu"), threads=a.threads, device=a.device, seed=a.seed, out=a.out,
                           profile=a.profile, repeats=a.repeats, trace_start=a.trace_start)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)

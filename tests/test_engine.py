@@ -2,6 +2,8 @@
 iteration semantics (same acceptance draws), preemption and the output tables."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -133,6 +135,10 @@ def test_bad_settings_are_clear_errors(models, cost):
         E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(acceptance="magic"), models=models)
     with pytest.raises(ValueError, match="clock"):
         E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(clock="sundial"), models=models)
+    # process CPU time would leave out the GPU's work: refused on CUDA before anything touches a GPU
+    with pytest.raises(ValueError, match="clock='cpu' with device='cuda'.*use clock=wall"):
+        E.make_clock("cpu", "cuda")
+    assert E.make_clock("cpu", "cpu") is time.process_time and E.make_clock("wall", "cpu") is time.perf_counter
     eng = E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(max_batch=2, warmup=False), max_len=32,
                    models=models)
     with pytest.raises(ValueError, match="KV positions"):
