@@ -8,6 +8,7 @@ interrupted run resumes from the points already written. A point that runs out o
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import sys
@@ -284,6 +285,73 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     write_profile_meta(out, meta)
     load_profile(out)  # the folder we leave behind must be valid
     return out
+
+
+def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_passes: int | None = None,
+               progress: bool = True) -> Path:
+    """Sweep ``grid`` ``passes`` times (into ``out_dir/pass<k>/``, each a valid profile) and write the merged
+    profile into ``out_dir``; return it.
+
+    Merge: a point measured in any pass gets the median of its pass medians (p10 the smallest, p90 the
+    largest, samples summed); a point out of memory in every pass that reached it is written ``oom``. On a
+    host whose speed changes for seconds at a time (a shared VM; a GPU step bound by the host's kernel
+    launches) one pass records whichever speed each point fell in, the median over passes the common one.
+    While the merged profile fails the monotonicity gate (:func:`sim.profile.check_monotone`) another pass is
+    added, up to ``max_passes`` (default: ``passes``); the last failure is raised. ``timing.deadline_s`` bounds
+    all passes together: each pass gets an equal share of the time left. ``meta.json`` is the last pass's,
+    with ``timing.passes``, ``timing.merge``, the total ``elapsed_s`` and ``complete`` only if every pass was.
+    """
+    from omegaconf import OmegaConf
+
+    from sim.profile import ProfileError, check_monotone
+
+    max_passes = max(int(passes), int(max_passes or passes))
+    if int(passes) < 1:
+        raise ValueError(f"timing.passes={passes}; expected at least 1")
+    out = Path(out_dir)
+    t_start = time.perf_counter()
+    total = float(cfg.timing.deadline_s) if cfg.timing.get("deadline_s") else None
+    frames, metas = [], []
+    for k in range(max_passes):
+        pass_cfg = cfg
+        if total is not None:
+            share = max(0.0, total - (time.perf_counter() - t_start)) / (max(int(passes), k + 1) - k)
+            pass_cfg = OmegaConf.merge(cfg, {"timing": {"deadline_s": share}})
+        run_profile(pass_cfg, out_dir=out / f"pass{k}", grid=grid, progress=progress)
+        frames.append(pd.read_csv(out / f"pass{k}" / "steps.csv"))
+        metas.append(json.loads((out / f"pass{k}" / "meta.json").read_text()))
+        if k + 1 < int(passes):
+            continue
+        write_steps(out, merge_passes(frames))
+        meta = metas[-1]
+        meta.pop("schema_version", None)
+        meta["device"]["loadavg_start"] = metas[0]["device"].get("loadavg_start")
+        meta["timing"].update(passes=k + 1, deadline_s=total,
+                              merge="median over passes of each point's median (p10 min, p90 max, samples "
+                                    "summed); oom where no pass measured the point",
+                              complete=all(m["timing"].get("complete") for m in metas),
+                              elapsed_s=round(time.perf_counter() - t_start, 1))
+        write_profile_meta(out, meta)
+        try:
+            check_monotone(load_profile(out))
+            break
+        except ProfileError:
+            if k + 1 == max_passes:
+                raise
+    return out
+
+
+def merge_passes(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The rows of several sweeps of one grid merged as :func:`run_passes` describes, sorted by :data:`KEY`."""
+    rows = pd.concat(frames, ignore_index=True)
+    ok = rows[rows["status"] == "ok"]
+    merged = ok.groupby(KEY, as_index=False).agg(median_s=("median_s", "median"), p10_s=("p10_s", "min"),
+                                                  p90_s=("p90_s", "max"), samples=("samples", "sum"))
+    merged["status"] = "ok"
+    oom = rows[rows["status"] == "oom"].drop_duplicates(KEY)
+    measured = pd.MultiIndex.from_frame(merged[KEY])
+    oom = oom[~pd.MultiIndex.from_frame(oom[KEY]).isin(measured)]
+    return pd.concat([merged, oom[merged.columns]], ignore_index=True).sort_values(KEY, ignore_index=True)
 
 
 def _specbatch_version() -> str:

@@ -317,3 +317,47 @@ def test_roofline_cli(tmp_path):
                    f"roofline.calibrate_on={out}", "name=cal")
     with pytest.raises(ValueError, match="force_calibration"):
         cli.run(cal)
+
+
+def _rows(*rows):
+    return pd.DataFrame([dict(zip(["model", "phase", "batch", "tokens", "context", "median_s", "p10_s", "p90_s",
+                                   "samples", "status"], r)) for r in rows])
+
+
+def test_merge_passes_takes_the_median_over_passes_and_keeps_oom_points():
+    nan = float("nan")
+    p0 = _rows(("target", "decode", 1, 1, 16, 1.0, 0.9, 1.1, 5, "ok"), ("target", "decode", 8, 1, 16, 9.0, 8, 10, 5, "ok"),
+               ("target", "decode", 16, 1, 16, nan, nan, nan, 0, "oom"), ("target", "decode", 32, 1, 16, nan, nan, nan, 0, "oom"))
+    p1 = _rows(("target", "decode", 1, 1, 16, 2.0, 1.8, 2.5, 4, "ok"), ("target", "decode", 8, 1, 16, 3.0, 2, 4, 6, "ok"),
+               ("target", "decode", 16, 1, 16, 5.0, 4, 6, 3, "ok"), ("target", "decode", 32, 1, 16, nan, nan, nan, 0, "oom"))
+    p2 = _rows(("target", "decode", 1, 1, 16, 1.2, 1.1, 1.3, 5, "ok"), ("target", "decode", 8, 1, 16, 4.0, 3.5, 4.5, 5, "ok"))
+    m = sweep.merge_passes([p0, p1, p2]).set_index("batch")
+    assert list(m.index) == [1, 8, 16, 32]
+    assert m.loc[1, "median_s"] == 1.2 and m.loc[1, "p10_s"] == 0.9 and m.loc[1, "p90_s"] == 2.5
+    assert m.loc[1, "samples"] == 14
+    assert m.loc[8, "median_s"] == 4.0  # the median, not the mean (5.33) of 9, 3, 4
+    assert m.loc[16, "status"] == "ok" and m.loc[16, "median_s"] == 5.0  # measured in one pass: oom elsewhere is dropped
+    assert m.loc[32, "status"] == "oom" and np.isnan(m.loc[32, "median_s"])
+
+
+def test_passes_from_the_cli_merge_and_share_the_deadline(tmp_path, monkeypatch):
+    seen = []
+    real = sweep.run_profile
+
+    def spy(cfg, **kw):
+        seen.append(cfg.timing.deadline_s)
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(sweep, "run_profile", spy)
+    out = cli.run(make_cfg(tmp_path, "timing.passes=2", "timing.deadline_s=600", "grid.batches=[1,2]",
+                           "grid.gammas=[0,2]", "grid.contexts=[16]", "grid.prefill_lengths=[8]"))
+    # half of the total, then all that is left after a first pass of a few seconds
+    assert len(seen) == 2 and 290 < seen[0] <= 300 and 500 < seen[1] < 600
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["timing"]["passes"] == 2 and meta["timing"]["complete"] and meta["timing"]["deadline_s"] == 600
+    merged = pd.read_csv(out / "steps.csv")
+    p0, p1 = (pd.read_csv(out / f"pass{k}" / "steps.csv") for k in (0, 1))
+    assert len(merged) == len(p0) == len(p1)
+    both = p0.merge(p1, on=sweep.KEY).merge(merged, on=sweep.KEY)
+    np.testing.assert_allclose(both["median_s"], (both["median_s_x"] + both["median_s_y"]) / 2)  # median of two
+    load_profile(out)
