@@ -104,11 +104,10 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
     On a shared machine the speed drifts between points (other jobs come and go), so the grid is swept
     ``passes`` times and each point keeps the median of its pass medians; while the result fails the
     profile's monotonicity check another pass is added (up to ``max_passes``)."""
-    import pandas as pd
     from omegaconf import OmegaConf
 
-    from profiler.sweep import KEY, Grid, run_profile
-    from sim.profile import ProfileError, check_monotone, load_profile, write_profile_meta, write_steps
+    from profiler.sweep import Grid, run_passes
+    from sim.profile import write_profile_meta
 
     cfg = OmegaConf.create(dict(
         pair=dict(target=target, draft=draft, name=f"{draft}__{target}"), device=device, dtype="auto",
@@ -116,31 +115,12 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
         note=f"specbatch-validate, clock={clock}, loadavg at start {loadavg()}",
         timing=dict(warmup=2, min_samples=9, max_samples=60, floor_samples=5, rel_precision=0.02,
                     point_budget_s=point_budget_s, deadline_s=None, temperature=1.0)))
-    frames = []
-    for k in range(max_passes):
-        with profiler_clock(clock):
-            run_profile(cfg, out_dir=out / f"pass{k}", grid=Grid.from_cfg(grid), progress=False)
-        frames.append(pd.read_csv(out / f"pass{k}" / "steps.csv"))
-        if k + 1 < passes:
-            continue
-        allrows = pd.concat(frames)
-        ok = allrows[allrows["status"] == "ok"]
-        merged = ok.groupby(KEY, as_index=False).agg(median_s=("median_s", "median"), p10_s=("p10_s", "min"),
-                                                      p90_s=("p90_s", "max"), samples=("samples", "sum"))
-        merged["status"] = "ok"
-        meta = json.loads((out / f"pass{k}" / "meta.json").read_text())
-        meta.pop("schema_version", None)
-        meta["timing"]["clock"] = clock
-        meta["timing"]["passes"] = k + 1
-        meta["timing"]["merge"] = "median over passes of each point's median (p10 min, p90 max, samples summed)"
-        write_steps(out, merged)
-        write_profile_meta(out, meta)
-        try:
-            check_monotone(load_profile(out))
-            break
-        except ProfileError:
-            if k + 1 == max_passes:
-                raise
+    with profiler_clock(clock):
+        run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max_passes, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    meta.pop("schema_version", None)
+    meta["timing"]["clock"] = clock
+    write_profile_meta(out, meta)
     return out
 
 
@@ -340,6 +320,34 @@ def step_agreement(iterations, diagnostics, cost) -> dict:
             "profile_over_model_work": round(float(np.median(work)), 3), "profile_over_step_by_batch": by_batch}
 
 
+def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool) -> dict | None:
+    """Prefill-level check of the profile against the engine: for every engine iteration that admitted only
+    fresh requests (not resuming after a preemption), the profile's prefill prediction — Σ over the admitted
+    prompts of ``cost.prefill(prompt, "target")`` (+ ``"draft"`` when the policy drafts) — divided by the
+    engine's measured prefill forwards (``prefill_forward_s``) and by its whole prefill phase (``prefill_s``:
+    the forwards plus cache set-up, first-token sampling and the copy into the slot). Medians
+    (dimensionless; > 1 = the profile is slower than the engine); None when no iteration qualifies."""
+    it = iterations.reset_index(drop=True)
+    fwd = diagnostics["prefill_forward_s"].to_numpy()
+    fresh = requests[~requests["rejected"] & requests["admitted_s"].notna()]
+    by_start = fresh.groupby("admitted_s")["prompt_tokens"].apply(list).to_dict()
+    pred, f_meas, whole = [], [], []
+    for i in np.flatnonzero(it["admitted"].to_numpy() > 0):
+        prompts = by_start.get(float(it["start_s"].iat[i]), [])
+        if len(prompts) != int(it["admitted"].iat[i]) or fwd[i] <= 0:
+            continue  # a re-admission after preemption (its prompt includes generated tokens) or no forward timed
+        p = sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if uses_draft else 0.0)
+                for n in prompts)
+        pred.append(p)
+        f_meas.append(fwd[i])
+        whole.append(float(it["prefill_s"].iat[i]))
+    if not pred:
+        return None
+    pred = np.asarray(pred)
+    return {"admissions": len(pred), "profile_over_forward": round(float(np.median(pred / np.asarray(f_meas))), 3),
+            "profile_over_prefill": round(float(np.median(pred / np.asarray(whole))), 3)}
+
+
 def frozen_policy(name: str, cost, acceptance, context: float):
     """A set-up policy whose ``setup`` is a no-op afterwards, so the engine and every simulator variant use
     the same γ table."""
@@ -416,8 +424,10 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             if repeats > 1:  # compare with the mean over the engine runs (the dashboard shows the first)
                 s_real = {**s_real, **{m: float(np.mean([x[1][m] for x in real_runs])) for m in METRICS}}
             steps = step_agreement(r.iterations, diagnostics, plain) if len(r.iterations) else None
+            prefill = prefill_agreement(r.requests, r.iterations, diagnostics, plain, pol.uses_draft) \
+                if len(r.iterations) else None
             case = {"load": load, "policy": pname, "rate_req_s": w.rate, "loadavg": la, "engine_wall_s": wall,
-                    "steps": steps,
+                    "steps": steps, "prefill": prefill,
                     "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
                     "sim": {}, "errors": {}, "_real": r, "_sim": {}}
             if repeats > 1:  # run-to-run noise of the real engine: second run vs first
@@ -521,6 +531,10 @@ def format_report(report: dict) -> str:
             lines.append(f"{'':>5} {'':9}steps    profile / engine step time, median {st['profile_over_step']:.3f} "
                          f"(model work only {st['profile_over_model_work']:.3f}); by batch "
                          + ", ".join(f"{b}: {v:.2f}" for b, v in st["profile_over_step_by_batch"].items()))
+        if c.get("prefill"):
+            pf = c["prefill"]
+            lines.append(f"{'':>5} {'':9}prefill  profile / engine prefill, median {pf['profile_over_prefill']:.3f} "
+                         f"(forwards only {pf['profile_over_forward']:.3f}; {pf['admissions']} admitting iterations)")
     for v in variants:
         lines.append(f"max |error| {v:9}" + "".join(f"{100 * report['max_abs_error'][v][m]:>16.1f}%" for m in METRICS))
     return "\n".join(lines)

@@ -62,3 +62,27 @@ def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_
     assert st["iterations"] == 3  # the idle iteration (batch 0) is left out
     assert st["profile_over_step"] == 2.0 and st["profile_over_model_work"] == 4.0
     assert st["profile_over_step_by_batch"] == {1: 2.0, 4: 2.0}
+
+
+def test_prefill_agreement_compares_fresh_admissions_only(formula_profile):
+    import pandas as pd
+
+    from sim.cost_model import CostModel
+    from sim.profile import load_profile
+
+    cost = CostModel(load_profile(formula_profile), max_batch=8, max_gamma=4)
+    # iteration 0 admits requests 0 and 1; iteration 1 admits nothing; iteration 2 re-admits a preempted
+    # request (its admitted_s is its first admission), so it has no fresh prompts to compare with
+    it = pd.DataFrame({"start_s": [0.0, 0.5, 1.0], "admitted": [2, 0, 1], "prefill_s": [0.0, 0.0, 0.3]})
+    reqs = pd.DataFrame({"admitted_s": [0.0, 0.0, 0.0], "prompt_tokens": [100, 300, 50],
+                         "rejected": [False, False, False]})
+    reqs.loc[2, "admitted_s"] = 0.5 + 1e-9  # admitted in no logged iteration: ignored
+    pred = sum(cost.prefill(n, "target") + cost.prefill(n, "draft") for n in (100, 300))
+    it.loc[0, "prefill_s"] = pred  # the whole prefill phase took what the profile predicts ...
+    diag = pd.DataFrame({"prefill_forward_s": [pred / 2, 0.0, 0.2], "step_model_s": 0.0})  # ... its forwards half
+    pf = V.prefill_agreement(reqs, it, diag, cost, uses_draft=True)
+    assert pf == {"admissions": 1, "profile_over_forward": 2.0, "profile_over_prefill": 1.0}
+    target_only = sum(cost.prefill(n, "target") for n in (100, 300))
+    assert V.prefill_agreement(reqs, it, diag, cost, uses_draft=False)["profile_over_prefill"] == \
+        round(target_only / pred, 3)
+    assert V.prefill_agreement(reqs, it.iloc[1:2], diag.iloc[1:2], cost, uses_draft=True) is None
