@@ -41,6 +41,23 @@ def is_oom(exc: BaseException) -> bool:
 # --- models ------------------------------------------------------------------------------------------------
 
 
+def attention_backends(device: str) -> dict:
+    """Set the SDPA backends the profiler and the engine use on ``device``; return them for meta.json.
+
+    On CUDA, cuDNN attention is switched off unless ``SPECBATCH_SDPA_CUDNN=1``: recent torch puts it first
+    on H100/B200-class GPUs, and it builds an execution plan for every new shape. A profile times each shape
+    many times (the plan is built once, in warm-up), while in a serving run the attention span changes at
+    almost every iteration, so every step would pay a plan build that no profile records. Flash and
+    memory-efficient attention (what serving engines use) have no per-shape set-up. CPU: nothing to set.
+    """
+    if not str(device).startswith("cuda"):
+        return {}
+    cudnn = os.environ.get("SPECBATCH_SDPA_CUDNN", "0") == "1"
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    return {"cudnn": cudnn, "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled()}
+
+
 def load_model(spec: str, dtype: torch.dtype, device: str, seed: int = 0):
     """Return ``(model, info)`` for a preset name (random weights) or a checkpoint folder / hub name.
 
@@ -48,6 +65,7 @@ def load_model(spec: str, dtype: torch.dtype, device: str, seed: int = 0):
     """
     import transformers
 
+    attention_backends(device)
     torch.manual_seed(seed)
     if spec in PRESETS:
         cfg = make_config(spec)

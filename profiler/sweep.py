@@ -175,6 +175,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                         "acceptance test, residual/bonus sampling and rollback of rejected positions; "
                         "prefill: forward of the prompt into an empty cache, last-token logits only",
             "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"),
+            "sdpa_backends": M.attention_backends(device) or None,
             "grid": grid.as_dict(),
             "conventions": "target γ=0 is written as phase=decode tokens=1; γ>=1 as phase=verify tokens=γ+1; "
                            "draft rows are phase=decode tokens=1; prefill rows have context=0",

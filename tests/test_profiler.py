@@ -361,3 +361,21 @@ def test_passes_from_the_cli_merge_and_share_the_deadline(tmp_path, monkeypatch)
     both = p0.merge(p1, on=sweep.KEY).merge(merged, on=sweep.KEY)
     np.testing.assert_allclose(both["median_s"], (both["median_s_x"] + both["median_s_y"]) / 2)  # median of two
     load_profile(out)
+
+
+def test_cudnn_attention_is_off_on_cuda_unless_asked_for(monkeypatch):
+    """cuDNN SDPA builds a plan per new shape (see attention_backends); the flags are settable without a GPU."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        monkeypatch.delenv("SPECBATCH_SDPA_CUDNN", raising=False)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert M.attention_backends("cpu") == {} and torch.backends.cuda.cudnn_sdp_enabled()  # CPU: untouched
+        assert M.attention_backends("cuda:0")["cudnn"] is False and not torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setenv("SPECBATCH_SDPA_CUDNN", "1")
+        assert M.attention_backends("cuda")["cudnn"] is True and torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_cpu_profile_records_no_sdpa_backends(tiny_profile):
+    assert json.loads((tiny_profile / "meta.json").read_text())["timing"]["sdpa_backends"] is None
