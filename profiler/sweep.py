@@ -444,12 +444,11 @@ def _make_step(p, model, cache, vocab, temperature, gen, device):
 
 
 def _resume_rows(out: Path, meta: dict) -> list[dict]:
-    """Rows already written in ``out`` by a run with the same pair, device, dtype and cache (else an error)."""
+    """Rows already written in ``out`` by a run with the same pair, device, dtype, cache and attention
+    backends (else an error)."""
     steps, mpath = out / "steps.csv", out / "meta.json"
     if not steps.is_file():
         return []
-    import json
-
     try:
         old = json.loads(mpath.read_text())
     except (OSError, ValueError):
@@ -457,7 +456,8 @@ def _resume_rows(out: Path, meta: dict) -> list[dict]:
                          "delete the folder or pass resume=false") from None
     for path, new in (("pair.target", meta["pair"]["target"]), ("pair.draft", meta["pair"]["draft"]),
                       ("dtype", meta["dtype"]), ("device.kind", meta["device"]["kind"]),
-                      ("timing.cache", meta["timing"]["cache"])):
+                      ("timing.cache", meta["timing"]["cache"]),
+                      ("timing.sdpa_backends", meta["timing"]["sdpa_backends"])):
         cur = old
         for part in path.split("."):
             cur = cur.get(part) if isinstance(cur, dict) else None
