@@ -10,12 +10,17 @@ Adding a policy is one small class plus a ``conf/policy/<name>.yaml`` whose ``na
 from __future__ import annotations
 
 import bisect
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel
+
+
+class PolicyWarning(UserWarning):
+    """A policy setting was adjusted to what the run allows (the message says what and why)."""
 
 
 @dataclass(slots=True)
@@ -423,7 +428,14 @@ class EmaTiers(Policy):
         self.hold = _check_int(hold, "policy.hold")
 
     def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
-        self.tiers = [t for t in self.tiers if t <= cost.max_gamma] or [min(1, cost.max_gamma)]
+        given = self.given_tiers = getattr(self, "given_tiers", self.tiers)
+        self.tiers = [t for t in given if t <= cost.max_gamma] or [min(1, cost.max_gamma)]
+        if self.tiers != given:
+            warnings.warn(f"policy.tiers {given} go above the largest γ of this run ({cost.max_gamma}, "
+                          f"the cost model's max_gamma); using tiers {self.tiers}"
+                          + (f" and starting at {self.tiers[(len(self.tiers) - 1) // 2]} instead of policy.start="
+                             f"{self.start}" if self.start is not None and self.start not in self.tiers else ""),
+                          PolicyWarning, stacklevel=2)
         start = self.start if self.start in self.tiers else self.tiers[(len(self.tiers) - 1) // 2]
         self.level = self.tiers.index(start)
         self.ratio = (acceptance.expected_tokens(start) - 1.0) / max(1, start)

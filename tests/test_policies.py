@@ -1,6 +1,7 @@
 """Speculation policies: configs load, bad values name their key, each adapts as designed, none looks ahead."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from conftest import linear_step, write_formula_profile
 from sim.acceptance import AcceptanceModel
 from sim.cluster import ClusterConfig, simulate
 from sim.cost_model import CostModel
-from sim.policies import (AdaptiveContext, BatchView, EmaTiers, Goodput, Threshold, make_policy, optimal_gamma_table,
-                          policy_names, table_to_ranges)
+from sim.policies import (AdaptiveContext, BatchView, EmaTiers, Goodput, PolicyWarning, Threshold, make_policy,
+                          optimal_gamma_table, policy_names, table_to_ranges)
 from sim.profile import load_profile
 from sim.workload import Workload
 
@@ -136,6 +137,19 @@ def test_ema_tiers_moves_with_acceptance_and_holds(cost):
         p.observe(view(4), p.choose(view(4)), np.zeros(4, np.int64))
     assert p.choose(view(4)) == 1
     assert p.describe()["switches"] >= 4
+
+
+def test_ema_tiers_above_max_gamma_are_dropped_with_a_warning(cost):
+    small = CostModel(cost.profile, max_batch=64, max_gamma=4)
+    p = EmaTiers(tiers=[1, 2, 4, 8], start=8)
+    with pytest.warns(PolicyWarning, match=r"policy.tiers \[1, 2, 4, 8\] go above .*\(4,.*using tiers \[1, 2, 4\] "
+                                           r"and starting at 2 instead of policy.start=8"):
+        p.setup(small, AcceptanceModel(alpha=0.7), 512)
+    assert p.tiers == [1, 2, 4] and p.choose(view(4)) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.setup(cost, AcceptanceModel(alpha=0.7), 512)  # set up again for a larger max_gamma: all tiers back
+    assert p.tiers == [1, 2, 4, 8] and p.choose(view(4)) == 8
 
 
 # --- no look-ahead ------------------------------------------------------------------------------------------------
