@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -115,18 +116,22 @@ def _not_utf8(path: Path) -> WorkloadError:
     return WorkloadError(f"{path}: not UTF-8 text ({_locate_bad_utf8(path)}); re-save the file as UTF-8")
 
 
-def _csv_header(path: Path) -> list[str]:
-    """The header row (the first non-blank line) as the csv module reads it."""
+def _csv_head(path: Path) -> tuple[list[str], list[str]]:
+    """The header row (the first non-blank line) and the first data row after it (``[]`` if none), as the csv
+    module reads them."""
+    rows: list[list[str]] = []
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             for row in csv.reader(f):
                 if any(c.strip() for c in row):
-                    return row
+                    rows.append(row)
+                    if len(rows) == 2:
+                        break
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     except csv.Error as e:
         raise WorkloadError(f"{path}: the header row cannot be read as CSV ({e})") from None
-    return []
+    return (rows + [[], []])[0], (rows + [[], []])[1]
 
 
 def _check_columns(path: Path, have: list[str], want: list[str]) -> None:
@@ -165,16 +170,53 @@ def _locate_bad_json(path: Path, want: list[str]) -> str:
     return "not valid JSON lines"
 
 
+def _too_many_fields(path: Path, where: str, fields: int, header: int) -> WorkloadError:
+    return WorkloadError(f"{path}: {where} has {fields} fields but the header has {header}; expected one value per "
+                         "header column (a stray comma, or a value with a comma that is not quoted?)")
+
+
+def _csv_chunks(path: Path, have: list[str], first: list[str], usecols: list[str], dtypes: dict | None):
+    """CSV chunks of ``usecols``; a row with more (non-empty) fields than the header is an error naming it.
+
+    Every column is parsed (unused ones as text, then dropped): pandas checks a row's field count only when
+    it reads all of them. A file whose rows end in empty fields (a trailing comma) is read with that many
+    unnamed columns, which must stay empty (``first``, the first data row, tells how many there are)."""
+    width = max(len(have), len(first))
+    extra = [f"__specbatch_trailing_{j}" for j in range(width - len(have))]
+    names = [h if h in usecols else f"__specbatch_column_{i}" for i, h in enumerate(have)] + extra
+    if dtypes is None:
+        kw = dict(dtype=str, keep_default_na=False)
+    else:
+        kw = dict(dtype={**{h: str for h in names}, **dtypes})
+    offset = 0
+    try:
+        for df in pd.read_csv(path, header=0, names=names, index_col=False, chunksize=CHUNK_ROWS,
+                              encoding="utf-8-sig", **kw):
+            for c in extra:
+                filled = df[c].fillna("").astype(str).str.strip().str.len().to_numpy() > 0
+                if filled.any():
+                    raise _too_many_fields(path, f"row {offset + int(np.flatnonzero(filled)[0]) + 1}",
+                                           len(have) + 1 + extra.index(c), len(have))
+            offset += len(df)
+            yield df[usecols]
+    except pd.errors.ParserError as e:
+        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+        if m is None:
+            raise
+        raise _too_many_fields(path, f"line {m.group(2)}", int(m.group(3)), len(have)) from None
+
+
 def _chunks(path: Path, fmt: str, usecols: list[str], dtypes: dict | None):
     """Yield the trace as DataFrames of at most CHUNK_ROWS rows holding ``usecols``.
 
     CSV with ``dtypes=None`` reads every cell as text (exact values for messages); with ``dtypes`` the C
     parser converts numbers directly (fast; raises ValueError on a non-numeric cell)."""
     if fmt == "csv":
-        have = _csv_header(path)
+        have, first = _csv_head(path)
         _check_columns(path, have, usecols)
-        kw = dict(dtype=dtypes) if dtypes is not None else dict(dtype=str, keep_default_na=False)
-        yield from pd.read_csv(path, usecols=usecols, chunksize=CHUNK_ROWS, encoding="utf-8-sig", **kw)
+        if len(first) > len(have) and any(c.strip() for c in first[len(have):]):
+            raise _too_many_fields(path, "row 1", len(first), len(have))
+        yield from _csv_chunks(path, have, first, usecols, dtypes)
     elif fmt == "jsonl":
         if path.stat().st_size == 0 or not path.read_bytes()[:1 << 16].strip():
             raise WorkloadError(f"{path}: file is empty; expected one JSON object per line with keys {usecols}")

@@ -106,3 +106,15 @@ def test_save_and_reload_roundtrip(tmp_path):
         wl.save_workload(w, tmp_path / f"w.{suffix}")
         back = wl.load_trace(tmp_path / f"w.{suffix}", {"arrival": "arrival_s"})
         assert np.allclose(back.arrival_s, w.arrival_s) and np.array_equal(back.output_tokens, w.output_tokens)
+
+
+def test_csv_layouts_that_are_not_errors(tmp_path):
+    """Quoted commas, empty cells in unused (even duplicate) columns, blank lines and rows that end in a
+    trailing comma all load, to the same values."""
+    for text in ('note,arrival,prompt,output,note\n"a, b",0,5,3,x\n\n"c",1,6,4,\n',
+                 "arrival,prompt,output\n0,5,3,\n1,6,4,\n", "arrival,prompt,output\n0,5,3,\n1,6,4\n"):
+        p = tmp_path / "ok.csv"
+        p.write_text(text, encoding="utf-8")
+        w = wl.load_trace(p)
+        assert w.prompt_tokens.tolist() == [5, 6] and w.output_tokens.tolist() == [3, 4], text
+        assert w.arrival_s.tolist() == [0.0, 1.0], text
