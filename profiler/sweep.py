@@ -299,8 +299,10 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
     launches) one pass records whichever speed each point fell in, the median over passes the common one.
     While the merged profile fails the monotonicity gate (:func:`sim.profile.check_monotone`) another pass is
     added, up to ``max_passes`` (default: ``passes``); the last failure is raised. ``timing.deadline_s`` bounds
-    all passes together: each pass gets an equal share of the time left. ``meta.json`` is the last pass's,
-    with ``timing.passes``, ``timing.merge``, the total ``elapsed_s`` and ``complete`` only if every pass was.
+    all passes together: each pass gets an equal share of the time left, and once it is spent no pass
+    starts and the passes there are are merged. ``meta.json`` is the last pass's, with ``timing.passes`` (the
+    passes merged), ``timing.merge``, the total ``elapsed_s``, and ``complete`` only if all ``passes`` ran and
+    each was complete.
     """
     from omegaconf import OmegaConf
 
@@ -313,32 +315,41 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
     t_start = time.perf_counter()
     total = float(cfg.timing.deadline_s) if cfg.timing.get("deadline_s") else None
     frames, metas = [], []
+
+    def merge() -> None:
+        write_steps(out, merge_passes(frames))
+        meta = metas[-1]
+        meta.pop("schema_version", None)
+        meta["device"]["loadavg_start"] = metas[0]["device"].get("loadavg_start")
+        meta["timing"].update(passes=len(metas), deadline_s=total,
+                              merge="median over passes of each point's median (p10 min, p90 max, samples "
+                                    "summed); oom where no pass measured the point",
+                              complete=len(metas) >= int(passes) and all(m["timing"].get("complete") for m in metas),
+                              elapsed_s=round(time.perf_counter() - t_start, 1))
+        write_profile_meta(out, meta)
+
     for k in range(max_passes):
         pass_cfg = cfg
         if total is not None:
-            share = max(0.0, total - (time.perf_counter() - t_start)) / (max(int(passes), k + 1) - k)
+            left = total - (time.perf_counter() - t_start)
+            if k and left <= 0:
+                break  # the deadline is spent: merge the passes there are
+            share = max(left, 1e-9) / (max(int(passes), k + 1) - k)
             pass_cfg = OmegaConf.merge(cfg, {"timing": {"deadline_s": share}})
         run_profile(pass_cfg, out_dir=out / f"pass{k}", grid=grid, progress=progress)
         frames.append(pd.read_csv(out / f"pass{k}" / "steps.csv"))
         metas.append(json.loads((out / f"pass{k}" / "meta.json").read_text()))
         if k + 1 < int(passes):
             continue
-        write_steps(out, merge_passes(frames))
-        meta = metas[-1]
-        meta.pop("schema_version", None)
-        meta["device"]["loadavg_start"] = metas[0]["device"].get("loadavg_start")
-        meta["timing"].update(passes=k + 1, deadline_s=total,
-                              merge="median over passes of each point's median (p10 min, p90 max, samples "
-                                    "summed); oom where no pass measured the point",
-                              complete=all(m["timing"].get("complete") for m in metas),
-                              elapsed_s=round(time.perf_counter() - t_start, 1))
-        write_profile_meta(out, meta)
+        merge()
         try:
             check_monotone(load_profile(out))
-            break
+            return out
         except ProfileError:
             if k + 1 == max_passes:
                 raise
+    merge()
+    check_monotone(load_profile(out))  # an incomplete profile (passes cut short) gets a warning, not an error
     return out
 
 

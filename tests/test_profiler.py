@@ -379,3 +379,26 @@ def test_cudnn_attention_is_off_on_cuda_unless_asked_for(monkeypatch):
 
 def test_cpu_profile_records_no_sdpa_backends(tiny_profile):
     assert json.loads((tiny_profile / "meta.json").read_text())["timing"]["sdpa_backends"] is None
+
+
+def test_passes_stop_when_the_deadline_is_spent(tmp_path, tiny_profile, monkeypatch):
+    """With a fake clock: each pass takes 10 s; a 15 s deadline leaves room for two of three passes."""
+    import shutil
+
+    clock, seen = [0.0], []
+
+    def fake_run_profile(cfg, *, out_dir, grid, progress):
+        seen.append(cfg.timing.deadline_s)
+        shutil.copytree(tiny_profile, out_dir, ignore=shutil.ignore_patterns("pass*"))
+        clock[0] += 10.0
+        return out_dir
+
+    monkeypatch.setattr(sweep, "run_profile", fake_run_profile)
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: clock[0])
+    cfg = make_cfg(tmp_path, "timing.deadline_s=15")
+    out = sweep.run_passes(cfg, out_dir=tmp_path / "p3", grid=sweep.Grid.from_cfg(cfg.grid), passes=3,
+                           progress=False)
+    assert seen == [5.0, 2.5]  # 15 s / 3, then the 5 s left / 2; the third pass never starts
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["timing"]["passes"] == 2 and meta["timing"]["complete"] is False
+    assert len(pd.read_csv(out / "steps.csv")) == len(pd.read_csv(tiny_profile / "steps.csv"))
