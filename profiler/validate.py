@@ -562,10 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="fidelity-out")
     a = ap.parse_args(argv)
+    clock = a.clock or ("wall" if a.device.startswith("cuda") else "cpu")
     try:
         report = validate(pair=a.pair, requests=a.requests, loads=tuple(a.loads), policies=tuple(a.policies),
                           max_batch=a.max_batch, max_prompt=a.max_prompt, max_output=a.max_output, alpha=a.alpha,
-                          clock=a.clock or ("wall" if a.device.startswith("cuda") else "cpu"), threads=a.threads, device=a.device, seed=a.seed, out=a.out,
+                          clock=clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
                           profile=a.profile, repeats=a.repeats, trace_start=a.trace_start)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)

@@ -170,9 +170,9 @@ def _locate_bad_json(path: Path, want: list[str]) -> str:
     return "not valid JSON lines"
 
 
-def _too_many_fields(path: Path, where: str, fields: int, header: int) -> WorkloadError:
-    return WorkloadError(f"{path}: {where} has {fields} fields but the header has {header}; expected one value per "
-                         "header column (a stray comma, or a value with a comma that is not quoted?)")
+def _too_many_fields(path: Path, what: str) -> WorkloadError:
+    return WorkloadError(f"{path}: {what}; expected one value per header column (a stray comma, or a value with "
+                         "a comma that is not quoted?)")
 
 
 def _csv_chunks(path: Path, have: list[str], first: list[str], usecols: list[str], dtypes: dict | None):
@@ -195,15 +195,17 @@ def _csv_chunks(path: Path, have: list[str], first: list[str], usecols: list[str
             for c in extra:
                 filled = df[c].fillna("").astype(str).str.strip().str.len().to_numpy() > 0
                 if filled.any():
-                    raise _too_many_fields(path, f"row {offset + int(np.flatnonzero(filled)[0]) + 1}",
-                                           len(have) + 1 + extra.index(c), len(have))
+                    row = offset + int(np.flatnonzero(filled)[0]) + 1
+                    raise _too_many_fields(path, f"row {row} has a value in field {len(have) + 1 + extra.index(c)} "
+                                                 f"but the header has {len(have)} fields")
             offset += len(df)
             yield df[usecols]
     except pd.errors.ParserError as e:
         m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
         if m is None:
             raise
-        raise _too_many_fields(path, f"line {m.group(2)}", int(m.group(3)), len(have)) from None
+        raise _too_many_fields(path, f"line {m.group(2)} has {m.group(3)} fields but the header has {len(have)}") \
+            from None
 
 
 def _chunks(path: Path, fmt: str, usecols: list[str], dtypes: dict | None):
@@ -215,7 +217,7 @@ def _chunks(path: Path, fmt: str, usecols: list[str], dtypes: dict | None):
         have, first = _csv_head(path)
         _check_columns(path, have, usecols)
         if len(first) > len(have) and any(c.strip() for c in first[len(have):]):
-            raise _too_many_fields(path, "row 1", len(first), len(have))
+            raise _too_many_fields(path, f"row 1 has {len(first)} fields but the header has {len(have)}")
         yield from _csv_chunks(path, have, first, usecols, dtypes)
     elif fmt == "jsonl":
         if path.stat().st_size == 0 or not path.read_bytes()[:1 << 16].strip():

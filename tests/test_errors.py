@@ -53,7 +53,7 @@ TRACE_CASES = [
      ["line 4 has 6 fields but the header has 4"]),
     ("extra-field-first-row", HEADER + "0,5,3,9\n1,5,3\n", None, None, None, ["row 1 has 4 fields but the header has 3"]),
     ("extra-field-after-trailing-commas", HEADER + "0,5,3,\n1,5,3,9\n", None, None, None,
-     ["row 2 has 4 fields but the header has 3"]),
+     ["row 2 has a value in field 4 but the header has 3 fields"]),
     ("zero-prompt", HEADER + "0,0,3\n", 1, "prompt", "'0'", ["zero", "positive integer token count"]),
     ("zero-output", HEADER + "0,5,3\n1,5,0\n", 2, "output", "'0'", ["zero"]),
     ("fractional-tokens", HEADER + "0,5.5,3\n", 1, "prompt", "'5.5'", ["not an integer"]),
