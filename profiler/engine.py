@@ -231,6 +231,7 @@ class EngineConfig:
     seed: int = 0
     clock: str = "wall"  # wall (perf_counter, sleeps until arrivals) | cpu (this process's CPU time, see run)
     warmup: bool = True  # run a few untimed steps first (allocator, first-call overheads)
+    draft_sync: bool = False  # γ = 0 steps of a drafting policy also run the draft (see ClusterConfig.draft_sync)
     extra: dict = field(default_factory=dict)
 
 
@@ -266,10 +267,12 @@ class Engine:
     # -- one speculative step on slots 0..b-1 -----------------------------------------------------------------
 
     @torch.inference_mode()
-    def spec_step(self, last: torch.Tensor, lengths: torch.Tensor, gamma: int, synthetic_acc: torch.Tensor | None):
+    def spec_step(self, last: torch.Tensor, lengths: torch.Tensor, gamma: int, synthetic_acc: torch.Tensor | None,
+                  draft_sync: bool = False):
         """γ draft decodes + one verify for slots ``0..b-1``: ``last`` (b,) tokens not yet cached,
         ``lengths`` (b,) cached positions. Returns ``(n_accepted (b,), new_tokens (b, γ+1), next_token (b,))``;
-        ``synthetic_acc`` (b,) overrides the acceptance decision (the models still do all the work)."""
+        ``synthetic_acc`` (b,) overrides the acceptance decision (the models still do all the work).
+        ``draft_sync``: at γ = 0 the draft also runs on ``last``, so its KV cache stays in step."""
         temp, gen = self.cfg.temperature, self.gen
         b = last.shape[0]
         rows = torch.arange(b, device=last.device)
@@ -280,6 +283,8 @@ class Engine:
             tok, q = _sample(logits, temp, gen)
             drafts.append(tok)
             qs.append(q)
+        if not gamma and draft_sync:  # the draft sees the token the target decodes (vLLM's K = 0 path)
+            batched_forward(self.draft, self.dcache, tok[:, None], lengths, False)
         d = torch.stack(drafts, 1) if gamma else last.new_empty((b, 0))
         ids = torch.cat([last[:, None], d], 1)
         logits = batched_forward(self.target, self.tcache, ids, lengths, True).float()  # (b, γ+1, V)
@@ -451,7 +456,8 @@ class Engine:
                     syn[slots] = torch.as_tensor(acc_rows)
                     syn = syn.to(device)
                 tm = clock()
-                n_acc, ids_t, next_tok = self.spec_step(last_tok[:n], lengths.to(device), gamma, syn)
+                n_acc, ids_t, next_tok = self.spec_step(last_tok[:n], lengths.to(device), gamma, syn,
+                                                        cfg.draft_sync and uses_draft)
                 model_s = clock() - tm
                 n_acc_l, ids_l, next_l = n_acc.tolist(), ids_t.tolist(), next_tok.tolist()
                 if not synthetic:

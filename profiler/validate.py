@@ -364,7 +364,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              max_output: int = REDUCED["max_output"], max_gamma: int = REDUCED["max_gamma"], grid: dict | None = None,
              alpha: float = 0.7, clock: str = "cpu", threads: int = 1, device: str = "cpu", seed: int = 0,
              trace_start: int = 0, out: Path | str = "fidelity-out", profile: str | None = None,
-             max_age_h: float = 12.0, repeats: int = 1, variants=None,
+             max_age_h: float = 12.0, repeats: int = 1, variants=None, draft_sync: bool = False,
              log=print) -> dict:
     """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report."""
     import torch
@@ -398,14 +398,14 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     max_len = max_prompt + max_output + max_gamma + 4
     max_len = max(max_len, 64)
     ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock, threads=threads,
-                        device=device, seed=seed, dtype=str(prof.meta["dtype"]))
+                        device=device, seed=seed, dtype=str(prof.meta["dtype"]), draft_sync=draft_sync)
     engine = Engine(target, draft, ecfg, max_len=max_len)
     log("calibrating the engine-side terms ...")
     over, cal = calibrate(engine, plain, acc, max_prompt=max_prompt, max_output=max_output)
     log(f"  {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
     final = costs[variants[-1][0]]
-    cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity)
+    cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync)
     base = trace_slice(requests, start=trace_start, max_prompt=max_prompt, max_output=max_output)
     capacity = estimate_capacity(plain, base, cluster)
     cases = []
@@ -413,7 +413,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         w = wl.set_rate(base, load * capacity)
         ref_ctx = float(w.prompt_tokens.mean() + w.output_tokens.mean() / 2)
         for pname in policies:
-            pol = frozen_policy(pname, final, acc, ref_ctx)
+            pol = frozen_policy(pname, final.with_draft_sync() if draft_sync else final, acc, ref_ctx)
             real_runs = []
             for rep in range(repeats):
                 la = loadavg()
@@ -447,6 +447,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             cases.append(case)
     report = {
         "pair": {"target": target, "draft": draft}, "device": device, "clock": clock, "threads": threads,
+        "draft_sync": draft_sync,
         "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
         "profile": str(prof_dir), "calibration": cal, "variants": {n: list(f) for n, f in variants},
@@ -555,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=("cpu", "wall"), default=None,
                     help="engine and profile clock (default: cpu on the CPU, wall on CUDA)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--draft-sync", action="store_true",
+                    help="γ = 0 steps also run the draft, in the engine and the simulator (cluster.draft_sync)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=1, help="engine runs per case (2: also report run-to-run noise)")
     ap.add_argument("--profile", default=None, help="reuse this profile folder instead of profiling")
@@ -567,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         report = validate(pair=a.pair, requests=a.requests, loads=tuple(a.loads), policies=tuple(a.policies),
                           max_batch=a.max_batch, max_prompt=a.max_prompt, max_output=a.max_output, alpha=a.alpha,
                           clock=clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
-                          profile=a.profile, repeats=a.repeats, trace_start=a.trace_start)
+                          profile=a.profile, repeats=a.repeats, trace_start=a.trace_start,
+                          draft_sync=a.draft_sync)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)
         return 2

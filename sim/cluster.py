@@ -54,6 +54,7 @@ class ClusterConfig:
     watermark: float = 0.01
     fast_forward: bool = True  # identical results either way; False steps one SimPy event per iteration
     workers: int = 1  # processes simulating disjoint replica groups (state-free routers); identical results
+    draft_sync: bool = False  # γ = 0 iterations also run a draft decode when the policy drafts (as vLLM does)
 
     def validate(self) -> None:
         if not isinstance(self.replicas, (int, np.integer)) or self.replicas < 1:
@@ -70,6 +71,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.watermark is {self.watermark}; expected a fraction in [0, 1)")
         if not isinstance(self.fast_forward, (bool, np.bool_)):
             raise ValueError(f"cluster.fast_forward is {self.fast_forward!r}; expected true or false")
+        if not isinstance(self.draft_sync, (bool, np.bool_)):
+            raise ValueError(f"cluster.draft_sync is {self.draft_sync!r}; expected true or false")
         if isinstance(self.workers, bool) or not isinstance(self.workers, (int, np.integer)) or self.workers < 1:
             raise ValueError(f"cluster.workers is {self.workers!r}; expected an integer ≥ 1")
         if self.workers > 1 and self.replicas > 1 and self.router not in STATE_FREE_ROUTERS:
@@ -125,6 +128,8 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
         raise ValueError(f"cluster.max_batch {cluster.max_batch} exceeds the cost model's max_batch {cost.max_batch}")
     if len(workload) == 0:
         raise ValueError("the workload has no requests")
+    if cluster.draft_sync and policy.uses_draft:
+        cost = cost.with_draft_sync()
     seeds = np.random.SeedSequence(seed).spawn(cluster.replicas + 2)
     reqs = request_table(workload, acceptance, cost.max_gamma, seeds[0])
     if reference_context is None:

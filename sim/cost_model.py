@@ -25,6 +25,7 @@ per-request prefill time.
 from __future__ import annotations
 
 import bisect
+import copy
 import warnings
 
 import numpy as np
@@ -71,6 +72,10 @@ class CostModel:
 
     ``max_batch`` and ``max_gamma`` size the precomputed tables used on the simulator's hot path;
     any (batch ≤ max_batch, γ ≤ max_gamma) costs one Python-level interpolation in context.
+
+    ``draft_sync``: a γ = 0 iteration also runs one draft decode step (batch, context), as vLLM does to
+    keep its drafter's KV cache in step when speculation is off for an iteration; ``False`` (default):
+    γ = 0 is a plain target decode. See :meth:`with_draft_sync`.
     """
 
     def __init__(self, profile: Profile, max_batch: int = 256, max_gamma: int = 8):
@@ -78,6 +83,7 @@ class CostModel:
         self.max_batch = int(max_batch)
         self.max_gamma = int(max_gamma)
         self.warned = False  # True once this model has issued its (single) extrapolation warning
+        self.draft_sync = False
         steps = profile.ok_steps
         path = profile.path
         tgt = steps[(steps["model"] == "target") & steps["phase"].isin(["decode", "verify"])]
@@ -209,8 +215,9 @@ class CostModel:
         return self._interp_ctx(self._verify_tab[gamma][batch - 1], context)
 
     def iteration(self, batch: int, gamma: int, context: float) -> float:
-        """Seconds for one speculative iteration: γ draft decodes plus one target verify of γ+1 tokens.
-        Beyond the longest measured context the total is extrapolated (never below its value at the edge)."""
+        """Seconds for one speculative iteration: γ draft decodes plus one target verify of γ+1 tokens
+        (γ = 0: a target decode, plus one draft decode with ``draft_sync``). Beyond the longest measured
+        context the total is extrapolated (never below its value at the edge)."""
         self._check_query(batch, gamma)
         return self._interp_ctx(self._iter_tab[gamma][batch - 1], context)
 
@@ -260,6 +267,18 @@ class CostModel:
         self._warn(f"prefill of {prompt_tokens:.0f} > {x[-1]:.0f} tokens")
         slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
         return y[-1] + max(slope, 0.0) * (prompt_tokens - x[-1])
+
+    def with_draft_sync(self) -> "CostModel":
+        """A copy whose γ = 0 iterations cost a target decode plus one draft decode (``draft_sync``); every
+        other query is unchanged. Subclasses (extra terms) are copied with their terms."""
+        if self.draft_sync:
+            return self
+        out = copy.copy(self)
+        out.draft_sync = True
+        out._iter_tab = list(self._iter_tab)
+        out._iter_tab[0] = [[v + d for v, d in zip(vrow, drow)]
+                            for vrow, drow in zip(self._verify_tab[0], self._draft_tab)]
+        return out
 
     def has_prefill(self, model: str = "target") -> bool:
         return self._prefill[model] is not None

@@ -211,7 +211,8 @@ def build_cluster(cfg: DictConfig) -> ClusterConfig:
         raise ConfigError(f"cluster.watermark is {c.get('watermark')!r}; expected a fraction in [0, 1)")
     cl = ClusterConfig(replicas=c.replicas, router=c.router, max_batch=c.max_batch, mode=c.mode,
                        kv_capacity_tokens=c.kv_capacity_tokens, watermark=c.watermark,
-                       fast_forward=c.get("fast_forward", True), workers=c.get("workers", 1))
+                       fast_forward=c.get("fast_forward", True), workers=c.get("workers", 1),
+                       draft_sync=c.get("draft_sync", False))
     try:
         cl.validate()
     except ValueError as e:

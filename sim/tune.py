@@ -1,15 +1,17 @@
 """``specbatch-tune``: export the batch → γ table of a profile and acceptance model for a serving engine.
 
     specbatch-tune --profile <folder|name|default> [--alpha 0.7 | --acceptance profile] [--context 1024]
-                   [--max-batch 64] [--max-gamma 8] [--out tune/] [--print json|vllm|sglang|report]
+                   [--max-batch 64] [--max-gamma 8] [--draft-sync] [--out tune/] [--print json|vllm|sglang|report]
 
 It computes γ*(b) = argmax_γ b·E(α, γ) / T(b, γ, c) for b = 1..max_batch at the given context (tokens)
 with :mod:`sim.quant`, compresses it into batch ranges with the predicted speedup (throughput at γ* over
-throughput at γ = 0, from the profile) and writes three files into ``--out``:
+throughput without speculation, from the profile) and writes three files into ``--out``. With
+``--draft-sync`` a γ = 0 iteration still costs one draft decode (vLLM runs its drafter at K = 0 to keep
+its KV cache in step), which makes γ = 0 dearer against γ ≥ 1:
 
 ``tune.json``
     ``{"profile", "device", "acceptance": {"source", "alpha_mean", "positions"}, "context_tokens",
-    "max_batch", "max_gamma", "table": {"<b>": γ}, "ranges": [{"min_batch", "max_batch", "gamma",
+    "max_batch", "max_gamma", "draft_sync", "table": {"<b>": γ}, "ranges": [{"min_batch", "max_batch", "gamma",
     "speedup_min", "speedup_max", "speedup_mean"}], "vllm": <vllm.json>, "sglang": <sglang.json>}``
 ``vllm.json``
     ``{"num_speculative_tokens_per_batch_size": [[min_batch, max_batch, γ], ...],
@@ -43,13 +45,15 @@ from .quant import optimal_gamma_over_batches, point_curve, report
 
 def ranges_with_speedup(cost: CostModel, acceptance: AcceptanceModel, context: float,
                         max_gamma: int | None = None) -> tuple[np.ndarray, list[dict]]:
-    """(γ*(b) for b = 1..max_batch, the ranges with predicted speedup min/max/mean over each range)."""
+    """(γ*(b) for b = 1..max_batch, the ranges with predicted speedup min/max/mean over each range).
+    The speedup is over serving without speculation (a plain target decode per iteration)."""
     table = optimal_gamma_over_batches(cost, acceptance, context, max_gamma=max_gamma)
     speed = []
     for b in range(1, cost.max_batch + 1):
         e, t = point_curve(cost, acceptance, b, context, max_gamma)
         g = table[b - 1]
-        speed.append((e[g] / t[g]) / (e[0] / t[0]))
+        plain = cost.target_verify(b, 0, context)  # no speculation at all (no draft step, even with draft_sync)
+        speed.append((e[g] / t[g]) / (e[0] / plain))
     out = []
     for lo, hi, g in table_to_ranges(table):
         s = np.asarray(speed[lo - 1:hi])
@@ -86,7 +90,7 @@ def gamma_for_batch(vllm: dict, batch: int) -> int:
 
 
 def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "scalar", context: float = 1024.0,
-         max_batch: int = 64, max_gamma: int = 8) -> tuple[dict, CostModel, AcceptanceModel]:
+         max_batch: int = 64, max_gamma: int = 8, draft_sync: bool = False) -> tuple[dict, CostModel, AcceptanceModel]:
     """Build the export (the ``tune.json`` dict) for a profile folder; see the module docstring."""
     if not context > 0:
         raise ValueError(f"--context is {context}; expected a positive number of tokens")
@@ -98,6 +102,8 @@ def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cost = CostModel(profile, max_batch=max_batch, max_gamma=max_gamma)
+    if draft_sync:
+        cost = cost.with_draft_sync()
     if acceptance_source == "profile":
         pos = profile.per_position_alpha
         if pos is None:
@@ -114,7 +120,7 @@ def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "
         "profile": profile.name, "device": profile.meta.get("device", {}).get("name"),
         "acceptance": {"source": acceptance_source, "alpha_mean": acc.mean_alpha,
                        "positions": [float(x) for x in acc.rates(max(1, max_gamma))]},
-        "context_tokens": float(context), "max_batch": max_batch, "max_gamma": max_gamma,
+        "context_tokens": float(context), "max_batch": max_batch, "max_gamma": max_gamma, "draft_sync": draft_sync,
         "table": {str(b + 1): int(g) for b, g in enumerate(table)},
         "ranges": ranges, "vllm": vllm_config(ranges), "sglang": sglang_config(ranges),
     }
@@ -141,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=float, default=1024.0, help="reference mean context in tokens (default 1024)")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch size to cover (sequences)")
     p.add_argument("--max-gamma", type=int, default=8, help="largest speculation length considered")
+    p.add_argument("--draft-sync", action="store_true",
+                   help="γ = 0 still runs one draft step (vLLM keeps its drafter's KV cache in step so)")
     p.add_argument("--out", default="tune", help="folder for tune.json, vllm.json, sglang.json ('-': write none)")
     p.add_argument("--print", dest="show", choices=["ranges", "report", "json", "vllm", "sglang"], default="ranges",
                    help="what to print on stdout (report: the full quantitative model explanation)")
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result, cost, acc = tune(str(resolve_profile(args.profile)), args.alpha, args.acceptance, args.context,
-                                 args.max_batch, args.max_gamma)
+                                 args.max_batch, args.max_gamma, args.draft_sync)
     except (ConfigError, ProfileError, ValueError) as e:
         print(f"specbatch-tune: error: {e}", file=sys.stderr)
         return 2

@@ -99,3 +99,27 @@ def test_adaptive_table_matches_brute_force_on_known_profile(cost):
 
 def test_optimal_gamma_is_zero_when_nothing_is_accepted(cost):
     assert (optimal_gamma_table(cost, AcceptanceModel(alpha=0.0), 512) == 0).all()
+
+
+def test_draft_sync_adds_one_draft_step_to_gamma_zero_only(cost):
+    synced = cost.with_draft_sync()
+    assert synced.draft_sync and not cost.draft_sync and synced.with_draft_sync() is synced
+    for b in (1, 3, 17, 64):
+        for c in (100.0, 128.0, 700.0, 2048.0):
+            assert synced.iteration(b, 0, c) == pytest.approx(cost.target_verify(b, 0, c) + cost.draft_decode(b, c))
+            assert cost.iteration(b, 0, c) == pytest.approx(cost.target_verify(b, 0, c))  # the original is untouched
+            for g in (1, 4, 8):
+                assert synced.iteration(b, g, c) == cost.iteration(b, g, c)
+        many = synced.iteration_many(b, 0, np.array([200.0, 300.0, 900.0, 1500.0]))
+        assert many.tolist() == [synced.iteration(b, 0, c) for c in (200.0, 300.0, 900.0, 1500.0)]  # bit for bit
+
+
+def test_draft_sync_only_moves_the_table_away_from_gamma_zero(tmp_path):
+    """γ = 0 gets dearer and nothing else changes, so γ*(b) > 0 stays put and γ*(b) = 0 may turn positive."""
+    p = write_formula_profile(tmp_path / "p", verify=linear_step(0.010, 0.0005, knee=16),
+                              draft=linear_step(0.004, 0.0001))
+    cost = CostModel(load_profile(p), max_batch=64, max_gamma=8)
+    acc = AcceptanceModel(alpha=0.6)
+    plain, synced = optimal_gamma_table(cost, acc, 512), optimal_gamma_table(cost.with_draft_sync(), acc, 512)
+    assert ((plain == synced) | ((plain == 0) & (synced > 0))).all()
+    assert (plain == 0).any() and ((plain == 0) & (synced > 0)).any()  # the case at issue occurs here

@@ -143,3 +143,25 @@ def test_bad_settings_are_clear_errors(models, cost):
                    models=models)
     with pytest.raises(ValueError, match="KV positions"):
         eng.run(_workload([30], [10]), cost, make_policy("none"), AcceptanceModel(alpha=0.5, max_gamma=6))
+
+
+def test_draft_sync_runs_the_draft_at_gamma_zero(models, monkeypatch):
+    eng = E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(max_batch=2, warmup=False), max_len=64,
+                   models=models)
+    calls = []
+    real = E.batched_forward
+
+    def spy(model, slots, tokens, lengths, all_logits):
+        calls.append(("draft" if model is eng.draft else "target", tokens.shape[1]))
+        return real(model, slots, tokens, lengths, all_logits)
+
+    monkeypatch.setattr(E, "batched_forward", spy)
+    last, lengths = torch.zeros(2, dtype=torch.long), torch.tensor([5, 9])
+    eng.spec_step(last, lengths, 0, None)
+    assert calls == [("target", 1)]
+    calls.clear()
+    eng.spec_step(last, lengths, 0, None, draft_sync=True)
+    assert calls == [("draft", 1), ("target", 1)]  # the draft sees the last token too, its cache stays in step
+    calls.clear()
+    eng.spec_step(last, lengths, 2, None, draft_sync=True)
+    assert calls == [("draft", 1), ("draft", 1), ("target", 3)]  # γ ≥ 1: unchanged

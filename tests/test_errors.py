@@ -429,6 +429,7 @@ CONFIG_CASES = [
     (dict(cluster__watermark="high"), "cluster.watermark is 'high'; expected a fraction in [0, 1)"),
     (dict(cluster__fast_forward="yes"), "cluster.fast_forward is 'yes'; expected true or false"),
     (dict(cluster__workers=0), "cluster.workers is 0; expected an integer ≥ 1"),
+    (dict(cluster__draft_sync="sometimes"), "cluster.draft_sync is 'sometimes'; expected true or false"),
     (dict(cluster__workers=2, cluster__replicas=4, cluster__router="least_kv"),
      "cluster.workers is 2 but router 'least_kv' looks at every replica's state"),
     (dict(workload__kind="replay"), "workload.kind is 'replay'"),

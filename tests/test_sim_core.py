@@ -61,6 +61,26 @@ def test_two_requests_with_full_acceptance_have_exact_latencies(constant_cost):
     assert q["generated_tokens"].tolist() == [5, 2]
 
 
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_draft_sync_charges_a_draft_step_at_gamma_zero_for_drafting_policies(constant_cost, fast_forward):
+    # As the no-speculation scenario above, but with a drafting policy at γ = 0: prefill includes the draft
+    # (0.1 + 0.01 s), and each γ = 0 iteration costs 0.1 s of target decode + 0.01 s of draft decode.
+    # r0: first token 0.11, one step -> 0.22 s. r1 admitted at 0.22: prefill 0.2 + 0.02 -> first token
+    # 0.44 s; batch-2 step 0.11 s -> both finish at 0.55 s.
+    w = workload([0.0, 0.05], [100, 200], [3, 2])
+    sync = ClusterConfig(max_batch=8, draft_sync=True, fast_forward=fast_forward)
+    r = simulate(w, constant_cost, make_policy("fixed", gamma=0), AcceptanceModel(alpha=0.5), sync)
+    assert r.requests["first_token_s"].tolist() == pytest.approx([0.11, 0.44])
+    assert r.requests["finished_s"].tolist() == pytest.approx([0.55, 0.55])
+    assert r.iterations["step_s"].tolist() == pytest.approx([0.11, 0.11])
+    # the `none` policy loads no draft model: nothing to keep in step, the same run as without draft_sync
+    plain = ClusterConfig(max_batch=8, fast_forward=fast_forward)
+    a = simulate(w, constant_cost, make_policy("none"), AcceptanceModel(alpha=0.5), sync)
+    b = simulate(w, constant_cost, make_policy("none"), AcceptanceModel(alpha=0.5), plain)
+    pd.testing.assert_frame_equal(a.requests, b.requests)
+    assert not constant_cost.draft_sync  # simulate works on a copy
+
+
 def test_request_that_only_needs_its_first_token_finishes_at_prefill(constant_cost):
     w = workload([0.0], [300], [1])
     r = simulate(w, constant_cost, make_policy("none"), AcceptanceModel(alpha=0.5), ClusterConfig(max_batch=8))

@@ -64,3 +64,19 @@ def test_bad_values_exit_2_naming_the_option(profile, capsys, args, msg):
 def test_missing_profile_exits_2(tmp_path, capsys):
     assert main(["--profile", str(tmp_path / "nope"), "--out", "-"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_draft_sync_export_and_speedup_over_no_speculation(profile):
+    res, cost, acc = tune(str(profile), 0.3, context=512, max_batch=64)
+    synced, scost, _ = tune(str(profile), 0.3, context=512, max_batch=64, draft_sync=True)
+    assert res["draft_sync"] is False and synced["draft_sync"] is True and scost.draft_sync
+    assert res["ranges"][-1]["gamma"] == 0 and synced["ranges"][-1]["gamma"] == 0  # both end with speculation off
+    # where the table says γ = 0 with draft_sync, serving is slower than without speculation by the draft step
+    for r in synced["ranges"]:
+        if r["gamma"] == 0:
+            b = r["min_batch"]
+            want = cost.target_verify(b, 0, 512) / (cost.target_verify(b, 0, 512) + cost.draft_decode(b, 512))
+            assert r["speedup_min"] <= round(want, 4) + 1e-4 < 1
+    for r in res["ranges"]:  # without draft_sync, γ = 0 is exactly no speculation
+        if r["gamma"] == 0:
+            assert r["speedup_min"] == r["speedup_max"] == 1.0
