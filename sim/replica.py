@@ -155,10 +155,18 @@ class IterationLog:
         first, then plans) or, with ``sort``, by start time then replica (:func:`sort_rows`). Empties the
         log: its memory goes to the matrix."""
         self._flush()
-        parts = [np.array([np.frombuffer(col, dtype=float) for col in self.cols])] + self.blocks
+        cols, blocks = self.cols, self.blocks
         self.__init__()
-        data = np.concatenate(parts, axis=1)
-        del parts
+        n0 = len(cols[0])
+        data = np.empty((len(ITERATION_COLUMNS), n0 + sum(b.shape[1] for b in blocks)))
+        for i, col in enumerate(cols):
+            data[i, :n0] = np.frombuffer(col, dtype=float)
+        del cols
+        pos = n0
+        for k, blk in enumerate(blocks):  # each block freed once copied: one copy of the rows at a time
+            data[:, pos:pos + blk.shape[1]] = blk
+            pos += blk.shape[1]
+            blocks[k] = None
         return sort_rows(data) if sort else data
 
     def frame(self, sort: bool = False) -> pd.DataFrame:
@@ -167,8 +175,13 @@ class IterationLog:
 
 
 def sort_rows(data: np.ndarray) -> np.ndarray:
-    """Iteration rows (a :meth:`IterationLog.data` matrix) ordered by start time, then replica; stable."""
-    return data[:, np.lexsort((data[1], data[0]))]
+    """Iteration rows (a :meth:`IterationLog.data` matrix) ordered by start time, then replica; stable.
+    Sorts ``data`` in place, one column of the table at a time (a copy of one row of the matrix at most), and
+    returns it."""
+    order = np.lexsort((data[1], data[0]))
+    for row in data:
+        row[:] = row[order]
+    return data
 
 
 def iterations_frame(data: np.ndarray) -> pd.DataFrame:
