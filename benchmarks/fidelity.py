@@ -3,10 +3,17 @@
 
     python benchmarks/fidelity.py                       # both pairs, CPU clock, results in fidelity-bench/
     python benchmarks/fidelity.py --pairs tiny --clock wall --requests 80
+    python benchmarks/fidelity.py --pairs llama68m --requests 60 --rounds 3   # 3 x (profile, engine, simulator)
 
 Writes ``<out>/<pair>/report.json`` and ``dashboard.html`` per pair and prints the error tables
 (``(sim − real) / real`` per metric, per simulator variant: the plain profile, then each engine-side term
 added, see :mod:`profiler.validate`), with the machine's load average.
+
+With ``--rounds R`` the whole validation (a fresh profile, the engine runs, the simulator) runs R times, into
+``<out>/<pair>/round<k>/``, and a last table compares, per case, the median over rounds of the engine's
+metric with the median over rounds of the simulator's ("model" variant), beside the spread of the
+per-round errors: on a machine whose speed drifts between the profile and the runs, the rounds sample
+that drift instead of betting on one draw of it.
 """
 from __future__ import annotations
 
@@ -16,7 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from profiler.validate import REDUCED, format_report, validate  # noqa: E402
+import numpy as np  # noqa: E402
+
+from profiler.validate import HEADLINE, REDUCED, format_report, validate  # noqa: E402
+from sim.profile import ProfileError  # noqa: E402
 
 PAIRS = {
     "tiny": dict(pair="tiny-llama:tiny-llama-draft", grid=REDUCED["grid"], max_prompt=96, max_output=48,
@@ -40,15 +50,47 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="fidelity-bench")
+    ap.add_argument("--rounds", type=int, default=1, help="whole validations per pair (profile included)")
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error(f"--rounds is {a.rounds}; expected an integer ≥ 1")
     for name in a.pairs:
         p = PAIRS[name]
-        report = validate(pair=p["pair"], grid=p["grid"], max_prompt=p["max_prompt"], max_output=p["max_output"],
-                          max_batch=p["max_batch"], requests=a.requests, loads=tuple(a.loads), repeats=a.repeats,
-                          clock=a.clock, threads=a.threads, device=a.device, out=Path(a.out) / name)
-        print(f"== {name} ({p['pair']}), {report['elapsed_s']['total']} s")
-        print(format_report(report))
+        reports = []
+        for k in range(a.rounds):
+            out = Path(a.out) / name / (f"round{k}" if a.rounds > 1 else "")
+            try:
+                report = validate(pair=p["pair"], grid=p["grid"], max_prompt=p["max_prompt"],
+                                  max_output=p["max_output"], max_batch=p["max_batch"], requests=a.requests,
+                                  loads=tuple(a.loads), repeats=a.repeats, clock=a.clock, threads=a.threads,
+                                  device=a.device, out=out)
+            except ProfileError as e:  # the machine too noisy for this round's profile: reported, not hidden
+                if a.rounds == 1:
+                    raise
+                print(f"== {name}, round {k}: no valid profile ({e}); round left out")
+                continue
+            print(f"== {name} ({p['pair']}){f', round {k}' if a.rounds > 1 else ''}, {report['elapsed_s']['total']} s")
+            print(format_report(report))
+            reports.append(report)
+        if len(reports) > 1:
+            print(f"== {name}: error of the medians over {len(reports)} rounds (\"model\" variant); per-round errors in brackets")
+            print(rounds_table(reports))
     return 0
+
+
+def rounds_table(reports: list[dict]) -> str:
+    """Per case and headline metric: median over rounds of the simulator's value over the median of the
+    engine's, minus 1, and the per-round errors."""
+    lines = [f"{'load':>5} {'policy':9}" + "".join(f"{m:>36}" for m in HEADLINE)]
+    for i, c in enumerate(reports[0]["cases"]):
+        cells = []
+        for m in HEADLINE:
+            real = np.median([r["cases"][i]["real"][m] for r in reports])
+            sim = np.median([r["cases"][i]["sim"]["model"][m] for r in reports])
+            each = ", ".join(f"{100 * r['cases'][i]['errors']['model'][m]:+.0f}" for r in reports)
+            cells.append(f"{100 * (sim / real - 1):+.1f}% [{each}]")
+        lines.append(f"{c['load']:>5.2f} {c['policy']:9}" + "".join(f"{x:>36}" for x in cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
