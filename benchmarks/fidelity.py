@@ -73,7 +73,8 @@ def main(argv=None) -> int:
             print(format_report(report))
             reports.append(report)
         if len(reports) > 1:
-            print(f"== {name}: error of the medians over {len(reports)} rounds (\"model\" variant); per-round errors in brackets")
+            print(f"== {name}: error of the medians over {len(reports)} rounds (\"model\" variant); "
+                  "per-round errors in brackets")
             print(rounds_table(reports))
     return 0
 
