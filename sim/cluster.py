@@ -34,7 +34,7 @@ from .acceptance import AcceptanceModel
 from .cost_model import CostModel, ExtrapolationWarning
 from .policies import Policy
 from .events import URGENT, at_time
-from .replica import IterationLog, Replica, iterations_frame, sort_rows
+from .replica import IterationLog, Replica, iterations_frame, join_rows, sort_rows
 from .requests import RequestTable
 from .workload import Workload
 
@@ -222,9 +222,7 @@ def _simulate_groups(reqs: RequestTable, route: np.ndarray, groups: list[np.ndar
                     if issubclass(category, ExtrapolationWarning):
                         cost.warned = True
                     warnings.warn(message, category, stacklevel=3)
-    data = np.concatenate(parts, axis=1)
-    parts.clear()  # before sorting: at most two copies of the rows at once
-    return sort_rows(data), busy
+    return sort_rows(join_rows(parts)), busy
 
 
 def _arrivals(env: simpy.Environment, reqs: RequestTable, replicas: dict[int, Replica], router: str,

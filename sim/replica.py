@@ -155,23 +155,29 @@ class IterationLog:
         first, then plans) or, with ``sort``, by start time then replica (:func:`sort_rows`). Empties the
         log: its memory goes to the matrix."""
         self._flush()
-        cols, blocks = self.cols, self.blocks
+        parts = [[np.frombuffer(col, dtype=float) for col in self.cols]] + self.blocks
         self.__init__()
-        n0 = len(cols[0])
-        data = np.empty((len(ITERATION_COLUMNS), n0 + sum(b.shape[1] for b in blocks)))
-        for i, col in enumerate(cols):
-            data[i, :n0] = np.frombuffer(col, dtype=float)
-        del cols
-        pos = n0
-        for k, blk in enumerate(blocks):  # each block freed once copied: one copy of the rows at a time
-            data[:, pos:pos + blk.shape[1]] = blk
-            pos += blk.shape[1]
-            blocks[k] = None
+        data = join_rows(parts)
         return sort_rows(data) if sort else data
 
     def frame(self, sort: bool = False) -> pd.DataFrame:
         """:meth:`data` as the iterations table (:func:`iterations_frame`)."""
         return iterations_frame(self.data(sort))
+
+
+def join_rows(parts: list) -> np.ndarray:
+    """Blocks of iteration rows side by side, in order, as one new matrix ``(len(ITERATION_COLUMNS), rows)``.
+    A block is a matrix or a list of columns (one 1-D array per column, equal lengths). Each entry of
+    ``parts`` is cleared once copied, so only one copy of the rows is held at a time."""
+    data = np.empty((len(ITERATION_COLUMNS), sum(len(p[0]) for p in parts)))
+    pos = 0
+    for k, part in enumerate(parts):
+        width = len(part[0])
+        for i in range(len(ITERATION_COLUMNS)):
+            data[i, pos:pos + width] = part[i]
+        pos += width
+        parts[k] = part = None
+    return data
 
 
 def sort_rows(data: np.ndarray) -> np.ndarray:
