@@ -405,6 +405,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     log(f"  {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
     final = costs[variants[-1][0]]
+    table_cost = final.with_draft_sync() if draft_sync else final  # what the policies' γ tables are built from
     cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync)
     base = trace_slice(requests, start=trace_start, max_prompt=max_prompt, max_output=max_output)
     capacity = estimate_capacity(plain, base, cluster)
@@ -413,7 +414,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         w = wl.set_rate(base, load * capacity)
         ref_ctx = float(w.prompt_tokens.mean() + w.output_tokens.mean() / 2)
         for pname in policies:
-            pol = frozen_policy(pname, final.with_draft_sync() if draft_sync else final, acc, ref_ctx)
+            pol = frozen_policy(pname, table_cost, acc, ref_ctx)
             real_runs = []
             for rep in range(repeats):
                 la = loadavg()
