@@ -131,7 +131,8 @@ def _csv_head(path: Path) -> tuple[list[str], list[str]]:
         raise _not_utf8(path) from None
     except csv.Error as e:
         raise WorkloadError(f"{path}: the header row cannot be read as CSV ({e})") from None
-    return (rows + [[], []])[0], (rows + [[], []])[1]
+    rows += [[]] * (2 - len(rows))
+    return rows[0], rows[1]
 
 
 def _check_columns(path: Path, have: list[str], want: list[str]) -> None:
