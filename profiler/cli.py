@@ -133,18 +133,15 @@ def run(cfg: DictConfig) -> Path:
         return out
     if cfg.mode not in ("profile", "acceptance"):
         raise ValueError(f"mode={cfg.mode!r}; expected profile, acceptance or roofline")
-    from profiler.sweep import resolve_device, resolve_dtype, run_passes, run_profile
+    from profiler.sweep import resolve_device, resolve_dtype, run_passes
 
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.dtype), device)
     out = profile_folder(cfg, device, str(dtype).replace("torch.", ""))
     if cfg.mode == "profile":
-        passes, max_passes = int(cfg.timing.get("passes") or 1), cfg.timing.get("max_passes")
-        if passes > 1 or (max_passes and int(max_passes) > 1):
-            run_passes(cfg, out_dir=out, grid=grid_of(cfg, device), passes=passes, max_passes=max_passes,
-                       progress=bool(cfg.progress))
-        else:
-            run_profile(cfg, out_dir=out, grid=grid_of(cfg, device), progress=bool(cfg.progress))
+        run_passes(cfg, out_dir=out, grid=grid_of(cfg, device), passes=int(cfg.timing.get("passes") or 1),
+                   max_passes=cfg.timing.get("max_passes"), repairs=int(cfg.timing.get("repairs", 3)),
+                   progress=bool(cfg.progress))
         print(f"wrote profile {out}")
     if cfg.mode == "acceptance" or cfg.acceptance.prompts or cfg.acceptance.prompts_file:
         out.mkdir(parents=True, exist_ok=True)

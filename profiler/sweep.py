@@ -110,10 +110,12 @@ def _activation_bytes(cfg, batch: int, tokens: int, dtype_bytes: int, with_logit
     return batch * (logit_tokens * vocab * 4 * 3 + tokens * ffn * dtype_bytes * 4 + tokens * cfg.hidden_size * 16)
 
 
-def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool = True) -> Path:
+def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool = True,
+                points: set[tuple] | None = None) -> Path:
     """Profile ``cfg.pair`` on ``cfg.device`` over ``grid``; write and return the profile folder.
 
-    ``cfg`` is the specbatch-profile config (see ``conf/profile.yaml``).
+    ``cfg`` is the specbatch-profile config (see ``conf/profile.yaml``). ``points``: measure only these grid
+    points, as ``(model, phase, batch, tokens, context)`` tuples (a remeasurement; see :func:`run_passes`).
     """
     import torch
     import transformers
@@ -197,6 +199,8 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     timer = make_timer(device)
     gmax = max(grid.gammas)
     plan = _plan(grid, models)
+    if points is not None:
+        plan = [p for p in plan if tuple(p) in points]
     skipped_ctx = [p for p in plan if _too_long(models[p[0]], p)]
     plan = [p for p in plan if not _too_long(models[p[0]], p)]
     todo = [p for p in plan if tuple(_key(p)) not in done]
@@ -288,73 +292,102 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     return out
 
 
+REPAIR_SWEEPS = 3  # sweeps of the disputed points per repair round of run_passes
+
+
 def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_passes: int | None = None,
-               progress: bool = True) -> Path:
+               repairs: int = 3, progress: bool = True) -> Path:
     """Sweep ``grid`` ``passes`` times (into ``out_dir/pass<k>/``, each a valid profile) and write the merged
     profile into ``out_dir``; return it.
 
-    Merge: a point measured in any pass gets the median of its pass medians (p10 the smallest, p90 the
-    largest, samples summed); a point out of memory in every pass that reached it is written ``oom``. On a
+    Merge: a point measured in any sweep gets the median of its sweep medians (p10 the smallest, p90 the
+    largest, samples summed); a point out of memory in every sweep that reached it is written ``oom``. On a
     host whose speed changes for seconds at a time (a shared VM; a GPU step bound by the host's kernel
-    launches) one pass records whichever speed each point fell in, the median over passes the common one.
-    While the merged profile fails the monotonicity gate (:func:`sim.profile.check_monotone`) another pass is
-    added, up to ``max_passes`` (default: ``passes``); the last failure is raised. ``timing.deadline_s`` bounds
-    all passes together: each pass gets an equal share of the time left, and once it is spent no pass
-    starts and the passes there are are merged. ``meta.json`` is the last pass's, with ``timing.passes`` (the
-    passes merged), ``timing.merge``, the total ``elapsed_s``, and ``complete`` only if all ``passes`` ran and
-    each was complete.
+    launches) one sweep records whichever speed each point fell in, the median over sweeps the common one.
+
+    While the merged profile fails the monotonicity gate (:func:`sim.profile.check_monotone`) the disputed
+    points, both ends of every violation, are remeasured: a repair round sweeps just those points
+    :data:`REPAIR_SWEEPS` times (into ``out_dir/repair<r>_<s>/``), so that neighbours are timed alternately,
+    seconds apart, and their new medians join the merge. After ``repairs`` rounds whole passes are added,
+    up to ``max_passes`` (default: ``passes``); the last failure is raised. ``timing.deadline_s`` bounds all
+    sweeps together: each pass gets an equal share of the time left, a repair sweep what is left, and once it
+    is spent no sweep starts and those there are are merged. ``meta.json`` is the last pass's, with
+    ``timing.passes`` (the passes merged), ``timing.repairs`` (the points each round remeasured),
+    ``timing.merge``, the total ``elapsed_s``, and ``complete`` only if all ``passes`` ran and each was
+    complete.
     """
     from omegaconf import OmegaConf
 
-    from sim.profile import ProfileError, check_monotone
+    from sim.profile import ProfileError, check_monotone, monotone_violations
 
     max_passes = max(int(passes), int(max_passes or passes))
     if int(passes) < 1:
         raise ValueError(f"timing.passes={passes}; expected at least 1")
+    if int(repairs) < 0:
+        raise ValueError(f"timing.repairs={repairs}; expected 0 or more")
     out = Path(out_dir)
     t_start = time.perf_counter()
     total = float(cfg.timing.deadline_s) if cfg.timing.get("deadline_s") else None
-    frames, metas = [], []
+    frames, metas, repaired = [], [], []
+
+    def time_left() -> float | None:
+        return None if total is None else total - (time.perf_counter() - t_start)
+
+    def sweep(name: str, share: int = 1, points: set[tuple] | None = None) -> pd.DataFrame:
+        sweep_cfg, left = cfg, time_left()
+        if left is not None:
+            sweep_cfg = OmegaConf.merge(cfg, {"timing": {"deadline_s": max(left, 1e-9) / share}})
+        run_profile(sweep_cfg, out_dir=out / name, grid=grid, progress=progress, points=points)
+        frames.append(pd.read_csv(out / name / "steps.csv"))
+        return json.loads((out / name / "meta.json").read_text())
 
     def merge() -> None:
         write_steps(out, merge_passes(frames))
-        meta = metas[-1]
+        meta = json.loads(json.dumps(metas[-1]))
         meta.pop("schema_version", None)
         meta["device"]["loadavg_start"] = metas[0]["device"].get("loadavg_start")
-        meta["timing"].update(passes=len(metas), deadline_s=total,
-                              merge="median over passes of each point's median (p10 min, p90 max, samples "
-                                    "summed); oom where no pass measured the point",
+        meta["timing"].update(passes=len(metas), deadline_s=total, repairs=repaired,
+                              merge="median over sweeps of each point's median (p10 min, p90 max, samples "
+                                    "summed); oom where no sweep measured the point",
                               complete=len(metas) >= int(passes) and all(m["timing"].get("complete") for m in metas),
                               elapsed_s=round(time.perf_counter() - t_start, 1))
         write_profile_meta(out, meta)
 
-    for k in range(max_passes):
-        pass_cfg = cfg
-        if total is not None:
-            left = total - (time.perf_counter() - t_start)
-            if k and left <= 0:
-                break  # the deadline is spent: merge the passes there are
-            share = max(left, 1e-9) / (max(int(passes), k + 1) - k)
-            pass_cfg = OmegaConf.merge(cfg, {"timing": {"deadline_s": share}})
-        run_profile(pass_cfg, out_dir=out / f"pass{k}", grid=grid, progress=progress)
-        frames.append(pd.read_csv(out / f"pass{k}" / "steps.csv"))
-        metas.append(json.loads((out / f"pass{k}" / "meta.json").read_text()))
-        if k + 1 < int(passes):
-            continue
-        merge()
-        try:
-            check_monotone(load_profile(out))
-            return out
-        except ProfileError:
-            if k + 1 == max_passes:
-                raise
+    def spent() -> bool:
+        left = time_left()
+        return left is not None and left <= 0
+
+    for k in range(int(passes)):
+        if k and spent():
+            break  # the deadline is spent: merge the passes there are
+        metas.append(sweep(f"pass{k}", share=int(passes) - k))
     merge()
+    while not spent():
+        profile = load_profile(out)
+        found = monotone_violations(profile)
+        if not found:
+            return out
+        if len(repaired) < int(repairs):
+            rows = sorted({r for i, j, _ in found for r in (i, j)})
+            keys = [tuple(profile.steps.loc[r, KEY]) for r in rows]
+            points = {(str(m), str(ph), int(b), int(t), int(c)) for m, ph, b, t, c in keys}
+            for s in range(REPAIR_SWEEPS):
+                if spent():
+                    break
+                sweep(f"repair{len(repaired)}_{s}", points=points)
+            repaired.append({"points": sorted(list(p) for p in points), "violations": len(found)})
+        elif len(metas) < max_passes:
+            metas.append(sweep(f"pass{len(metas)}"))
+        else:
+            raise ProfileError(found[0][2] + f" (after {len(metas)} passes and {len(repaired)} repair rounds)")
+        merge()
     check_monotone(load_profile(out))  # an incomplete profile (passes cut short) gets a warning, not an error
     return out
 
 
 def merge_passes(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """The rows of several sweeps of one grid merged as :func:`run_passes` describes, sorted by :data:`KEY`."""
+    """The rows of several sweeps of one grid (whole or some of its points) merged as :func:`run_passes`
+    describes, sorted by :data:`KEY`."""
     rows = pd.concat(frames, ignore_index=True)
     ok = rows[rows["status"] == "ok"]
     merged = ok.groupby(KEY, as_index=False).agg(median_s=("median_s", "median"), p10_s=("p10_s", "min"),

@@ -98,12 +98,13 @@ def profiler_clock(clock: str):
 
 def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str = "cpu", threads: int = 1,
                  device: str = "cpu", point_budget_s: float = 0.1, seed: int = 0, passes: int = 2,
-                 max_passes: int = 4) -> Path:
+                 max_passes: int = 4, repairs: int = 3) -> Path:
     """Profile ``draft``/``target`` on this machine into ``out`` with the profiler's sweep.
 
     On a shared machine the speed drifts between points (other jobs come and go), so the grid is swept
     ``passes`` times and each point keeps the median of its pass medians; while the result fails the
-    profile's monotonicity check another pass is added (up to ``max_passes``)."""
+    profile's monotonicity check the disputed points are remeasured (up to ``repairs`` rounds), then whole
+    passes are added (up to ``max_passes``); see :func:`profiler.sweep.run_passes`."""
     from omegaconf import OmegaConf
 
     from profiler.sweep import Grid, run_passes
@@ -116,7 +117,8 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
         timing=dict(warmup=2, min_samples=9, max_samples=60, floor_samples=5, rel_precision=0.02,
                     point_budget_s=point_budget_s, deadline_s=None, temperature=1.0)))
     with profiler_clock(clock):
-        run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max_passes, progress=False)
+        run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max_passes, repairs=repairs,
+                   progress=False)
     meta = json.loads((out / "meta.json").read_text())
     meta.pop("schema_version", None)
     meta["timing"]["clock"] = clock

@@ -264,7 +264,10 @@ def check_monotone(profile: Profile, tolerance: float = MONOTONE_TOLERANCE, stri
                       "profile are unreliable)", ProfileWarning, stacklevel=2)
 
 
-def _check_monotone(profile: Profile, tolerance: float) -> None:
+def monotone_violations(profile: Profile, tolerance: float = MONOTONE_TOLERANCE) -> list[tuple[int, int, str]]:
+    """Every place where :func:`check_monotone` finds a time falling by more than ``tolerance``, as
+    ``(row, next_row, message)``: ``row`` and ``next_row`` index ``profile.steps`` (the smaller and the bigger
+    step), ``message`` names both; in the order of the checks (group, then axis, then the fixed axes)."""
     path = profile.path / "steps.csv"
     s = profile.ok_steps
     groups = [
@@ -274,6 +277,7 @@ def _check_monotone(profile: Profile, tolerance: float) -> None:
         ("draft prefill", s[(s["model"] == "draft") & (s["phase"] == "prefill")]),
     ]
     axes = ("batch", "tokens", "context")
+    found = []
     for what, g in groups:
         if len(g) < 2:
             continue
@@ -289,16 +293,23 @@ def _check_monotone(profile: Profile, tolerance: float) -> None:
                 same &= v[1:] == v[:-1]
             ts = t[order]
             bad = same & (ts[1:] < (1.0 - tolerance) * ts[:-1])
-            if bad.any():
-                k = int(np.flatnonzero(bad)[0])
+            for k in np.flatnonzero(bad):
                 j0, j1 = order[k], order[k + 1]
                 t0, t1 = ts[k], ts[k + 1]
                 at = ", ".join(f"{a}={int(cols[a][j1])}" for a in fixed)
-                raise _err(path, f"{what} time falls from {t0:.6g} s at {axis}={int(cols[axis][j0])} "
-                                 f"({_row(int(idx[j0]))}) to {t1:.6g} s at {axis}={int(cols[axis][j1])} "
-                                 f"({_row(int(idx[j1]))}) with {at}: a drop of {100 * (1 - t1 / t0):.0f} %, more than "
-                                 f"the {100 * tolerance:.0f} % allowed for timing noise; a bigger step cannot be that "
-                                 "much faster; remeasure these points")
+                found.append((int(idx[j0]), int(idx[j1]), str(_err(
+                    path, f"{what} time falls from {t0:.6g} s at {axis}={int(cols[axis][j0])} "
+                          f"({_row(int(idx[j0]))}) to {t1:.6g} s at {axis}={int(cols[axis][j1])} "
+                          f"({_row(int(idx[j1]))}) with {at}: a drop of {100 * (1 - t1 / t0):.0f} %, more than "
+                          f"the {100 * tolerance:.0f} % allowed for timing noise; a bigger step cannot be that "
+                          "much faster; remeasure these points"))))
+    return found
+
+
+def _check_monotone(profile: Profile, tolerance: float) -> None:
+    found = monotone_violations(profile, tolerance)
+    if found:
+        raise ProfileError(found[0][2])
 
 
 # --- writing (used by the profiler and by tests) -------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_resume_after_interrupt(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cli.run(make_cfg(tmp_path))
     folder = tmp_path / "p"
-    first = pd.read_csv(folder / "steps.csv")
+    first = pd.read_csv(folder / "pass0" / "steps.csv")  # the interrupted (only) pass
     assert len(first) == 6
     monkeypatch.setattr(timing, "measure", timing_measure)
     counted = {"n": 0}
@@ -190,9 +190,11 @@ def test_resume_after_interrupt(tmp_path, monkeypatch):
     monkeypatch.setattr(timing, "measure", counting)
     cli.run(make_cfg(tmp_path))
     prof = load_profile(folder)
-    assert len(prof.steps) == 28 and counted["n"] == 28 - 6
-    pd.testing.assert_frame_equal(prof.steps.iloc[:6].reset_index(drop=True)[first.columns],
-                                  first.astype(prof.steps.dtypes.to_dict()))
+    remeasured = sum(len(r["points"]) for r in prof.meta["timing"]["repairs"]) * sweep.REPAIR_SWEEPS
+    assert len(prof.steps) == 28 and counted["n"] == 28 - 6 + remeasured
+    resumed = load_profile(folder / "pass0").steps  # in sweep order: the points written before, then the rest
+    pd.testing.assert_frame_equal(resumed.iloc[:6].reset_index(drop=True)[first.columns],
+                                  first.astype(resumed.dtypes.to_dict()))
 
 
 def test_resume_refuses_other_settings(tmp_path, tiny_profile):
@@ -351,9 +353,11 @@ def test_passes_from_the_cli_merge_and_share_the_deadline(tmp_path, monkeypatch)
     monkeypatch.setattr(sweep, "run_profile", spy)
     out = cli.run(make_cfg(tmp_path, "timing.passes=2", "timing.deadline_s=600", "grid.batches=[1,2]",
                            "grid.gammas=[0,2]", "grid.contexts=[16]", "grid.prefill_lengths=[8]"))
-    # half of the total, then all that is left after a first pass of a few seconds
-    assert len(seen) == 2 and 290 < seen[0] <= 300 and 500 < seen[1] < 600
+    # half of the total, then all that is left after a first pass of a few seconds (then, only if the merge
+    # failed the monotonicity gate, repair sweeps of the disputed points with what is left)
     meta = json.loads((out / "meta.json").read_text())
+    assert len(seen) == 2 + sweep.REPAIR_SWEEPS * len(meta["timing"]["repairs"])
+    assert 290 < seen[0] <= 300 and 500 < seen[1] < 600
     assert meta["timing"]["passes"] == 2 and meta["timing"]["complete"] and meta["timing"]["deadline_s"] == 600
     merged = pd.read_csv(out / "steps.csv")
     p0, p1 = (pd.read_csv(out / f"pass{k}" / "steps.csv") for k in (0, 1))
@@ -387,9 +391,9 @@ def test_passes_stop_when_the_deadline_is_spent(tmp_path, tiny_profile, monkeypa
 
     clock, seen = [0.0], []
 
-    def fake_run_profile(cfg, *, out_dir, grid, progress):
+    def fake_run_profile(cfg, *, out_dir, grid, progress, points=None):
         seen.append(cfg.timing.deadline_s)
-        shutil.copytree(tiny_profile, out_dir, ignore=shutil.ignore_patterns("pass*"))
+        shutil.copytree(tiny_profile, out_dir, ignore=shutil.ignore_patterns("pass*", "repair*"))
         clock[0] += 10.0
         return out_dir
 
@@ -402,3 +406,75 @@ def test_passes_stop_when_the_deadline_is_spent(tmp_path, tiny_profile, monkeypa
     meta = json.loads((out / "meta.json").read_text())
     assert meta["timing"]["passes"] == 2 and meta["timing"]["complete"] is False
     assert len(pd.read_csv(out / "steps.csv")) == len(pd.read_csv(tiny_profile / "steps.csv"))
+
+
+def _fake_sweeps(tiny_profile, slow_in_passes, slow_in_repairs, calls):
+    """A stand-in for run_profile writing a monotone profile (time = 1 ms x batch x tokens) except that the
+    target decode point at batch 1, context 16 takes 10 ms in whole passes (``slow_in_passes``) and in repair
+    sweeps (``slow_in_repairs``): ten times batch 2's 2 ms, a violation of the monotonicity gate."""
+    import shutil
+
+    def fake_run_profile(cfg, *, out_dir, grid, progress, points=None):
+        calls.append((Path(out_dir).name, points))
+        shutil.copytree(tiny_profile, out_dir, ignore=shutil.ignore_patterns("pass*", "repair*"))
+        steps = pd.read_csv(Path(out_dir) / "steps.csv")
+        steps = steps[steps["status"] == "ok"].copy()
+        steps["median_s"] = 1e-3 * steps["batch"] * steps["tokens"] * (1 + steps["context"] / 1000)
+        slow = (steps["model"] == "target") & (steps["phase"] == "decode") & (steps["batch"] == 1) & \
+            (steps["context"] == 16)
+        if slow_in_repairs if points is not None else slow_in_passes:
+            steps.loc[slow, "median_s"] = 10e-3
+        steps["p10_s"], steps["p90_s"] = steps["median_s"], steps["median_s"]
+        if points is not None:
+            steps = steps[[tuple(r) in points for r in steps[sweep.KEY].itertuples(index=False)]]
+        steps.to_csv(Path(out_dir) / "steps.csv", index=False)
+        return out_dir
+
+    return fake_run_profile
+
+
+def test_disputed_points_are_remeasured_until_the_profile_is_monotone(tmp_path, tiny_profile, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep, "run_profile", _fake_sweeps(tiny_profile, True, False, calls))
+    cfg = make_cfg(tmp_path)
+    out = sweep.run_passes(cfg, out_dir=tmp_path / "r", grid=sweep.Grid.from_cfg(cfg.grid), passes=2,
+                           progress=False)
+    # both ends of both violations: 10 ms at batch 1 falls to 2.032 ms at batch 2 and at γ = 1 (tokens 2)
+    disputed = {("target", "decode", 1, 1, 16), ("target", "decode", 2, 1, 16), ("target", "verify", 1, 2, 16)}
+    assert calls == [("pass0", None), ("pass1", None)] + \
+        [(f"repair0_{s}", disputed) for s in range(sweep.REPAIR_SWEEPS)]
+    merged = pd.read_csv(out / "steps.csv").set_index(sweep.KEY)["median_s"]
+    # batch 1: the median of 10, 10, 1.016, 1.016, 1.016 ms; batch 2 measured 2.032 ms in all five sweeps
+    assert merged[("target", "decode", 1, 1, 16)] == pytest.approx(1.016e-3)
+    assert merged[("target", "decode", 2, 1, 16)] == pytest.approx(2.032e-3)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["timing"]["repairs"] == [{"points": sorted(list(p) for p in disputed), "violations": 2}]
+    assert meta["timing"]["passes"] == 2 and meta["timing"]["complete"]
+    from sim.profile import check_monotone
+
+    check_monotone(load_profile(out))
+
+
+def test_a_violation_that_survives_every_repair_and_pass_is_an_error(tmp_path, tiny_profile, monkeypatch):
+    from sim.profile import ProfileError
+
+    calls = []
+    monkeypatch.setattr(sweep, "run_profile", _fake_sweeps(tiny_profile, True, True, calls))
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(ProfileError, match=r"target decode/verify time falls .* batch=1 .* batch=2 .*"
+                                           r"after 3 passes and 2 repair rounds"):
+        sweep.run_passes(cfg, out_dir=tmp_path / "r", grid=sweep.Grid.from_cfg(cfg.grid), passes=2, max_passes=3,
+                         repairs=2, progress=False)
+    names = [n for n, _ in calls]
+    assert names == ["pass0", "pass1"] + [f"repair{r}_{s}" for r in range(2) for s in range(sweep.REPAIR_SWEEPS)] + \
+        ["pass2"]
+
+
+def test_run_profile_measures_only_the_points_asked_for(tmp_path):
+    cfg = make_cfg(tmp_path)
+    points = {("target", "verify", 2, 3, 32), ("draft", "decode", 4, 1, 16), ("draft", "prefill", 1, 8, 0)}
+    out = sweep.run_profile(cfg, out_dir=tmp_path / "some", grid=sweep.Grid.from_cfg(cfg.grid), progress=False,
+                            points=points)
+    steps = load_profile(out).steps
+    assert {tuple(r) for r in steps[sweep.KEY].itertuples(index=False)} == points
+    assert (steps["status"] == "ok").all() and (steps["median_s"] > 0).all()
