@@ -338,6 +338,7 @@ class Replica:
         shared = reqs.shared_thr  # every request's thresholds, when they are all the same
         self.uniforms = UniformStream(rng, thresholds=None if shared is None else shared[:cost.max_gamma])
         self.fast_forward = bool(fast_forward)
+        self._ones = np.ones(self.max_batch, np.int64)  # for row sums of a plan's (k, batch) token counts
         self._plan: _Plan | None = None  # the fast-forward plan being waited on
         self._wake: simpy.Event | None = None
         self.process = env.process(self._run_static() if mode == "static" else self._run_continuous())
@@ -542,9 +543,13 @@ class Replica:
             cum = self._peek_accepted(k, gamma)
             cum += 1
             np.add.accumulate(cum, axis=0, out=cum)  # (the ufunc itself: np.cumsum's wrapper costs more)
-            # Iterations before the first finish (k: none); "someone is done" never turns false again.
-            first = k - np.count_nonzero(np.logical_or.reduce(cum >= left, axis=1))
-            tot = np.add.reduce(cum, axis=1)
+            # Iterations before the first finish (k: none): the row of the first done entry in row-major
+            # order ("someone is done" never turns false again). argmax on a bool array stops at the first
+            # True; it and the int64 dot product cost a fraction of numpy's axis reductions at these sizes.
+            done = (cum >= left).reshape(-1)
+            j = int(done.argmax())
+            first = j // n if done[j] else k
+            tot = cum.dot(self._ones[:n])
         else:
             cum, first = None, lmin - 1
             tot = np.arange(n, n * (k + 1), n)
@@ -631,7 +636,7 @@ class Replica:
         cut = 0
         if finishing:
             cut = int(p.tot[rows - 1]) - sum(gained.tolist())  # tokens the output caps cut off
-            self._leave(b.take(b.finished()), self.env.now)  # a finishing plan ends with ≥ 1 done
+            self._leave(b.take(s[:, _Running.LEFT] <= 0), self.env.now)  # a finishing plan ends with ≥ 1 done
             self.kv_tokens = sum(b.s[:, _Running.CTX].tolist())
         else:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
