@@ -217,25 +217,28 @@ class UniformStream:
     ``random(a + b)``), so reading k·b values at once or b values k times gives the same numbers.
 
     With ``thresholds`` (a non-increasing vector shared by every request, P(≥ j draft tokens accepted) for
-    j = 1..len), the stream also holds each draw's accepted count at full length,
+    j = 1..len), the stream also holds each draw's tokens gained at full length, 1 + accepted with
     ``accepted = #{j : U < thresholds[j]}``, computed a block at a time; at speculation length γ a draw
-    accepts ``min(accepted, γ)`` (the thresholds are non-increasing, so the first γ are the ones passed)."""
+    gains ``min(gain, γ + 1)`` (the thresholds are non-increasing, so the first γ are the ones passed)."""
 
-    __slots__ = ("rng", "buf", "acc", "pos", "block", "neg_thr")
+    __slots__ = ("rng", "buf", "gain", "pos", "block", "thresholds")
 
     def __init__(self, rng: np.random.Generator, block: int = 1 << 16, thresholds: np.ndarray | None = None):
         self.rng, self.block = rng, block
         self.buf = np.empty(0)
-        self.neg_thr = None if thresholds is None else -np.asarray(thresholds, float)  # ascending
-        self.acc = np.empty(0, np.int64)
+        self.thresholds = None if thresholds is None else np.asarray(thresholds, float).tolist()
+        self.gain = np.empty(0, np.int64)
         self.pos = 0
 
     def _fill(self, n: int) -> None:
         if self.pos + n > len(self.buf):
             fresh = self.rng.random(max(self.block, n))
             self.buf = np.concatenate([self.buf[self.pos:], fresh])
-            if self.neg_thr is not None:  # -t_j < -U  ⟺  U < t_j, counted by one binary search per draw
-                self.acc = np.concatenate([self.acc[self.pos:], np.searchsorted(self.neg_thr, -fresh, side="left")])
+            if self.thresholds is not None:  # one pass per threshold: cheaper than a binary search per draw
+                gain = np.ones(len(fresh), np.int64)
+                for t in self.thresholds:
+                    gain += fresh < t
+                self.gain = np.concatenate([self.gain[self.pos:], gain])
             self.pos = 0
 
     def peek(self, n: int) -> np.ndarray:
@@ -243,10 +246,11 @@ class UniformStream:
         self._fill(n)
         return self.buf[self.pos:self.pos + n]
 
-    def peek_accepted(self, n: int) -> np.ndarray:
-        """The full-length accepted counts of the next ``n`` values (needs ``thresholds``), not consumed."""
+    def peek_gain(self, n: int) -> np.ndarray:
+        """The full-length tokens gained (1 + accepted) of the next ``n`` values (needs ``thresholds``), not
+        consumed."""
         self._fill(n)
-        return self.acc[self.pos:self.pos + n]
+        return self.gain[self.pos:self.pos + n]
 
     def skip(self, n: int) -> None:
         """Consume the next ``n`` values."""
@@ -405,18 +409,20 @@ class Replica:
         if gamma == 0:
             acc = np.zeros(len(b), np.int64)
         else:
-            acc = self._peek_accepted(1, gamma)[0]
+            acc = self._peek_gain(1, gamma)[0] - 1
             self.uniforms.skip(len(b))
         return acc, np.minimum(acc + 1, b.s[:, _Running.LEFT])
 
-    def _peek_accepted(self, k: int, gamma: int) -> np.ndarray:
-        """Accepted draft tokens ``(k, batch)`` for the next k iterations at speculation length ``gamma`` ≥ 1
-        (draw j·batch + i goes to sequence i), without consuming the draws. A new array."""
+    def _peek_gain(self, k: int, gamma: int) -> np.ndarray:
+        """Tokens gained, 1 + accepted draft tokens, ``(k, batch)`` for the next k iterations at speculation
+        length ``gamma`` ≥ 1 (draw j·batch + i goes to sequence i), without consuming the draws. A new array."""
         n, stream = len(self.batch), self.uniforms
-        if stream.neg_thr is not None:
-            return np.minimum(stream.peek_accepted(k * n).reshape(k, n), gamma)
+        if stream.thresholds is not None:
+            return np.minimum(stream.peek_gain(k * n).reshape(k, n), gamma + 1)
         u = stream.peek(k * n).reshape(k, n)
-        return (u[:, :, None] < self.batch.thr[None, :, :gamma]).sum(axis=2)
+        gain = (u[:, :, None] < self.batch.thr[None, :, :gamma]).sum(axis=2)
+        gain += 1
+        return gain
 
     def _leave(self, rows: np.ndarray, when: float | None) -> np.ndarray:
         """Write back the state of ``rows`` (taken out of the batch); ``when`` = finish time (or ``None`` for a
@@ -540,8 +546,7 @@ class Replica:
         # Nobody can finish before iteration ceil(lmin / (γ+1)); the one with lmin tokens left is done by lmin.
         k = min(lmin, 2 * (-(-lmin // (gamma + 1))) + 4, self.PLAN_ITERATIONS)
         if gamma:
-            cum = self._peek_accepted(k, gamma)
-            cum += 1
+            cum = self._peek_gain(k, gamma)
             np.add.accumulate(cum, axis=0, out=cum)  # (the ufunc itself: np.cumsum's wrapper costs more)
             # Iterations before the first finish (k: none): the row of the first done entry in row-major
             # order ("someone is done" never turns false again). argmax on a bool array stops at the first

@@ -209,14 +209,14 @@ def test_fast_forward_is_exactly_one_event_per_iteration(sc):
 @given(st.lists(st.sampled_from([1.0, 0.9, 0.7, 0.5, 0.2, 0.0, -20.0, -100.0, -266.0]), min_size=1, max_size=8),
        st.integers(0, 2**32 - 1), st.integers(1, 8))
 def test_shared_threshold_counts_equal_the_per_position_comparison(levels, seed, gamma):
-    """With thresholds shared by every request, the stream's precomputed accepted count capped at γ is
-    #{j < γ : U < t_j} exactly — including draws equal to a threshold (negative levels pick a drawn U)."""
+    """With thresholds shared by every request, the stream's precomputed gain (1 + accepted) capped at γ + 1
+    is 1 + #{j < γ : U < t_j} exactly — including draws equal to a threshold (negative levels pick a drawn U)."""
     from sim.replica import UniformStream
     draws = np.random.default_rng(seed).random(300)
     thr = np.sort([draws[int(-v)] if v < 0 else v for v in levels])[::-1]  # non-increasing, some equal to a U
     stream = UniformStream(np.random.default_rng(seed), block=128, thresholds=thr)
     stream.skip(17)  # reads straddle block refills
     u = stream.peek(250).copy()
-    acc = np.minimum(stream.peek_accepted(250), gamma)
+    acc = np.minimum(stream.peek_gain(250), gamma + 1) - 1
     np.testing.assert_array_equal(u, draws[17:267])
     np.testing.assert_array_equal(acc, (u[:, None] < thr[None, :gamma]).sum(axis=1))
