@@ -630,7 +630,7 @@ class Replica:
         s[:, _Running.LEFT] -= gained
         if p.gamma:
             s[:, _Running.ACC] += p.cum[rows - 1] - rows  # Σ accepted = Σ (accepted + 1) − iterations
-            self.uniforms.skip(rows * n)
+            self.uniforms.pos += rows * n  # the plan peeked k·n ≥ rows·n draws: they are in the buffer
         self.n_iter += rows
         self.gamma_total += rows * p.gamma
         steps = p.steps[:rows] if isinstance(p.steps, list) else p.steps[:rows].tolist()
@@ -645,7 +645,8 @@ class Replica:
             self.kv_tokens = sum(b.s[:, _Running.CTX].tolist())
         else:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
-        queued_from = [j for j in (bisect_left(p.ends, when) for when in p.submitted) if j < rows]
+        queued_from = [j for j in (bisect_left(p.ends, when) for when in p.submitted) if j < rows] \
+            if p.submitted else p.submitted
         self.log.add_plan(self.index, n, p.gamma, p.prefill_s, p.admitted, p.queue0, p.ctx0, self.kv_tokens, cut,
                           p.times[:rows], p.steps[:rows], p.contexts[:rows], p.tot[:rows], queued_from)
 
