@@ -572,7 +572,7 @@ class Replica:
             if ctx0 + int(tot[0]) + int(self.reqs.prompt[head] + self.reqs.generated[head]) + 1 <= self.admit_limit:
                 rows = 1
         p = _Plan()
-        if rows <= 4:  # a few iterations: Python floats beat numpy's per-call overhead
+        if rows <= 12:  # up to about a dozen iterations Python floats beat numpy's per-call overheads
             grown = [0] + tot[:rows - 1].tolist()
             iteration = self.cost.iteration
             times, steps, contexts = [t0], [], []
