@@ -173,10 +173,11 @@ def static_routes(rejected: np.ndarray, router: str, replicas: int, rng: np.rand
 
 def _simulate_group(reqs: RequestTable, route: np.ndarray | None, indices: list[int],
                     seeds: list[np.random.SeedSequence], cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
-                    cluster: ClusterConfig, capacity: int) -> tuple[np.ndarray, list[float]]:
+                    cluster: ClusterConfig, capacity: int, sort: bool = True) -> tuple[np.ndarray, list[float]]:
     """Run replicas ``indices`` (seeded from ``seeds[index]``) over ``reqs`` in one SimPy environment; every
-    request in ``reqs`` is either rejected or routed to one of them. Returns the sorted iteration rows and
-    each replica's busy seconds."""
+    request in ``reqs`` is either rejected or routed to one of them. Returns the iteration rows (sorted
+    unless ``sort`` is false: then in append order, see :meth:`IterationLog.data`) and each replica's busy
+    seconds."""
     env = simpy.Environment()
     log = IterationLog()
     # Each replica gets its own copy of the (set-up) policy, so online state is per replica.
@@ -185,14 +186,16 @@ def _simulate_group(reqs: RequestTable, route: np.ndarray | None, indices: list[
                            mode=cluster.mode, fast_forward=cluster.fast_forward) for i in indices}
     env.process(_arrivals(env, reqs, replicas, cluster.router, route))
     env.run()
-    return log.data(sort=True), [replicas[i].busy_s for i in indices]
+    return log.data(sort=sort), [replicas[i].busy_s for i in indices]
 
 
 def _group_worker(reqs, route, indices, seeds, cost, policy, acceptance, cluster, capacity):
     """:func:`_simulate_group` in a worker process; also returns the warnings it raised."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data, busy = _simulate_group(reqs, route, indices, seeds, cost, policy, acceptance, cluster, capacity)
+        # unsorted: the parent sorts all groups' rows together (a stable sort, so ties keep append order)
+        data, busy = _simulate_group(reqs, route, indices, seeds, cost, policy, acceptance, cluster, capacity,
+                                     sort=False)
     return reqs, data, busy, [(w.category, str(w.message)) for w in caught]
 
 
