@@ -207,7 +207,7 @@ class _Plan:
     ``submitted``: times of requests queued while the plan ran."""
 
     __slots__ = ("t0", "prefill_s", "admitted", "n", "gamma", "cum", "tot", "ctx0", "finishes", "ends", "times",
-                 "contexts", "steps", "queue0", "submitted", "cuttable")
+                 "contexts", "steps", "queue0", "submitted", "cuttable", "event", "rows")
 
 
 class UniformStream:
@@ -358,7 +358,7 @@ class Replica:
             # ahead of it (a queued head is blocked by the KV cache, which only fills up during a plan).
             if plan.cuttable and not self.waiting and len(self.batch) < self.max_batch:
                 plan.cuttable = False
-                self.process.interrupt()
+                self._cut(plan)
         self.waiting.append(rid)
         self.outstanding += 1
         self.queued_tokens += int(self.reqs.prompt[rid])
@@ -601,22 +601,30 @@ class Replica:
         p.finishes = first < k and len(steps) == first + 1
         p.times, p.steps, p.contexts = times, steps, contexts
         p.queue0, p.submitted, p.cuttable = len(self.waiting), [], False
+        p.rows = len(steps)
         return p
 
     def _follow(self, p: _Plan):
-        """Wait until the plan's last iteration ends — or, when an admissible request arrives, until the
-        iteration in progress ends — then commit what ran."""
-        env = self.env
+        """Wait until the plan's last iteration ends — or, when :meth:`_cut` shortens it, until the iteration
+        in progress at the cut ends — then commit what ran."""
         self._plan = p
         p.cuttable = True
-        try:
-            yield at_time(env, p.ends[-1])
-            rows = len(p.steps)
-        except simpy.Interrupt:  # finish the iteration in progress: the first whose end is ≥ now
-            rows = bisect_left(p.ends, env.now) + 1
-            yield at_time(env, p.ends[rows - 1])
+        p.event = at_time(self.env, p.ends[-1])
+        yield p.event
         self._plan = None
-        self._commit(p, rows)
+        self._commit(p, p.rows)
+
+    def _cut(self, p: _Plan) -> None:
+        """End the plan being followed with the iteration in progress now (the first whose end is ≥ now):
+        its wake-up moves from the plan's end to that iteration's end. (A SimPy interrupt would do the same
+        at the cost of an extra event and an exception.)"""
+        rows = bisect_left(p.ends, self.env.now) + 1
+        if rows == p.rows:
+            return  # the plan ends with that iteration anyway
+        old, p.rows = p.event, rows
+        p.event = at_time(self.env, p.ends[rows - 1])
+        p.event.callbacks, old.callbacks = old.callbacks, []  # the waiting process now wakes up at the cut
+        self.process._target = p.event
 
     def _commit(self, p: _Plan, rows: int) -> None:
         """Apply the plan's first ``rows`` iterations: batch state, counters, busy time and the log."""
