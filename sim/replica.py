@@ -204,7 +204,8 @@ class _Plan:
     ``cum[j, i]`` = tokens sequence i gained by the end of iteration j before the cap at its output length
     (``None`` when γ = 0: then it is j + 1); ``tot[j]`` = Σ_i cum[j, i]; ``ctx0`` = the batch's context
     before iteration 0. Only the last planned iteration can finish a request (``finishes``).
-    ``submitted``: times of requests queued while the plan ran."""
+    ``submitted``: times of requests queued while the plan ran. ``event``: the wake-up the replica waits on;
+    ``rows``: the iterations it will commit (all of them, unless :meth:`Replica._cut` shortened the plan)."""
 
     __slots__ = ("t0", "prefill_s", "admitted", "n", "gamma", "cum", "tot", "ctx0", "finishes", "ends", "times",
                  "contexts", "steps", "queue0", "submitted", "cuttable", "event", "rows")
@@ -623,7 +624,9 @@ class Replica:
             return  # the plan ends with that iteration anyway
         old, p.rows = p.event, rows
         p.event = at_time(self.env, p.ends[rows - 1])
-        p.event.callbacks, old.callbacks = old.callbacks, []  # the waiting process now wakes up at the cut
+        # SimPy 4: a waiting process is its target event's callback; hand it over, and the old event, still
+        # queued, fires with nobody waiting (what Process.interrupt does to it, too)
+        p.event.callbacks, old.callbacks = old.callbacks, []
         self.process._target = p.event
 
     def _commit(self, p: _Plan, rows: int) -> None:
