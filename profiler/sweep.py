@@ -333,13 +333,13 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
     def time_left() -> float | None:
         return None if total is None else total - (time.perf_counter() - t_start)
 
-    def sweep(name: str, share: int = 1, points: set[tuple] | None = None) -> pd.DataFrame:
+    def sweep(name: str, share: int = 1, points: set[tuple] | None = None) -> dict:
         sweep_cfg, left = cfg, time_left()
         if left is not None:
             sweep_cfg = OmegaConf.merge(cfg, {"timing": {"deadline_s": max(left, 1e-9) / share}})
         run_profile(sweep_cfg, out_dir=out / name, grid=grid, progress=progress, points=points)
         frames.append(pd.read_csv(out / name / "steps.csv"))
-        return json.loads((out / name / "meta.json").read_text())
+        return json.loads((out / name / "meta.json").read_text())  # the sweep's meta
 
     def merge() -> None:
         write_steps(out, merge_passes(frames))
