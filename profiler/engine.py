@@ -26,7 +26,10 @@ request leaving frees its slot by moving the last slot's sequence into it. Seque
 lengths (mixed contexts): each step writes every sequence's new K/V at its own positions (one scatter per
 layer) and attends over ``max(length) + new`` positions with a per-sequence boolean mask, i.e. attention
 is padded to the longest sequence of the batch. (A fully accepted round leaves the draft's KV entry for
-the last draft token unwritten; it only affects the draft's next proposal in ``real`` mode.)
+the last draft token unwritten, and without ``draft_sync`` a γ = 0 iteration leaves the draft's entries for
+that iteration's token unwritten: the draft does none of the work the cost model does not charge. Timing
+is unaffected; in ``real`` mode the draft's next proposals read those unwritten positions, so real
+acceptance comes out lower than a serving engine's — use ``draft_sync=True`` there.)
 
 Clock: ``wall`` is ``time.perf_counter`` with arrivals honoured by sleeping until the next one when idle —
 the real thing on a machine of one's own. ``cpu`` is this process's CPU time (``time.process_time``; run
