@@ -29,7 +29,8 @@ is padded to the longest sequence of the batch. (A fully accepted round leaves t
 the last draft token unwritten, and without ``draft_sync`` a γ = 0 iteration leaves the draft's entries for
 that iteration's token unwritten: the draft does none of the work the cost model does not charge. Timing
 is unaffected; in ``real`` mode the draft's next proposals read those unwritten positions, so real
-acceptance comes out lower than a serving engine's — use ``draft_sync=True`` there.)
+acceptance comes out lower than a serving engine's. ``draft_sync=True`` removes the γ = 0 gaps; the
+fully-accepted one would take an extra draft forward, as gpt-fast runs, which the cost model does not have.)
 
 Clock: ``wall`` is ``time.perf_counter`` with arrivals honoured by sleeping until the next one when idle —
 the real thing on a machine of one's own. ``cpu`` is this process's CPU time (``time.process_time``; run
