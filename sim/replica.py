@@ -64,9 +64,10 @@ class IterationLog:
     """Append-only record of every iteration, in the order of :data:`ITERATION_COLUMNS`.
 
     Iterations stepped one at a time arrive as rows (:meth:`add`) and go to compact ``array('d')``
-    columns. Fast-forward plans arrive whole (:meth:`add_plan`) and are kept as the arrays the plan
-    already holds; every :attr:`FLUSH_PLANS` plans they are turned into rows together, in a few
-    vectorised operations, so a plan costs a handful of list appends. :meth:`frame` assembles the table."""
+    columns. Fast-forward plans arrive whole (:meth:`add_plan`): their per-iteration floats go to flat lists
+    and their token counts are kept as the arrays the plan holds; every :attr:`FLUSH_PLANS` plans they are
+    turned into rows together, in a few vectorised operations, so a plan costs a handful of list operations.
+    :meth:`frame` assembles the table."""
 
     FLUSH_PLANS = 1024
 
@@ -78,10 +79,10 @@ class IterationLog:
 
     def _clear_pending(self) -> None:
         self._plans: list[tuple] = []  # (replica, n, γ, prefill_s, admitted, queue0, ctx0, kv_last, cut, rows)
-        self._times: list = []  # per plan: start times, step seconds, mean contexts, cumulative tokens
-        self._steps: list = []
-        self._contexts: list = []
-        self._tot: list = []
+        self._times: list[float] = []  # every pending iteration's start time, step seconds, mean context
+        self._steps: list[float] = []
+        self._contexts: list[float] = []
+        self._tot: list = []  # per plan: cumulative tokens (an array)
         self._rows = 0  # rows held by the pending plans
         self._bumps: list[int] = []  # pending rows from which the queue is one longer ...
         self._unbumps: list[int] = []  # ... until (exclusive) these rows
@@ -95,8 +96,8 @@ class IterationLog:
                  kv_last: int, cut: int, times, steps, contexts, tot, queued_from: list[int]) -> None:
         """Append the ``rows = len(steps)`` iterations of a fast-forward plan for a batch of ``n`` at ``gamma``:
         start ``times`` (s), ``steps`` (s), mean ``contexts`` (tokens) and ``tot`` (tokens the batch gained by
-        the end of each iteration, before the output caps), one entry per iteration (lists or arrays, kept:
-        do not modify them). Iteration 0 carries ``prefill_s`` and the ``admitted`` requests; the last
+        the end of each iteration, before the output caps), one entry per iteration (``times``, ``steps`` and
+        ``contexts`` are copied, best as lists of floats; ``tot``, an integer array, is kept: do not modify it). Iteration 0 carries ``prefill_s`` and the ``admitted`` requests; the last
         loses ``cut`` tokens to the output caps and leaves ``kv_last`` tokens of KV (the others: ``ctx0`` +
         ``tot``). The queue holds ``queue0`` requests, plus one from each iteration index in ``queued_from``."""
         rows = len(steps)
@@ -104,9 +105,9 @@ class IterationLog:
             self._bumps.append(self._rows + j)
             self._unbumps.append(self._rows + rows)
         self._plans.append((replica, n, gamma, prefill_s, admitted, queue0, ctx0, kv_last, cut, rows))
-        self._times.append(times)
-        self._steps.append(steps)
-        self._contexts.append(contexts)
+        self._times.extend(times)  # flat lists: one conversion per flush instead of one per plan
+        self._steps.extend(steps)
+        self._contexts.extend(contexts)
         self._tot.append(tot)
         self._rows += rows
         if len(self._plans) >= self.FLUSH_PLANS:
@@ -124,11 +125,11 @@ class IterationLog:
         last = first + counts - 1
         total = self._rows
         blk = np.empty((len(ITERATION_COLUMNS), total))
-        blk[0] = np.concatenate(self._times)
+        blk[0] = self._times
         blk[1], blk[2], blk[3] = np.repeat(replica, counts), np.repeat(n, counts), np.repeat(gamma, counts)
         blk[4], blk[8], blk[9] = 0.0, 0.0, 0.0
         blk[4, first], blk[8, first] = prefill_s, admitted
-        blk[5] = np.concatenate(self._steps)
+        blk[5] = self._steps
         tot = np.concatenate(self._tot).astype(float)
         tokens = blk[6]
         tokens[0] = tot[0]
@@ -137,13 +138,11 @@ class IterationLog:
         np.subtract(tokens, blk[2], out=blk[7])  # accepted = gained − one token per sequence
         tokens[first] += admitted
         tokens[last] -= cut
-        delta = np.zeros(total + 1)
-        np.add.at(delta, self._bumps, 1.0)
-        np.add.at(delta, self._unbumps, -1.0)
+        delta = np.bincount(self._bumps, minlength=total + 1) - np.bincount(self._unbumps, minlength=total + 1)
         np.add(np.repeat(queue0, counts), np.cumsum(delta[:-1]), out=blk[10])
         np.add(np.repeat(ctx0, counts), tot, out=blk[11])
         blk[11, last] = kv_last
-        blk[12] = np.concatenate(self._contexts)
+        blk[12] = self._contexts
         self.blocks.append(blk)
         self._clear_pending()
 
@@ -658,8 +657,11 @@ class Replica:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
         queued_from = [j for j in (bisect_left(p.ends, when) for when in p.submitted) if j < rows] \
             if p.submitted else p.submitted
+        times, contexts = p.times[:rows], p.contexts[:rows]
+        if not isinstance(times, list):
+            times, contexts = times.tolist(), contexts.tolist()
         self.log.add_plan(self.index, n, p.gamma, p.prefill_s, p.admitted, p.queue0, p.ctx0, self.kv_tokens, cut,
-                          p.times[:rows], p.steps[:rows], p.contexts[:rows], p.tot[:rows], queued_from)
+                          times, steps, contexts, p.tot[:rows], queued_from)
 
     # -- static batching ---------------------------------------------------------------------------------
 
