@@ -97,7 +97,8 @@ class IterationLog:
         """Append the ``rows = len(steps)`` iterations of a fast-forward plan for a batch of ``n`` at ``gamma``:
         start ``times`` (s), ``steps`` (s), mean ``contexts`` (tokens) and ``tot`` (tokens the batch gained by
         the end of each iteration, before the output caps), one entry per iteration (``times``, ``steps`` and
-        ``contexts`` are copied, best as lists of floats; ``tot``, an integer array, is kept: do not modify it). Iteration 0 carries ``prefill_s`` and the ``admitted`` requests; the last
+        ``contexts`` are copied, best as lists of floats; ``tot``, an integer array, is kept: do not modify
+        it). Iteration 0 carries ``prefill_s`` and the ``admitted`` requests; the last
         loses ``cut`` tokens to the output caps and leaves ``kv_last`` tokens of KV (the others: ``ctx0`` +
         ``tot``). The queue holds ``queue0`` requests, plus one from each iteration index in ``queued_from``."""
         rows = len(steps)
@@ -221,13 +222,14 @@ class UniformStream:
     ``accepted = #{j : U < thresholds[j]}``, computed a block at a time; at speculation length γ a draw
     gains ``min(gain, γ + 1)`` (the thresholds are non-increasing, so the first γ are the ones passed)."""
 
-    __slots__ = ("rng", "buf", "gain", "pos", "block", "thresholds")
+    __slots__ = ("rng", "buf", "gain", "capped", "pos", "block", "thresholds")
 
     def __init__(self, rng: np.random.Generator, block: int = 1 << 16, thresholds: np.ndarray | None = None):
         self.rng, self.block = rng, block
         self.buf = np.empty(0)
         self.thresholds = None if thresholds is None else np.asarray(thresholds, float).tolist()
         self.gain = np.empty(0, np.int64)
+        self.capped: dict[int, np.ndarray] = {}  # cap -> min(gain, cap), built when first asked for
         self.pos = 0
 
     def _fill(self, n: int) -> None:
@@ -239,6 +241,7 @@ class UniformStream:
                 for t in self.thresholds:
                     gain += fresh < t
                 self.gain = np.concatenate([self.gain[self.pos:], gain])
+                self.capped = {}
             self.pos = 0
 
     def peek(self, n: int) -> np.ndarray:
@@ -251,6 +254,16 @@ class UniformStream:
         consumed."""
         self._fill(n)
         return self.gain[self.pos:self.pos + n]
+
+    def peek_capped(self, n: int, cap: int) -> np.ndarray:
+        """``min(gain, cap)`` of the next ``n`` values (needs ``thresholds``), not consumed; a read-only view.
+        The capped block is computed once per block and cap (a policy uses a handful of γ values)."""
+        self._fill(n)
+        capped = self.capped.get(cap)
+        if capped is None:
+            capped = self.capped[cap] = np.minimum(self.gain, cap)
+            capped.flags.writeable = False
+        return capped[self.pos:self.pos + n]
 
     def skip(self, n: int) -> None:
         """Consume the next ``n`` values."""
@@ -409,20 +422,22 @@ class Replica:
         if gamma == 0:
             acc = np.zeros(len(b), np.int64)
         else:
-            acc = self._peek_gain(1, gamma)[0] - 1
+            acc = self._peek_cum(1, gamma)[0] - 1
             self.uniforms.skip(len(b))
         return acc, np.minimum(acc + 1, b.s[:, _Running.LEFT])
 
-    def _peek_gain(self, k: int, gamma: int) -> np.ndarray:
-        """Tokens gained, 1 + accepted draft tokens, ``(k, batch)`` for the next k iterations at speculation
-        length ``gamma`` ≥ 1 (draw j·batch + i goes to sequence i), without consuming the draws. A new array."""
+    def _peek_cum(self, k: int, gamma: int) -> np.ndarray:
+        """Tokens gained, 1 + accepted draft tokens, summed over the next k iterations at speculation length
+        ``gamma`` ≥ 1: ``cum[j, i]`` for iterations 0..j (draw j·batch + i goes to sequence i), before the cap
+        at the output length, without consuming the draws. A new array."""
         n, stream = len(self.batch), self.uniforms
         if stream.thresholds is not None:
-            return np.minimum(stream.peek_gain(k * n).reshape(k, n), gamma + 1)
+            return np.add.accumulate(stream.peek_capped(k * n, gamma + 1).reshape(k, n), axis=0)
         u = stream.peek(k * n).reshape(k, n)
-        gain = (u[:, :, None] < self.batch.thr[None, :, :gamma]).sum(axis=2)
-        gain += 1
-        return gain
+        cum = (u[:, :, None] < self.batch.thr[None, :, :gamma]).sum(axis=2)
+        cum += 1
+        np.add.accumulate(cum, axis=0, out=cum)  # (the ufunc itself: np.cumsum's wrapper costs more)
+        return cum
 
     def _leave(self, rows: np.ndarray, when: float | None) -> np.ndarray:
         """Write back the state of ``rows`` (taken out of the batch); ``when`` = finish time (or ``None`` for a
@@ -546,8 +561,7 @@ class Replica:
         # Nobody can finish before iteration ceil(lmin / (γ+1)); the one with lmin tokens left is done by lmin.
         k = min(lmin, 2 * (-(-lmin // (gamma + 1))) + 4, self.PLAN_ITERATIONS)
         if gamma:
-            cum = self._peek_gain(k, gamma)
-            np.add.accumulate(cum, axis=0, out=cum)  # (the ufunc itself: np.cumsum's wrapper costs more)
+            cum = self._peek_cum(k, gamma)
             # Iterations before the first finish (k: none): the row of the first done entry in row-major
             # order ("someone is done" never turns false again). argmax on a bool array stops at the first
             # True; it and the int64 dot product cost a fraction of numpy's axis reductions at these sizes.
