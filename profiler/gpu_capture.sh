@@ -15,7 +15,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT_DIR:-$ROOT/traces/profiles}"
 GRID="${GRID:-gpu_capture}"
 PASSES="${PASSES:-3}"                   # sweeps of the grid per pair (median over passes)
-PAIR_DEADLINE="${PAIR_DEADLINE:-$((100 * PASSES))}"   # seconds of sweep per pair, all passes (model builds on top)
+PAIR_DEADLINE="${PAIR_DEADLINE:-$((100 * PASSES + 30))}"   # seconds of sweep per pair, all passes and repair
+                                        # rounds of points the monotonicity gate disputes (model builds on top)
 PAIR_TIMEOUT="${PAIR_TIMEOUT:-$((PAIR_DEADLINE + 30 + 20 * PASSES))}"   # hard limit per pair, seconds
 PAIRS="${PAIRS:-opt-125m__opt-6.7b llama-68m__llama-2-7b llama-3.2-1b__llama-3-8b}"
 PY="${PYTHON:-python3}"          # the interpreter that has torch (python3 on most GPU images)
