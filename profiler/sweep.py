@@ -371,6 +371,10 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
             rows = sorted({r for i, j, _ in found for r in (i, j)})
             keys = [tuple(profile.steps.loc[r, KEY]) for r in rows]
             points = {(str(m), str(ph), int(b), int(t), int(c)) for m, ph, b, t, c in keys}
+            example = found[0][2].split(": ", 1)[-1].split("; a bigger step")[0]
+            print(f"specbatch-profile: {len(found)} monotonicity violation(s), e.g. {example}; "
+                  f"remeasuring {len(points)} point(s) {REPAIR_SWEEPS} times (repair round {len(repaired) + 1} "
+                  f"of {repairs})", file=sys.stderr)
             for s in range(REPAIR_SWEEPS):
                 if spent():
                     break
