@@ -249,12 +249,6 @@ class UniformStream:
         self._fill(n)
         return self.buf[self.pos:self.pos + n]
 
-    def peek_gain(self, n: int) -> np.ndarray:
-        """The full-length tokens gained (1 + accepted) of the next ``n`` values (needs ``thresholds``), not
-        consumed."""
-        self._fill(n)
-        return self.gain[self.pos:self.pos + n]
-
     def peek_capped(self, n: int, cap: int) -> np.ndarray:
         """``min(gain, cap)`` of the next ``n`` values (needs ``thresholds``), not consumed; a read-only view.
         The capped block is computed once per block and cap (a policy uses a handful of γ values)."""
