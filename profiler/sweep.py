@@ -200,7 +200,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     gmax = max(grid.gammas)
     plan = _plan(grid, models)
     if points is not None:
-        plan = [p for p in plan if tuple(p) in points]
+        plan = [p for p in plan if p in points]
     skipped_ctx = [p for p in plan if _too_long(models[p[0]], p)]
     plan = [p for p in plan if not _too_long(models[p[0]], p)]
     todo = [p for p in plan if tuple(_key(p)) not in done]
@@ -368,9 +368,9 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
         if not found:
             return out
         if len(repaired) < int(repairs):
-            rows = sorted({r for i, j, _ in found for r in (i, j)})
-            keys = [tuple(profile.steps.loc[r, KEY]) for r in rows]
-            points = {(str(m), str(ph), int(b), int(t), int(c)) for m, ph, b, t, c in keys}
+            rows = {r for i, j, _ in found for r in (i, j)}  # both ends of every violation
+            points = {(str(m), str(ph), int(b), int(t), int(c))
+                      for m, ph, b, t, c in (profile.steps.loc[r, KEY] for r in rows)}
             example = found[0][2].split(": ", 1)[-1].split("; a bigger step")[0]
             print(f"specbatch-profile: {len(found)} monotonicity violation(s), e.g. {example}; "
                   f"remeasuring {len(points)} point(s) {REPAIR_SWEEPS} times (repair round {len(repaired) + 1} "
