@@ -57,6 +57,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from profiler import models as M
+from profiler.host_memory import keep_freed_memory
 from sim.acceptance import AcceptanceModel
 from sim.cluster import SimResult, mean_context, request_table
 from sim.cost_model import CostModel
@@ -252,6 +253,8 @@ class Engine:
             torch.set_num_threads(int(cfg.threads))
         self.device = cfg.device
         self.dtype = M.DTYPES[cfg.dtype]
+        #: glibc malloc settings (CPU): freed step memory stays in the process, as in the profiler's sweep
+        self.host_memory = None if str(cfg.device).startswith("cuda") else keep_freed_memory()
         if models is None:
             self.target, _ = M.load_model(target, self.dtype, self.device, seed=cfg.seed)
             self.draft, _ = M.load_model(draft, self.dtype, self.device, seed=cfg.seed + 1)
@@ -319,15 +322,16 @@ class Engine:
             next_tok = torch.multinomial(residual, 1, generator=gen)[:, 0]
         return n_acc, ids, next_tok
 
-    def warm_up(self, gamma: int = 2) -> None:
-        """A few untimed steps (first-call allocations, lazy inits) on slots 0..1."""
-        b = min(2, self.cfg.max_batch)
-        for s in range(b):
-            ids = torch.randint(0, self.vocab, (16,), generator=self.gen, device=self.device).tolist()
-            prefill_into_slot(self.target, self.tcache, s, ids, self.cfg.temperature, self.gen, self.device)
-            prefill_into_slot(self.draft, self.dcache, s, ids, self.cfg.temperature, self.gen, self.device)
+    def warm_up(self, gamma: int = 2, prompt: int = 16) -> None:
+        """Untimed work at the largest shapes a run will use (first-call allocations, lazy inits, and the
+        heap's high-water mark, see :mod:`profiler.host_memory`): a prefill of ``prompt`` tokens on each model,
+        then steps of the full batch at γ = 0 and ``gamma`` over the longest span the slots hold."""
+        b = self.cfg.max_batch
+        for model, slots in ((self.target, self.tcache), (self.draft, self.dcache)):
+            ids = torch.randint(0, self.vocab, (prompt,), generator=self.gen, device=self.device).tolist()
+            prefill_into_slot(model, slots, 0, ids, self.cfg.temperature, self.gen, self.device)
         last = torch.zeros(b, dtype=torch.long, device=self.device)
-        lengths = torch.tensor([16, 12][:b], device=self.device)
+        lengths = torch.full((b,), self.max_len - gamma - 1, device=self.device)
         for g in (0, gamma):
             self.spec_step(last, lengths, g, None)
 
@@ -366,7 +370,7 @@ class Engine:
         b = rep.batch
         diag: list[tuple[float, float]] = []  # per iteration: prefill forwards, speculative step (model work)
         if cfg.warmup:
-            self.warm_up()
+            self.warm_up(cost.max_gamma, int(workload.prompt_tokens.max()))
 
         def free(ids) -> None:
             for rid in np.asarray(ids).tolist():

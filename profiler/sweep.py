@@ -121,12 +121,14 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     import transformers
 
     from profiler import models as M
+    from profiler.host_memory import keep_freed_memory
     from profiler.timing import make_timer, measure
 
     t_start = time.perf_counter()
     load_start = _loadavg()
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.dtype), device)
+    host_memory = None if device.startswith("cuda") else keep_freed_memory()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     out = Path(out_dir)
@@ -178,6 +180,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                         "prefill: forward of the prompt into an empty cache, last-token logits only",
             "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"),
             "sdpa_backends": M.attention_backends(device) or None,
+            "host_memory": host_memory,
             "grid": grid.as_dict(),
             "conventions": "target γ=0 is written as phase=decode tokens=1; γ>=1 as phase=verify tokens=γ+1; "
                            "draft rows are phase=decode tokens=1; prefill rows have context=0",
