@@ -36,6 +36,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -420,16 +421,20 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             real_runs = []
             for rep in range(repeats):
                 la = loadavg()
-                t0 = time.perf_counter()
+                t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
                 r = engine.run(w, final, pol, acc, seed=seed)
-                real_runs.append((r, summarize(r), time.perf_counter() - t0, la, engine.diagnostics))
-            r, s_real, wall, la, diagnostics = real_runs[0]
+                ru1 = resource.getrusage(resource.RUSAGE_SELF)
+                host = {"kernel_s": round(ru1.ru_stime - ru0.ru_stime, 3), "user_s": round(ru1.ru_utime - ru0.ru_utime, 3),
+                        "minor_faults": ru1.ru_minflt - ru0.ru_minflt}
+                real_runs.append((r, summarize(r), time.perf_counter() - t0, la, engine.diagnostics, host))
+            r, s_real, wall, la, diagnostics, host = real_runs[0]
             if repeats > 1:  # compare with the mean over the engine runs (the dashboard shows the first)
                 s_real = {**s_real, **{m: float(np.mean([x[1][m] for x in real_runs])) for m in METRICS}}
             steps = step_agreement(r.iterations, diagnostics, plain) if len(r.iterations) else None
             prefill = prefill_agreement(r.requests, r.iterations, diagnostics, plain, pol.uses_draft) \
                 if len(r.iterations) else None
             case = {"load": load, "policy": pname, "rate_req_s": w.rate, "loadavg": la, "engine_wall_s": wall,
+                    "engine_host": host,
                     "steps": steps, "prefill": prefill,
                     "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
                     "sim": {}, "errors": {}, "_real": r, "_sim": {}}
@@ -535,6 +540,10 @@ def format_report(report: dict) -> str:
             lines.append(f"{'':>5} {'':9}steps    profile / engine step time, median {st['profile_over_step']:.3f} "
                          f"(model work only {st['profile_over_model_work']:.3f}); by batch "
                          + ", ".join(f"{b}: {v:.2f}" for b, v in st["profile_over_step_by_batch"].items()))
+        if c.get("engine_host"):
+            h = c["engine_host"]
+            lines.append(f"{'':>5} {'':9}host     engine run: {h['user_s']:.2f} s user, {h['kernel_s']:.2f} s kernel, "
+                         f"{h['minor_faults']} minor page faults")
         if c.get("prefill"):
             pf = c["prefill"]
             lines.append(f"{'':>5} {'':9}prefill  profile / engine prefill, median {pf['profile_over_prefill']:.3f} "
