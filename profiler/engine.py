@@ -38,6 +38,10 @@ torch with one thread) with idle gaps jumped over instead of slept: arrivals are
 own CPU clock, so the replay is immune to other processes competing for the cores of a shared machine
 (profile with the same clock, see :mod:`profiler.validate`).
 
+Memory: on the CPU the engine sets glibc's malloc as the profiler does (:mod:`profiler.host_memory`), and
+before the clock starts it warms up at the largest shapes of the run (the longest prompt, the full batch at
+the largest γ over the longest span), so that steps reuse memory instead of page-faulting it back in.
+
 Outputs: the same per-request table (:meth:`sim.requests.RequestTable.frame`) and per-iteration table
 (:data:`sim.replica.ITERATION_COLUMNS`) as the simulator, returned as a :class:`sim.cluster.SimResult`, so
 :func:`sim.metrics.summarize` applies to both.
