@@ -181,6 +181,12 @@ def _cost_class():
                 t = t + term
             return t
 
+        def iteration_list(self, batch: int, gamma: int, contexts):
+            t = super().iteration_list(batch, gamma, contexts)
+            for term in self._terms(batch, gamma):
+                t = [x + term for x in t]
+            return t
+
         def iteration_many(self, batch: int, gamma: int, contexts):
             t = super().iteration_many(batch, gamma, contexts)
             for term in self._terms(batch, gamma):

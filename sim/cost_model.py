@@ -221,6 +221,20 @@ class CostModel:
         self._check_query(batch, gamma)
         return self._interp_ctx(self._iter_tab[gamma][batch - 1], context)
 
+    def iteration_list(self, batch: int, gamma: int, contexts: list[float]) -> list[float]:
+        """:meth:`iteration` for a short ascending list of mean contexts (tokens) at one (batch, γ), as a list
+        equal to it bit for bit (one query check; one segment lookup when all lie inside one grid segment,
+        the common case). A subclass that changes :meth:`iteration` must change this the same way."""
+        self._check_query(batch, gamma)
+        row, ctx = self._iter_tab[gamma][batch - 1], self._ctx_list
+        m = bisect.bisect_left(ctx, contexts[-1])
+        if 0 < m < len(ctx) and contexts[0] > ctx[m - 1]:
+            c0, y0 = ctx[m - 1], row[m - 1]
+            dy, dc = row[m] - y0, ctx[m] - c0
+            return [y0 + dy * (x - c0) / dc for x in contexts]  # _lerp's operations, in its order
+        interp = self._interp_ctx
+        return [interp(row, x) for x in contexts]
+
     def iteration_many(self, batch: int, gamma: int, contexts: np.ndarray) -> np.ndarray:
         """:meth:`iteration` for an ascending array of mean contexts (tokens) at one (batch, γ), equal to it
         bit for bit (the simulator relies on it). A subclass that changes :meth:`iteration` must change

@@ -581,15 +581,11 @@ class Replica:
                 rows = 1
         p = _Plan()
         if rows <= 12:  # up to about a dozen iterations Python floats beat numpy's per-call overheads
-            grown = [0] + tot[:rows - 1].tolist()
-            iteration = self.cost.iteration
-            times, steps, contexts = [t0], [], []
-            for j in range(rows):
-                c = (ctx0 + grown[j]) / n
-                step = iteration(n, gamma, c)
-                steps.append(step)
-                contexts.append(c)
-                times.append(times[-1] + (prefill_s + step if not j else step))
+            contexts = [ctx0 / n] + [(ctx0 + g) / n for g in tot[:rows - 1].tolist()]
+            steps = self.cost.iteration_list(n, gamma, contexts)
+            times = [t0, t0 + (prefill_s + steps[0])]
+            for step in steps[1:]:  # running sums, as SimPy's clock
+                times.append(times[-1] + step)
             p.ends = times[1:]
         else:  # the same computation, vectorised (bit-identical: same operations in the same order)
             contexts = np.empty(rows)

@@ -123,3 +123,19 @@ def test_draft_sync_only_moves_the_table_away_from_gamma_zero(tmp_path):
     plain, synced = optimal_gamma_table(cost, acc, 512), optimal_gamma_table(cost.with_draft_sync(), acc, 512)
     assert ((plain == synced) | ((plain == 0) & (synced > 0))).all()
     assert (plain == 0).any() and ((plain == 0) & (synced > 0)).any()  # the case at issue occurs here
+
+
+def test_iteration_list_and_many_equal_iteration_bit_for_bit(cost):
+    """The simulator's plans use the list and array forms; one event per iteration uses `iteration`: all three
+    must give the same floats, inside one grid segment, across segments, below and beyond the grid."""
+    rng = np.random.default_rng(3)
+    cases = [[200.0, 200.5, 201.0, 240.0], [100.0, 128.0, 129.0], [511.0, 512.0, 513.0, 2000.0, 2048.0],
+             [1900.0, 3000.0, 5000.0], [300.0]]
+    cases += [np.sort(rng.uniform(1, 3000, int(rng.integers(1, 13)))).tolist() for _ in range(50)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExtrapolationWarning)
+        for ctxs in cases:
+            for b, g in ((1, 0), (7, 3), (64, 8)):
+                one = [cost.iteration(b, g, c) for c in ctxs]
+                assert cost.iteration_list(b, g, ctxs) == one
+                assert cost.iteration_many(b, g, np.array(ctxs)).tolist() == one

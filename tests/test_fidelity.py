@@ -86,3 +86,19 @@ def test_prefill_agreement_compares_fresh_admissions_only(formula_profile):
     assert V.prefill_agreement(reqs, it, diag, cost, uses_draft=False)["profile_over_prefill"] == \
         round(target_only / pred, 3)
     assert V.prefill_agreement(reqs, it.iloc[1:2], diag.iloc[1:2], cost, uses_draft=True) is None
+
+
+def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
+    """The engine-side terms reach the simulator's plans (list and array forms) exactly as `iteration` adds them."""
+    from sim.profile import load_profile
+
+    o = V.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, prefill_s=0.002, verify_s=0.001, draft_s=0.0007)
+    plain = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    cost = V.make_cost(load_profile(formula_profile), o, V.FIXES, 8, 4)
+    ctxs = [150.0, 151.5, 300.0, 700.0]
+    for b, g in ((1, 0), (5, 2), (8, 4)):
+        one = [cost.iteration(b, g, c) for c in ctxs]
+        assert cost.iteration_list(b, g, ctxs) == one
+        assert cost.iteration_many(b, g, np.array(ctxs)).tolist() == one
+        extra = o.verify_s + g * o.draft_s + o.sched_base_s + o.sched_per_seq_s * b
+        assert one == pytest.approx([plain.iteration(b, g, c) + extra for c in ctxs])
