@@ -83,14 +83,22 @@ def rounds_table(reports: list[dict]) -> str:
     """Per case and headline metric: median over rounds of the simulator's value over the median of the
     engine's, minus 1, and the per-round errors."""
     lines = [f"{'load':>5} {'policy':9}" + "".join(f"{m:>36}" for m in HEADLINE)]
+    errors = {m: [] for m in HEADLINE}
     for i, c in enumerate(reports[0]["cases"]):
         cells = []
         for m in HEADLINE:
             real = np.median([r["cases"][i]["real"][m] for r in reports])
             sim = np.median([r["cases"][i]["sim"]["model"][m] for r in reports])
             each = ", ".join(f"{100 * r['cases'][i]['errors']['model'][m]:+.0f}" for r in reports)
+            errors[m].append(sim / real - 1)
             cells.append(f"{100 * (sim / real - 1):+.1f}% [{each}]")
         lines.append(f"{c['load']:>5.2f} {c['policy']:9}" + "".join(f"{x:>36}" for x in cells))
+    # A bias shows as a mean error away from 0 (noise averages out over cases) and a step ratio away from 1.
+    lines.append(f"{'mean':>5} {'':9}" + "".join(f"{f'{100 * np.mean(errors[m]):+.1f}%':>36}" for m in HEADLINE))
+    steps = [c["steps"]["profile_over_step"] for r in reports for c in r["cases"] if c.get("steps")]
+    if steps:
+        lines.append(f"profile / engine step time, median per case: median {np.median(steps):.3f} over "
+                     f"{len(steps)} cases x rounds (range {min(steps):.2f}–{max(steps):.2f})")
     return "\n".join(lines)
 
 
