@@ -199,8 +199,8 @@ def iterations_frame(data: np.ndarray) -> pd.DataFrame:
 class _Plan:
     """Iterations planned ahead for an unchanged running batch of ``n`` sequences at speculation length
     ``gamma``. Iteration j runs from ``times[j]`` to ``times[j+1]`` (seconds; iteration 0 starts at ``t0``
-    with ``prefill_s`` of prefill; ``ends`` = ``times[1:]`` as a list) at mean context ``contexts[j]``
-    (tokens), costing ``steps[j]``. Short plans hold Python lists, long ones numpy arrays.
+    with ``prefill_s`` of prefill; ``ends`` = ``times[1:]``) at mean context ``contexts[j]`` (tokens), costing
+    ``steps[j]``; all four are lists of floats (long plans compute them with numpy, then convert once).
     ``cum[j, i]`` = tokens sequence i gained by the end of iteration j before the cap at its output length
     (``None`` when γ = 0: then it is j + 1); ``tot[j]`` = Σ_i cum[j, i]; ``ctx0`` = the batch's context
     before iteration 0. Only the last planned iteration can finish a request (``finishes``).
@@ -599,7 +599,8 @@ class Replica:
             times[1:] = steps
             times[1] = prefill_s + times[1]
             np.add.accumulate(times, out=times)
-            p.ends = times[1:].tolist()
+            times, steps, contexts = times.tolist(), steps.tolist(), contexts.tolist()
+            p.ends = times[1:]
         p.t0, p.prefill_s, p.admitted, p.n, p.gamma = t0, prefill_s, admitted, n, gamma
         p.cum, p.tot, p.ctx0 = cum, tot, ctx0
         p.finishes = first < k and len(steps) == first + 1
@@ -647,7 +648,7 @@ class Replica:
             self.uniforms.pos += rows * n  # the plan peeked k·n ≥ rows·n draws: they are in the buffer
         self.n_iter += rows
         self.gamma_total += rows * p.gamma
-        steps = p.steps[:rows] if isinstance(p.steps, list) else p.steps[:rows].tolist()
+        steps = p.steps[:rows]
         busy = self.busy_s + (p.prefill_s + steps[0])
         for step in steps[1:]:  # in order, as one event per iteration would add them
             busy += step
@@ -661,11 +662,8 @@ class Replica:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
         queued_from = [j for j in (bisect_left(p.ends, when) for when in p.submitted) if j < rows] \
             if p.submitted else p.submitted
-        times, contexts = p.times[:rows], p.contexts[:rows]
-        if not isinstance(times, list):
-            times, contexts = times.tolist(), contexts.tolist()
         self.log.add_plan(self.index, n, p.gamma, p.prefill_s, p.admitted, p.queue0, p.ctx0, self.kv_tokens, cut,
-                          times, steps, contexts, p.tot[:rows], queued_from)
+                          p.times[:rows], steps, p.contexts[:rows], p.tot[:rows], queued_from)
 
     # -- static batching ---------------------------------------------------------------------------------
 
