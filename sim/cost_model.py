@@ -182,6 +182,13 @@ class CostModel:
         c0, y0 = ctx[m - 1], row[m - 1]
         return y0 + (row[m] - y0) * (x - c0) / (ctx[m] - c0)
 
+    def _one_segment(self, lo: float, hi: float) -> int:
+        """``m`` when contexts ``lo`` ≤ … ≤ ``hi`` all lie in the grid segment (point m-1, point m], which
+        :meth:`_interp_ctx` would pick for each of them; else 0."""
+        ctx = self._ctx_list
+        m = bisect.bisect_left(ctx, hi)
+        return m if 0 < m < len(ctx) and lo > ctx[m - 1] else 0
+
     def _interp_ctx(self, row: list[float], context: float) -> float:
         ctx = self._ctx_list
         if context <= ctx[0]:
@@ -226,12 +233,10 @@ class CostModel:
         equal to it bit for bit (one query check; one segment lookup when all lie inside one grid segment,
         the common case). A subclass that changes :meth:`iteration` must change this the same way."""
         self._check_query(batch, gamma)
-        row, ctx = self._iter_tab[gamma][batch - 1], self._ctx_list
-        m = bisect.bisect_left(ctx, contexts[-1])
-        if 0 < m < len(ctx) and contexts[0] > ctx[m - 1]:
-            c0, y0 = ctx[m - 1], row[m - 1]
-            dy, dc = row[m] - y0, ctx[m] - c0
-            return [y0 + dy * (x - c0) / dc for x in contexts]  # _lerp's operations, in its order
+        row, ctx, lerp = self._iter_tab[gamma][batch - 1], self._ctx_list, self._lerp
+        m = self._one_segment(contexts[0], contexts[-1])
+        if m:
+            return [lerp(ctx, row, m, x) for x in contexts]
         interp = self._interp_ctx
         return [interp(row, x) for x in contexts]
 
@@ -243,9 +248,8 @@ class CostModel:
         row, ctx = self._iter_tab[gamma][batch - 1], self._ctx_list
         if len(ctx) == 1:
             return np.full(len(contexts), row[0])
-        hi = float(contexts[-1])
-        m = bisect.bisect_left(ctx, hi)
-        if 0 < m < len(ctx) and float(contexts[0]) > ctx[m - 1]:  # all inside one segment: the common case
+        m = self._one_segment(float(contexts[0]), float(contexts[-1]))
+        if m:  # all inside one segment: the common case
             return self._lerp(ctx, row, m, contexts)
         out = np.empty(len(contexts))
         # cuts[m] = how many contexts are ≤ grid point m; segment m (between points m-1 and m) is one _lerp.
