@@ -258,7 +258,7 @@ class Engine:
         self.device = cfg.device
         self.dtype = M.DTYPES[cfg.dtype]
         #: glibc malloc settings (CPU): freed step memory stays in the process, as in the profiler's sweep
-        self.host_memory = None if str(cfg.device).startswith("cuda") else keep_freed_memory()
+        self.host_memory = keep_freed_memory(cfg.device)
         if models is None:
             self.target, _ = M.load_model(target, self.dtype, self.device, seed=cfg.seed)
             self.draft, _ = M.load_model(draft, self.dtype, self.device, seed=cfg.seed + 1)

@@ -26,12 +26,16 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # the largest value glibc accepts on 64-bit: bl
 TRIM_THRESHOLD_BYTES = (1 << 31) - 1  # mallopt takes an int: free heap top beyond ~2 GiB is still returned
 
 
-def keep_freed_memory() -> dict | None:
-    """Set glibc's malloc so that freed blocks under 32 MiB stay in the process (see the module docstring).
+def keep_freed_memory(device: str = "cpu") -> dict | None:
+    """Set glibc's malloc so that freed blocks under 32 MiB stay in the process (see the module docstring),
+    for timed work on ``device``.
 
-    Process-wide and idempotent. Returns the settings as a dict (for a profile's metadata), or ``None`` where
-    the C library is not glibc (then nothing is changed). Raises ``RuntimeError`` if glibc refuses a setting.
+    Process-wide and idempotent. Returns the settings as a dict (for a profile's metadata), or ``None`` when
+    ``device`` is CUDA or the C library is not glibc (then nothing is changed). Raises ``RuntimeError`` if
+    glibc refuses a setting.
     """
+    if str(device).startswith("cuda"):
+        return None
     try:
         libc = ctypes.CDLL(None)
         libc_version = libc.gnu_get_libc_version

@@ -128,7 +128,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     load_start = _loadavg()
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.dtype), device)
-    host_memory = None if device.startswith("cuda") else keep_freed_memory()
+    host_memory = keep_freed_memory(device)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     out = Path(out_dir)

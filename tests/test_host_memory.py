@@ -51,6 +51,7 @@ def test_freed_block_is_reused_without_faults():
     assert kept["faults"] < kept["pages"] // 50, kept
 
 
-def test_keep_freed_memory_is_idempotent():
+def test_keep_freed_memory_is_idempotent_and_leaves_cuda_alone():
     first = keep_freed_memory()
     assert keep_freed_memory() == first
+    assert keep_freed_memory("cuda:0") is None
