@@ -20,8 +20,12 @@ groups and simulates each group in its own process; the merged tables are identi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing
+import os
+import shutil
+import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ from .acceptance import AcceptanceModel
 from .cost_model import CostModel, ExtrapolationWarning
 from .policies import Policy
 from .events import URGENT, at_time
-from .replica import IterationLog, Replica, iterations_frame, join_rows, sort_rows
+from .replica import IterationLog, Replica, iterations_frame, merge_sorted_rows
 from .requests import RequestTable
 from .workload import Workload
 
@@ -144,15 +148,16 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     setup = (cost, policy, acceptance, cluster, capacity)
     if len(groups) == 1:
         data, busy = _simulate_group(reqs, route, list(range(cluster.replicas)), seeds[2:], *setup)
+        iterations = iterations_frame(data)
     else:
-        data, busy = _simulate_groups(reqs, route, groups, seeds[2:], *setup)
+        iterations, busy = _simulate_groups(reqs, route, groups, seeds[2:], *setup)
 
     unfinished = np.flatnonzero(np.isnan(reqs.finished) & ~reqs.rejected)
     if len(unfinished):  # a defect, never an expected outcome: every admitted request must finish
         raise RuntimeError(f"simulation ended with {len(unfinished)} unfinished requests (first id {unfinished[0]})")
     fin = reqs.finished[~reqs.rejected]
     makespan = float(np.nanmax(fin)) if len(fin) else 0.0
-    return SimResult(requests=reqs.frame(), iterations=iterations_frame(data), busy_s=busy,
+    return SimResult(requests=reqs.frame(), iterations=iterations, busy_s=busy,
                      makespan_s=makespan, kv_capacity_tokens=capacity, policy=policy.describe())
 
 
@@ -173,11 +178,10 @@ def static_routes(rejected: np.ndarray, router: str, replicas: int, rng: np.rand
 
 def _simulate_group(reqs: RequestTable, route: np.ndarray | None, indices: list[int],
                     seeds: list[np.random.SeedSequence], cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
-                    cluster: ClusterConfig, capacity: int, sort: bool = True) -> tuple[np.ndarray, list[float]]:
+                    cluster: ClusterConfig, capacity: int) -> tuple[np.ndarray, list[float]]:
     """Run replicas ``indices`` (seeded from ``seeds[index]``) over ``reqs`` in one SimPy environment; every
-    request in ``reqs`` is either rejected or routed to one of them. Returns the iteration rows (sorted
-    unless ``sort`` is false: then in append order, see :meth:`IterationLog.data`) and each replica's busy
-    seconds."""
+    request in ``reqs`` is either rejected or routed to one of them. Returns the iteration rows, sorted
+    (:func:`sort_rows`), and each replica's busy seconds."""
     env = simpy.Environment()
     log = IterationLog()
     # Each replica gets its own copy of the (set-up) policy, so online state is per replica.
@@ -186,38 +190,72 @@ def _simulate_group(reqs: RequestTable, route: np.ndarray | None, indices: list[
                            mode=cluster.mode, fast_forward=cluster.fast_forward) for i in indices}
     env.process(_arrivals(env, reqs, replicas, cluster.router, route))
     env.run()
-    return log.data(sort=sort), [replicas[i].busy_s for i in indices]
+    return log.data(sort=True), [replicas[i].busy_s for i in indices]
 
 
-def _group_worker(reqs, route, indices, seeds, cost, policy, acceptance, cluster, capacity):
-    """:func:`_simulate_group` in a worker process; also returns the warnings it raised."""
+def _group_worker(reqs, route, indices, seeds, cost, policy, acceptance, cluster, capacity, spools):
+    """:func:`_simulate_group` in a worker process. Returns the requests' state (:meth:`RequestTable.state`),
+    the iteration rows sorted (:func:`sort_rows`) — saved as a ``.npy`` file in the first of the folders
+    ``spools`` with room for them, its path returned (the parent reads it mapped, instead of receiving a
+    pickled copy through a pipe), or the matrix itself when none has room —, the busy seconds and the
+    warnings raised."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # unsorted: the parent sorts all groups' rows together (a stable sort, so ties keep append order)
-        data, busy = _simulate_group(reqs, route, indices, seeds, cost, policy, acceptance, cluster, capacity,
-                                     sort=False)
-    return reqs, data, busy, [(w.category, str(w.message)) for w in caught]
+        data, busy = _simulate_group(reqs, route, indices, seeds, cost, policy, acceptance, cluster, capacity)
+    rows = data
+    for folder in spools:
+        if shutil.disk_usage(folder).free < data.nbytes + (64 << 20):
+            continue
+        path = os.path.join(folder, f"rows-{indices[0]}.npy")
+        try:
+            np.save(path, data)
+        except OSError:  # filled up meanwhile: try the next folder
+            if os.path.exists(path):
+                os.remove(path)
+            continue
+        rows = path
+        break
+    return reqs.state(), rows, busy, [(w.category, str(w.message)) for w in caught]
+
+
+def _spool_folders(stack: contextlib.ExitStack) -> list[str]:
+    """Fresh temporary folders, removed when ``stack`` closes, for workers' iteration rows: one in
+    ``/dev/shm`` (memory) where there is one, then one in the default temporary folder."""
+    out = []
+    for base in ("/dev/shm", None):
+        if base is not None and not (os.path.isdir(base) and os.access(base, os.W_OK)):
+            continue
+        try:
+            out.append(stack.enter_context(tempfile.TemporaryDirectory(prefix="specbatch-rows-", dir=base)))
+        except OSError:
+            continue
+    return out
 
 
 def _simulate_groups(reqs: RequestTable, route: np.ndarray, groups: list[np.ndarray], seeds, cost: CostModel,
                      policy: Policy, acceptance: AcceptanceModel, cluster: ClusterConfig,
-                     capacity: int) -> tuple[np.ndarray, list[float]]:
-    """:func:`_simulate_group` for each replica group in its own process (fresh interpreters: ``spawn``);
-    request state is written back into ``reqs``, iteration rows merged in start-time, replica order."""
+                     capacity: int) -> tuple[pd.DataFrame, list[float]]:
+    """:func:`_simulate_group` for each replica group (ascending, contiguous indices) in its own process (fresh
+    interpreters: ``spawn``); request state is written back into ``reqs``. Returns the iterations table, rows
+    in start-time, replica order (the groups' sorted rows merged, :func:`merge_sorted_rows`), and each
+    replica's busy seconds."""
     jobs = []
     for g in groups:
         ids = np.flatnonzero(np.isin(route, g))
         sub_route = route[ids]
         jobs.append((ids, (reqs.subset(ids), sub_route, g.tolist(), seeds, cost, policy, acceptance, cluster, capacity)))
     busy: list[float] = []
-    parts = []
+    runs = []
     seen: set[str] = set()
-    with ProcessPoolExecutor(max_workers=len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_group_worker, *args) for _, args in jobs]
+    with contextlib.ExitStack() as stack:
+        spools = _spool_folders(stack)
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=len(groups),
+                                                       mp_context=multiprocessing.get_context("spawn")))
+        futures = [pool.submit(_group_worker, *args, spools) for _, args in jobs]
         for (ids, _), fut in zip(jobs, futures):
-            sub, data, group_busy, caught = fut.result()
-            reqs.update(ids, sub)
-            parts.append(data)
+            state, rows, group_busy, caught = fut.result()
+            reqs.update(ids, state)
+            runs.append(np.load(rows, mmap_mode="r") if isinstance(rows, str) else rows)
             busy += group_busy
             for category, message in caught:  # re-issued here, once each (the cost model warns once)
                 if message not in seen and not (issubclass(category, ExtrapolationWarning) and cost.warned):
@@ -225,7 +263,10 @@ def _simulate_groups(reqs: RequestTable, route: np.ndarray, groups: list[np.ndar
                     if issubclass(category, ExtrapolationWarning):
                         cost.warned = True
                     warnings.warn(message, category, stacklevel=3)
-    return sort_rows(join_rows(parts)), busy
+        pool.shutdown()
+        frame = merge_sorted_rows(runs)
+        runs = None  # the mapped files are removed with their folders
+    return frame, busy
 
 
 def _arrivals(env: simpy.Environment, reqs: RequestTable, replicas: dict[int, Replica], router: str,

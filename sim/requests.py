@@ -49,10 +49,14 @@ class RequestTable:
         sub.shared_thr = self.shared_thr
         return sub
 
-    def update(self, ids: np.ndarray, sub: "RequestTable") -> None:
-        """Copy the simulation state of ``sub`` (a :meth:`subset` for ``ids``) back into these rows."""
+    def state(self) -> dict[str, np.ndarray]:
+        """The simulation state columns (:attr:`STATE`) by name."""
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def update(self, ids: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Copy the :meth:`state` of a :meth:`subset` for ``ids`` back into these rows."""
         for name in self.STATE:
-            getattr(self, name)[ids] = getattr(sub, name)
+            getattr(self, name)[ids] = state[name]
 
     def frame(self) -> pd.DataFrame:
         """One row per request with its timestamps and derived latencies (seconds)."""

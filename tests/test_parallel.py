@@ -9,10 +9,12 @@ import pytest
 
 from conftest import linear_step, write_formula_profile
 from sim.acceptance import AcceptanceModel
-from sim.cluster import ClusterConfig, simulate, static_routes
+from sim.cluster import ClusterConfig, _group_worker, request_table, simulate, static_routes
 from sim.cost_model import CostModel, ExtrapolationWarning
 from sim.policies import make_policy
 from sim.profile import load_profile
+from sim.replica import ITERATION_COLUMNS, iterations_frame, join_rows, merge_sorted_rows, sort_rows
+from sim.requests import RequestTable
 from sim.workload import synthetic
 
 
@@ -70,3 +72,58 @@ def test_state_aware_routers_refuse_workers(router):
     with pytest.raises(ValueError, match=f"cluster.workers is 2 but router '{router}' looks at every replica"):
         ClusterConfig(replicas=4, router=router, workers=2).validate()
     ClusterConfig(replicas=1, router=router, workers=2).validate()  # one replica: nothing to split
+
+
+def test_simultaneous_arrivals_merge_like_one_process(cost):
+    """Every request at t = 0: all replicas start iterations at the same instants, so the merge of the
+    workers' rows has ties in start time across workers (three of them here)."""
+    w = synthetic(120, rate=60.0, prompt_lognormal=(200, 0.5), output_lognormal=(40, 0.5), seed=3)
+    w.arrival_s[:] = 0.0
+    base = dict(replicas=7, max_batch=8, kv_capacity_tokens=3000)
+    one = simulate(w, cost, make_policy("fixed", gamma=2), AcceptanceModel(alpha=0.6), ClusterConfig(**base), seed=2)
+    three = simulate(w, cost, make_policy("fixed", gamma=2), AcceptanceModel(alpha=0.6),
+                     ClusterConfig(**base, workers=3), seed=2)
+    pd.testing.assert_frame_equal(one.requests, three.requests, check_exact=True)
+    pd.testing.assert_frame_equal(one.iterations, three.iterations, check_exact=True)
+    starts = one.iterations.groupby("start_s")["replica"].nunique()
+    assert starts.iloc[0] == 7  # the first iteration of every replica starts at 0
+
+
+def test_merge_sorted_rows_equals_sorting_the_joined_rows():
+    rng = np.random.default_rng(0)
+    runs = []
+    for lo in (0, 3, 5):  # replicas 0-2, 3-4, 5-7
+        n = 500
+        data = np.empty((len(ITERATION_COLUMNS), n))
+        data[0] = rng.integers(0, 40, n) / 4  # coarse times: many ties within and across runs
+        data[1] = rng.integers(lo, lo + 2 + (lo == 5), n)
+        data[2:] = rng.integers(0, 100, (len(ITERATION_COLUMNS) - 2, n))
+        runs.append(data)
+    expected = iterations_frame(sort_rows(join_rows([r.copy() for r in runs])))
+    merged = merge_sorted_rows([sort_rows(r.copy()) for r in runs])
+    pd.testing.assert_frame_equal(merged, expected, check_exact=True)
+    assert (np.diff(merged["start_s"]) >= 0).all()
+
+
+def test_worker_hands_rows_over_as_a_file_or_itself(cost, tmp_path):
+    """A worker saves its sorted rows where there is room and returns the path; with no such folder it
+    returns the rows themselves (pickled back as before)."""
+    w = synthetic(60, rate=20.0, prompt_lognormal=(100, 0.5), output_lognormal=(20, 0.5), seed=1)
+    policy, acc = make_policy("fixed", gamma=2), AcceptanceModel(alpha=0.7)
+    policy.setup(cost, acc, 150.0)
+    cluster = ClusterConfig(replicas=2, max_batch=8)
+    seeds = np.random.SeedSequence(0).spawn(4)
+
+    def run(spools):
+        reqs = request_table(w, acc, cost.max_gamma, seeds[0])
+        route = static_routes(reqs.rejected, "round_robin", 2, np.random.default_rng(0))
+        return _group_worker(reqs, route, [0, 1], seeds[2:], cost, policy, acc, cluster, 3000, spools)
+
+    state, rows, busy, caught = run([str(tmp_path)])
+    assert isinstance(rows, str) and rows.startswith(str(tmp_path))
+    state2, inline, busy2, _ = run([])
+    assert isinstance(inline, np.ndarray) and inline.shape[1] > 60
+    np.testing.assert_array_equal(np.load(rows), inline)
+    assert busy == busy2 and set(state) == set(RequestTable.STATE)
+    np.testing.assert_array_equal(state["finished"], state2["finished"])
+    assert not np.isnan(state["finished"]).any()
