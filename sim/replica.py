@@ -289,9 +289,11 @@ class _Running:
     """The running batch as aligned arrays in admission order.
 
     ``s`` is an int64 matrix with one row per sequence and columns :data:`ID` (request id), :data:`CTX`
-    (context = prompt + generated, tokens), :data:`LEFT` (tokens still to generate), :data:`ACC` (accepted
-    draft tokens while in this batch), :data:`IT0` and :data:`G0` (the replica's iteration count and Σγ when
-    the request joined: its iterations and Σγ are differences at leave time). ``thr`` holds each
+    (context = prompt + generated, tokens), :data:`LEFT` (tokens still to generate), :data:`CTX0`, :data:`IT0`
+    and :data:`G0` (the context, the replica's iteration count and its Σγ when the request joined: what
+    it gained, its iterations and Σγ in this batch are differences at leave time). Iterations add their
+    gains before the output cap (1 + accepted draft tokens), so a sequence that finishes leaves with
+    ``LEFT`` ≤ 0: ``-LEFT`` tokens past its output length, which the cap cuts off. ``thr`` holds each
     sequence's acceptance thresholds (see :meth:`AcceptanceModel.thresholds`), or is ``None`` when every
     request shares one row (the replica's uniform stream then holds the accepted counts).
 
@@ -299,7 +301,7 @@ class _Running:
     ``min`` on a short list cost a fraction of a numpy reduction's call overhead.
     """
 
-    ID, CTX, LEFT, ACC, IT0, G0 = range(6)
+    ID, CTX, LEFT, CTX0, IT0, G0 = range(6)
     __slots__ = ("s", "thr")
 
     def __init__(self, k: int | None):
@@ -419,7 +421,7 @@ class Replica:
             total += cost.prefill(ctx, "target")
             if draft:
                 total += cost.prefill(ctx, "draft")
-            rows.append((rid, ctx + 1, int(r.output[rid]) - gen - 1, 0, self.n_iter, self.gamma_total))
+            rows.append((rid, ctx + 1, int(r.output[rid]) - gen - 1, ctx + 1, self.n_iter, self.gamma_total))
         first = t0 + total
         for rid in rids:
             if math.isnan(r.first_token[rid]):  # fresh, not resuming after a preemption
@@ -457,10 +459,11 @@ class Replica:
         """Write back the state of ``rows`` (taken out of the batch); ``when`` = finish time (or ``None`` for a
         preemption). Returns the ids that left."""
         r = self.reqs
-        for rid, ctx, _, acc, it0, g0 in rows.tolist():
-            r.generated[rid] = ctx - r.prompt[rid]
-            r.accepted_sum[rid] += acc
-            r.iterations[rid] += self.n_iter - it0
+        for rid, ctx, left, ctx0, it0, g0 in rows.tolist():
+            iterations = self.n_iter - it0
+            r.generated[rid] = ctx - r.prompt[rid] + min(left, 0)  # (the tokens past the output cap dropped)
+            r.accepted_sum[rid] += ctx - ctx0 - iterations  # each iteration gained 1 + accepted draft tokens
+            r.iterations[rid] += iterations
             r.gamma_sum[rid] += self.gamma_total - g0
             if when is not None:
                 r.finished[rid] = when
@@ -469,11 +472,12 @@ class Replica:
         return rows[:, _Running.ID]
 
     def _advance(self, gamma: int, acc: np.ndarray, gain: np.ndarray) -> tuple[int, int]:
-        """Apply one iteration's gains to the batch; return (tokens gained, draft tokens accepted)."""
+        """Apply one iteration to the batch: ``acc`` draft tokens accepted per sequence, ``gain`` = tokens
+        gained after the output cap (min(1 + acc, LEFT)); return (tokens gained, draft tokens accepted)."""
         s = self.batch.s
-        s[:, _Running.CTX] += gain
-        s[:, _Running.LEFT] -= gain
-        s[:, _Running.ACC] += acc
+        full = acc + 1
+        s[:, _Running.CTX] += full
+        s[:, _Running.LEFT] -= full
         self.n_iter += 1
         self.gamma_total += gamma
         return int(gain.sum()), int(acc.sum())
@@ -657,14 +661,10 @@ class Replica:
         """Apply the plan's first ``rows`` iterations: batch state, counters, busy time and the log."""
         b, n = self.batch, p.n
         s = b.s
-        finishing = p.finishes and rows == len(p.steps)
-        gained = p.cum[rows - 1] if p.gamma else rows
-        if finishing:
-            gained = np.minimum(gained, s[:, _Running.LEFT])
+        gained = p.cum[rows - 1] if p.gamma else rows  # before the output caps
         s[:, _Running.CTX] += gained
         s[:, _Running.LEFT] -= gained
         if p.gamma:
-            s[:, _Running.ACC] += p.cum[rows - 1] - rows  # Σ accepted = Σ (accepted + 1) − iterations
             self.uniforms.pos += rows * n  # the plan peeked k·n ≥ rows·n draws: they are in the buffer
         self.n_iter += rows
         self.gamma_total += rows * p.gamma
@@ -674,9 +674,10 @@ class Replica:
             busy += step
         self.busy_s = busy
         cut = 0
-        if finishing:
-            cut = int(p.tot[rows - 1]) - sum(gained.tolist())  # tokens the output caps cut off
-            self._leave(b.take(s[:, _Running.LEFT] <= 0), self.env.now)  # a finishing plan ends with ≥ 1 done
+        if p.finishes and rows == len(p.steps):  # a finishing plan ends with ≥ 1 done
+            done = b.take(s[:, _Running.LEFT] <= 0)
+            cut = -sum(done[:, _Running.LEFT].tolist())  # tokens the output caps cut off
+            self._leave(done, self.env.now)
             self.kv_tokens = sum(b.s[:, _Running.CTX].tolist())
         else:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
@@ -710,7 +711,7 @@ class Replica:
             done = b.finished()
             if done is not None:
                 rows = b.take(done)
-                pad_ctx += int(rows[:, _Running.CTX].sum())
+                pad_ctx += int(rows[:, _Running.CTX].sum())  # (none has run: LEFT = 0 at most)
                 self._leave(rows, t0 + prefill_s)
             first = True
             while len(b) or first:
@@ -731,7 +732,7 @@ class Replica:
                     done = b.finished()
                     if done is not None:
                         rows = b.take(done)
-                        pad_ctx += int(rows[:, _Running.CTX].sum())
+                        pad_ctx += int(rows[:, _Running.CTX].sum() + np.minimum(rows[:, _Running.LEFT], 0).sum())
                         self._leave(rows, env.now)
                 self.kv_tokens = int(b.s[:, _Running.CTX].sum()) + pad_ctx
                 self.log.add(t0 if first else ts, self.index, b0 if step_s else 0, gamma, pre, step_s,
