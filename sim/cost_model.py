@@ -197,7 +197,8 @@ class CostModel:
         if i >= len(ctx):
             if len(ctx) == 1:
                 return row[-1]
-            self._warn(f"context {context:.0f} > {ctx[-1]:.0f} tokens")
+            if not self.warned:  # (the message is built once, not per query)
+                self._warn(f"context {context:.0f} > {ctx[-1]:.0f} tokens")
             return max(row[-1], self._lerp(ctx, row, len(ctx) - 1, context))
         return self._lerp(ctx, row, i, context)
 
@@ -261,7 +262,8 @@ class CostModel:
                 out[a:z] = self._lerp(ctx, row, m, contexts[a:z])
         a = cuts[-1]
         if a < len(contexts):
-            self._warn(f"context {contexts[-1]:.0f} > {ctx[-1]:.0f} tokens")
+            if not self.warned:  # (the message is built once, not per query)
+                self._warn(f"context {contexts[-1]:.0f} > {ctx[-1]:.0f} tokens")
             out[a:] = np.maximum(row[-1], self._lerp(ctx, row, len(ctx) - 1, contexts[a:]))
         return out
 
@@ -282,7 +284,8 @@ class CostModel:
         if prompt_tokens <= x[-1]:
             i = bisect.bisect_left(x, prompt_tokens)
             return y[i - 1] + (y[i] - y[i - 1]) * (prompt_tokens - x[i - 1]) / (x[i] - x[i - 1])
-        self._warn(f"prefill of {prompt_tokens:.0f} > {x[-1]:.0f} tokens")
+        if not self.warned:  # (the message is built once, not per query)
+            self._warn(f"prefill of {prompt_tokens:.0f} > {x[-1]:.0f} tokens")
         slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
         return y[-1] + max(slope, 0.0) * (prompt_tokens - x[-1])
 
