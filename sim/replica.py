@@ -409,19 +409,23 @@ class Replica:
 
     # -- shared pieces --------------------------------------------------------------------------------------
 
-    def _prefill(self, rids: list[int], t0: float) -> float:
+    def _prefill(self, rids: list[int], t0: float) -> tuple[float, bool]:
         """Prefill ``rids`` one after another, join them to the batch with their first token, stamp
-        admission and first-token times; return the seconds taken."""
+        admission and first-token times; return the seconds taken and whether one of them is done with that
+        token (its output is one token long; the sequences already running all have tokens left)."""
         r, cost, draft = self.reqs, self.cost, self.policy.uses_draft
         total = 0.0
         rows = []
+        done = False
         for rid in rids:  # per request: a few scalars (cheaper than numpy calls on a handful of rows)
             gen = int(r.generated[rid])
             ctx = int(r.prompt[rid]) + gen
             total += cost.prefill(ctx, "target")
             if draft:
                 total += cost.prefill(ctx, "draft")
-            rows.append((rid, ctx + 1, int(r.output[rid]) - gen - 1, ctx + 1, self.n_iter, self.gamma_total))
+            left = int(r.output[rid]) - gen - 1
+            done = done or left <= 0
+            rows.append((rid, ctx + 1, left, ctx + 1, self.n_iter, self.gamma_total))
         first = t0 + total
         for rid in rids:
             if math.isnan(r.first_token[rid]):  # fresh, not resuming after a preemption
@@ -430,7 +434,7 @@ class Replica:
             r.generated[rid] += 1
         self.batch.extend(np.array(rows, np.int64).reshape(len(rows), 6),
                           None if self.batch.thr is None else r.accept_thr[rids])
-        return total
+        return total, done
 
     def _speculate(self, gamma: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample one iteration for the batch: (accepted draft tokens, tokens gained) per request."""
@@ -530,10 +534,9 @@ class Replica:
             admitted = self._admit()
             prefill_s = 0.0
             if admitted:
-                prefill_s = self._prefill(admitted, t0)
-                done = b.finished()
-                if done is not None:
-                    self._leave(b.take(done), t0 + prefill_s)
+                prefill_s, done = self._prefill(admitted, t0)
+                if done:
+                    self._leave(b.take(b.finished()), t0 + prefill_s)
             if len(b) and self.fast_forward:
                 plan = self._make_plan(t0, prefill_s, len(admitted))
                 if plan is not None:
@@ -705,12 +708,11 @@ class Replica:
                 self.queued_tokens -= int(r.prompt[rid])
                 batch.append(rid)
                 used += need
-            prefill_s = self._prefill(batch, t0)
+            prefill_s, done = self._prefill(batch, t0)
             b0 = len(batch)
             pad_ctx = 0  # context of sequences that finished but still occupy their batch slot
-            done = b.finished()
-            if done is not None:
-                rows = b.take(done)
+            if done:
+                rows = b.take(b.finished())
                 pad_ctx += int(rows[:, _Running.CTX].sum())  # (none has run: LEFT = 0 at most)
                 self._leave(rows, t0 + prefill_s)
             first = True

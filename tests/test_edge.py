@@ -166,6 +166,16 @@ def test_output_of_one_token_finishes_at_prefill_without_decoding(cost):
         r = simulate(w, cost, make_policy("fixed", gamma=4), AcceptanceModel(alpha=0.5), ClusterConfig(mode=mode))
         q = check_complete(r, w)
         assert (q["iterations"] == 0).all() and q["tpot_s"].isna().all()
+    # one-token requests joining a running batch leave at their prefill; the others run on
+    w = wl([0, 0, 0.01, 0.02, 0.02], [30, 40, 50, 60, 20], [20, 1, 1, 15, 1])
+    for mode in ("continuous", "static"):
+        for ff in (True, False):
+            r = simulate(w, cost, make_policy("fixed", gamma=4), AcceptanceModel(alpha=0.5),
+                         ClusterConfig(mode=mode, fast_forward=ff))
+            q = check_complete(r, w)
+            ones = q["output_tokens"] == 1
+            assert (q.loc[ones, "finished_s"] == q.loc[ones, "first_token_s"]).all()
+            assert (q.loc[ones, "iterations"] == 0).all() and (q.loc[~ones, "iterations"] > 0).all()
 
 
 def test_moderate_trace_loads_in_bounded_time_and_memory(tmp_path):
