@@ -255,7 +255,10 @@ def _simulate_groups(reqs: RequestTable, route: np.ndarray, groups: list[np.ndar
         for (ids, _), fut in zip(jobs, futures):
             state, rows, group_busy, caught = fut.result()
             reqs.update(ids, state)
-            runs.append(np.load(rows, mmap_mode="r") if isinstance(rows, str) else rows)
+            if isinstance(rows, str):  # mapped, then unlinked at once: the memory goes when the map does
+                path, rows = rows, np.load(rows, mmap_mode="r")
+                os.remove(path)
+            runs.append(rows)
             busy += group_busy
             for category, message in caught:  # re-issued here, once each (the cost model warns once)
                 if message not in seen and not (issubclass(category, ExtrapolationWarning) and cost.warned):
@@ -265,7 +268,6 @@ def _simulate_groups(reqs: RequestTable, route: np.ndarray, groups: list[np.ndar
                     warnings.warn(message, category, stacklevel=3)
         pool.shutdown()
         frame = merge_sorted_rows(runs)
-        runs = None  # the mapped files are removed with their folders
     return frame, busy
 
 
