@@ -7,7 +7,8 @@
 Wall-clock A/B runs of the simulator on a shared VM cannot resolve changes of a few per cent: paired runs
 of the same code differ by up to 1.6×. The number of instructions the process executes, counted by
 valgrind's callgrind, does not depend on the machine's speed: with a fixed seed (and ``PYTHONHASHSEED=0``)
-a repeated run gives the same count to within a few parts per million. Each case runs under callgrind
+a repeated run gives the same count to within a few parts per million (the same code checked out in
+two folders differs by about 0.3 %, from the paths: smaller differences between revisions mean nothing). Each case runs under callgrind
 twice per revision — once up to the simulation (imports, trace, cost model, workloads) and once through
 it — and the difference is the simulation's own count, printed per simulated request. Every revision runs
 the same driver (this file) against its own ``sim`` package; a hash of both result tables shows whether
