@@ -2,10 +2,12 @@
 Azure trace slice, CPU clock) end to end: the engine and the simulator both replay every case, the errors of
 every metric are finite and reported, and the dashboard is self-contained.
 
-This test does not assert an accuracy bound. On this 2-core CPU with the tiny pair, the simulator's error
-against the engine (30-120 % on mean latency, up to 28 % on throughput, see README "Fidelity") is far above
-the engine's own run-to-run noise (0-12 % on mean latency for most cases), so a tolerance wide enough to pass
-would certify nothing; the gap is reported as open work instead of being hidden behind a loose bound.
+This test does not assert an accuracy bound. On this 2-core CPU the tiny pair's steps last about a
+millisecond and its engine runs half a second: in a run on 2026-11-27 the simulator's error against the
+engine was -41 to +12 % on mean latency and -4 to +17 % on throughput, while two engine replays of the same
+case differed by 13-43 % on mean latency (earlier runs: errors of 30-120 %, see README "Fidelity"). A
+tolerance wide enough to pass reliably would certify little; the accuracy figures come from
+`benchmarks/fidelity.py` with a bigger pair, and the gap is reported as open work.
 """
 from __future__ import annotations
 
