@@ -1,6 +1,7 @@
 """Parallel replica groups (``cluster.workers``): identical to one process under state-free routers."""
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import numpy as np
@@ -121,6 +122,13 @@ def test_worker_hands_rows_over_as_a_file_or_itself(cost, tmp_path):
 
     state, rows, busy, caught = run([str(tmp_path)])
     assert isinstance(rows, str) and rows.startswith(str(tmp_path))
+    full, roomy = tmp_path / "full", tmp_path / "roomy"
+    full.mkdir(), roomy.mkdir()
+    real_usage = shutil.disk_usage
+    with pytest.MonkeyPatch.context() as mp:  # the first folder reports no room: the rows go to the second
+        mp.setattr(shutil, "disk_usage", lambda d: real_usage(d)._replace(free=0) if str(d) == str(full) else real_usage(d))
+        assert run([str(full), str(roomy)])[1].startswith(str(roomy))
+        assert not any(full.iterdir())
     state2, inline, busy2, _ = run([])
     assert isinstance(inline, np.ndarray) and inline.shape[1] > 60
     np.testing.assert_array_equal(np.load(rows), inline)
