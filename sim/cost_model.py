@@ -145,9 +145,12 @@ class CostModel:
             notes.append(f"verify tokens up to {self.max_gamma + 1} (measured up to {int(self.verify_axes[0][-1])})")
         self._range_notes = notes
 
-    def _warn(self, what: str) -> None:
+    def _warn(self, what: str, *args) -> None:
+        """Warn once per cost model about extrapolating ``what % args`` (formatted only for that one warning:
+        queries beyond the grid call this on the hot path)."""
         if not self.warned:
             self.warned = True
+            what = what % args if args else what
             warnings.warn(f"profile {self.profile.name}: extrapolating beyond the measured grid ({what}); "
                           "see sim.cost_model for the rule", ExtrapolationWarning, stacklevel=3)
 
@@ -197,8 +200,7 @@ class CostModel:
         if i >= len(ctx):
             if len(ctx) == 1:
                 return row[-1]
-            if not self.warned:  # (the message is built once, not per query)
-                self._warn(f"context {context:.0f} > {ctx[-1]:.0f} tokens")
+            self._warn("context %.0f > %.0f tokens", context, ctx[-1])
             return max(row[-1], self._lerp(ctx, row, len(ctx) - 1, context))
         return self._lerp(ctx, row, i, context)
 
@@ -262,8 +264,7 @@ class CostModel:
                 out[a:z] = self._lerp(ctx, row, m, contexts[a:z])
         a = cuts[-1]
         if a < len(contexts):
-            if not self.warned:  # (the message is built once, not per query)
-                self._warn(f"context {contexts[-1]:.0f} > {ctx[-1]:.0f} tokens")
+            self._warn("context %.0f > %.0f tokens", contexts[-1], ctx[-1])
             out[a:] = np.maximum(row[-1], self._lerp(ctx, row, len(ctx) - 1, contexts[a:]))
         return out
 
@@ -284,8 +285,7 @@ class CostModel:
         if prompt_tokens <= x[-1]:
             i = bisect.bisect_left(x, prompt_tokens)
             return y[i - 1] + (y[i] - y[i - 1]) * (prompt_tokens - x[i - 1]) / (x[i] - x[i - 1])
-        if not self.warned:  # (the message is built once, not per query)
-            self._warn(f"prefill of {prompt_tokens:.0f} > {x[-1]:.0f} tokens")
+        self._warn("prefill of %.0f > %.0f tokens", prompt_tokens, x[-1])
         slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
         return y[-1] + max(slope, 0.0) * (prompt_tokens - x[-1])
 
