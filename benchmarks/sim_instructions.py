@@ -56,18 +56,16 @@ def child(case: str) -> None:
     from sim.policies import make_policy
     from sim.profile import load_profile
     from sim.run import resolve_profile
-    from sim.workload import first_n, load_trace, set_rate, synthetic
-    from specbatch import traces_dir
+    from sim.workload import first_n, set_rate
+    from sim_speed import cluster_workload, conv_trace  # this file's neighbour; `sim` comes from the revision
 
     cost = CostModel(load_profile(resolve_profile("default")), max_batch=32)
-    conv = load_trace(traces_dir() / "azure/AzureLLMInferenceTrace_conv.csv",
-                      {"arrival": "TIMESTAMP", "prompt": "ContextTokens", "output": "GeneratedTokens"}, "datetime")
+    conv = conv_trace()
     one, many = ClusterConfig(replicas=1, max_batch=32), ClusterConfig(replicas=64, max_batch=32)
     light = first_n(conv, CASES["light"])
-    spread = synthetic(CASES["cluster"], rate=1.0, lengths_from=conv, seed=0, name="conv-resampled")
     runs = {"saturated": (first_n(conv, CASES["saturated"]), one),
             "light": (set_rate(light, 0.5 * estimate_capacity(cost, light, one)), one),
-            "cluster": (set_rate(spread, 0.8 * estimate_capacity(cost, spread, many)), many)}
+            "cluster": (cluster_workload(CASES["cluster"], cost, many, conv), many)}
     if case == "setup":
         return
     w, cluster = runs[case]

@@ -47,6 +47,12 @@ def conv_trace():
     return load_trace(traces_dir() / "azure/AzureLLMInferenceTrace_conv.csv", AZURE, "datetime")
 
 
+def cluster_workload(n: int, cost, cluster, lengths):
+    """``n`` requests with ``lengths``' (prompt, output) pairs resampled, Poisson at 0.8 of ``cluster``'s capacity."""
+    w = synthetic(n, rate=1.0, lengths_from=lengths, seed=0, name="conv-resampled")
+    return set_rate(w, 0.8 * estimate_capacity(cost, w, cluster))
+
+
 def timed(w, cost, policy, cluster, seed=0):
     t = time.perf_counter()
     r = simulate(w, cost, make_policy(policy[0], **policy[1]), AcceptanceModel(alpha=0.7), cluster, seed=seed)
@@ -80,10 +86,8 @@ def part1(cost, repeats: int) -> None:
 
 def part2_child(n: int, profile: str, workers: int) -> None:
     cost = CostModel(load_profile(resolve_profile(profile)), max_batch=32)
-    lengths = conv_trace()
     cluster = ClusterConfig(replicas=64, max_batch=32, workers=workers)
-    w = synthetic(n, rate=1.0, lengths_from=lengths, seed=0, name="conv-resampled")
-    w = set_rate(w, 0.8 * estimate_capacity(cost, w, cluster))
+    w = cluster_workload(n, cost, cluster, conv_trace())
     t = time.perf_counter()
     r = simulate(w, cost, make_policy("fixed", gamma=4), AcceptanceModel(alpha=0.7), cluster, seed=0)
     wall = time.perf_counter() - t
