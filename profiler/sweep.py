@@ -256,7 +256,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                 timed_out = True
                 break
             try:
-                step, reset = _make_step(p, model, cache, vocab, temperature, gen, device)
+                step, reset = make_step(p, model, cache, vocab, temperature, gen, device)
                 budget = float(tm.point_budget_s)
                 if deadline is not None:
                     budget = max(0.0, min(budget, deadline - (time.perf_counter() - t_start)))
@@ -471,8 +471,10 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _make_step(p, model, cache, vocab, temperature, gen, device):
-    """``(step, reset)`` closures for point ``p``; ``reset`` restores the cache length (untimed)."""
+def make_step(p, model, cache, vocab, temperature, gen, device):
+    """``(step, reset)`` closures for the profile point ``p`` = ``(model, phase, batch, tokens, context)`` on
+    ``cache`` (holding ``context`` positions per sequence): ``step`` is exactly what the sweep times for that
+    row of ``steps.csv``; ``reset`` restores the cache length (untimed)."""
     import torch
 
     from profiler import models as M

@@ -10,24 +10,33 @@ and throughput, plus a self-contained dashboard overlaying the two latency CDFs 
     specbatch-validate --pair llama-68m:tiny-llama-draft --requests 120 --out fidelity-out
     specbatch-validate --clock wall                   # wall clock (a quiet machine of your own)
 
-Modelling of what the profile misses (the report's simulator variants): the profile times each step alone, on a batch whose
-sequences all have the same context. The engine also spends time between and around those steps.
-:class:`EngineCostModel` adds the engine-side terms, each measured once in a short calibration on the
-engine itself (never fitted to a validation run):
+Modelling of what the profile misses (the report's simulator variants): the profile times each step alone,
+on a batch whose sequences all have the same context. The engine also spends time between and around those steps.
+:class:`EngineCostModel` adds the engine-side terms, each measured by :func:`calibrate` on the engine itself
+(never fitted to a validation run):
 
 * ``sched``  — per-iteration scheduler/bookkeeping time outside the model calls (admission, policy,
-  acceptance draws, slot bookkeeping, building positions and masks), a constant + per-sequence term;
+  acceptance draws, slot bookkeeping, building positions and masks): a constant, a per-sequence term, and
+  for iterations that speculate (γ > 0) a constant and a per-draft-position term;
 * ``prefill`` — per-admission overhead of the engine's prefill (fresh cache, first-token sampling, copy
   into the batch's slot), added to the profile's prefill forward;
-* ``mixed`` — mixed contexts: the engine's batched step with per-sequence lengths (position ids, one
-  scatter per layer, a boolean mask, attention padded to the longest sequence) versus the profiled
-  uniform step at the same (b, γ, mean context), as extra seconds per target forward and per draft forward
-  (least squares over micro-benchmarked points with uniform and mixed contexts).
+* ``mixed`` — the engine's batched step with per-sequence lengths (position ids, one scatter per layer, a
+  boolean mask, attention padded to the longest sequence) versus the profiler's own step at the same
+  (b, γ, context), timed alternately, as extra seconds per target forward and per draft forward.
 
-The report compares the engine with four simulator variants, cumulatively: ``profile`` (the plain
-profile, the baseline), ``+sched``, ``+prefill`` and ``model`` (all three terms), so that it shows what
-each term buys. The ``adaptive`` policy's γ table is built once (from the ``model`` costs) and shared by
-the engine and every variant, so all of them replay the same decisions.
+**Rounds.** On a shared machine the speed drifts by several percent over tens of seconds, and queueing
+turns a step-time error into two to three times that in latency. So the engine runs come in ``repeats``
+rounds: each round calibrates once and replays every case once (in a rotated order); the engine's
+figure for a case is the median over its runs, the terms are medians over the calibrations, and the
+run-to-run spread (semi-interquartile range over the median) is reported as the case's noise.
+
+The report compares the engine with the simulator variants, cumulatively: ``profile`` (the plain profile,
+the baseline), ``+sched``, ``+prefill``, ``model`` (all three terms) and ``+speed`` — the model with the
+profile's times scaled to the machine's speed during the rounds (each calibration times the profiler's
+steps at its micro-benchmark points; ``speed`` is the profile's time over those, median): a correction of
+the instrument for a profile taken at another speed, not a model of the engine. The policies' γ tables
+(``adaptive``) are built once from the plain profile and shared by the engine and every variant, so all
+of them replay the same decisions.
 """
 from __future__ import annotations
 
@@ -44,19 +53,22 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.policies import Policy
+
 METRICS = ("latency_mean", "latency_p50", "latency_p99", "ttft_mean", "ttft_p50", "ttft_p99",
            "tpot_mean", "tpot_p50", "tpot_p99", "throughput_tok_s")
 HEADLINE = ("latency_mean", "latency_p99", "throughput_tok_s")
 POLICIES = {"none": {}, "fixed": {"gamma": 4}, "adaptive": {}}
 FIXES = ("sched", "prefill", "mixed")
 # cumulative: what each engine-side term buys on top of the previous ones
-VARIANTS = (("profile", ()), ("+sched", ("sched",)), ("+prefill", ("sched", "prefill")), ("model", FIXES))
+VARIANTS = (("profile", ()), ("+sched", ("sched",)), ("+prefill", ("sched", "prefill")), ("model", FIXES),
+            ("+speed", FIXES + ("speed",)))
 
 # the reduced validation: tiny pair, small grid, short trace slice
-REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, loads=(0.3, 0.6), max_batch=8, max_prompt=96,
-               max_output=48, max_gamma=6, grid=dict(batches=[1, 2, 4, 8], gammas=[0, 1, 2, 4, 6],
-                                                      contexts=[32, 160], prefill_lengths=[8, 32, 96],
-                                                      prefill_batches=[1]))
+REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, repeats=5, loads=(0.3, 0.6), max_batch=8,
+               max_prompt=96, max_output=48, max_gamma=6,
+               grid=dict(batches=[1, 2, 4, 8], gammas=[0, 1, 2, 4, 6], contexts=[32, 160],
+                         prefill_lengths=[8, 32, 96], prefill_batches=[1]))
 
 
 def loadavg() -> list[float] | None:
@@ -148,9 +160,12 @@ class Overheads:
 
     sched_base_s: float = 0.0  # per iteration
     sched_per_seq_s: float = 0.0  # per running sequence per iteration
+    sched_spec_s: float = 0.0  # per iteration that speculates (γ > 0: acceptance draws, draft bookkeeping)
+    sched_per_gamma_s: float = 0.0  # per draft position per iteration
     prefill_s: float = 0.0  # per admitted request (per model prefilled)
     verify_s: float = 0.0  # per batched target forward with per-sequence contexts, beyond the profiled step
     draft_s: float = 0.0  # per batched draft forward with per-sequence contexts, beyond the profiled step
+    speed: float = 1.0  # the profile's step time over the same step timed during the engine runs (dimensionless)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -172,32 +187,54 @@ def _cost_class():
             if "mixed" in self.fixes:
                 terms.append(o.verify_s + gamma * o.draft_s)
             if "sched" in self.fixes:
-                terms.append(o.sched_base_s + o.sched_per_seq_s * batch)
+                terms.append(o.sched_base_s + o.sched_per_seq_s * batch
+                             + (o.sched_spec_s + o.sched_per_gamma_s * gamma if gamma else 0.0))
             return terms
 
+        def _scale(self):
+            return 1.0 / self.overheads.speed if "speed" in self.fixes else 1.0
+
         def iteration(self, batch: int, gamma: int, context: float) -> float:
-            t = super().iteration(batch, gamma, context)
+            t = super().iteration(batch, gamma, context) * self._scale()
             for term in self._terms(batch, gamma):
                 t = t + term
             return t
 
         def iteration_list(self, batch: int, gamma: int, contexts):
-            t = super().iteration_list(batch, gamma, contexts)
+            k = self._scale()
+            t = [x * k for x in super().iteration_list(batch, gamma, contexts)]
             for term in self._terms(batch, gamma):
                 t = [x + term for x in t]
             return t
 
         def iteration_many(self, batch: int, gamma: int, contexts):
-            t = super().iteration_many(batch, gamma, contexts)
+            t = super().iteration_many(batch, gamma, contexts) * self._scale()
             for term in self._terms(batch, gamma):
                 t = t + term
             return t
 
         def prefill(self, prompt_tokens: float, model: str = "target") -> float:
-            t = super().prefill(prompt_tokens, model)
+            t = super().prefill(prompt_tokens, model) * self._scale()
             return t + (self.overheads.prefill_s if "prefill" in self.fixes else 0.0)
 
     return EngineCostModel
+
+
+class CyclingGamma(Policy):
+    """Calibration policy: γ steps through ``gammas``, one value per iteration (so that one short run
+    measures the engine's per-iteration overhead at every γ). Not a serving policy: it is not registered."""
+
+    name = "cycling"
+
+    def __init__(self, gammas):
+        self.gammas, self.i = list(gammas), -1
+
+    def setup(self, cost, acceptance, context) -> None:
+        self.i = -1
+
+    def choose(self, view) -> int:
+        self.i += 1
+        return self.gammas[self.i % len(self.gammas)]
 
 
 def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_gamma: int):
@@ -211,65 +248,88 @@ def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_g
 def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, max_prompt: int = 96,
               max_output: int = 48, repeats: int = 5) -> tuple[Overheads, dict]:
     """Measure the engine-side terms on the engine itself (a calibration workload with its own seed and
-    micro-benchmarks of the batched step); never uses a validation run. Returns the terms and details."""
+    micro-benchmarks of the batched step); never uses a validation run. Returns the terms and details.
+
+    The ``mixed`` terms compare, at each micro-benchmarked point (b, γ, context), the engine's batched step
+    (per-sequence lengths, uniform and mixed) with the profiler's own step on the same models and shape
+    (:func:`profiler.sweep.make_step`: γ draft decodes + one verify, the work one ``steps.csv`` row times),
+    timed alternately, so that a change of the machine's speed since the profile was taken is not
+    mistaken for an engine cost. ``speed_vs_profile`` in the details is that drift: the profile's step over
+    the profiler's step timed now (median; > 1: the machine is faster now than when it was profiled)."""
+    import pandas as pd
     import torch
 
+    from profiler import models as M
     from profiler.engine import make_clock
+    from profiler.sweep import make_step
     from sim import workload as wl
     from sim.cluster import ClusterConfig
     from sim.capacity import estimate_capacity
-    from sim.policies import make_policy
 
     clock = make_clock(engine.cfg.clock, engine.device)
-    # 1. scheduler and prefill overheads: a short run at high load with a drafting policy
+    # 1. scheduler and prefill overheads: a short run at high load, γ cycling over the policies' range
     w = wl.synthetic(requests, 1.0, "poisson", 1.0, None, (max_prompt / 2, 0.5), (max_output / 2, 0.5), seed=seed)
     w = wl.cap_lengths(w, max_prompt, max_output)
     cap = estimate_capacity(cost, w, ClusterConfig(max_batch=engine.cfg.max_batch,
                                                     kv_capacity_tokens=engine.capacity))
     w = wl.set_rate(w, 1.5 * cap)
-    r = engine.run(w, cost, make_policy("fixed", gamma=2), acceptance, seed=seed)
+    cycle = sorted({0, 1, 2, max(1, cost.max_gamma // 2), cost.max_gamma})
+    r = engine.run(w, cost, CyclingGamma(cycle), acceptance, seed=seed)
     it, dg = r.iterations, engine.diagnostics
     dec = (it["batch"] > 0).to_numpy()
     sched = (it["step_s"] - dg["step_model_s"]).to_numpy()[dec]
-    bsz = it["batch"].to_numpy()[dec]
-    if len(np.unique(bsz)) > 1:
-        per_seq, base = np.polyfit(bsz, sched, 1)
-    else:
-        per_seq, base = 0.0, float(np.median(sched))
-    per_seq, base = max(0.0, float(per_seq)), max(0.0, float(base))
+    bsz, g = it["batch"].to_numpy(float)[dec], it["gamma"].to_numpy(float)[dec]
+    # sched = base + per_seq·b + [γ > 0]·(spec + per_gamma·γ), least squares, no term below 0
+    x = np.c_[np.ones_like(g), bsz, g > 0, g]
+    keep = [0] + [j for j in (1, 2, 3) if len(np.unique(x[:, j])) > 1]
+    coef = np.zeros(4)
+    coef[keep] = np.linalg.lstsq(x[:, keep], sched, rcond=None)[0] if len(sched) else 0.0
+    base, per_seq, spec, per_gamma = (max(0.0, float(v)) for v in coef)
     adm = (it["admitted"] > 0).to_numpy()
     extra = (it["prefill_s"] - dg["prefill_forward_s"]).to_numpy()[adm] / (2 * it["admitted"].to_numpy()[adm])
     prefill_extra = max(0.0, float(np.median(extra))) if adm.any() else 0.0
 
-    # 2. the batched step with mixed contexts vs the profiled uniform step at the same mean context
+    # 2. the engine's batched step (uniform and mixed contexts) vs the profiler's step, timed alternately
     rng = np.random.default_rng(seed)
-    c_hi = int(min(cost.contexts[-1], engine.max_len - cost.max_gamma - 2))
+    dev, temp, gen = engine.device, engine.cfg.temperature, engine.gen
+    gammas = sorted({0, min(2, cost.max_gamma), min(4, cost.max_gamma)})
+    c_hi = int(min(cost.contexts[-1], engine.max_len - max(gammas) - 2))
     c_lo = int(max(8, min(cost.contexts[0], c_hi // 2)))
     rows = []
-    dev = engine.device
     for b in sorted({1, 2, min(4, engine.cfg.max_batch), engine.cfg.max_batch}):
-        for g in sorted({0, min(2, cost.max_gamma), min(4, cost.max_gamma)}):
-            for c in (c_lo, (c_lo + c_hi) // 2):
-                for kind in ("uniform", "mixed"):
-                    if kind == "uniform":
-                        lens = np.full(b, c - 1)
-                    else:
-                        lens = np.minimum(rng.integers(max(1, c // 3), c * 5 // 3, b), c_hi + cost.max_gamma)
-                    last = torch.zeros(b, dtype=torch.long, device=dev)
-                    lt = torch.as_tensor(lens, device=dev)
-                    engine.spec_step(last, lt, g, None)
-                    ts = []
-                    for _ in range(repeats):
+        last = torch.zeros(b, dtype=torch.long, device=dev)
+        for c in (c_lo, (c_lo + c_hi) // 2):
+            spread = np.clip(rng.integers(max(1, c // 3), c * 5 // 3, b), 1, engine.max_len - max(gammas) - 2)
+            spread = np.clip(spread + c - int(round(spread.mean())), 1, engine.max_len - max(gammas) - 2)
+            lens = {"uniform": torch.full((b,), c, device=dev), "mixed": torch.as_tensor(spread, device=dev)}
+            caches = {role: M.make_cache("prealloc", m.config, b, c, max(gammas) + 1, engine.dtype, dev)
+                      for role, m in (("target", engine.target), ("draft", engine.draft))}
+            dstep, dreset = make_step(("draft", "decode", b, 1, c), engine.draft, caches["draft"], engine.vocab,
+                                      temp, gen, dev)
+            for g in gammas:
+                tstep, treset = make_step(("target", "verify" if g else "decode", b, g + 1, c), engine.target,
+                                          caches["target"], engine.vocab, temp, gen, dev)
+                ts = {"uniform": [], "mixed": [], "draft": [], "target": []}
+                for i in range(repeats + 1):  # the first round warms this shape up and is not kept
+                    for kind, lt in lens.items():
                         t0 = clock()
                         engine.spec_step(last, lt, g, None)
-                        ts.append(clock() - t0)
-                    prof = cost.iteration(b, g, float(lens.mean()) + 1)
-                    rows.append(dict(batch=b, gamma=g, context=float(lens.mean()) + 1, kind=kind,
-                                     engine_s=float(np.median(ts)), profile_s=prof))
-    import pandas as pd
-
+                        ts[kind].append(clock() - t0)
+                    for kind, step, reset in (("draft", dstep, dreset), ("target", tstep, treset)):
+                        if kind == "draft" and not g:
+                            continue
+                        t0 = clock()
+                        step()
+                        ts[kind].append(clock() - t0)
+                        reset()
+                med = {k: float(np.median(v[1:])) if len(v) > 1 else 0.0 for k, v in ts.items()}
+                profiler_s = g * med["draft"] + med["target"]
+                for kind in lens:
+                    rows.append(dict(batch=b, gamma=g, context=c, kind=kind, engine_s=med[kind],
+                                     profiler_s=profiler_s, profile_s=cost.iteration(b, g, float(c))))
+            del caches
     df = pd.DataFrame(rows)
-    df["extra_s"] = df["engine_s"] - df["profile_s"]
+    df["extra_s"] = df["engine_s"] - df["profiler_s"]
 
     def fit(d):
         a = np.c_[np.ones(len(d)), d["gamma"].to_numpy(float)]
@@ -277,10 +337,12 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
         return max(0.0, float(v)), max(0.0, float(dr))
 
     verify_extra, draft_extra = fit(df)
-    o = Overheads(sched_base_s=base, sched_per_seq_s=per_seq, prefill_s=prefill_extra, verify_s=verify_extra,
-                  draft_s=draft_extra)
+    speed = float(np.median(df["profile_s"] / df["profiler_s"]))
+    o = Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
+                  prefill_s=prefill_extra, verify_s=verify_extra, draft_s=draft_extra, speed=speed)
     details = {"overheads": o.as_dict(), "uniform_fit": fit(df[df["kind"] == "uniform"]),
                "mixed_fit": fit(df[df["kind"] == "mixed"]),
+               "speed_vs_profile": round(speed, 3),
                "sched_median_s": float(np.median(sched)) if len(sched) else 0.0,
                "calibration_iterations": int(dec.sum()), "step_points": rows}
     return o, details
@@ -310,6 +372,12 @@ def trace_slice(requests: int, *, start: int = 0, prompt_div: float = 16.0, outp
 def rel_errors(real: dict, sim: dict) -> dict:
     """``(sim − real) / real`` for each of :data:`METRICS`."""
     return {m: float((sim[m] - real[m]) / real[m]) if real[m] else float("nan") for m in METRICS}
+
+
+def spread(values) -> float:
+    """Run-to-run spread of a metric: the semi-interquartile range over the median (dimensionless)."""
+    q25, q50, q75 = np.percentile(np.asarray(values, float), [25, 50, 75])
+    return float((q75 - q25) / 2 / q50) if q50 else float("nan")
 
 
 def step_agreement(iterations, diagnostics, cost) -> dict:
@@ -373,9 +441,10 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              max_output: int = REDUCED["max_output"], max_gamma: int = REDUCED["max_gamma"], grid: dict | None = None,
              alpha: float = 0.7, clock: str = "cpu", threads: int = 1, device: str = "cpu", seed: int = 0,
              trace_start: int = 0, out: Path | str = "fidelity-out", profile: str | None = None,
-             max_age_h: float = 12.0, repeats: int = 1, variants=None, draft_sync: bool = False,
+             max_age_h: float = 12.0, repeats: int = REDUCED["repeats"], variants=None, draft_sync: bool = False,
              log=print) -> dict:
     """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report."""
+    import pandas as pd
     import torch
 
     from profiler.engine import Engine, EngineConfig
@@ -390,6 +459,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if int(repeats) < 1:
+        raise ValueError(f"repeats={repeats}: expected at least 1 round")
     if pair.count(":") != 1 or not all(pair.split(":")):
         raise ValueError(f"pair {pair!r}: expected 'target:draft' (two presets or checkpoint folders)")
     target, draft = pair.split(":")
@@ -409,56 +480,68 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock, threads=threads,
                         device=device, seed=seed, dtype=str(prof.meta["dtype"]), draft_sync=draft_sync)
     engine = Engine(target, draft, ecfg, max_len=max_len)
-    log("calibrating the engine-side terms ...")
-    over, cal = calibrate(engine, plain, acc, max_prompt=max_prompt, max_output=max_output)
-    log(f"  {over}")
-    costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
-    final = costs[variants[-1][0]]
-    table_cost = final.with_draft_sync() if draft_sync else final  # what the policies' γ tables are built from
     cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync)
     base = trace_slice(requests, start=trace_start, max_prompt=max_prompt, max_output=max_output)
     capacity = estimate_capacity(plain, base, cluster)
+    table_cost = plain.with_draft_sync() if draft_sync else plain  # what the policies' γ tables are built from
     cases = []
     for load in loads:
         w = wl.set_rate(base, load * capacity)
         ref_ctx = float(w.prompt_tokens.mean() + w.output_tokens.mean() / 2)
         for pname in policies:
-            pol = frozen_policy(pname, table_cost, acc, ref_ctx)
-            real_runs = []
-            for rep in range(repeats):
-                la = loadavg()
-                t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-                r = engine.run(w, final, pol, acc, seed=seed)
-                ru1 = resource.getrusage(resource.RUSAGE_SELF)
-                host = {"kernel_s": round(ru1.ru_stime - ru0.ru_stime, 3), "user_s": round(ru1.ru_utime - ru0.ru_utime, 3),
-                        "minor_faults": ru1.ru_minflt - ru0.ru_minflt}
-                real_runs.append((r, summarize(r), time.perf_counter() - t0, la, engine.diagnostics, host))
-            r, s_real, wall, la, diagnostics, host = real_runs[0]
-            if repeats > 1:  # compare with the mean over the engine runs (the dashboard shows the first)
-                s_real = {**s_real, **{m: float(np.mean([x[1][m] for x in real_runs])) for m in METRICS}}
-            steps = step_agreement(r.iterations, diagnostics, plain) if len(r.iterations) else None
-            prefill = prefill_agreement(r.requests, r.iterations, diagnostics, plain, pol.uses_draft) \
-                if len(r.iterations) else None
-            case = {"load": load, "policy": pname, "rate_req_s": w.rate, "loadavg": la, "engine_wall_s": wall,
-                    "engine_host": host,
-                    "steps": steps, "prefill": prefill,
-                    "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
-                    "sim": {}, "errors": {}, "_real": r, "_sim": {}}
-            if repeats > 1:  # run-to-run noise of the real engine: second run vs first
-                case["noise"] = rel_errors(real_runs[0][1], real_runs[1][1])
-                case["real_runs"] = [{m: x[1][m] for m in METRICS} for x in real_runs]
-            for vname, _ in variants:
-                sres = simulate(w, costs[vname], pol, acc, cluster, seed=seed)
-                s_sim = summarize(sres)
-                case["sim"][vname] = {m: s_sim[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")}
-                case["errors"][vname] = rel_errors(s_real, s_sim)
-                case["_sim"][vname] = sres
-            e = case["errors"][variants[-1][0]]
-            log(f"load {load:.2f} {pname:8s} real latency {s_real['latency_mean']:.3f}s  errors: "
-                + "  ".join(f"{m} {100 * e[m]:+.1f}%" for m in HEADLINE)
-                + ("  (profile only: " + "  ".join(f"{m} {100 * case['errors'][variants[0][0]][m]:+.1f}%"
-                                                    for m in HEADLINE) + ")" if len(variants) > 1 else ""))
-            cases.append(case)
+            cases.append({"load": load, "policy": pname, "rate_req_s": w.rate, "_w": w, "_runs": [],
+                          "_pol": frozen_policy(pname, table_cost, acc, ref_ctx)})
+    # Rounds: each calibrates once and replays every case once (the order rotated), so that the calibration
+    # and every case's runs sample the same stretch of the machine's drifting speed.
+    log(f"calibrating and replaying {len(cases)} cases x {repeats} rounds on the engine ...")
+    calibrations = []
+    for rep in range(repeats):
+        calibrations.append(calibrate(engine, plain, acc, max_prompt=max_prompt, max_output=max_output))
+        for case in cases[rep % len(cases):] + cases[:rep % len(cases)]:
+            la = loadavg()
+            t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            r = engine.run(case["_w"], plain, case["_pol"], acc, seed=seed)
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            host = {"kernel_s": ru1.ru_stime - ru0.ru_stime, "user_s": ru1.ru_utime - ru0.ru_utime,
+                    "minor_faults": ru1.ru_minflt - ru0.ru_minflt}
+            case["_runs"].append(dict(result=r, summary=summarize(r), wall_s=time.perf_counter() - t0, loadavg=la,
+                                      diagnostics=engine.diagnostics, host=host))
+    over = Overheads(**{k: float(np.median([o.as_dict()[k] for o, _ in calibrations]))
+                        for k in Overheads().as_dict()})
+    cal = {"overheads": over.as_dict(), "rounds": [d for _, d in calibrations],
+           "speed_vs_profile": float(np.median([d["speed_vs_profile"] for _, d in calibrations]))}
+    log(f"  engine-side terms (median over {repeats} calibrations): {over}")
+    costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
+    for case in cases:
+        w, pol, runs = case.pop("_w"), case.pop("_pol"), case.pop("_runs")
+        r = runs[0]["result"]
+        s_real = {**runs[0]["summary"], **{m: float(np.median([x["summary"][m] for x in runs])) for m in METRICS}}
+        ran = [x for x in runs if len(x["result"].iterations)]
+        steps = step_agreement(pd.concat([x["result"].iterations for x in ran]),
+                               pd.concat([x["diagnostics"] for x in ran]), plain) if ran else None
+        prefill = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, pol.uses_draft) \
+            if len(r.iterations) else None
+        case.update({"loadavg": runs[0]["loadavg"], "engine_wall_s": float(np.median([x["wall_s"] for x in runs])),
+                     "engine_host": {k: round(float(np.mean([x["host"][k] for x in runs])), 3)
+                                     for k in runs[0]["host"]},
+                     "steps": steps, "prefill": prefill,
+                     "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
+                     "sim": {}, "errors": {}, "_real": r, "_sim": {}})
+        if repeats > 1:  # run-to-run spread of the engine: semi-interquartile range over the median
+            case["noise"] = {m: spread([x["summary"][m] for x in runs]) for m in METRICS}
+            case["real_runs"] = [{m: x["summary"][m] for m in METRICS + ("iterations",)} for x in runs]
+        load, pname = case["load"], case["policy"]
+        for vname, _ in variants:
+            sres = simulate(w, costs[vname], pol, acc, cluster, seed=seed)
+            s_sim = summarize(sres)
+            case["sim"][vname] = {m: s_sim[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")}
+            case["errors"][vname] = rel_errors(s_real, s_sim)
+            case["_sim"][vname] = sres
+        e = case["errors"][variants[-1][0]]
+        log(f"load {load:.2f} {pname:8s} real latency {s_real['latency_mean']:.3f}s  errors: "
+            + "  ".join(f"{m} {100 * e[m]:+.1f}%" for m in HEADLINE)
+            + ("  (profile only: " + "  ".join(f"{m} {100 * case['errors'][variants[0][0]][m]:+.1f}%"
+                                                for m in HEADLINE) + ")" if len(variants) > 1 else ""))
     report = {
         "pair": {"target": target, "draft": draft}, "device": device, "clock": clock, "threads": threads,
         "draft_sync": draft_sync,
@@ -534,13 +617,16 @@ def format_report(report: dict) -> str:
     variants = list(report["variants"])
     lines = [f"pair {report['pair']['draft']} / {report['pair']['target']}, device {report['device']}, "
              f"clock {report['clock']}, loadavg {report['loadavg_start']} -> {report['loadavg_end']}",
+             f"engine-side terms (median over {len(report['calibration']['rounds'])} calibrations): "
+             + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in report["calibration"]["overheads"].items() if k != "speed")
+             + f"; speed vs the profile {report['calibration']['speed_vs_profile']:.3f}",
              f"{'load':>5} {'policy':9}{'variant':9}" + "".join(f"{m:>17}" for m in METRICS)]
     for c in report["cases"]:
         for v in variants:
             lines.append(f"{c['load']:>5.2f} {c['policy']:9}{v:9}" + "".join(f"{100 * c['errors'][v][m]:>+16.1f}%"
                                                                          for m in METRICS))
         if "noise" in c:
-            lines.append(f"{'':>5} {'':9}{'noise':9}" + "".join(f"{100 * c['noise'][m]:>+16.1f}%" for m in METRICS))
+            lines.append(f"{'':>5} {'':9}{'noise':9}" + "".join(f"{100 * c['noise'][m]:>16.1f}%" for m in METRICS))
         if c.get("steps"):
             st = c["steps"]
             lines.append(f"{'':>5} {'':9}steps    profile / engine step time, median {st['profile_over_step']:.3f} "
@@ -577,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-sync", action="store_true",
                     help="γ = 0 steps also run the draft, in the engine and the simulator (cluster.draft_sync)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=1, help="engine runs per case (2: also report run-to-run noise)")
+    ap.add_argument("--repeats", type=int, default=REDUCED["repeats"],
+                    help="rounds: each calibrates once and runs every case once (≥ 2: also reports run-to-run noise)")
     ap.add_argument("--profile", default=None, help="reuse this profile folder instead of profiling")
     ap.add_argument("--trace-start", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
