@@ -1,5 +1,6 @@
-"""Full fidelity benchmark: the real engine vs the simulator, 2 loads x 3 policies, two engine runs per case
-(run-to-run noise), on the reduced tiny pair and on a bigger pair (llama-68m target, tiny-llama-draft).
+"""Full fidelity benchmark: the real engine vs the simulator, 2 loads x 3 policies, ``--repeats`` engine rounds
+interleaved with the profile's passes (run-to-run noise from the rounds), on the reduced tiny pair and on a
+bigger pair (llama-68m shapes as target and draft).
 
     python benchmarks/fidelity.py                       # both pairs, CPU clock, results in fidelity-bench/
     python benchmarks/fidelity.py --pairs tiny --clock wall --requests 80
@@ -7,7 +8,7 @@
 
 Writes ``<out>/<pair>/report.json`` and ``dashboard.html`` per pair and prints the error tables
 (``(sim − real) / real`` per metric, per simulator variant: the plain profile, then each engine-side term
-added, see :mod:`profiler.validate`), with the machine's load average.
+added, see :mod:`profiler.validate`), the agreement check (goal + 3 × noise), with the machine's load average.
 
 With ``--rounds R`` the whole validation (a fresh profile, the engine runs, the simulator) runs R times, into
 ``<out>/<pair>/round<k>/``, and a last table compares, per case, the median over rounds of the engine's
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     ap.add_argument("--requests", type=int, default=80)
     ap.add_argument("--loads", type=float, nargs="+", default=list(REDUCED["loads"]))
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=REDUCED["repeats"],
+                    help="engine rounds per validation, each after one of the profile's passes")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")

@@ -299,7 +299,7 @@ REPAIR_SWEEPS = 3  # sweeps of the disputed points per repair round of run_passe
 
 
 def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_passes: int | None = None,
-               repairs: int = 3, progress: bool = True) -> Path:
+               repairs: int = 3, progress: bool = True, after_pass=None) -> Path:
     """Sweep ``grid`` ``passes`` times (into ``out_dir/pass<k>/``, each a valid profile) and write the merged
     profile into ``out_dir``; return it.
 
@@ -318,6 +318,10 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
     ``timing.passes`` (the passes merged), ``timing.repairs`` (the points each round remeasured),
     ``timing.merge``, the total ``elapsed_s``, and ``complete`` only if all ``passes`` ran and each was
     complete.
+
+    ``after_pass(k)``, when given, is called after each of the first ``passes`` passes, with the passes so far
+    already merged into ``out_dir``: other measurements interleaved with the passes (specbatch-validate runs
+    its engine rounds there, so that the profile and the engine sample the same stretch of time).
     """
     from omegaconf import OmegaConf
 
@@ -364,6 +368,9 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
         if k and spent():
             break  # the deadline is spent: merge the passes there are
         metas.append(sweep(f"pass{k}", share=int(passes) - k))
+        if after_pass is not None:
+            merge()
+            after_pass(k)
     merge()
     while not spent():
         profile = load_profile(out)

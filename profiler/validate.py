@@ -11,32 +11,36 @@ and throughput, plus a self-contained dashboard overlaying the two latency CDFs 
     specbatch-validate --clock wall                   # wall clock (a quiet machine of your own)
 
 Modelling of what the profile misses (the report's simulator variants): the profile times each step alone,
-on a batch whose sequences all have the same context. The engine also spends time between and around those steps.
-:class:`EngineCostModel` adds the engine-side terms, each measured by :func:`calibrate` on the engine itself
-(never fitted to a validation run):
+on a batch whose sequences all have the same context, back to back. The engine also spends time between
+and around those steps, and its steps run inside a serving loop. :class:`EngineCostModel` adds the
+engine-side terms, measured by :func:`calibrate` on the engine itself (a calibration run of its own
+workload, never a validation run) and fitted by :func:`fit_overheads`:
 
-* ``sched``  — per-iteration scheduler/bookkeeping time outside the model calls (admission, policy,
+* ``speed`` — the machine's speed during the engine runs relative to the profile (the profiler's own steps
+  re-timed in each calibration): the profile's times are divided by it. An instrument correction for a
+  profile taken while the machine ran at another speed, not a model of the engine; ≈ 1 when the profile
+  was measured in the same rounds (below);
+* ``sched`` — per-iteration scheduler/bookkeeping time outside the model calls (admission, policy,
   acceptance draws, slot bookkeeping, building positions and masks): a constant, a per-sequence term, and
   for iterations that speculate (γ > 0) a constant and a per-draft-position term;
-* ``prefill`` — per-admission overhead of the engine's prefill (fresh cache, first-token sampling, copy
-  into the batch's slot), added to the profile's prefill forward;
-* ``mixed`` — the engine's batched step with per-sequence lengths (position ids, one scatter per layer, a
-  boolean mask, attention padded to the longest sequence) versus the profiler's own step at the same
-  (b, γ, context), timed alternately, as extra seconds per target forward and per draft forward.
+* ``prefill`` — per admission and model prefilled: the engine's whole prefill phase (fresh cache, forward,
+  first-token sampling, copy into the batch's slot) beyond the profile's prefill forward;
+* ``step`` — the step's model work inside the run beyond the profile's step, per target forward and per
+  draft forward: per-sequence lengths (position ids, one scatter per layer, a boolean mask, attention
+  padded to the longest sequence) and caches cooled by the scheduler's work between steps.
 
-**Rounds.** On a shared machine the speed drifts by several percent over tens of seconds, and queueing
-turns a step-time error into two to three times that in latency. So the engine runs come in ``repeats``
-rounds: each round calibrates once and replays every case once (in a rotated order); the engine's
-figure for a case is the median over its runs, the terms are medians over the calibrations, and the
-run-to-run spread (semi-interquartile range over the median) is reported as the case's noise.
+**Rounds.** On a shared machine the speed drifts by several percent over tens of seconds (and a group of
+neighbouring profile points can land in a slow second), and queueing turns a step-time error into two to
+three times that in latency. So the engine runs come in ``repeats`` rounds, interleaved with the
+profile's passes: after each pass, one calibration and one replay of every case (in a rotated order).
+The profile keeps each point's median over its passes, the engine's figure for a case is the median over
+its runs, and the run-to-run spread (semi-interquartile range over the median) is reported as the case's
+noise. With a reused profile (``profile=``, or a fresh one in ``out``) the rounds run on their own.
 
 The report compares the engine with the simulator variants, cumulatively: ``profile`` (the plain profile,
-the baseline), ``+sched``, ``+prefill``, ``model`` (all three terms) and ``+speed`` — the model with the
-profile's times scaled to the machine's speed during the rounds (each calibration times the profiler's
-steps at its micro-benchmark points; ``speed`` is the profile's time over those, median): a correction of
-the instrument for a profile taken at another speed, not a model of the engine. The policies' γ tables
-(``adaptive``) are built once from the plain profile and shared by the engine and every variant, so all
-of them replay the same decisions.
+the baseline), ``+speed``, ``+sched``, ``+prefill`` and ``model`` (every term). The policies' γ tables
+(``adaptive``) are built once, from the profile as it stands after the first pass, and shared by the
+engine and every variant, so all of them replay the same decisions.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +63,13 @@ from sim.policies import Policy
 METRICS = ("latency_mean", "latency_p50", "latency_p99", "ttft_mean", "ttft_p50", "ttft_p99",
            "tpot_mean", "tpot_p50", "tpot_p99", "throughput_tok_s")
 HEADLINE = ("latency_mean", "latency_p99", "throughput_tok_s")
+# the accuracy goals (|relative error|) and how many noise widths a measured error may exceed them by
+GOALS = {"latency_mean": 0.05, "latency_p99": 0.10, "throughput_tok_s": 0.05}
+NOISE_WIDTHS = 3.0
 POLICIES = {"none": {}, "fixed": {"gamma": 4}, "adaptive": {}}
-FIXES = ("sched", "prefill", "mixed")
-# cumulative: what each engine-side term buys on top of the previous ones
-VARIANTS = (("profile", ()), ("+sched", ("sched",)), ("+prefill", ("sched", "prefill")), ("model", FIXES),
-            ("+speed", FIXES + ("speed",)))
+FIXES = ("speed", "sched", "prefill", "step")
+# cumulative: what each term buys on top of the previous ones
+VARIANTS = tuple((name, FIXES[:k]) for k, name in enumerate(("profile", "+speed", "+sched", "+prefill", "model")))
 
 # the reduced validation: tiny pair, small grid, short trace slice
 REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, repeats=5, loads=(0.3, 0.6), max_batch=8,
@@ -110,14 +117,16 @@ def profiler_clock(clock: str):
 
 
 def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str = "cpu", threads: int = 1,
-                 device: str = "cpu", point_budget_s: float = 0.1, seed: int = 0, passes: int = 2,
-                 max_passes: int = 4, repairs: int = 3) -> Path:
+                 device: str = "cpu", point_budget_s: float = 0.1, seed: int = 0, passes: int = 3,
+                 max_passes: int = 4, repairs: int = 3, after_pass=None) -> Path:
     """Profile ``draft``/``target`` on this machine into ``out`` with the profiler's sweep.
 
-    On a shared machine the speed drifts between points (other jobs come and go), so the grid is swept
-    ``passes`` times and each point keeps the median of its pass medians; while the result fails the
+    On a shared machine the speed drifts between points (other jobs come and go; a group of neighbouring
+    points can land in a slow second), so the grid is swept ``passes`` times (3 by default, so that the median
+    outvotes one slow pass) and each point keeps the median of its pass medians; while the result fails the
     profile's monotonicity check the disputed points are remeasured (up to ``repairs`` rounds), then whole
-    passes are added (up to ``max_passes``); see :func:`profiler.sweep.run_passes`."""
+    passes are added (up to ``max_passes``); ``after_pass(k)`` runs after pass k; see
+    :func:`profiler.sweep.run_passes`."""
     from omegaconf import OmegaConf
 
     from profiler.sweep import Grid, run_passes
@@ -130,8 +139,8 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
         timing=dict(warmup=2, min_samples=9, max_samples=60, floor_samples=5, rel_precision=0.02,
                     point_budget_s=point_budget_s, deadline_s=None, temperature=1.0)))
     with profiler_clock(clock):
-        run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max_passes, repairs=repairs,
-                   progress=False)
+        run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max(passes, max_passes),
+                   repairs=repairs, progress=False, after_pass=after_pass)
     meta = json.loads((out / "meta.json").read_text())
     meta.pop("schema_version", None)
     meta["timing"]["clock"] = clock
@@ -156,15 +165,16 @@ def fresh_profile(path: Path, target: str, draft: str, clock: str, grid: dict, m
 
 @dataclass
 class Overheads:
-    """Engine-side time the profile does not contain (seconds), measured by :func:`calibrate`."""
+    """Engine-side time the profile does not contain (seconds) and the machine's speed, fitted by
+    :func:`fit_overheads` to :func:`calibrate`'s measurements."""
 
     sched_base_s: float = 0.0  # per iteration
     sched_per_seq_s: float = 0.0  # per running sequence per iteration
     sched_spec_s: float = 0.0  # per iteration that speculates (γ > 0: acceptance draws, draft bookkeeping)
     sched_per_gamma_s: float = 0.0  # per draft position per iteration
     prefill_s: float = 0.0  # per admitted request (per model prefilled)
-    verify_s: float = 0.0  # per batched target forward with per-sequence contexts, beyond the profiled step
-    draft_s: float = 0.0  # per batched draft forward with per-sequence contexts, beyond the profiled step
+    verify_s: float = 0.0  # per batched target forward inside the run, beyond the profiled step
+    draft_s: float = 0.0  # per batched draft forward inside the run, beyond the profiled step
     speed: float = 1.0  # the profile's step time over the same step timed during the engine runs (dimensionless)
 
     def as_dict(self) -> dict:
@@ -184,14 +194,15 @@ def _cost_class():
         def _terms(self, batch: int, gamma: int) -> list[float]:
             """Seconds added to one iteration, in the order they are added."""
             o, terms = self.overheads, []
-            if "mixed" in self.fixes:
+            if "step" in self.fixes:
                 terms.append(o.verify_s + gamma * o.draft_s)
             if "sched" in self.fixes:
                 terms.append(o.sched_base_s + o.sched_per_seq_s * batch
                              + (o.sched_spec_s + o.sched_per_gamma_s * gamma if gamma else 0.0))
             return terms
 
-        def _scale(self):
+        def _scale(self) -> float:
+            """Factor on the profile's times: 1 / speed with the ``speed`` term."""
             return 1.0 / self.overheads.speed if "speed" in self.fixes else 1.0
 
         def iteration(self, batch: int, gamma: int, context: float) -> float:
@@ -246,18 +257,18 @@ def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_g
 
 
 def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, max_prompt: int = 96,
-              max_output: int = 48, repeats: int = 5) -> tuple[Overheads, dict]:
-    """Measure the engine-side terms on the engine itself (a calibration workload with its own seed and
-    micro-benchmarks of the batched step); never uses a validation run. Returns the terms and details.
+              max_output: int = 48, repeats: int = 5) -> dict:
+    """One calibration measurement on the engine itself (never a validation run): a short run of its own
+    workload at high load with γ cycling over the policies' range (:class:`CyclingGamma`), and the
+    profiler's own steps (:func:`profiler.sweep.make_step`: γ draft decodes + one verify, timed back to
+    back as the sweep times them) at a few (batch, γ, context) points — the machine's speed now.
 
-    The ``mixed`` terms compare, at each micro-benchmarked point (b, γ, context), the engine's batched step
-    (per-sequence lengths, uniform and mixed) with the profiler's own step on the same models and shape
-    (:func:`profiler.sweep.make_step`: γ draft decodes + one verify, the work one ``steps.csv`` row times),
-    timed alternately, so that a change of the machine's speed since the profile was taken is not
-    mistaken for an engine cost. ``speed_vs_profile`` in the details is that drift: the profile's step over
-    the profiler's step timed now (median; > 1: the machine is faster now than when it was profiled)."""
+    Returns the raw measurements: ``iterations`` (the run's iteration table with the engine's
+    ``step_model_s`` and ``prefill_forward_s``, and ``prompts``: the prompt lengths each iteration
+    admitted, or None), and ``step_points`` (``batch, gamma, context, profiler_s``). :func:`fit_overheads`
+    turns one or more of them into the engine-side terms, against the profile they are compared with.
+    ``cost`` sets the run's rate (1.5 × its estimated capacity), ``max_gamma`` and the contexts timed."""
     import pandas as pd
-    import torch
 
     from profiler import models as M
     from profiler.engine import make_clock
@@ -267,7 +278,6 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     from sim.capacity import estimate_capacity
 
     clock = make_clock(engine.cfg.clock, engine.device)
-    # 1. scheduler and prefill overheads: a short run at high load, γ cycling over the policies' range
     w = wl.synthetic(requests, 1.0, "poisson", 1.0, None, (max_prompt / 2, 0.5), (max_output / 2, 0.5), seed=seed)
     w = wl.cap_lengths(w, max_prompt, max_output)
     cap = estimate_capacity(cost, w, ClusterConfig(max_batch=engine.cfg.max_batch,
@@ -275,76 +285,103 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     w = wl.set_rate(w, 1.5 * cap)
     cycle = sorted({0, 1, 2, max(1, cost.max_gamma // 2), cost.max_gamma})
     r = engine.run(w, cost, CyclingGamma(cycle), acceptance, seed=seed)
-    it, dg = r.iterations, engine.diagnostics
-    dec = (it["batch"] > 0).to_numpy()
-    sched = (it["step_s"] - dg["step_model_s"]).to_numpy()[dec]
-    bsz, g = it["batch"].to_numpy(float)[dec], it["gamma"].to_numpy(float)[dec]
-    # sched = base + per_seq·b + [γ > 0]·(spec + per_gamma·γ), least squares, no term below 0
-    x = np.c_[np.ones_like(g), bsz, g > 0, g]
-    keep = [0] + [j for j in (1, 2, 3) if len(np.unique(x[:, j])) > 1]
-    coef = np.zeros(4)
-    coef[keep] = np.linalg.lstsq(x[:, keep], sched, rcond=None)[0] if len(sched) else 0.0
-    base, per_seq, spec, per_gamma = (max(0.0, float(v)) for v in coef)
-    adm = (it["admitted"] > 0).to_numpy()
-    extra = (it["prefill_s"] - dg["prefill_forward_s"]).to_numpy()[adm] / (2 * it["admitted"].to_numpy()[adm])
-    prefill_extra = max(0.0, float(np.median(extra))) if adm.any() else 0.0
+    it = pd.concat([r.iterations.reset_index(drop=True), engine.diagnostics], axis=1)
+    it["prompts"] = admitted_prompts(r.requests, r.iterations)
 
-    # 2. the engine's batched step (uniform and mixed contexts) vs the profiler's step, timed alternately
-    rng = np.random.default_rng(seed)
     dev, temp, gen = engine.device, engine.cfg.temperature, engine.gen
     gammas = sorted({0, min(2, cost.max_gamma), min(4, cost.max_gamma)})
     c_hi = int(min(cost.contexts[-1], engine.max_len - max(gammas) - 2))
     c_lo = int(max(8, min(cost.contexts[0], c_hi // 2)))
-    rows = []
+    points = []
     for b in sorted({1, 2, min(4, engine.cfg.max_batch), engine.cfg.max_batch}):
-        last = torch.zeros(b, dtype=torch.long, device=dev)
         for c in (c_lo, (c_lo + c_hi) // 2):
-            spread = np.clip(rng.integers(max(1, c // 3), c * 5 // 3, b), 1, engine.max_len - max(gammas) - 2)
-            spread = np.clip(spread + c - int(round(spread.mean())), 1, engine.max_len - max(gammas) - 2)
-            lens = {"uniform": torch.full((b,), c, device=dev), "mixed": torch.as_tensor(spread, device=dev)}
             caches = {role: M.make_cache("prealloc", m.config, b, c, max(gammas) + 1, engine.dtype, dev)
                       for role, m in (("target", engine.target), ("draft", engine.draft))}
-            dstep, dreset = make_step(("draft", "decode", b, 1, c), engine.draft, caches["draft"], engine.vocab,
-                                      temp, gen, dev)
             for g in gammas:
-                tstep, treset = make_step(("target", "verify" if g else "decode", b, g + 1, c), engine.target,
-                                          caches["target"], engine.vocab, temp, gen, dev)
-                ts = {"uniform": [], "mixed": [], "draft": [], "target": []}
-                for i in range(repeats + 1):  # the first round warms this shape up and is not kept
-                    for kind, lt in lens.items():
-                        t0 = clock()
-                        engine.spec_step(last, lt, g, None)
-                        ts[kind].append(clock() - t0)
-                    for kind, step, reset in (("draft", dstep, dreset), ("target", tstep, treset)):
-                        if kind == "draft" and not g:
-                            continue
+                steps = [make_step(("target", "verify" if g else "decode", b, g + 1, c), engine.target,
+                                   caches["target"], engine.vocab, temp, gen, dev)]
+                if g:
+                    steps.append(make_step(("draft", "decode", b, 1, c), engine.draft, caches["draft"], engine.vocab,
+                                           temp, gen, dev))
+                med = []
+                for step, reset in steps:
+                    ts = []
+                    for _ in range(repeats + 1):  # the first call warms the shape up and is not kept
                         t0 = clock()
                         step()
-                        ts[kind].append(clock() - t0)
+                        ts.append(clock() - t0)
                         reset()
-                med = {k: float(np.median(v[1:])) if len(v) > 1 else 0.0 for k, v in ts.items()}
-                profiler_s = g * med["draft"] + med["target"]
-                for kind in lens:
-                    rows.append(dict(batch=b, gamma=g, context=c, kind=kind, engine_s=med[kind],
-                                     profiler_s=profiler_s, profile_s=cost.iteration(b, g, float(c))))
+                    med.append(float(np.median(ts[1:])))
+                points.append(dict(batch=b, gamma=g, context=c, profiler_s=med[0] + g * (med[1] if g else 0.0)))
             del caches
-    df = pd.DataFrame(rows)
-    df["extra_s"] = df["engine_s"] - df["profiler_s"]
+    return {"iterations": it, "step_points": points}
 
-    def fit(d):
-        a = np.c_[np.ones(len(d)), d["gamma"].to_numpy(float)]
-        (v, dr), *_ = np.linalg.lstsq(a, d["extra_s"].to_numpy(), rcond=None)
-        return max(0.0, float(v)), max(0.0, float(dr))
 
-    verify_extra, draft_extra = fit(df)
-    speed = float(np.median(df["profile_s"] / df["profiler_s"]))
+def admitted_prompts(requests, iterations) -> list:
+    """Per iteration, the prompt lengths (tokens) of the requests it admitted, or None when it admitted
+    none or re-admitted a preempted request (whose prefill also covers the tokens it had generated)."""
+    fresh = requests[~requests["rejected"] & requests["admitted_s"].notna()]
+    by_start = fresh.groupby("admitted_s")["prompt_tokens"].apply(list).to_dict()
+    out = []
+    for start, n in zip(iterations["start_s"].to_numpy(), iterations["admitted"].to_numpy()):
+        prompts = by_start.get(float(start), []) if n > 0 else []
+        out.append([int(x) for x in prompts] if n > 0 and len(prompts) == n else None)
+    return out
+
+
+def speed_vs_profile(cost, step_points: list[dict]) -> float:
+    """The machine's speed during a calibration relative to the profile behind ``cost``: the profile's
+    iteration time over the profiler's step timed in the calibration (``profiler_s``), median over its
+    points (dimensionless; > 1: the machine ran faster than when it was profiled)."""
+    return float(np.median([cost.iteration(p["batch"], p["gamma"], float(p["context"])) / p["profiler_s"]
+                            for p in step_points]))
+
+
+def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
+    """The engine-side terms from :func:`calibrate`'s measurements, against the profile behind ``cost``
+    (each calibration run compared with the profile at its own round's speed):
+
+    * ``speed``: median over rounds of :func:`speed_vs_profile`;
+    * ``sched_*``: step time outside the model calls, ``base + per_seq·b + [γ > 0]·(spec + per_gamma·γ)``;
+    * ``verify_s``, ``draft_s``: the step's model work in the run minus the profile's iteration at that
+      speed, ``verify + γ·draft`` (per-sequence lengths, mask, scatter, padding, caches cooled by the
+      scheduler between steps — what a step costs inside a serving loop and not in the profiler's);
+    * ``prefill_s``: the whole prefill phase minus the profile's prefill of the admitted prompts at that
+      speed, per admission per model prefilled (the run's policy drafts, so both models are prefilled).
+
+    Each calibration is fitted on its own (least squares for the linear terms, a median for ``prefill``);
+    each term is the median over the calibrations (a round in a slow second is outvoted), never below 0.
+    Returns the terms and details."""
+    speeds = [speed_vs_profile(cost, c["step_points"]) for c in calibrations]
+
+    def lstsq(x, y) -> np.ndarray:
+        keep = [j for j in range(x.shape[1]) if j == 0 or len(np.unique(x[:, j])) > 1]
+        coef = np.zeros(x.shape[1])
+        if len(y):
+            coef[keep] = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
+        return coef
+
+    fits, n_dec, n_adm = [], 0, 0
+    for c, speed in zip(calibrations, speeds):
+        it = c["iterations"]
+        dec = it[it["batch"] > 0]
+        g, bsz = dec["gamma"].to_numpy(float), dec["batch"].to_numpy(float)
+        pred = np.array([cost.iteration(int(b), int(k), float(x)) for b, k, x in
+                         zip(dec["batch"], dec["gamma"], dec["context"])]) / speed
+        sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g], (dec["step_s"] - dec["step_model_s"]).to_numpy())
+        step = lstsq(np.c_[np.ones_like(g), g], dec["step_model_s"].to_numpy() - pred)
+        adm = it[it["prompts"].notna()]
+        p_pred = np.array([sum(cost.prefill(float(n), "target") + cost.prefill(float(n), "draft") for n in ps)
+                           for ps in adm["prompts"]]) / speed
+        extra = (adm["prefill_s"].to_numpy() - p_pred) / (2 * adm["admitted"].to_numpy())
+        fits.append(np.r_[sched, np.median(extra) if len(extra) else 0.0, step])
+        n_dec, n_adm = n_dec + len(dec), n_adm + int(adm["admitted"].sum())
+    base, per_seq, spec, per_gamma, prefill, verify, draft = (max(0.0, float(v)) for v in np.median(fits, axis=0))
     o = Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
-                  prefill_s=prefill_extra, verify_s=verify_extra, draft_s=draft_extra, speed=speed)
-    details = {"overheads": o.as_dict(), "uniform_fit": fit(df[df["kind"] == "uniform"]),
-               "mixed_fit": fit(df[df["kind"] == "mixed"]),
-               "speed_vs_profile": round(speed, 3),
-               "sched_median_s": float(np.median(sched)) if len(sched) else 0.0,
-               "calibration_iterations": int(dec.sum()), "step_points": rows}
+                  prefill_s=prefill, verify_s=verify, draft_s=draft, speed=float(np.median(speeds)))
+    details = {"overheads": o.as_dict(), "speed_by_round": [round(x, 3) for x in speeds],
+               "calibration_iterations": n_dec, "admissions": n_adm,
+               "step_points": [p for c in calibrations for p in c["step_points"]]}
     return o, details
 
 
@@ -380,6 +417,22 @@ def spread(values) -> float:
     return float((q75 - q25) / 2 / q50) if q50 else float("nan")
 
 
+def agreement(cases: list[dict], variant: str) -> dict:
+    """Does ``variant`` agree with the engine within what this machine can tell apart? Per case and metric
+    of :data:`GOALS`: the tolerance is the goal plus :data:`NOISE_WIDTHS` × the engine's run-to-run spread,
+    that spread being the case's own or, if larger, the median over the cases (a spread from a handful of
+    runs is itself noisy). Needs ``noise`` (two or more rounds). Returns per-case tolerances and
+    verdicts, and ``all`` (every case within its tolerance)."""
+    pooled = {m: float(np.median([c["noise"][m] for c in cases])) for m in GOALS}
+    out = []
+    for c in cases:
+        tol = {m: GOALS[m] + NOISE_WIDTHS * max(c["noise"][m], pooled[m]) for m in GOALS}
+        ok = {m: bool(abs(c["errors"][variant][m]) <= tol[m]) for m in GOALS}
+        out.append({"load": c["load"], "policy": c["policy"], "tolerance": tol, "within": ok})
+    return {"variant": variant, "goals": GOALS, "noise_widths": NOISE_WIDTHS, "pooled_noise": pooled,
+            "cases": out, "all": all(all(x["within"].values()) for x in out)}
+
+
 def step_agreement(iterations, diagnostics, cost) -> dict:
     """Step-level check of the profile against the engine: for every engine iteration that ran a step,
     the profile's prediction ``cost.iteration(b, γ, c̄)`` divided by the engine's measured step time
@@ -406,16 +459,12 @@ def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool)
     (dimensionless; > 1 = the profile is slower than the engine); None when no iteration qualifies."""
     it = iterations.reset_index(drop=True)
     fwd = diagnostics["prefill_forward_s"].to_numpy()
-    fresh = requests[~requests["rejected"] & requests["admitted_s"].notna()]
-    by_start = fresh.groupby("admitted_s")["prompt_tokens"].apply(list).to_dict()
     pred, f_meas, whole = [], [], []
-    for i in np.flatnonzero(it["admitted"].to_numpy() > 0):
-        prompts = by_start.get(float(it["start_s"].iat[i]), [])
-        if len(prompts) != int(it["admitted"].iat[i]) or fwd[i] <= 0:
-            continue  # a re-admission after preemption (its prompt includes generated tokens) or no forward timed
-        p = sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if uses_draft else 0.0)
-                for n in prompts)
-        pred.append(p)
+    for i, prompts in enumerate(admitted_prompts(requests, it)):
+        if prompts is None or fwd[i] <= 0:
+            continue  # nothing fresh admitted (or a re-admission after preemption), or no forward timed
+        pred.append(sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if uses_draft else 0.0)
+                        for n in prompts))
         f_meas.append(fwd[i])
         whole.append(float(it["prefill_s"].iat[i]))
     if not pred:
@@ -453,7 +502,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     from sim.cluster import ClusterConfig, simulate
     from sim.metrics import summarize
     from sim import workload as wl
-    from sim.profile import load_profile
+    from sim.profile import ProfileWarning, load_profile
 
     variants = variants or VARIANTS
     t_start = time.perf_counter()
@@ -468,36 +517,40 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     torch.set_num_threads(threads)
     load_start = loadavg()
     prof_dir = Path(profile) if profile else out / "profile"
-    if profile is None and not fresh_profile(prof_dir, target, draft, clock, grid, max_age_h):
-        log(f"profiling {draft} / {target} on {device} (clock={clock}) ...")
-        profile_pair(prof_dir, target, draft, grid, clock=clock, threads=threads, device=device, seed=seed)
-    t_profile = time.perf_counter() - t_start
-    prof = load_profile(prof_dir)
-    plain = make_cost(prof, None, (), max_batch, max_gamma)
     acc = AcceptanceModel(alpha=alpha, max_gamma=max_gamma)
-    max_len = max_prompt + max_output + max_gamma + 4
-    max_len = max(max_len, 64)
-    ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock, threads=threads,
-                        device=device, seed=seed, dtype=str(prof.meta["dtype"]), draft_sync=draft_sync)
-    engine = Engine(target, draft, ecfg, max_len=max_len)
-    cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync)
     base = trace_slice(requests, start=trace_start, max_prompt=max_prompt, max_output=max_output)
-    capacity = estimate_capacity(plain, base, cluster)
-    table_cost = plain.with_draft_sync() if draft_sync else plain  # what the policies' γ tables are built from
-    cases = []
-    for load in loads:
-        w = wl.set_rate(base, load * capacity)
-        ref_ctx = float(w.prompt_tokens.mean() + w.output_tokens.mean() / 2)
-        for pname in policies:
-            cases.append({"load": load, "policy": pname, "rate_req_s": w.rate, "_w": w, "_runs": [],
-                          "_pol": frozen_policy(pname, table_cost, acc, ref_ctx)})
-    # Rounds: each calibrates once and replays every case once (the order rotated), so that the calibration
-    # and every case's runs sample the same stretch of the machine's drifting speed.
-    log(f"calibrating and replaying {len(cases)} cases x {repeats} rounds on the engine ...")
-    calibrations = []
-    for rep in range(repeats):
+    max_len = max(max_prompt + max_output + max_gamma + 4, 64)
+    setup, cases, calibrations = {}, [], []
+
+    def set_up(prof) -> None:
+        """The engine, and every case's workload and policy, from the first profile there is."""
+        plain = make_cost(prof, None, (), max_batch, max_gamma)
+        ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock,
+                            threads=threads, device=device, seed=seed, dtype=str(prof.meta["dtype"]),
+                            draft_sync=draft_sync)
+        engine = Engine(target, draft, ecfg, max_len=max_len)
+        cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync)
+        capacity = estimate_capacity(plain, base, cluster)
+        table_cost = plain.with_draft_sync() if draft_sync else plain  # what the policies' γ tables are built from
+        for load in loads:
+            w = wl.set_rate(base, load * capacity)
+            ref_ctx = float(w.prompt_tokens.mean() + w.output_tokens.mean() / 2)
+            for pname in policies:
+                cases.append({"load": load, "policy": pname, "rate_req_s": w.rate, "_w": w, "_runs": [],
+                              "_pol": frozen_policy(pname, table_cost, acc, ref_ctx)})
+        setup.update(plain=plain, engine=engine, cluster=cluster, capacity=capacity)
+
+    def one_round(k: int) -> None:
+        """Round k: calibrate once, then replay every case once (the order rotated by k)."""
+        if k >= repeats:
+            return
+        if not setup:
+            with warnings.catch_warnings():  # an interim profile (one pass): its rate and γ tables only
+                warnings.simplefilter("ignore", ProfileWarning)
+                set_up(load_profile(prof_dir))
+        engine, plain = setup["engine"], setup["plain"]
         calibrations.append(calibrate(engine, plain, acc, max_prompt=max_prompt, max_output=max_output))
-        for case in cases[rep % len(cases):] + cases[:rep % len(cases)]:
+        for case in cases[k % len(cases):] + cases[:k % len(cases)]:
             la = loadavg()
             t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             r = engine.run(case["_w"], plain, case["_pol"], acc, seed=seed)
@@ -506,11 +559,24 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
                     "minor_faults": ru1.ru_minflt - ru0.ru_minflt}
             case["_runs"].append(dict(result=r, summary=summarize(r), wall_s=time.perf_counter() - t0, loadavg=la,
                                       diagnostics=engine.diagnostics, host=host))
-    over = Overheads(**{k: float(np.median([o.as_dict()[k] for o, _ in calibrations]))
-                        for k in Overheads().as_dict()})
-    cal = {"overheads": over.as_dict(), "rounds": [d for _, d in calibrations],
-           "speed_vs_profile": float(np.median([d["speed_vs_profile"] for _, d in calibrations]))}
-    log(f"  engine-side terms (median over {repeats} calibrations): {over}")
+
+    # The profile's passes and the engine's rounds interleave, so that the profile (the median over its
+    # passes) and the engine runs (the median over rounds) sample the same stretch of the machine's speed.
+    if profile is None and not fresh_profile(prof_dir, target, draft, clock, grid, max_age_h):
+        passes = max(3, int(repeats))
+        log(f"profiling {draft} / {target} on {device} (clock={clock}, {passes} passes), each of the first "
+            f"{repeats} followed by an engine round ...")
+        profile_pair(prof_dir, target, draft, grid, clock=clock, threads=threads, device=device, seed=seed,
+                     passes=passes, after_pass=one_round)
+    else:
+        log(f"reusing the profile {prof_dir}; {repeats} engine rounds ...")
+        for k in range(int(repeats)):
+            one_round(k)
+    t_measured = time.perf_counter() - t_start
+    prof = load_profile(prof_dir)  # the final profile: every pass merged
+    plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma), setup["cluster"], setup["capacity"]
+    over, cal = fit_overheads(plain, calibrations)
+    log(f"  engine-side terms ({repeats} calibrations): {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
     for case in cases:
         w, pol, runs = case.pop("_w"), case.pop("_pol"), case.pop("_runs")
@@ -549,11 +615,13 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
         "profile": str(prof_dir), "calibration": cal, "variants": {n: list(f) for n, f in variants},
         "loadavg_start": load_start, "loadavg_end": loadavg(), "cpu_count": os.cpu_count(),
-        "elapsed_s": {"profile": round(t_profile, 1), "total": round(time.perf_counter() - t_start, 1)},
+        "elapsed_s": {"profile_and_rounds": round(t_measured, 1), "total": round(time.perf_counter() - t_start, 1)},
         "cases": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cases],
         "max_abs_error": {v: {m: float(max(abs(c["errors"][v][m]) for c in cases)) for m in METRICS}
                           for v, _ in variants},
     }
+    if repeats > 1:
+        report["agreement"] = agreement(report["cases"], variants[-1][0])
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     write_dashboard(cases, report, out / "dashboard.html", variants[-1][0])
     return report
@@ -617,9 +685,10 @@ def format_report(report: dict) -> str:
     variants = list(report["variants"])
     lines = [f"pair {report['pair']['draft']} / {report['pair']['target']}, device {report['device']}, "
              f"clock {report['clock']}, loadavg {report['loadavg_start']} -> {report['loadavg_end']}",
-             f"engine-side terms (median over {len(report['calibration']['rounds'])} calibrations): "
+             f"engine-side terms ({len(report['calibration']['speed_by_round'])} calibrations): "
              + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in report["calibration"]["overheads"].items() if k != "speed")
-             + f"; speed vs the profile {report['calibration']['speed_vs_profile']:.3f}",
+             + f"; speed vs the profile {report['calibration']['overheads']['speed']:.3f} (by round "
+             + ", ".join(f"{x:.2f}" for x in report["calibration"]["speed_by_round"]) + ")",
              f"{'load':>5} {'policy':9}{'variant':9}" + "".join(f"{m:>17}" for m in METRICS)]
     for c in report["cases"]:
         for v in variants:
@@ -642,6 +711,16 @@ def format_report(report: dict) -> str:
                          f"(forwards only {pf['profile_over_forward']:.3f}; {pf['admissions']} admitting iterations)")
     for v in variants:
         lines.append(f"max |error| {v:9}" + "".join(f"{100 * report['max_abs_error'][v][m]:>16.1f}%" for m in METRICS))
+    if "agreement" in report:
+        ag = report["agreement"]
+        lines.append(f"agreement ('{ag['variant']}'): |error| within goal + {ag['noise_widths']:g} x noise "
+                     "(the case's run-to-run spread, or the median over cases if larger):")
+        for x, c in zip(ag["cases"], report["cases"]):
+            lines.append(f"{x['load']:>5.2f} {x['policy']:9}" + "  ".join(
+                f"{m} {100 * c['errors'][ag['variant']][m]:+.1f}% vs ±{100 * x['tolerance'][m]:.1f}% "
+                f"{'ok' if x['within'][m] else 'OUT'}" for m in ag["goals"]))
+        lines.append("all cases agree within the measured noise" if ag["all"] else
+                     "some cases disagree by more than the measured noise")
     return "\n".join(lines)
 
 

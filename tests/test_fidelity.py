@@ -1,13 +1,14 @@
 """The reduced validation (specbatch-validate defaults: tiny pair, 2 loads x 3 policies, 40 requests of an
-Azure trace slice, CPU clock) end to end: the engine and the simulator both replay every case, the errors of
-every metric are finite and reported, and the dashboard is self-contained.
+Azure trace slice, CPU clock, 5 rounds interleaved with the profile's passes) end to end, with an accuracy
+bound that reflects the noise the run measures: for every case, the simulator's error on mean latency,
+p99 latency and throughput must be within the issue's goal (5 %, 10 %, 5 %) plus 3 × the engine's
+run-to-run spread (the case's own, or the median over cases if larger).
 
-This test does not assert an accuracy bound. On this 2-core CPU the tiny pair's steps last about a
-millisecond and its engine runs half a second: in a run on 2026-11-27 the simulator's error against the
-engine was -41 to +12 % on mean latency and -4 to +17 % on throughput, while two engine replays of the same
-case differed by 13-43 % on mean latency (earlier runs: errors of 30-120 %, see README "Fidelity"). A
-tolerance wide enough to pass reliably would certify little; the accuracy figures come from
-`benchmarks/fidelity.py` with a bigger pair, and the gap is reported as open work.
+On this 2-core VM the spread was 1-34 % on mean latency (the tiny pair's steps last about a millisecond;
+the machine's speed moves by up to 35 % from one round to the next), so the bound is loose — 11-60 %,
+typically about 20-30 % — but it separates a simulator that models the engine from one that does not:
+in eight validations (2026-11-27) every case of the full model passed (errors -20 to +18 %), while the
+plain profile (errors -16 to -53 %) failed in every validation. See README "Fidelity".
 """
 from __future__ import annotations
 
@@ -24,21 +25,24 @@ from profiler import validate as V  # noqa: E402
 
 @pytest.mark.slow
 def test_reduced_validation(tmp_path):
-    report = V.validate(out=tmp_path, repeats=2, log=lambda *_: None)
+    report = V.validate(out=tmp_path, log=lambda *_: None)
     assert len(report["cases"]) == 6
-    assert report["elapsed_s"]["total"] < 240
-    for variant in ("profile", "model"):
+    assert report["elapsed_s"]["total"] < 120  # the issue's budget for a reduced validation
+    for variant, _ in V.VARIANTS:
         err = {m: [c["errors"][variant][m] for c in report["cases"]] for m in V.METRICS}
         assert all(np.isfinite(err[m]).all() for m in V.METRICS), (variant, err)
     for c in report["cases"]:  # the step-level comparison ran on every case, on all its engine runs' steps
-        assert len(c["real_runs"]) == 2
+        assert len(c["real_runs"]) == V.REDUCED["repeats"]
         assert 0 < c["steps"]["iterations"] <= sum(x["iterations"] for x in c["real_runs"])
         assert c["steps"]["profile_over_step"] > 0
         assert set(c["noise"]) == set(V.METRICS)
     o = report["calibration"]["overheads"]
-    assert o["sched_base_s"] > 0 and o["prefill_s"] > 0
+    assert o["sched_base_s"] > 0 and o["prefill_s"] > 0 and 0.3 < o["speed"] < 3
+    ag = report["agreement"]
+    assert ag["variant"] == "model" and len(ag["cases"]) == 6
+    assert ag["all"], V.format_report(report)  # the accuracy bound: goal + 3 x measured noise, every case
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["cases"][0]["errors"]["model"].keys() == set(V.METRICS)
+    assert saved["cases"][0]["errors"]["model"].keys() == set(V.METRICS) and saved["agreement"]["all"]
     html = (tmp_path / "dashboard.html").read_text()
     assert "plotly.js" in html and len(html) > 1_000_000 and "latency CDF" in html and "<script src=\"http" not in html
     assert V.fresh_profile(tmp_path / "profile", "tiny-llama", "tiny-llama-draft", "cpu", V.REDUCED["grid"], 1.0)
@@ -96,7 +100,8 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
     """The engine-side terms reach the simulator's plans (list and array forms) exactly as `iteration` adds them."""
     from sim.profile import load_profile
 
-    o = V.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, prefill_s=0.002, verify_s=0.001, draft_s=0.0007)
+    o = V.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, sched_spec_s=0.0002, sched_per_gamma_s=0.00001,
+                    prefill_s=0.002, verify_s=0.001, draft_s=0.0007, speed=0.8)
     plain = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
     cost = V.make_cost(load_profile(formula_profile), o, V.FIXES, 8, 4)
     ctxs = [150.0, 151.5, 300.0, 700.0]
@@ -105,4 +110,55 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
         assert cost.iteration_list(b, g, ctxs) == one
         assert cost.iteration_many(b, g, np.array(ctxs)).tolist() == one
         extra = o.verify_s + g * o.draft_s + o.sched_base_s + o.sched_per_seq_s * b
-        assert one == pytest.approx([plain.iteration(b, g, c) + extra for c in ctxs])
+        extra += (o.sched_spec_s + o.sched_per_gamma_s * g) if g else 0.0
+        assert one == pytest.approx([plain.iteration(b, g, c) / o.speed + extra for c in ctxs])
+    assert cost.prefill(64) == pytest.approx(plain.prefill(64) / o.speed + o.prefill_s)
+
+
+def test_fit_overheads_recovers_known_terms(formula_profile):
+    """Calibration measurements made up from known terms (a machine 25 % slower than the profile; step,
+    scheduler and prefill overheads) give those terms back."""
+    import pandas as pd
+
+    from sim.profile import load_profile
+
+    cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    truth = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
+                        prefill_s=4e-4, verify_s=2e-4, draft_s=5e-5, speed=0.8)
+    rng = np.random.default_rng(0)
+    calibrations = []
+    for speed in (0.75, 0.8, 0.85):  # three rounds, the machine's speed moving between them
+        pts = [dict(batch=b, gamma=g, context=c, profiler_s=cost.iteration(b, g, float(c)) / speed)
+               for b in (1, 2, 4, 8) for g in (0, 2, 4) for c in (100, 400)]
+        n = 60
+        b, g = rng.integers(1, 9, n), rng.choice([0, 1, 2, 4], n)
+        ctx = rng.uniform(100, 600, n)
+        model = np.array([cost.iteration(int(x), int(y), z) / speed for x, y, z in zip(b, g, ctx)])
+        model += truth.verify_s + g * truth.draft_s
+        sched = truth.sched_base_s + truth.sched_per_seq_s * b + (g > 0) * (truth.sched_spec_s
+                                                                          + truth.sched_per_gamma_s * g)
+        admitted = rng.integers(0, 3, n)
+        prompts = [list(rng.integers(16, 200, k)) if k else None for k in admitted]
+        prefill = [sum(cost.prefill(float(p), "target") + cost.prefill(float(p), "draft") for p in ps) / speed
+                   + 2 * len(ps) * truth.prefill_s if ps else 0.0 for ps in prompts]
+        it = pd.DataFrame({"batch": b, "gamma": g, "context": ctx, "step_s": model + sched, "step_model_s": model,
+                           "prefill_s": prefill, "admitted": admitted, "prompts": prompts})
+        calibrations.append({"iterations": it, "step_points": pts})
+    got, details = V.fit_overheads(cost, calibrations)
+    assert details["speed_by_round"] == [0.75, 0.8, 0.85]
+    for k, v in truth.as_dict().items():
+        assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
+
+
+def test_agreement_tolerance_is_the_goal_plus_noise_widths():
+    cases = [{"load": 0.3, "policy": p, "noise": {m: n for m in V.METRICS},
+              "errors": {"model": {m: e for m in V.METRICS}}}
+             for p, n, e in (("none", 0.01, 0.04), ("fixed", 0.02, -0.12), ("adaptive", 0.05, 0.21))]
+    ag = V.agreement(cases, "model")
+    assert ag["pooled_noise"]["latency_mean"] == 0.02
+    none, fixed, adaptive = ag["cases"]
+    assert none["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * 0.02)  # its own 1 % < the median 2 %
+    assert adaptive["tolerance"]["latency_p99"] == pytest.approx(0.10 + 3 * 0.05)
+    assert none["within"]["latency_mean"] and not fixed["within"]["latency_mean"] and fixed["within"]["latency_p99"]
+    assert not adaptive["within"]["latency_mean"] and adaptive["within"]["latency_p99"]
+    assert ag["all"] is False
