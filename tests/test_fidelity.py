@@ -4,11 +4,11 @@ bound that reflects the noise the run measures: for every case, the simulator's 
 p99 latency and throughput must be within the issue's goal (5 %, 10 %, 5 %) plus 3 × the engine's
 run-to-run spread (the case's own, or the median over cases if larger).
 
-On this 2-core VM the spread was 1-34 % on mean latency (the tiny pair's steps last about a millisecond;
-the machine's speed moves by up to 35 % from one round to the next), so the bound is loose — 11-60 %,
-typically about 20-30 % — but it separates a simulator that models the engine from one that does not:
-in eight validations (2026-11-27) every case of the full model passed (errors -20 to +18 %), while the
-plain profile (errors -16 to -53 %) failed in every validation. See README "Fidelity".
+On this 2-core VM the spread was 1-78 % on mean latency (the tiny pair's steps last 1-2 ms; the machine's
+speed moves by up to 2x from one round to the next), so the bound is loose — about 20-35 % in calm
+periods, over 80 % in the noisiest — but it separates a simulator that models the engine from one that
+does not: in 12 validations on 2026-11-27 every case of the full model agreed (worst |error| / tolerance
+0.35-0.72), while the plain profile disagreed in 10 of 12. See README "Fidelity".
 """
 from __future__ import annotations
 
