@@ -351,7 +351,7 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
 
     Each calibration is fitted on its own (least squares for the linear terms, a median for ``prefill``);
     each term is the median over the calibrations (a round in a slow second is outvoted), never below 0.
-    Returns the terms and details."""
+    Returns the terms and details (``by_round``: each calibration's own terms)."""
     speeds = [speed_vs_profile(cost, c["step_points"]) for c in calibrations]
 
     def lstsq(x, y) -> np.ndarray:
@@ -376,10 +376,14 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
         extra = (adm["prefill_s"].to_numpy() - p_pred) / (2 * adm["admitted"].to_numpy())
         fits.append(np.r_[sched, np.median(extra) if len(extra) else 0.0, step])
         n_dec, n_adm = n_dec + len(dec), n_adm + int(adm["admitted"].sum())
-    base, per_seq, spec, per_gamma, prefill, verify, draft = (max(0.0, float(v)) for v in np.median(fits, axis=0))
-    o = Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
-                  prefill_s=prefill, verify_s=verify, draft_s=draft, speed=float(np.median(speeds)))
-    details = {"overheads": o.as_dict(), "speed_by_round": [round(x, 3) for x in speeds],
+    def terms(fit, speed) -> Overheads:
+        base, per_seq, spec, per_gamma, prefill, verify, draft = (max(0.0, float(v)) for v in fit)
+        return Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
+                         prefill_s=prefill, verify_s=verify, draft_s=draft, speed=float(speed))
+
+    o = terms(np.median(fits, axis=0), np.median(speeds))
+    details = {"overheads": o.as_dict(), "by_round": [terms(f, sp).as_dict() for f, sp in zip(fits, speeds)],
+               "speed_by_round": [round(x, 3) for x in speeds],
                "calibration_iterations": n_dec, "admissions": n_adm,
                "step_points": [p for c in calibrations for p in c["step_points"]]}
     return o, details
@@ -419,14 +423,21 @@ def spread(values) -> float:
 
 def agreement(cases: list[dict], variant: str) -> dict:
     """Does ``variant`` agree with the engine within what this machine can tell apart? Per case and metric
-    of :data:`GOALS`: the tolerance is the goal plus :data:`NOISE_WIDTHS` × the engine's run-to-run spread,
-    that spread being the case's own or, if larger, the median over the cases (a spread from a handful of
-    runs is itself noisy). Needs ``noise`` (two or more rounds). Returns per-case tolerances and
-    verdicts, and ``all`` (every case within its tolerance)."""
-    pooled = {m: float(np.median([c["noise"][m] for c in cases])) for m in GOALS}
+    of :data:`GOALS`: the tolerance is the goal plus :data:`NOISE_WIDTHS` × the combined noise
+    ``hypot(engine, model)`` — ``noise``, the engine's run-to-run spread, and ``model_noise`` (when
+    present), the simulator's spread when each round's own calibration replaces the median terms; each
+    being the case's own or, if larger, the median over the cases (a spread from a handful of runs is
+    itself noisy). Needs ``noise`` (two or more rounds). Returns per-case tolerances and verdicts, and
+    ``all`` (every case within its tolerance)."""
+    pooled = {kind: {m: float(np.median([(c.get(kind) or {}).get(m, 0.0) for c in cases])) for m in GOALS}
+              for kind in ("noise", "model_noise")}
+
+    def noise(kind: str) -> list[dict]:
+        return [{m: max((c.get(kind) or {}).get(m, 0.0), pooled[kind][m]) for m in GOALS} for c in cases]
+
     out = []
-    for c in cases:
-        tol = {m: GOALS[m] + NOISE_WIDTHS * max(c["noise"][m], pooled[m]) for m in GOALS}
+    for c, ne, nm in zip(cases, noise("noise"), noise("model_noise")):
+        tol = {m: GOALS[m] + NOISE_WIDTHS * float(np.hypot(ne[m], nm[m])) for m in GOALS}
         ok = {m: bool(abs(c["errors"][variant][m]) <= tol[m]) for m in GOALS}
         out.append({"load": c["load"], "policy": c["policy"], "tolerance": tol, "within": ok})
     return {"variant": variant, "goals": GOALS, "noise_widths": NOISE_WIDTHS, "pooled_noise": pooled,
@@ -597,6 +608,10 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             case["noise"] = {m: spread([x["summary"][m] for x in runs]) for m in METRICS}
             case["real_runs"] = [{m: x["summary"][m] for m in METRICS + ("iterations",)} for x in runs]
         load, pname = case["load"], case["policy"]
+        if repeats > 1:  # the model's own spread: the simulator with each round's calibration instead of the median
+            by_round = [summarize(simulate(w, make_cost(prof, Overheads(**o), variants[-1][1], max_batch, max_gamma),
+                                           pol, acc, cluster, seed=seed)) for o in cal["by_round"]]
+            case["model_noise"] = {m: spread([x[m] for x in by_round]) for m in METRICS}
         for vname, _ in variants:
             sres = simulate(w, costs[vname], pol, acc, cluster, seed=seed)
             s_sim = summarize(sres)
@@ -696,6 +711,9 @@ def format_report(report: dict) -> str:
                                                                          for m in METRICS))
         if "noise" in c:
             lines.append(f"{'':>5} {'':9}{'noise':9}" + "".join(f"{100 * c['noise'][m]:>16.1f}%" for m in METRICS))
+        if "model_noise" in c:
+            lines.append(f"{'':>5} {'':9}{'sim n.':9}" + "".join(f"{100 * c['model_noise'][m]:>16.1f}%"
+                                                                 for m in METRICS))
         if c.get("steps"):
             st = c["steps"]
             lines.append(f"{'':>5} {'':9}steps    profile / engine step time, median {st['profile_over_step']:.3f} "
@@ -714,7 +732,8 @@ def format_report(report: dict) -> str:
     if "agreement" in report:
         ag = report["agreement"]
         lines.append(f"agreement ('{ag['variant']}'): |error| within goal + {ag['noise_widths']:g} x noise "
-                     "(the case's run-to-run spread, or the median over cases if larger):")
+                     "(hypot of the engine's and the model's spread; each the case's own, or the median over "
+                     "cases if larger):")
         for x, c in zip(ag["cases"], report["cases"]):
             lines.append(f"{x['load']:>5.2f} {x['policy']:9}" + "  ".join(
                 f"{m} {100 * c['errors'][ag['variant']][m]:+.1f}% vs ±{100 * x['tolerance'][m]:.1f}% "

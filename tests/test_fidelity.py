@@ -1,14 +1,15 @@
 """The reduced validation (specbatch-validate defaults: tiny pair, 2 loads x 3 policies, 40 requests of an
 Azure trace slice, CPU clock, 5 rounds interleaved with the profile's passes) end to end, with an accuracy
 bound that reflects the noise the run measures: for every case, the simulator's error on mean latency,
-p99 latency and throughput must be within the issue's goal (5 %, 10 %, 5 %) plus 3 × the engine's
-run-to-run spread (the case's own, or the median over cases if larger).
+p99 latency and throughput must be within the issue's goal (5 %, 10 %, 5 %) plus 3 x the combined noise —
+the engine's run-to-run spread and the simulator's own spread over the rounds' calibrations (each the
+case's own, or the median over cases if larger).
 
-On this 2-core VM the spread was 1-78 % on mean latency (the tiny pair's steps last 1-2 ms; the machine's
-speed moves by up to 2x from one round to the next), so the bound is loose — about 20-35 % in calm
-periods, over 80 % in the noisiest — but it separates a simulator that models the engine from one that
-does not: in 12 validations on 2026-11-27 every case of the full model agreed (worst |error| / tolerance
-0.35-0.72), while the plain profile disagreed in 10 of 12. See README "Fidelity".
+On this 2-core VM the engine's spread was 1-78 % on mean latency (the tiny pair's steps last 1-2 ms; the
+machine's speed moves by up to 2x from one round to the next), so the bound is loose — 23-37 % in a calm
+run, over 100 % in the noisiest — but it separates a simulator that models the engine from one that does
+not: in 15 validations on 2026-11-27 every case of the full model agreed, while the plain profile
+disagreed in 10 of the 12 checked for it. See README "Fidelity".
 """
 from __future__ import annotations
 
@@ -155,10 +156,19 @@ def test_agreement_tolerance_is_the_goal_plus_noise_widths():
               "errors": {"model": {m: e for m in V.METRICS}}}
              for p, n, e in (("none", 0.01, 0.04), ("fixed", 0.02, -0.12), ("adaptive", 0.05, 0.21))]
     ag = V.agreement(cases, "model")
-    assert ag["pooled_noise"]["latency_mean"] == 0.02
+    assert ag["pooled_noise"]["noise"]["latency_mean"] == 0.02
     none, fixed, adaptive = ag["cases"]
     assert none["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * 0.02)  # its own 1 % < the median 2 %
     assert adaptive["tolerance"]["latency_p99"] == pytest.approx(0.10 + 3 * 0.05)
     assert none["within"]["latency_mean"] and not fixed["within"]["latency_mean"] and fixed["within"]["latency_p99"]
     assert not adaptive["within"]["latency_mean"] and adaptive["within"]["latency_p99"]
     assert ag["all"] is False
+    # the simulator's own spread over the calibration rounds widens the tolerance: hypot(engine, model)
+    for c, n in zip(cases, (0.03, 0.04, 0.05)):
+        c["model_noise"] = {m: n for m in V.METRICS}
+    ag = V.agreement(cases, "model")
+    none, fixed, adaptive = ag["cases"]
+    assert none["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * np.hypot(0.02, 0.04))
+    assert fixed["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * np.hypot(0.02, 0.04))
+    assert adaptive["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * np.hypot(0.05, 0.05))
+    assert fixed["within"]["latency_mean"] and ag["all"]

@@ -455,6 +455,24 @@ def test_disputed_points_are_remeasured_until_the_profile_is_monotone(tmp_path, 
     check_monotone(load_profile(out))
 
 
+def test_after_pass_runs_between_the_passes_on_the_profile_merged_so_far(tmp_path, tiny_profile, monkeypatch):
+    """specbatch-validate interleaves its engine rounds with the passes: the hook runs after each of the first
+    ``passes`` passes (not after repairs), and sees the passes so far merged into the output folder."""
+    calls, seen = [], []
+    monkeypatch.setattr(sweep, "run_profile", _fake_sweeps(tiny_profile, True, False, calls))
+
+    def after_pass(k):
+        meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+        seen.append((k, meta["timing"]["passes"], [n for n, _ in calls]))
+
+    cfg = make_cfg(tmp_path)
+    sweep.run_passes(cfg, out_dir=tmp_path / "r", grid=sweep.Grid.from_cfg(cfg.grid), passes=3, progress=False,
+                     after_pass=after_pass)
+    assert seen == [(0, 1, ["pass0"]), (1, 2, ["pass0", "pass1"]), (2, 3, ["pass0", "pass1", "pass2"])]
+    repairs = [n for n, _ in calls][3:]  # the slow point needs repair sweeps; the hook does not run after them
+    assert repairs and all(n.startswith("repair") for n in repairs) and len(seen) == 3
+
+
 def test_a_violation_that_survives_every_repair_and_pass_is_an_error(tmp_path, tiny_profile, monkeypatch):
     from sim.profile import ProfileError
 
