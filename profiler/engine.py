@@ -342,9 +342,14 @@ class Engine:
     # -- serving loop ------------------------------------------------------------------------------------------
 
     def run(self, workload: Workload, cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
-            seed: int = 0, reference_context: float | None = None, time_limit_s: float | None = None) -> SimResult:
+            seed: int = 0, reference_context: float | None = None, time_limit_s: float | None = None,
+            probe: Callable[[], float] | None = None, probe_every: int = 8) -> SimResult:
         """Replay ``workload`` (arrivals honoured in the engine's clock, see the module docstring) and return the same tables as
-        :func:`sim.cluster.simulate` with one replica. ``cost`` only sets up the policy (and ``max_gamma``)."""
+        :func:`sim.cluster.simulate` with one replica. ``cost`` only sets up the policy (and ``max_gamma``).
+
+        ``probe``: a reference measurement run before every ``probe_every``-th iteration, its time taken out of
+        the engine's clock (the replay does not see it); what it returns is kept in :attr:`probes` — e.g. the
+        seconds a fixed profiler step takes, the machine's speed during the run."""
         cfg, device = self.cfg, self.device
         if len(workload) == 0:
             raise ValueError("the workload has no requests")
@@ -406,6 +411,7 @@ class Engine:
             else:
                 skipped[0] += max(0.0, t_arrival - now())
 
+        probes, n_iter = [], 0
         while nxt < len(order) or rep.outstanding:
             t = now()
             while nxt < len(order) and arrivals[order[nxt]] <= t:
@@ -414,6 +420,11 @@ class Engine:
             if not len(b) and not rep.waiting:
                 idle_until(arrivals[order[nxt]])
                 continue
+            if probe is not None and n_iter % probe_every == 0:
+                t_probe = clock()
+                probes.append(probe())
+                skipped[0] -= clock() - t_probe  # the probe's time is not the engine's
+            n_iter += 1
             if time_limit_s is not None and t > time_limit_s:
                 raise TimeoutError(f"engine run exceeded {time_limit_s} s")
             t0 = now()
@@ -497,6 +508,8 @@ class Engine:
         #: engine-only diagnostics per iteration (aligned with the iteration table): seconds in prefill
         #: forwards and in the speculative step's model work; the rest of prefill_s/step_s is engine overhead
         self.diagnostics = pd.DataFrame(diag, columns=["prefill_forward_s", "step_model_s"])
+        #: what ``probe`` returned, in order (empty without a probe)
+        self.probes = probes
         #: token ids per request id: prompt (random ids) + the generated tokens
         self.tokens = history
         return SimResult(requests=reqs.frame(), iterations=iters, busy_s=[rep.busy_s], makespan_s=makespan,

@@ -16,10 +16,11 @@ and around those steps, and its steps run inside a serving loop. :class:`EngineC
 engine-side terms, measured by :func:`calibrate` on the engine itself (a calibration run of its own
 workload, never a validation run) and fitted by :func:`fit_overheads`:
 
-* ``speed`` — the machine's speed during the engine runs relative to the profile (the profiler's own steps
-  re-timed in each calibration): the profile's times are divided by it. An instrument correction for a
-  profile taken while the machine ran at another speed, not a model of the engine; ≈ 1 when the profile
-  was measured in the same rounds (below);
+* ``speed`` — the machine's speed during the engine runs relative to the profile: the profile's times are
+  divided by it. Measured by a **probe** (:func:`make_probe`: a fixed profiler step timed every 8th
+  iteration inside the engine's runs, its time taken out of the engine's clock) in each calibration run.
+  An instrument correction for a profile taken while the machine ran at another speed, not a model of
+  the engine;
 * ``sched`` — per-iteration scheduler/bookkeeping time outside the model calls (admission, policy,
   acceptance draws, slot bookkeeping, building positions and masks): a constant, a per-sequence term, and
   for iterations that speculate (γ > 0) a constant and a per-draft-position term;
@@ -38,7 +39,11 @@ its runs, and the run-to-run spread (semi-interquartile range over the median) i
 noise. With a reused profile (``profile=``, or a fresh one in ``out``) the rounds run on their own.
 
 The report compares the engine with the simulator variants, cumulatively: ``profile`` (the plain profile,
-the baseline), ``+speed``, ``+sched``, ``+prefill`` and ``model`` (every term). The policies' γ tables
+the baseline), ``+speed``, ``+sched``, ``+prefill`` and ``model`` (every term) — each against the median
+over the engine's runs — and, the headline, ``paired``: every engine run against the full model at the
+speed the probe measured during that run, the error being the median over runs of sim / engine − 1. On a
+machine whose speed moves by tens of percent within seconds, pairing each run with its own speed removes
+most of the run-to-run noise that the medians leave. The policies' γ tables
 (``adaptive``) are built once, from the profile as it stands after the first pass, and shared by the
 engine and every variant, so all of them replay the same decisions.
 """
@@ -257,7 +262,7 @@ def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_g
 
 
 def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, max_prompt: int = 96,
-              max_output: int = 48, repeats: int = 5) -> dict:
+              max_output: int = 48, repeats: int = 5, probe=None) -> dict:
     """One calibration measurement on the engine itself (never a validation run): a short run of its own
     workload at high load with γ cycling over the policies' range (:class:`CyclingGamma`), and the
     profiler's own steps (:func:`profiler.sweep.make_step`: γ draft decodes + one verify, timed back to
@@ -265,7 +270,8 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
 
     Returns the raw measurements: ``iterations`` (the run's iteration table with the engine's
     ``step_model_s`` and ``prefill_forward_s``, and ``prompts``: the prompt lengths each iteration
-    admitted, or None), and ``step_points`` (``batch, gamma, context, profiler_s``). :func:`fit_overheads`
+    admitted, or None), ``step_points`` (``batch, gamma, context, profiler_s``) and, with a ``probe``
+    (:func:`make_probe`) run inside the calibration run as in the validation runs, ``probe_s`` (its median). :func:`fit_overheads`
     turns one or more of them into the engine-side terms, against the profile they are compared with.
     ``cost`` sets the run's rate (1.5 × its estimated capacity), ``max_gamma`` and the contexts timed."""
     import pandas as pd
@@ -284,7 +290,8 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
                                                     kv_capacity_tokens=engine.capacity))
     w = wl.set_rate(w, 1.5 * cap)
     cycle = sorted({0, 1, 2, max(1, cost.max_gamma // 2), cost.max_gamma})
-    r = engine.run(w, cost, CyclingGamma(cycle), acceptance, seed=seed)
+    r = engine.run(w, cost, CyclingGamma(cycle), acceptance, seed=seed, probe=probe)
+    probe_s = float(np.median(engine.probes)) if probe is not None else None
     it = pd.concat([r.iterations.reset_index(drop=True), engine.diagnostics], axis=1)
     it["prompts"] = admitted_prompts(r.requests, r.iterations)
 
@@ -314,7 +321,59 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
                     med.append(float(np.median(ts[1:])))
                 points.append(dict(batch=b, gamma=g, context=c, profiler_s=med[0] + g * (med[1] if g else 0.0)))
             del caches
-    return {"iterations": it, "step_points": points}
+    return {"iterations": it, "step_points": points, "probe_s": probe_s}
+
+
+PROBE_POINT = dict(batch=4, gamma=2, context=32)  # the profile point the engine's runs are probed with
+
+
+def make_probe(engine, point: dict = PROBE_POINT):
+    """The machine's speed during an engine run, for :meth:`profiler.engine.Engine.run`'s ``probe``: the
+    profiler's own steps at ``point`` (one verify of γ + 1 tokens and one draft decode, on caches of their
+    own), run once to warm them and timed the second time, as the sweep times a point; the probe returns
+    those seconds, and :func:`probe_profile_s` over them is the speed relative to the profile. The
+    calibration runs carry the same probe, so the engine-side terms are measured at the speed it reads.
+    (Timed cold, without the warming call, it read the machine slower than the profile's warm steps, the
+    ``step`` terms fitted against it came out at 0, and the simulator was 7–30 % slow.) ``probe.point`` is the
+    point."""
+    from profiler import models as M
+    from profiler.engine import make_clock
+    from profiler.sweep import make_step
+
+    b, g, c = min(point["batch"], engine.cfg.max_batch), point["gamma"], point["context"]
+    clock, dev, temp, gen = make_clock(engine.cfg.clock, engine.device), engine.device, engine.cfg.temperature, engine.gen
+    steps = [make_step(("target", "verify", b, g + 1, c), engine.target,
+                       M.make_cache("prealloc", engine.target.config, b, c, g + 1, engine.dtype, dev), engine.vocab,
+                       temp, gen, dev),
+             make_step(("draft", "decode", b, 1, c), engine.draft,
+                       M.make_cache("prealloc", engine.draft.config, b, c, 1, engine.dtype, dev), engine.vocab,
+                       temp, gen, dev)]
+
+    def probe() -> float:
+        for step, reset in steps:
+            step()
+            reset()
+        t0 = clock()
+        for step, reset in steps:
+            step()
+            reset()
+        return clock() - t0
+
+    probe.point = dict(batch=b, gamma=g, context=c)
+    return probe
+
+
+def probe_profile_s(cost, point: dict) -> float:
+    """The profile's time (seconds) for the probe's work at ``point``: one verify and one draft decode."""
+    return cost.target_verify(point["batch"], point["gamma"], float(point["context"])) + \
+        cost.draft_decode(point["batch"], float(point["context"]))
+
+
+def at_speed(o: "Overheads", speed: float) -> "Overheads":
+    """``o`` for a machine running at ``speed`` (relative to the profile) instead of ``o.speed``: every time
+    term scaled by ``o.speed / speed``."""
+    k = o.speed / speed
+    return Overheads(**{f: (v * k if f != "speed" else speed) for f, v in o.as_dict().items()})
 
 
 def admitted_prompts(requests, iterations) -> list:
@@ -337,11 +396,13 @@ def speed_vs_profile(cost, step_points: list[dict]) -> float:
                             for p in step_points]))
 
 
-def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
+def fit_overheads(cost, calibrations: list[dict], probe_point: dict | None = None) -> tuple[Overheads, dict]:
     """The engine-side terms from :func:`calibrate`'s measurements, against the profile behind ``cost``
     (each calibration run compared with the profile at its own round's speed):
 
-    * ``speed``: median over rounds of :func:`speed_vs_profile`;
+    * ``speed``: median over rounds of the round's speed — with ``probe_point``, the probe's inside the
+      calibration run (:func:`probe_profile_s` over ``probe_s``: the same instrument as in the validation
+      runs); else :func:`speed_vs_profile` of the re-timed profiler steps;
     * ``sched_*``: step time outside the model calls, ``base + per_seq·b + [γ > 0]·(spec + per_gamma·γ)``;
     * ``verify_s``, ``draft_s``: the step's model work in the run minus the profile's iteration at that
       speed, ``verify + γ·draft`` (per-sequence lengths, mask, scatter, padding, caches cooled by the
@@ -352,7 +413,8 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
     Each calibration is fitted on its own (least squares for the linear terms, a median for ``prefill``);
     each term is the median over the calibrations (a round in a slow second is outvoted), never below 0.
     Returns the terms and details (``by_round``: each calibration's own terms)."""
-    speeds = [speed_vs_profile(cost, c["step_points"]) for c in calibrations]
+    hot = [speed_vs_profile(cost, c["step_points"]) for c in calibrations]
+    speeds = hot if probe_point is None else [probe_profile_s(cost, probe_point) / c["probe_s"] for c in calibrations]
 
     def lstsq(x, y) -> np.ndarray:
         keep = [j for j in range(x.shape[1]) if j == 0 or len(np.unique(x[:, j])) > 1]
@@ -383,7 +445,7 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
 
     o = terms(np.median(fits, axis=0), np.median(speeds))
     details = {"overheads": o.as_dict(), "by_round": [terms(f, sp).as_dict() for f, sp in zip(fits, speeds)],
-               "speed_by_round": [round(x, 3) for x in speeds],
+               "speed_by_round": [round(x, 3) for x in speeds], "steps_speed_by_round": [round(x, 3) for x in hot],
                "calibration_iterations": n_dec, "admissions": n_adm,
                "step_points": [p for c in calibrations for p in c["step_points"]]}
     return o, details
@@ -421,22 +483,23 @@ def spread(values) -> float:
     return float((q75 - q25) / 2 / q50) if q50 else float("nan")
 
 
-def agreement(cases: list[dict], variant: str) -> dict:
+def agreement(cases: list[dict], variant: str, noise: str = "noise") -> dict:
     """Does ``variant`` agree with the engine within what this machine can tell apart? Per case and metric
     of :data:`GOALS`: the tolerance is the goal plus :data:`NOISE_WIDTHS` × the combined noise
-    ``hypot(engine, model)`` — ``noise``, the engine's run-to-run spread, and ``model_noise`` (when
-    present), the simulator's spread when each round's own calibration replaces the median terms; each
-    being the case's own or, if larger, the median over the cases (a spread from a handful of runs is
-    itself noisy). Needs ``noise`` (two or more rounds). Returns per-case tolerances and verdicts, and
-    ``all`` (every case within its tolerance)."""
+    ``hypot(engine, model)`` — the case's ``noise`` entry (``noise``: the engine's run-to-run spread;
+    ``paired_noise`` for the paired comparison: the spread of the per-run ratios sim / engine), and
+    ``model_noise`` (when present), the simulator's spread when each round's own calibration replaces the
+    median terms; each being the case's own or, if larger, the median over the cases (a spread from a
+    handful of runs is itself noisy). Needs two or more rounds. Returns per-case tolerances and verdicts,
+    and ``all`` (every case within its tolerance)."""
     pooled = {kind: {m: float(np.median([(c.get(kind) or {}).get(m, 0.0) for c in cases])) for m in GOALS}
-              for kind in ("noise", "model_noise")}
+              for kind in (noise, "model_noise")}
 
-    def noise(kind: str) -> list[dict]:
+    def widths(kind: str) -> list[dict]:
         return [{m: max((c.get(kind) or {}).get(m, 0.0), pooled[kind][m]) for m in GOALS} for c in cases]
 
     out = []
-    for c, ne, nm in zip(cases, noise("noise"), noise("model_noise")):
+    for c, ne, nm in zip(cases, widths(noise), widths("model_noise")):
         tol = {m: GOALS[m] + NOISE_WIDTHS * float(np.hypot(ne[m], nm[m])) for m in GOALS}
         ok = {m: bool(abs(c["errors"][variant][m]) <= tol[m]) for m in GOALS}
         out.append({"load": c["load"], "policy": c["policy"], "tolerance": tol, "within": ok})
@@ -549,7 +612,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             for pname in policies:
                 cases.append({"load": load, "policy": pname, "rate_req_s": w.rate, "_w": w, "_runs": [],
                               "_pol": frozen_policy(pname, table_cost, acc, ref_ctx)})
-        setup.update(plain=plain, engine=engine, cluster=cluster, capacity=capacity)
+        setup.update(plain=plain, engine=engine, cluster=cluster, capacity=capacity, probe=make_probe(engine))
 
     def one_round(k: int) -> None:
         """Round k: calibrate once, then replay every case once (the order rotated by k)."""
@@ -560,16 +623,18 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
                 warnings.simplefilter("ignore", ProfileWarning)
                 set_up(load_profile(prof_dir))
         engine, plain = setup["engine"], setup["plain"]
-        calibrations.append(calibrate(engine, plain, acc, max_prompt=max_prompt, max_output=max_output))
+        calibrations.append(calibrate(engine, plain, acc, max_prompt=max_prompt, max_output=max_output,
+                                      probe=setup["probe"]))
         for case in cases[k % len(cases):] + cases[:k % len(cases)]:
             la = loadavg()
             t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            r = engine.run(case["_w"], plain, case["_pol"], acc, seed=seed)
+            r = engine.run(case["_w"], plain, case["_pol"], acc, seed=seed, probe=setup["probe"])
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             host = {"kernel_s": ru1.ru_stime - ru0.ru_stime, "user_s": ru1.ru_utime - ru0.ru_utime,
                     "minor_faults": ru1.ru_minflt - ru0.ru_minflt}
             case["_runs"].append(dict(result=r, summary=summarize(r), wall_s=time.perf_counter() - t0, loadavg=la,
-                                      diagnostics=engine.diagnostics, host=host))
+                                      diagnostics=engine.diagnostics, host=host,
+                                      probe_s=float(np.median(engine.probes))))
 
     # The profile's passes and the engine's rounds interleave, so that the profile (the median over its
     # passes) and the engine runs (the median over rounds) sample the same stretch of the machine's speed.
@@ -586,7 +651,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     t_measured = time.perf_counter() - t_start
     prof = load_profile(prof_dir)  # the final profile: every pass merged
     plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma), setup["cluster"], setup["capacity"]
-    over, cal = fit_overheads(plain, calibrations)
+    probe_point = setup["probe"].point
+    over, cal = fit_overheads(plain, calibrations, probe_point)
     log(f"  engine-side terms ({repeats} calibrations): {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
     for case in cases:
@@ -608,9 +674,10 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             case["noise"] = {m: spread([x["summary"][m] for x in runs]) for m in METRICS}
             case["real_runs"] = [{m: x["summary"][m] for m in METRICS + ("iterations",)} for x in runs]
         load, pname = case["load"], case["policy"]
-        if repeats > 1:  # the model's own spread: the simulator with each round's calibration instead of the median
-            by_round = [summarize(simulate(w, make_cost(prof, Overheads(**o), variants[-1][1], max_batch, max_gamma),
-                                           pol, acc, cluster, seed=seed)) for o in cal["by_round"]]
+        if repeats > 1:  # the model's own spread: each round's calibrated terms (at the median speed) in turn
+            by_round = [summarize(simulate(w, make_cost(prof, at_speed(Overheads(**o), over.speed), variants[-1][1],
+                                                        max_batch, max_gamma), pol, acc, cluster, seed=seed))
+                        for o in cal["by_round"]]
             case["model_noise"] = {m: spread([x[m] for x in by_round]) for m in METRICS}
         for vname, _ in variants:
             sres = simulate(w, costs[vname], pol, acc, cluster, seed=seed)
@@ -618,25 +685,37 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             case["sim"][vname] = {m: s_sim[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")}
             case["errors"][vname] = rel_errors(s_real, s_sim)
             case["_sim"][vname] = sres
-        e = case["errors"][variants[-1][0]]
+        # paired: each engine run against the full model at the machine's speed its probe measured in that run
+        speeds = [probe_profile_s(plain, probe_point) / x["probe_s"] for x in runs]
+        ratios = []
+        for x, speed in zip(runs, speeds):
+            sim = summarize(simulate(w, make_cost(prof, at_speed(over, speed), variants[-1][1], max_batch, max_gamma),
+                                     pol, acc, cluster, seed=seed))
+            ratios.append({m: sim[m] / x["summary"][m] if x["summary"][m] else float("nan") for m in METRICS})
+        case["errors"]["paired"] = {m: float(np.median([q[m] for q in ratios])) - 1 for m in METRICS}
+        case["probe_speeds"] = [round(v, 3) for v in speeds]
+        if repeats > 1:
+            case["paired_noise"] = {m: spread([q[m] for q in ratios]) for m in METRICS}
+        e = case["errors"]["paired"]
         log(f"load {load:.2f} {pname:8s} real latency {s_real['latency_mean']:.3f}s  errors: "
             + "  ".join(f"{m} {100 * e[m]:+.1f}%" for m in HEADLINE)
-            + ("  (profile only: " + "  ".join(f"{m} {100 * case['errors'][variants[0][0]][m]:+.1f}%"
-                                                for m in HEADLINE) + ")" if len(variants) > 1 else ""))
+            + "  (unpaired model: " + "  ".join(f"{m} {100 * case['errors'][variants[-1][0]][m]:+.1f}%"
+                                                for m in HEADLINE) + ")")
     report = {
         "pair": {"target": target, "draft": draft}, "device": device, "clock": clock, "threads": threads,
         "draft_sync": draft_sync,
         "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
-        "profile": str(prof_dir), "calibration": cal, "variants": {n: list(f) for n, f in variants},
+        "profile": str(prof_dir), "calibration": cal, "probe_point": probe_point,
+        "variants": {**{n: list(f) for n, f in variants}, "paired": list(variants[-1][1]) + ["probe"]},
         "loadavg_start": load_start, "loadavg_end": loadavg(), "cpu_count": os.cpu_count(),
         "elapsed_s": {"profile_and_rounds": round(t_measured, 1), "total": round(time.perf_counter() - t_start, 1)},
         "cases": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cases],
         "max_abs_error": {v: {m: float(max(abs(c["errors"][v][m]) for c in cases)) for m in METRICS}
-                          for v, _ in variants},
+                          for v in [n for n, _ in variants] + ["paired"]},
     }
     if repeats > 1:
-        report["agreement"] = agreement(report["cases"], variants[-1][0])
+        report["agreement"] = agreement(report["cases"], "paired", noise="paired_noise")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     write_dashboard(cases, report, out / "dashboard.html", variants[-1][0])
     return report
@@ -711,6 +790,12 @@ def format_report(report: dict) -> str:
                                                                          for m in METRICS))
         if "noise" in c:
             lines.append(f"{'':>5} {'':9}{'noise':9}" + "".join(f"{100 * c['noise'][m]:>16.1f}%" for m in METRICS))
+        if "paired_noise" in c:
+            lines.append(f"{'':>5} {'':9}{'p. noise':9}" + "".join(f"{100 * c['paired_noise'][m]:>16.1f}%"
+                                                                   for m in METRICS))
+        if c.get("probe_speeds"):
+            lines.append(f"{'':>5} {'':9}probe    the machine's speed in each run (profile = 1): "
+                         + ", ".join(f"{v:.2f}" for v in c["probe_speeds"]))
         if "model_noise" in c:
             lines.append(f"{'':>5} {'':9}{'sim n.':9}" + "".join(f"{100 * c['model_noise'][m]:>16.1f}%"
                                                                  for m in METRICS))

@@ -113,6 +113,30 @@ def test_synthetic_acceptance_matches_simulator_iteration_by_iteration(models, c
         assert (t["first_token_s"] >= t["arrival_s"]).all() and (t["finished_s"] >= t["first_token_s"]).all()
 
 
+def test_probe_runs_every_eighth_iteration_outside_the_engine_clock(models, cost):
+    """A probe (here: 30 ms of busy CPU work) runs before every 8th iteration; its time is taken out of the
+    engine's clock, so the replay's times do not grow by it, and what it returns is kept."""
+    target, draft = models
+    cfg = E.EngineConfig(max_batch=8, acceptance="synthetic", clock="cpu", warmup=False)
+    eng = E.Engine("tiny-llama", "tiny-llama-draft", cfg, max_len=96, models=(target, draft))
+    w = _workload([8, 20, 13, 30, 5], [17, 5, 30, 11, 23])
+    acc = AcceptanceModel(alpha=0.6, max_gamma=6)
+
+    def busy() -> float:
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.03:
+            pass
+        return time.process_time() - t0
+
+    plain = eng.run(w, cost, make_policy("fixed", gamma=3), acc, seed=3)
+    assert eng.probes == []
+    probed = eng.run(w, cost, make_policy("fixed", gamma=3), acc, seed=3, probe=busy)
+    n = len(probed.iterations)
+    assert n == len(plain.iterations) and len(eng.probes) == -(-n // 8) and min(eng.probes) >= 0.03
+    spent = sum(eng.probes)  # >= 0.03 s per probe, more than the whole replay of this workload
+    assert probed.requests["finished_s"].max() < plain.requests["finished_s"].max() + spent / 2
+
+
 def test_preemption_and_wall_clock_arrivals(models, cost):
     """A small KV capacity forces preemptions (recompute on re-admission); arrivals are honoured in wall-clock
     time; every request finishes with its full output."""
