@@ -261,6 +261,27 @@ def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_g
     return _cost_class()(profile, overheads, fixes, max_batch=max_batch, max_gamma=max_gamma)
 
 
+def profiler_steps(engine, batch: int, gamma: int, context: int, caches: dict | None = None) -> list:
+    """``(step, reset)`` pairs of the profiler's own steps for one iteration at (batch, γ, context) on the
+    engine's models (:func:`profiler.sweep.make_step`, the work one ``steps.csv`` row times): the target's
+    decode (γ = 0) or verify of γ + 1 tokens, then, when γ > 0, one draft decode. ``caches``:
+    ``{"target": ..., "draft": ...}`` holding ``context`` positions with room for γ + 1 more (fresh ones
+    when None)."""
+    from profiler import models as M
+    from profiler.sweep import make_step
+
+    dev, temp, gen = engine.device, engine.cfg.temperature, engine.gen
+    if caches is None:
+        caches = {role: M.make_cache("prealloc", m.config, batch, context, gamma + 1, engine.dtype, dev)
+                  for role, m in (("target", engine.target), ("draft", engine.draft))}
+    steps = [make_step(("target", "verify" if gamma else "decode", batch, gamma + 1, context), engine.target,
+                       caches["target"], engine.vocab, temp, gen, dev)]
+    if gamma:
+        steps.append(make_step(("draft", "decode", batch, 1, context), engine.draft, caches["draft"], engine.vocab,
+                               temp, gen, dev))
+    return steps
+
+
 def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, max_prompt: int = 96,
               max_output: int = 48, repeats: int = 5, probe=None) -> dict:
     """One calibration measurement on the engine itself (never a validation run): a short run of its own
@@ -271,14 +292,14 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     Returns the raw measurements: ``iterations`` (the run's iteration table with the engine's
     ``step_model_s`` and ``prefill_forward_s``, and ``prompts``: the prompt lengths each iteration
     admitted, or None), ``step_points`` (``batch, gamma, context, profiler_s``) and, with a ``probe``
-    (:func:`make_probe`) run inside the calibration run as in the validation runs, ``probe_s`` (its median). :func:`fit_overheads`
-    turns one or more of them into the engine-side terms, against the profile they are compared with.
+    (:func:`make_probe`) run inside the calibration run as in the validation runs, ``probe_s`` (its
+    median). :func:`fit_overheads` turns one or more of them into the engine-side terms, against the
+    profile they are compared with.
     ``cost`` sets the run's rate (1.5 × its estimated capacity), ``max_gamma`` and the contexts timed."""
     import pandas as pd
 
     from profiler import models as M
     from profiler.engine import make_clock
-    from profiler.sweep import make_step
     from sim import workload as wl
     from sim.cluster import ClusterConfig
     from sim.capacity import estimate_capacity
@@ -295,23 +316,17 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     it = pd.concat([r.iterations.reset_index(drop=True), engine.diagnostics], axis=1)
     it["prompts"] = admitted_prompts(r.requests, r.iterations)
 
-    dev, temp, gen = engine.device, engine.cfg.temperature, engine.gen
     gammas = sorted({0, min(2, cost.max_gamma), min(4, cost.max_gamma)})
     c_hi = int(min(cost.contexts[-1], engine.max_len - max(gammas) - 2))
     c_lo = int(max(8, min(cost.contexts[0], c_hi // 2)))
     points = []
     for b in sorted({1, 2, min(4, engine.cfg.max_batch), engine.cfg.max_batch}):
         for c in (c_lo, (c_lo + c_hi) // 2):
-            caches = {role: M.make_cache("prealloc", m.config, b, c, max(gammas) + 1, engine.dtype, dev)
+            caches = {role: M.make_cache("prealloc", m.config, b, c, max(gammas) + 1, engine.dtype, engine.device)
                       for role, m in (("target", engine.target), ("draft", engine.draft))}
             for g in gammas:
-                steps = [make_step(("target", "verify" if g else "decode", b, g + 1, c), engine.target,
-                                   caches["target"], engine.vocab, temp, gen, dev)]
-                if g:
-                    steps.append(make_step(("draft", "decode", b, 1, c), engine.draft, caches["draft"], engine.vocab,
-                                           temp, gen, dev))
                 med = []
-                for step, reset in steps:
+                for step, reset in profiler_steps(engine, b, g, c, caches):
                     ts = []
                     for _ in range(repeats + 1):  # the first call warms the shape up and is not kept
                         t0 = clock()
@@ -336,18 +351,10 @@ def make_probe(engine, point: dict = PROBE_POINT):
     (Timed cold, without the warming call, it read the machine slower than the profile's warm steps, the
     ``step`` terms fitted against it came out at 0, and the simulator was 7–30 % slow.) ``probe.point`` is the
     point."""
-    from profiler import models as M
     from profiler.engine import make_clock
-    from profiler.sweep import make_step
 
     b, g, c = min(point["batch"], engine.cfg.max_batch), point["gamma"], point["context"]
-    clock, dev, temp, gen = make_clock(engine.cfg.clock, engine.device), engine.device, engine.cfg.temperature, engine.gen
-    steps = [make_step(("target", "verify", b, g + 1, c), engine.target,
-                       M.make_cache("prealloc", engine.target.config, b, c, g + 1, engine.dtype, dev), engine.vocab,
-                       temp, gen, dev),
-             make_step(("draft", "decode", b, 1, c), engine.draft,
-                       M.make_cache("prealloc", engine.draft.config, b, c, 1, engine.dtype, dev), engine.vocab,
-                       temp, gen, dev)]
+    clock, steps = make_clock(engine.cfg.clock, engine.device), profiler_steps(engine, b, g, c)
 
     def probe() -> float:
         for step, reset in steps:
