@@ -376,7 +376,7 @@ def probe_profile_s(cost, point: dict) -> float:
         cost.draft_decode(point["batch"], float(point["context"]))
 
 
-def at_speed(o: "Overheads", speed: float) -> "Overheads":
+def at_speed(o: Overheads, speed: float) -> Overheads:
     """``o`` for a machine running at ``speed`` (relative to the profile) instead of ``o.speed``: every time
     term scaled by ``o.speed / speed``."""
     k = o.speed / speed
@@ -445,6 +445,7 @@ def fit_overheads(cost, calibrations: list[dict], probe_point: dict | None = Non
         extra = (adm["prefill_s"].to_numpy() - p_pred) / (2 * adm["admitted"].to_numpy())
         fits.append(np.r_[sched, np.median(extra) if len(extra) else 0.0, step])
         n_dec, n_adm = n_dec + len(dec), n_adm + int(adm["admitted"].sum())
+
     def terms(fit, speed) -> Overheads:
         base, per_seq, spec, per_gamma, prefill, verify, draft = (max(0.0, float(v)) for v in fit)
         return Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
@@ -662,6 +663,13 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     over, cal = fit_overheads(plain, calibrations, probe_point)
     log(f"  engine-side terms ({repeats} calibrations): {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
+    probe_profile = probe_profile_s(plain, probe_point)
+
+    def model_at(o: Overheads, speed: float, w, pol) -> dict:
+        """Summary of the full model's simulation with terms ``o`` rescaled to ``speed``."""
+        cost = make_cost(prof, at_speed(o, speed), variants[-1][1], max_batch, max_gamma)
+        return summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
+
     for case in cases:
         w, pol, runs = case.pop("_w"), case.pop("_pol"), case.pop("_runs")
         r = runs[0]["result"]
@@ -677,15 +685,14 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
                      "steps": steps, "prefill": prefill,
                      "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
                      "sim": {}, "errors": {}, "_real": r, "_sim": {}})
-        if repeats > 1:  # run-to-run spread of the engine: semi-interquartile range over the median
+        if repeats > 1:
+            # run-to-run spread of the engine: semi-interquartile range over the median
             case["noise"] = {m: spread([x["summary"][m] for x in runs]) for m in METRICS}
             case["real_runs"] = [{m: x["summary"][m] for m in METRICS + ("iterations",)} for x in runs]
-        load, pname = case["load"], case["policy"]
-        if repeats > 1:  # the model's own spread: each round's calibrated terms (at the median speed) in turn
-            by_round = [summarize(simulate(w, make_cost(prof, at_speed(Overheads(**o), over.speed), variants[-1][1],
-                                                        max_batch, max_gamma), pol, acc, cluster, seed=seed))
-                        for o in cal["by_round"]]
+            # the model's own spread: each round's calibrated terms (at the median speed) in turn
+            by_round = [model_at(Overheads(**o), over.speed, w, pol) for o in cal["by_round"]]
             case["model_noise"] = {m: spread([x[m] for x in by_round]) for m in METRICS}
+        load, pname = case["load"], case["policy"]
         for vname, _ in variants:
             sres = simulate(w, costs[vname], pol, acc, cluster, seed=seed)
             s_sim = summarize(sres)
@@ -693,16 +700,12 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             case["errors"][vname] = rel_errors(s_real, s_sim)
             case["_sim"][vname] = sres
         # paired: each engine run against the full model at the machine's speed its probe measured in that run
-        speeds = [probe_profile_s(plain, probe_point) / x["probe_s"] for x in runs]
-        ratios = []
-        for x, speed in zip(runs, speeds):
-            sim = summarize(simulate(w, make_cost(prof, at_speed(over, speed), variants[-1][1], max_batch, max_gamma),
-                                     pol, acc, cluster, seed=seed))
-            ratios.append({m: sim[m] / x["summary"][m] if x["summary"][m] else float("nan") for m in METRICS})
-        case["errors"]["paired"] = {m: float(np.median([q[m] for q in ratios])) - 1 for m in METRICS}
+        speeds = [probe_profile / x["probe_s"] for x in runs]
+        paired = [rel_errors(x["summary"], model_at(over, speed, w, pol)) for x, speed in zip(runs, speeds)]
+        case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}
         case["probe_speeds"] = [round(v, 3) for v in speeds]
-        if repeats > 1:
-            case["paired_noise"] = {m: spread([q[m] for q in ratios]) for m in METRICS}
+        if repeats > 1:  # the spread of the per-run ratios sim / engine
+            case["paired_noise"] = {m: spread([1 + e[m] for e in paired]) for m in METRICS}
         e = case["errors"]["paired"]
         log(f"load {load:.2f} {pname:8s} real latency {s_real['latency_mean']:.3f}s  errors: "
             + "  ".join(f"{m} {100 * e[m]:+.1f}%" for m in HEADLINE)
