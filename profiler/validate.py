@@ -18,7 +18,8 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
 
 * ``speed`` — the machine's speed during the engine runs relative to the profile: the profile's times are
   divided by it. Measured by a **probe** (:func:`make_probe`: a fixed profiler step timed every 8th
-  iteration inside the engine's runs, its time taken out of the engine's clock) in each calibration run.
+  iteration inside the engine's runs, its time taken out of the engine's clock) in each run, its scale
+  tied to the profile by re-timing the profiler's steps at two dozen points after each calibration run.
   An instrument correction for a profile taken while the machine ran at another speed, not a model of
   the engine;
 * ``sched`` — per-iteration scheduler/bookkeeping time outside the model calls (admission, policy,
@@ -346,11 +347,11 @@ def make_probe(engine, point: dict = PROBE_POINT):
     """The machine's speed during an engine run, for :meth:`profiler.engine.Engine.run`'s ``probe``: the
     profiler's own steps at ``point`` (one verify of γ + 1 tokens and one draft decode, on caches of their
     own), run once to warm them and timed the second time, as the sweep times a point; the probe returns
-    those seconds, and :func:`probe_profile_s` over them is the speed relative to the profile. The
-    calibration runs carry the same probe, so the engine-side terms are measured at the speed it reads.
-    (Timed cold, without the warming call, it read the machine slower than the profile's warm steps, the
-    ``step`` terms fitted against it came out at 0, and the simulator was 7–30 % slow.) ``probe.point`` is the
-    point."""
+    those seconds. The calibration runs carry the same probe, and :func:`fit_overheads` ties its time to
+    the profile's speed (``probe_ref_s``): a run whose probe took ``probe_s`` ran at ``probe_ref_s / probe_s``
+    of the profile's speed. (Timed cold, without the warming call, it read the machine slower than the
+    profile's warm steps, the ``step`` terms fitted against it came out at 0, and the simulator was 7–30 %
+    slow.) ``probe.point`` is the point."""
     from profiler.engine import make_clock
 
     b, g, c = min(point["batch"], engine.cfg.max_batch), point["gamma"], point["context"]
@@ -368,12 +369,6 @@ def make_probe(engine, point: dict = PROBE_POINT):
 
     probe.point = dict(batch=b, gamma=g, context=c)
     return probe
-
-
-def probe_profile_s(cost, point: dict) -> float:
-    """The profile's time (seconds) for the probe's work at ``point``: one verify and one draft decode."""
-    return cost.target_verify(point["batch"], point["gamma"], float(point["context"])) + \
-        cost.draft_decode(point["batch"], float(point["context"]))
 
 
 def at_speed(o: Overheads, speed: float) -> Overheads:
@@ -403,13 +398,17 @@ def speed_vs_profile(cost, step_points: list[dict]) -> float:
                             for p in step_points]))
 
 
-def fit_overheads(cost, calibrations: list[dict], probe_point: dict | None = None) -> tuple[Overheads, dict]:
+def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
     """The engine-side terms from :func:`calibrate`'s measurements, against the profile behind ``cost``
     (each calibration run compared with the profile at its own round's speed):
 
-    * ``speed``: median over rounds of the round's speed — with ``probe_point``, the probe's inside the
-      calibration run (:func:`probe_profile_s` over ``probe_s``: the same instrument as in the validation
-      runs); else :func:`speed_vs_profile` of the re-timed profiler steps;
+    * ``speed``: median over rounds of the round's speed. Without a probe, a round's speed is
+      :func:`speed_vs_profile` of its re-timed profiler steps. With one (every calibration has
+      ``probe_s``), the probe is tied to the profile first: ``probe_ref_s``, the probe's time at the
+      profile's speed, is the median over rounds of (steps' speed × probe seconds) — many profile points
+      and five rounds, so neither one noisy profile point nor steps timed in a slow second set the scale —
+      and a round's speed is ``probe_ref_s / probe_s``, read inside the calibration run itself by the
+      instrument the validation runs carry;
     * ``sched_*``: step time outside the model calls, ``base + per_seq·b + [γ > 0]·(spec + per_gamma·γ)``;
     * ``verify_s``, ``draft_s``: the step's model work in the run minus the profile's iteration at that
       speed, ``verify + γ·draft`` (per-sequence lengths, mask, scatter, padding, caches cooled by the
@@ -419,9 +418,15 @@ def fit_overheads(cost, calibrations: list[dict], probe_point: dict | None = Non
 
     Each calibration is fitted on its own (least squares for the linear terms, a median for ``prefill``);
     each term is the median over the calibrations (a round in a slow second is outvoted), never below 0.
-    Returns the terms and details (``by_round``: each calibration's own terms)."""
+    Returns the terms and details (``by_round``: each calibration's own terms; ``probe_ref_s`` with a
+    probe)."""
     hot = [speed_vs_profile(cost, c["step_points"]) for c in calibrations]
-    speeds = hot if probe_point is None else [probe_profile_s(cost, probe_point) / c["probe_s"] for c in calibrations]
+    probed = all(c.get("probe_s") for c in calibrations)
+    if probed:
+        probe_ref = float(np.median([h * c["probe_s"] for h, c in zip(hot, calibrations)]))
+        speeds = [probe_ref / c["probe_s"] for c in calibrations]
+    else:
+        speeds = hot
 
     def lstsq(x, y) -> np.ndarray:
         keep = [j for j in range(x.shape[1]) if j == 0 or len(np.unique(x[:, j])) > 1]
@@ -454,6 +459,7 @@ def fit_overheads(cost, calibrations: list[dict], probe_point: dict | None = Non
     o = terms(np.median(fits, axis=0), np.median(speeds))
     details = {"overheads": o.as_dict(), "by_round": [terms(f, sp).as_dict() for f, sp in zip(fits, speeds)],
                "speed_by_round": [round(x, 3) for x in speeds], "steps_speed_by_round": [round(x, 3) for x in hot],
+               **({"probe_ref_s": probe_ref} if probed else {}),
                "calibration_iterations": n_dec, "admissions": n_adm,
                "step_points": [p for c in calibrations for p in c["step_points"]]}
     return o, details
@@ -491,28 +497,27 @@ def spread(values) -> float:
     return float((q75 - q25) / 2 / q50) if q50 else float("nan")
 
 
-def agreement(cases: list[dict], variant: str, noise: str = "noise") -> dict:
+def agreement(cases: list[dict], variant: str, noises=("noise", "model_noise")) -> dict:
     """Does ``variant`` agree with the engine within what this machine can tell apart? Per case and metric
-    of :data:`GOALS`: the tolerance is the goal plus :data:`NOISE_WIDTHS` × the combined noise
-    ``hypot(engine, model)`` — the case's ``noise`` entry (``noise``: the engine's run-to-run spread;
-    ``paired_noise`` for the paired comparison: the spread of the per-run ratios sim / engine), and
-    ``model_noise`` (when present), the simulator's spread when each round's own calibration replaces the
-    median terms; each being the case's own or, if larger, the median over the cases (a spread from a
-    handful of runs is itself noisy). Needs two or more rounds. Returns per-case tolerances and verdicts,
-    and ``all`` (every case within its tolerance)."""
+    of :data:`GOALS`: the tolerance is the goal plus :data:`NOISE_WIDTHS` × the combined noise, the root
+    sum of squares of the case's ``noises`` entries — ``noise``: the engine's run-to-run spread, or
+    ``paired_noise`` for the paired comparison: the spread of the per-run ratios sim / engine;
+    ``model_noise``: the simulator's spread when each round's own calibration replaces the median terms;
+    ``speed_noise``: how far the simulator moves when the machine's speed in each run is off by the spread
+    of the probe's readings within that run — each being the case's own or, if larger, the median over
+    the cases (a spread from a handful of runs is itself noisy); an absent entry counts 0. Needs two or
+    more rounds. Returns per-case tolerances and verdicts, and ``all`` (every case within its tolerance)."""
     pooled = {kind: {m: float(np.median([(c.get(kind) or {}).get(m, 0.0) for c in cases])) for m in GOALS}
-              for kind in (noise, "model_noise")}
-
-    def widths(kind: str) -> list[dict]:
-        return [{m: max((c.get(kind) or {}).get(m, 0.0), pooled[kind][m]) for m in GOALS} for c in cases]
-
+              for kind in noises}
     out = []
-    for c, ne, nm in zip(cases, widths(noise), widths("model_noise")):
-        tol = {m: GOALS[m] + NOISE_WIDTHS * float(np.hypot(ne[m], nm[m])) for m in GOALS}
+    for c in cases:
+        width = {m: float(np.hypot.reduce([max((c.get(k) or {}).get(m, 0.0), pooled[k][m]) for k in noises]))
+                 for m in GOALS}
+        tol = {m: GOALS[m] + NOISE_WIDTHS * width[m] for m in GOALS}
         ok = {m: bool(abs(c["errors"][variant][m]) <= tol[m]) for m in GOALS}
         out.append({"load": c["load"], "policy": c["policy"], "tolerance": tol, "within": ok})
-    return {"variant": variant, "goals": GOALS, "noise_widths": NOISE_WIDTHS, "pooled_noise": pooled,
-            "cases": out, "all": all(all(x["within"].values()) for x in out)}
+    return {"variant": variant, "goals": GOALS, "noise_widths": NOISE_WIDTHS, "noises": list(noises),
+            "pooled_noise": pooled, "cases": out, "all": all(all(x["within"].values()) for x in out)}
 
 
 def step_agreement(iterations, diagnostics, cost) -> dict:
@@ -642,7 +647,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
                     "minor_faults": ru1.ru_minflt - ru0.ru_minflt}
             case["_runs"].append(dict(result=r, summary=summarize(r), wall_s=time.perf_counter() - t0, loadavg=la,
                                       diagnostics=engine.diagnostics, host=host,
-                                      probe_s=float(np.median(engine.probes))))
+                                      probe_s=float(np.median(engine.probes)), probe_spread=spread(engine.probes)))
 
     # The profile's passes and the engine's rounds interleave, so that the profile (the median over its
     # passes) and the engine runs (the median over rounds) sample the same stretch of the machine's speed.
@@ -659,11 +664,9 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     t_measured = time.perf_counter() - t_start
     prof = load_profile(prof_dir)  # the final profile: every pass merged
     plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma), setup["cluster"], setup["capacity"]
-    probe_point = setup["probe"].point
-    over, cal = fit_overheads(plain, calibrations, probe_point)
+    over, cal = fit_overheads(plain, calibrations)
     log(f"  engine-side terms ({repeats} calibrations): {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
-    probe_profile = probe_profile_s(plain, probe_point)
 
     def model_at(o: Overheads, speed: float, w, pol) -> dict:
         """Summary of the full model's simulation with terms ``o`` rescaled to ``speed``."""
@@ -700,12 +703,20 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             case["errors"][vname] = rel_errors(s_real, s_sim)
             case["_sim"][vname] = sres
         # paired: each engine run against the full model at the machine's speed its probe measured in that run
-        speeds = [probe_profile / x["probe_s"] for x in runs]
-        paired = [rel_errors(x["summary"], model_at(over, speed, w, pol)) for x, speed in zip(runs, speeds)]
+        # and, for the speed's uncertainty, at that speed × or ÷ (1 + the spread of the probe's readings in the run)
+        speeds = [cal["probe_ref_s"] / x["probe_s"] for x in runs]
+        paired, moved = [], []
+        for x, speed in zip(runs, speeds):
+            at = model_at(over, speed, w, pol)
+            paired.append(rel_errors(x["summary"], at))
+            slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
+            moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}
         case["probe_speeds"] = [round(v, 3) for v in speeds]
-        if repeats > 1:  # the spread of the per-run ratios sim / engine
+        case["probe_spreads"] = [round(x["probe_spread"], 3) for x in runs]
+        if repeats > 1:  # the spread of the per-run ratios sim / engine; the simulator's move with the speed
             case["paired_noise"] = {m: spread([1 + e[m] for e in paired]) for m in METRICS}
+            case["speed_noise"] = {m: float(np.median([x[m] for x in moved])) for m in METRICS}
         e = case["errors"]["paired"]
         log(f"load {load:.2f} {pname:8s} real latency {s_real['latency_mean']:.3f}s  errors: "
             + "  ".join(f"{m} {100 * e[m]:+.1f}%" for m in HEADLINE)
@@ -716,7 +727,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         "draft_sync": draft_sync,
         "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
-        "profile": str(prof_dir), "calibration": cal, "probe_point": probe_point,
+        "profile": str(prof_dir), "calibration": cal, "probe_point": setup["probe"].point,
         "variants": {**{n: list(f) for n, f in variants}, "paired": list(variants[-1][1]) + ["probe"]},
         "loadavg_start": load_start, "loadavg_end": loadavg(), "cpu_count": os.cpu_count(),
         "elapsed_s": {"profile_and_rounds": round(t_measured, 1), "total": round(time.perf_counter() - t_start, 1)},
@@ -725,7 +736,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
                           for v in [n for n, _ in variants] + ["paired"]},
     }
     if repeats > 1:
-        report["agreement"] = agreement(report["cases"], "paired", noise="paired_noise")
+        report["agreement"] = agreement(report["cases"], "paired", ("paired_noise", "model_noise", "speed_noise"))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     write_dashboard(cases, report, out / "dashboard.html", variants[-1][0])
     return report
@@ -805,10 +816,11 @@ def format_report(report: dict) -> str:
                                                                    for m in METRICS))
         if c.get("probe_speeds"):
             lines.append(f"{'':>5} {'':9}probe    the machine's speed in each run (profile = 1): "
-                         + ", ".join(f"{v:.2f}" for v in c["probe_speeds"]))
-        if "model_noise" in c:
-            lines.append(f"{'':>5} {'':9}{'sim n.':9}" + "".join(f"{100 * c['model_noise'][m]:>16.1f}%"
-                                                                 for m in METRICS))
+                         + ", ".join(f"{v:.2f}" for v in c["probe_speeds"])
+                         + " (spread within each run: " + ", ".join(f"{v:.2f}" for v in c["probe_spreads"]) + ")")
+        for kind, label in (("model_noise", "sim n."), ("speed_noise", "speed n.")):
+            if kind in c:
+                lines.append(f"{'':>5} {'':9}{label:9}" + "".join(f"{100 * c[kind][m]:>16.1f}%" for m in METRICS))
         if c.get("steps"):
             st = c["steps"]
             lines.append(f"{'':>5} {'':9}steps    profile / engine step time, median {st['profile_over_step']:.3f} "
@@ -827,7 +839,7 @@ def format_report(report: dict) -> str:
     if "agreement" in report:
         ag = report["agreement"]
         lines.append(f"agreement ('{ag['variant']}'): |error| within goal + {ag['noise_widths']:g} x noise "
-                     "(hypot of the engine's and the model's spread; each the case's own, or the median over "
+                     f"(root sum of squares of {', '.join(ag['noises'])}; each the case's own, or the median over "
                      "cases if larger):")
         for x, c in zip(ag["cases"], report["cases"]):
             lines.append(f"{x['load']:>5.2f} {x['policy']:9}" + "  ".join(
