@@ -14,7 +14,8 @@ With ``--rounds R`` the whole validation (a fresh profile, the engine runs, the 
 ``<out>/<pair>/round<k>/``, and a last table compares, per case, the median over rounds of the engine's
 metric with the median over rounds of the simulator's ("model" variant), beside the spread of the
 per-round errors: on a machine whose speed drifts between the profile and the runs, the rounds sample
-that drift instead of betting on one draw of it.
+that drift instead of betting on one draw of it; a second table gives the median over rounds of the paired
+errors (the headline comparison: each engine run against the simulator at its probed speed).
 """
 from __future__ import annotations
 
@@ -77,23 +78,30 @@ def main(argv=None) -> int:
         if len(reports) > 1:
             print(f"== {name}: error of the medians over {len(reports)} rounds (\"model\" variant); "
                   "per-round errors in brackets")
-            print(rounds_table(reports))
+            print(rounds_table(reports, "model"))
+            print(f"== {name}: median over {len(reports)} rounds of the paired errors (each run at its probed "
+                  "speed); per-round errors in brackets")
+            print(rounds_table(reports, "paired"))
     return 0
 
 
-def rounds_table(reports: list[dict]) -> str:
-    """Per case and headline metric: median over rounds of the simulator's value over the median of the
-    engine's, minus 1, and the per-round errors."""
+def rounds_table(reports: list[dict], variant: str) -> str:
+    """Per case and headline metric: for a simulator variant, the median over rounds of the simulator's
+    value over the median of the engine's, minus 1; for ``paired`` (no single simulated value: each run
+    has its own speed), the median of the per-round errors; and the per-round errors."""
     lines = [f"{'load':>5} {'policy':9}" + "".join(f"{m:>36}" for m in HEADLINE)]
     errors = {m: [] for m in HEADLINE}
     for i, c in enumerate(reports[0]["cases"]):
         cells = []
         for m in HEADLINE:
-            real = np.median([r["cases"][i]["real"][m] for r in reports])
-            sim = np.median([r["cases"][i]["sim"]["model"][m] for r in reports])
-            each = ", ".join(f"{100 * r['cases'][i]['errors']['model'][m]:+.0f}" for r in reports)
-            errors[m].append(sim / real - 1)
-            cells.append(f"{100 * (sim / real - 1):+.1f}% [{each}]")
+            per_round = [r["cases"][i]["errors"][variant][m] for r in reports]
+            if variant == "paired":
+                err = float(np.median(per_round))
+            else:
+                err = np.median([r["cases"][i]["sim"][variant][m] for r in reports]) / \
+                    np.median([r["cases"][i]["real"][m] for r in reports]) - 1
+            errors[m].append(err)
+            cells.append(f"{100 * err:+.1f}% [{', '.join(f'{100 * e:+.0f}' for e in per_round)}]")
         lines.append(f"{c['load']:>5.2f} {c['policy']:9}" + "".join(f"{x:>36}" for x in cells))
     # A bias shows as a mean error away from 0 (noise averages out over cases) and a step ratio away from 1.
     lines.append(f"{'mean':>5} {'':9}" + "".join(f"{f'{100 * np.mean(errors[m]):+.1f}%':>36}" for m in HEADLINE))
