@@ -781,16 +781,30 @@ def write_dashboard(cases: list[dict], report: dict, path: Path, variant: str) -
         fig.update_yaxes(title_text="iteration (ms)", row=i, col=2)
         fig.update_yaxes(title_text="batch", row=i, col=2, secondary_y=True)
     fig.update_layout(height=330 * len(cases), width=1200, title="specbatch-validate: real engine vs simulator")
-    rows = "".join(
-        f"<tr><td>{c['load']:g}</td><td>{c['policy']}</td>" + "".join(
-            f"<td>{100 * c['errors'][variant][m]:+.1f}%</td>" for m in METRICS) + "</tr>" for c in cases)
+    ag = report.get("agreement")
+    rows = []
+    for k, c in enumerate(cases):
+        shown = [v for v in (variant, "paired") if v in c["errors"]]
+        for v in shown:
+            rows.append(f"<tr><td>{c['load']:g}</td><td>{c['policy']}</td><td>{v}</td>" + "".join(
+                f"<td>{100 * c['errors'][v][m]:+.1f}%</td>" for m in METRICS) + "</tr>")
+        if ag:  # the paired comparison's tolerance and verdict, on the goal metrics
+            x = ag["cases"][k]
+            rows.append("<tr><td></td><td></td><td>tolerance</td>" + "".join(
+                f"<td>±{100 * x['tolerance'][m]:.1f}% {'ok' if x['within'][m] else 'OUT'}</td>" if m in x["tolerance"]
+                else "<td></td>" for m in METRICS) + "</tr>")
     head = "".join(f"<th>{m}</th>" for m in METRICS)
     info = (f"pair {report['pair']['draft']} / {report['pair']['target']} on {report['device']}, clock={report['clock']}, "
-            f"threads={report['threads']}, loadavg {report['loadavg_start']} → {report['loadavg_end']}, "
-            f"simulator variant '{variant}'")
+            f"threads={report['threads']}, loadavg {report['loadavg_start']} → {report['loadavg_end']}; "
+            f"'{variant}': the simulator against the median over the engine's runs (plots: the first run); "
+            "'paired': each run against the simulator at the speed its probe read, median over runs")
+    verdict = "" if not ag else (
+        f"<p><b>{'All cases agree' if ag['all'] else 'Some cases disagree'}</b> with the engine within the goal + "
+        f"{ag['noise_widths']:g} × the measured noise (root sum of squares of {', '.join(ag['noises'])}).</p>")
     html = ("<html><head><meta charset='utf-8'><title>specbatch-validate</title></head><body>"
-            f"<h2>Simulator error (sim − real) / real</h2><p>{info}</p>"
-            f"<table border='1' cellpadding='3'><tr><th>load</th><th>policy</th>{head}</tr>{rows}</table>"
+            f"<h2>Simulator error (sim − real) / real</h2><p>{info}</p>{verdict}"
+            f"<table border='1' cellpadding='3'><tr><th>load</th><th>policy</th><th>variant</th>{head}</tr>"
+            f"{''.join(rows)}</table>"
             + fig.to_html(full_html=False, include_plotlyjs=True) + "</body></html>")
     path.write_text(html, encoding="utf-8")
     return path

@@ -53,6 +53,7 @@ def test_reduced_validation(tmp_path):
     assert saved["cases"][0]["errors"]["paired"].keys() == set(V.METRICS) and saved["agreement"]["all"]
     html = (tmp_path / "dashboard.html").read_text()
     assert "plotly.js" in html and len(html) > 1_000_000 and "latency CDF" in html and "<script src=\"http" not in html
+    assert "<td>paired</td>" in html and "All cases agree" in html and html.count("<td>tolerance</td>") == 6
     assert V.fresh_profile(tmp_path / "profile", "tiny-llama", "tiny-llama-draft", "cpu", V.REDUCED["grid"], 1.0)
 
 
