@@ -208,3 +208,34 @@ def test_agreement_tolerance_is_the_goal_plus_noise_widths():
     assert ag["pooled_noise"]["speed_noise"]["latency_mean"] == 0.01
     assert none["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * np.sqrt(0.02 ** 2 + 0.04 ** 2 + 0.01 ** 2))
     assert fixed["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * np.sqrt(0.02 ** 2 + 0.04 ** 2 + 0.12 ** 2))
+
+
+def test_benchmark_summarizes_validations_it_did_not_run(tmp_path, capsys):
+    """benchmarks/fidelity.py --reports: the paired errors' mean ± standard error over whole validations
+    (the model's bias), and a clear error for a file that is not a report or validations of other cases."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fidelity as F
+
+    paths = []
+    for k, e in enumerate((0.10, -0.02, 0.04)):
+        cases = [{"load": 0.3, "policy": "none", "real": {m: 1.0 for m in V.METRICS},
+                  "errors": {v: {m: e for m in V.METRICS} for v in ("model", "paired")},
+                  "sim": {"model": {m: 1.0 + e for m in V.METRICS}}}]
+        paths.append(tmp_path / f"r{k}.json")
+        paths[-1].write_text(json.dumps({"cases": cases}))
+    assert F.main(["--reports", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    se = np.std([10, -2, 4], ddof=1) / np.sqrt(3)  # percent
+    assert f"+4.0 ± {se:.1f}% (sd {np.std([10, -2, 4], ddof=1):.1f})" in out
+    assert "+4.0% [+10, -2, +4]" in out  # the median of the paired errors, and each validation's
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="bad.json: no cases with paired errors"):
+        F.main(["--reports", str(paths[0]), str(tmp_path / "bad.json")])
+    other = json.loads(paths[0].read_text())
+    other["cases"][0]["load"] = 0.6
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="cases differ"):
+        F.main(["--reports", str(paths[0]), str(tmp_path / "other.json")])
