@@ -104,17 +104,22 @@ def summarize_rounds(name: str, reports: list[dict]) -> str:
     """The tables over several whole validations of the same cases."""
     keys = [(c["load"], c["policy"]) for c in reports[0]["cases"]]
     for r in reports[1:]:
-        if [(c["load"], c["policy"]) for c in r["cases"]] != keys:
-            raise SystemExit(f"{name}: the validations' cases differ ({keys} vs "
-                             f"{[(c['load'], c['policy']) for c in r['cases']]}); expected the same cases")
+        other = [(c["load"], c["policy"]) for c in r["cases"]]
+        if other != keys:
+            raise SystemExit(f"{name}: the validations' cases differ ({keys} vs {other}); expected the same cases")
     n = len(reports)
-    return "\n".join([
+    lines = [
         f"== {name}: error of the medians over {n} rounds (\"model\" variant); per-round errors in brackets",
         rounds_table(reports, "model"),
         f"== {name}: median over {n} rounds of the paired errors (each run at its probed speed); per-round "
         "errors in brackets", rounds_table(reports, "paired"),
         f"== {name}: the paired errors' mean over {n} rounds ± its standard error (sd: one validation's scatter)",
-        bias_table(reports)])
+        bias_table(reports)]
+    steps = [c["steps"]["profile_over_step"] for r in reports for c in r["cases"] if c.get("steps")]
+    if steps:
+        lines.append(f"profile / engine step time, median per case: median {np.median(steps):.3f} over "
+                     f"{len(steps)} cases x rounds (range {min(steps):.2f}–{max(steps):.2f})")
+    return "\n".join(lines)
 
 
 def bias_table(reports: list[dict]) -> str:
@@ -151,10 +156,6 @@ def rounds_table(reports: list[dict], variant: str) -> str:
         lines.append(f"{c['load']:>5.2f} {c['policy']:9}" + "".join(f"  {x:>34}" for x in cells))
     # A bias shows as a mean error away from 0 (noise averages out over cases) and a step ratio away from 1.
     lines.append(f"{'mean':>5} {'':9}" + "".join(f"  {f'{100 * np.mean(errors[m]):+.1f}%':>34}" for m in HEADLINE))
-    steps = [c["steps"]["profile_over_step"] for r in reports for c in r["cases"] if c.get("steps")]
-    if steps:
-        lines.append(f"profile / engine step time, median per case: median {np.median(steps):.3f} over "
-                     f"{len(steps)} cases x rounds (range {min(steps):.2f}–{max(steps):.2f})")
     return "\n".join(lines)
 
 

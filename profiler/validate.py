@@ -823,18 +823,14 @@ def format_report(report: dict) -> str:
         for v in variants:
             lines.append(f"{c['load']:>5.2f} {c['policy']:9}{v:9}" + "".join(f"{100 * c['errors'][v][m]:>+16.1f}%"
                                                                          for m in METRICS))
-        if "noise" in c:
-            lines.append(f"{'':>5} {'':9}{'noise':9}" + "".join(f"{100 * c['noise'][m]:>16.1f}%" for m in METRICS))
-        if "paired_noise" in c:
-            lines.append(f"{'':>5} {'':9}{'p. noise':9}" + "".join(f"{100 * c['paired_noise'][m]:>16.1f}%"
-                                                                   for m in METRICS))
+        for kind, label in (("noise", "noise"), ("paired_noise", "p. noise"), ("model_noise", "sim n."),
+                            ("speed_noise", "speed n.")):
+            if kind in c:
+                lines.append(f"{'':>5} {'':9}{label:9}" + "".join(f"{100 * c[kind][m]:>16.1f}%" for m in METRICS))
         if c.get("probe_speeds"):
             lines.append(f"{'':>5} {'':9}probe    the machine's speed in each run (profile = 1): "
                          + ", ".join(f"{v:.2f}" for v in c["probe_speeds"])
                          + " (spread within each run: " + ", ".join(f"{v:.2f}" for v in c["probe_spreads"]) + ")")
-        for kind, label in (("model_noise", "sim n."), ("speed_noise", "speed n.")):
-            if kind in c:
-                lines.append(f"{'':>5} {'':9}{label:9}" + "".join(f"{100 * c[kind][m]:>16.1f}%" for m in METRICS))
         if c.get("steps"):
             st = c["steps"]
             lines.append(f"{'':>5} {'':9}steps    profile / engine step time, median {st['profile_over_step']:.3f} "
