@@ -19,7 +19,8 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
 * ``speed`` — the machine's speed during the engine runs relative to the profile: the profile's times are
   divided by it. Measured by a **probe** (:func:`make_probe`: a fixed profiler step timed every 8th
   iteration inside the engine's runs, its time taken out of the engine's clock) in each run, its scale
-  tied to the profile by re-timing the profiler's steps at two dozen points after each calibration run.
+  tied to the profile by re-timing the profiler's steps at two dozen points after each calibration run,
+  each point between two readings of the probe.
   An instrument correction for a profile taken while the machine ran at another speed, not a model of
   the engine;
 * ``sched`` — per-iteration scheduler/bookkeeping time outside the model calls (admission, policy,
@@ -294,8 +295,9 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     ``step_model_s`` and ``prefill_forward_s``, and ``prompts``: the prompt lengths each iteration
     admitted, or None), ``step_points`` (``batch, gamma, context, profiler_s``) and, with a ``probe``
     (:func:`make_probe`) run inside the calibration run as in the validation runs, ``probe_s`` (its
-    median). :func:`fit_overheads` turns one or more of them into the engine-side terms, against the
-    profile they are compared with.
+    median in the run); each step point then also has ``probe_s``, the mean of the probe's readings
+    just before and just after the point was timed. :func:`fit_overheads` turns one or more of them into
+    the engine-side terms, against the profile they are compared with.
     ``cost`` sets the run's rate (1.5 × its estimated capacity), ``max_gamma`` and the contexts timed."""
     import pandas as pd
 
@@ -326,6 +328,7 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
             caches = {role: M.make_cache("prealloc", m.config, b, c, max(gammas) + 1, engine.dtype, engine.device)
                       for role, m in (("target", engine.target), ("draft", engine.draft))}
             for g in gammas:
+                before = probe() if probe is not None else None
                 med = []
                 for step, reset in profiler_steps(engine, b, g, c, caches):
                     ts = []
@@ -335,7 +338,10 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
                         ts.append(clock() - t0)
                         reset()
                     med.append(float(np.median(ts[1:])))
-                points.append(dict(batch=b, gamma=g, context=c, profiler_s=med[0] + g * (med[1] if g else 0.0)))
+                point = dict(batch=b, gamma=g, context=c, profiler_s=med[0] + g * (med[1] if g else 0.0))
+                if probe is not None:  # the probe read just before and just after the point: the same seconds
+                    point["probe_s"] = (before + probe()) / 2
+                points.append(point)
             del caches
     return {"iterations": it, "step_points": points, "probe_s": probe_s}
 
@@ -405,10 +411,13 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
     * ``speed``: median over rounds of the round's speed. Without a probe, a round's speed is
       :func:`speed_vs_profile` of its re-timed profiler steps. With one (every calibration has
       ``probe_s``), the probe is tied to the profile first: ``probe_ref_s``, the probe's time at the
-      profile's speed, is the median over rounds of (steps' speed × probe seconds) — many profile points
-      and five rounds, so neither one noisy profile point nor steps timed in a slow second set the scale —
-      and a round's speed is ``probe_ref_s / probe_s``, read inside the calibration run itself by the
-      instrument the validation runs carry;
+      profile's speed, is the median over rounds and then over step points of (the profile's time over the
+      re-timed step) × (the probe's time around that step) — each factor read in the same second, so the
+      machine's speed cancels out, and many profile points so that no one noisy point sets the scale (the
+      probe's median over the whole run against steps re-timed after it moved by 14 % (sd) from round to
+      round on the 2-core VM; the per-point product, by 3 %) — and a round's speed is
+      ``probe_ref_s / probe_s``, read inside the calibration run itself by the instrument the validation
+      runs carry;
     * ``sched_*``: step time outside the model calls, ``base + per_seq·b + [γ > 0]·(spec + per_gamma·γ)``;
     * ``verify_s``, ``draft_s``: the step's model work in the run minus the profile's iteration at that
       speed, ``verify + γ·draft`` (per-sequence lengths, mask, scatter, padding, caches cooled by the
@@ -418,15 +427,21 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
 
     Each calibration is fitted on its own (least squares for the linear terms, a median for ``prefill``);
     each term is the median over the calibrations (a round in a slow second is outvoted), never below 0.
-    Returns the terms and details (``by_round``: each calibration's own terms; ``probe_ref_s`` with a
-    probe)."""
+    Returns the terms and details (``by_round``: each calibration's own terms; with a probe,
+    ``probe_ref_s`` and, per round, ``probe_ref_by_round`` and ``probe_run_over_steps``: the probe's median
+    in the run over its median around the re-timed steps, 1 when the two read the machine alike)."""
     hot = [speed_vs_profile(cost, c["step_points"]) for c in calibrations]
     probed = all(c.get("probe_s") for c in calibrations)
     if probed:
-        probe_ref = float(np.median([h * c["probe_s"] for h, c in zip(hot, calibrations)]))
+        refs = [float(np.median([cost.iteration(p["batch"], p["gamma"], float(p["context"])) / p["profiler_s"]
+                                 * p["probe_s"] for p in c["step_points"]])) for c in calibrations]
+        probe_ref = float(np.median(refs))
         speeds = [probe_ref / c["probe_s"] for c in calibrations]
+        around = [float(np.median([p["probe_s"] for p in c["step_points"]])) for c in calibrations]
+        probe_details = {"probe_ref_s": probe_ref, "probe_ref_by_round": refs,
+                         "probe_run_over_steps": [round(c["probe_s"] / a, 3) for c, a in zip(calibrations, around)]}
     else:
-        speeds = hot
+        speeds, probe_details = hot, {}
 
     def lstsq(x, y) -> np.ndarray:
         keep = [j for j in range(x.shape[1]) if j == 0 or len(np.unique(x[:, j])) > 1]
@@ -459,7 +474,7 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
     o = terms(np.median(fits, axis=0), np.median(speeds))
     details = {"overheads": o.as_dict(), "by_round": [terms(f, sp).as_dict() for f, sp in zip(fits, speeds)],
                "speed_by_round": [round(x, 3) for x in speeds], "steps_speed_by_round": [round(x, 3) for x in hot],
-               **({"probe_ref_s": probe_ref} if probed else {}),
+               **probe_details,
                "calibration_iterations": n_dec, "admissions": n_adm,
                "step_points": [p for c in calibrations for p in c["step_points"]]}
     return o, details

@@ -169,15 +169,19 @@ def test_fit_overheads_recovers_known_terms(formula_profile):
     for k, v in truth.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
     # with a probe, the round's speed is read by the probe inside the calibration run, the probe's scale set
-    # by the median over rounds of steps' speed x probe seconds: steps re-timed in a slow second (round 2
-    # reads 0.5) are outvoted, and the probe's own time (here 2 ms at the profile's speed) does not matter
+    # by the profile's time over each re-timed step x the probe's time around that step: steps re-timed in a
+    # slow second (round 2 reads 0.5, and so does the probe around them) leave the scale as it is; the
+    # probe's own time (here 2 ms at the profile's speed) does not matter
     for c, speed in zip(calibrations, (0.75, 0.8, 0.85)):
         c["probe_s"] = 2e-3 / speed
-    calibrations[1]["step_points"] = [{**q, "profiler_s": q["profiler_s"] * 0.8 / 0.5}
+        c["step_points"] = [{**q, "probe_s": 2e-3 / speed} for q in c["step_points"]]
+    calibrations[1]["step_points"] = [{**q, "profiler_s": q["profiler_s"] * 0.8 / 0.5, "probe_s": 2e-3 / 0.5}
                                       for q in calibrations[1]["step_points"]]
     got, details = V.fit_overheads(cost, calibrations)
     assert details["steps_speed_by_round"] == [0.75, 0.5, 0.85]
+    assert details["probe_ref_by_round"] == pytest.approx([2e-3] * 3)
     assert details["probe_ref_s"] == pytest.approx(2e-3) and details["speed_by_round"] == [0.75, 0.8, 0.85]
+    assert details["probe_run_over_steps"] == [1.0, 0.625, 1.0]  # round 2's run read 0.8, its steps 0.5
     for k, v in truth.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
 
