@@ -834,6 +834,12 @@ def format_report(report: dict) -> str:
              + f"; speed vs the profile {report['calibration']['overheads']['speed']:.3f} (by round "
              + ", ".join(f"{x:.2f}" for x in report["calibration"]["speed_by_round"]) + ")",
              f"{'load':>5} {'policy':9}{'variant':9}" + "".join(f"{m:>17}" for m in METRICS)]
+    cal = report["calibration"]
+    if "probe_ref_by_round" in cal:
+        lines.insert(2, f"probe at the profile's speed {1e3 * cal['probe_ref_s']:.3f} ms (by round "
+                     + ", ".join(f"{1e3 * x:.3f}" for x in cal["probe_ref_by_round"])
+                     + "; the probe in the run over the probe around the re-timed steps: "
+                     + ", ".join(f"{x:.2f}" for x in cal["probe_run_over_steps"]) + ")")
     for c in report["cases"]:
         for v in variants:
             lines.append(f"{c['load']:>5.2f} {c['policy']:9}{v:9}" + "".join(f"{100 * c['errors'][v][m]:>+16.1f}%"

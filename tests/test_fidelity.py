@@ -45,6 +45,9 @@ def test_reduced_validation(tmp_path):
         assert set(c["noise"]) == set(V.METRICS)
     o = report["calibration"]["overheads"]
     assert o["sched_base_s"] > 0 and o["prefill_s"] > 0 and 0.3 < o["speed"] < 3
+    cal = report["calibration"]  # the probe's scale, read around the re-timed steps in every round
+    assert len(cal["probe_ref_by_round"]) == V.REDUCED["repeats"] and min(cal["probe_ref_by_round"]) > 0
+    assert "probe at the profile's speed" in V.format_report(report)
     for c in report["cases"]:  # every engine run was probed; the paired comparison has its own spread
         assert len(c["probe_speeds"]) == V.REDUCED["repeats"] and all(0.2 < v < 5 for v in c["probe_speeds"])
         assert set(c["paired_noise"]) == set(c["model_noise"]) == set(c["speed_noise"]) == set(V.METRICS)
