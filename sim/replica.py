@@ -372,6 +372,7 @@ class Replica:
         self.uniforms = UniformStream(rng, thresholds=None if shared is None else shared[:cost.max_gamma])
         self.fast_forward = bool(fast_forward)
         self._ones = np.ones(self.max_batch, np.int64)  # for row sums of a plan's (k, batch) token counts
+        self._prefill_times: dict[int, tuple[float, float]] = {}  # context -> (target, draft) prefill seconds
         self._plan: _Plan | None = None  # the fast-forward plan being waited on
         self._wake: simpy.Event | None = None
         self.process = env.process(self._run_static() if mode == "static" else self._run_continuous())
@@ -413,16 +414,19 @@ class Replica:
         """Prefill ``rids`` one after another, join them to the batch with their first token, stamp
         admission and first-token times; return the seconds taken and whether one of them is done with that
         token (its output is one token long; the sequences already running all have tokens left)."""
-        r, cost, draft = self.reqs, self.cost, self.policy.uses_draft
+        r, cost, draft, known = self.reqs, self.cost, self.policy.uses_draft, self._prefill_times
         total = 0.0
         rows = []
         done = False
         for rid in rids:  # per request: a few scalars (cheaper than numpy calls on a handful of rows)
             gen = int(r.generated[rid])
             ctx = int(r.prompt[rid]) + gen
-            total += cost.prefill(ctx, "target")
+            times = known.get(ctx)
+            if times is None:  # prompt lengths repeat: the cost model is asked once per length
+                times = known[ctx] = (cost.prefill(ctx, "target"), cost.prefill(ctx, "draft") if draft else 0.0)
+            total += times[0]
             if draft:
-                total += cost.prefill(ctx, "draft")
+                total += times[1]
             left = int(r.output[rid]) - gen - 1
             done = done or left <= 0
             rows.append((rid, ctx + 1, left, ctx + 1, self.n_iter, self.gamma_total))
