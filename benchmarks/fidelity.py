@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=80)
     ap.add_argument("--loads", type=float, nargs="+", default=list(REDUCED["loads"]))
     ap.add_argument("--repeats", type=int, default=REDUCED["repeats"],
-                    help="engine rounds per validation, each after one of the profile's passes")
+                    help="engine rounds per validation (the first after each of the profile's passes)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sim.profile import STEP_COLUMNS, load_profile, write_profile_meta, write_steps
@@ -213,6 +214,16 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                disable=not progress, dynamic_ncols=True)
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     skipped_oom, timed_out = 0, False
+    reference = _reference(models["target"], dtype, device, temperature, timer, int(cfg.seed)) \
+        if tm.get("reference") else None
+    ref_rows = _resume_references(out) if reference is not None and rows else []
+    last_ref = None  # the reference reading after the previous point: the next point's "before"
+    if reference is not None:
+        meta["timing"]["reference"] = {"point": list(REFERENCE_POINT), "file": "reference.csv",
+                                       "what": "seconds of the reference step read just before and just after "
+                                               "each point (warmed by a call right before each reading); "
+                                               "merged passes divide each point by it"}
+        write_profile_meta(out, meta)
     groups: dict[tuple, list] = {}
     for p in todo:  # group points sharing one cache: (model, kind, batch, context)
         groups.setdefault((p[0], p[1] == "prefill", p[2], p[4] if p[1] != "prefill" else p[3]), []).append(p)
@@ -260,10 +271,15 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                 budget = float(tm.point_budget_s)
                 if deadline is not None:
                     budget = max(0.0, min(budget, deadline - (time.perf_counter() - t_start)))
+                before = (last_ref if last_ref is not None else reference()) if reference is not None else None
                 stats = measure(step, timer, reset=reset, warmup=int(tm.warmup), min_samples=int(tm.min_samples),
                                 max_samples=int(tm.max_samples), rel_precision=float(tm.rel_precision),
                                 budget_s=budget, floor_samples=int(tm.floor_samples))
                 rows.append(_row(p, stats, "ok"))
+                if reference is not None:
+                    last_ref = reference()
+                    ref_rows.append({**dict(zip(KEY, p)), "reference_s": (before + last_ref) / 2})
+                    _write_references(out, ref_rows)
             except Exception as e:  # noqa: BLE001
                 if not M.is_oom(e):
                     raise
@@ -293,6 +309,44 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     write_profile_meta(out, meta)
     load_profile(out)  # the folder we leave behind must be valid
     return out
+
+
+# The speed reference (``timing.reference``): a target verify of γ = 2 at batch 4, context 32, on a cache of its own
+REFERENCE_POINT = ("target", "verify", 4, 3, 32)
+
+
+def _reference(model, dtype, device: str, temperature: float, timer, seed: int):
+    """A function returning the seconds of one :data:`REFERENCE_POINT` step, run once untimed right before
+    (so that it is timed warm, as a point's samples are). Its own cache and random generator: the sweep's
+    draws do not depend on whether the reference is on."""
+    import torch
+
+    from profiler import models as M
+
+    role, phase, batch, tokens, context = REFERENCE_POINT
+    cache = M.make_cache("prealloc", model.config, batch, context, tokens, dtype, device)
+    gen = torch.Generator(device=device).manual_seed(seed + 7919)
+    step, reset = make_step(REFERENCE_POINT, model, cache, model.config.vocab_size, temperature, gen, device)
+
+    def read() -> float:
+        step()
+        reset()
+        t = timer(step)
+        reset()
+        return t
+
+    return read
+
+
+def _write_references(out: Path, rows: list[dict]) -> None:
+    from sim.profile import atomic_write_text
+
+    atomic_write_text(out / "reference.csv", pd.DataFrame(rows, columns=KEY + ["reference_s"]).to_csv(index=False))
+
+
+def _resume_references(out: Path) -> list[dict]:
+    f = out / "reference.csv"
+    return pd.read_csv(f).to_dict("records") if f.is_file() else []
 
 
 REPAIR_SWEEPS = 3  # sweeps of the disputed points per repair round of run_passes
@@ -335,7 +389,7 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
     out = Path(out_dir)
     t_start = time.perf_counter()
     total = float(cfg.timing.deadline_s) if cfg.timing.get("deadline_s") else None
-    frames, metas, repaired = [], [], []
+    frames, references, metas, repaired = [], [], [], []
 
     def time_left() -> float | None:
         return None if total is None else total - (time.perf_counter() - t_start)
@@ -346,16 +400,22 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
             sweep_cfg = OmegaConf.merge(cfg, {"timing": {"deadline_s": max(left, 1e-9) / share}})
         run_profile(sweep_cfg, out_dir=out / name, grid=grid, progress=progress, points=points)
         frames.append(pd.read_csv(out / name / "steps.csv"))
+        ref = out / name / "reference.csv"
+        references.append(pd.read_csv(ref) if ref.is_file() else None)
         return json.loads((out / name / "meta.json").read_text())  # the sweep's meta
 
     def merge() -> None:
-        write_steps(out, merge_passes(frames))
+        write_steps(out, merge_passes(frames, references))
         meta = json.loads(json.dumps(metas[-1]))
         meta.pop("schema_version", None)
         meta["device"]["loadavg_start"] = metas[0]["device"].get("loadavg_start")
+        if "reference" in meta["timing"]:
+            meta["timing"]["reference"]["typical_s"] = typical_reference(references)
         meta["timing"].update(passes=len(metas), deadline_s=total, repairs=repaired,
                               merge="median over sweeps of each point's median (p10 min, p90 max, samples "
-                                    "summed); oom where no sweep measured the point",
+                                    "summed)" + (", each first multiplied by the typical reference reading over "
+                                                 "the one around it" if typical_reference(references) else "")
+                              + "; oom where no sweep measured the point",
                               complete=len(metas) >= int(passes) and all(m["timing"].get("complete") for m in metas),
                               elapsed_s=round(time.perf_counter() - t_start, 1))
         write_profile_meta(out, meta)
@@ -399,9 +459,35 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
     return out
 
 
-def merge_passes(frames: list[pd.DataFrame]) -> pd.DataFrame:
+def typical_reference(references: list) -> float | None:
+    """The median of every sweep's reference readings (seconds), or None unless every sweep has them."""
+    if not references or any(r is None for r in references):
+        return None
+    return float(np.median(pd.concat(references)["reference_s"]))
+
+
+def merge_passes(frames: list[pd.DataFrame], references: list | None = None) -> pd.DataFrame:
     """The rows of several sweeps of one grid (whole or some of its points) merged as :func:`run_passes`
-    describes, sorted by :data:`KEY`."""
+    describes, sorted by :data:`KEY`.
+
+    ``references`` (one ``reference.csv`` frame per sweep, or None) put every sweep's points on one clock
+    first: a point's times are multiplied by the typical reference reading (:func:`typical_reference`) over
+    the reading around that point, so that a point timed while the machine ran slow counts at the speed the
+    machine usually had. Without a reading for every measured point of every sweep, nothing is rescaled."""
+    typical = typical_reference(references)
+    if typical is not None:
+        scaled = []
+        for f, ref in zip(frames, references):
+            f = f.merge(ref, on=KEY, how="left")
+            ok = f["status"] == "ok"
+            if f.loc[ok, "reference_s"].isna().any():
+                scaled = None
+                break
+            k = typical / f.loc[ok, "reference_s"]
+            for col in ("median_s", "p10_s", "p90_s"):
+                f.loc[ok, col] = f.loc[ok, col] * k
+            scaled.append(f.drop(columns="reference_s"))
+        frames = scaled or frames
     rows = pd.concat(frames, ignore_index=True)
     ok = rows[rows["status"] == "ok"]
     merged = ok.groupby(KEY, as_index=False).agg(median_s=("median_s", "median"), p10_s=("p10_s", "min"),

@@ -35,10 +35,12 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
 **Rounds.** On a shared machine the speed drifts by several percent over tens of seconds (and a group of
 neighbouring profile points can land in a slow second), and queueing turns a step-time error into two to
 three times that in latency. So the engine runs come in ``repeats`` rounds, interleaved with the
-profile's passes: after each pass, one calibration and one replay of every case (in a rotated order).
-The profile keeps each point's median over its passes, the engine's figure for a case is the median over
-its runs, and the run-to-run spread (semi-interquartile range over the median) is reported as the case's
-noise. With a reused profile (``profile=``, or a fresh one in ``out``) the rounds run on their own.
+profile's :data:`PROFILE_PASSES` passes: after each pass, one calibration and one replay of every case (in
+a rotated order), the rounds beyond the passes after the profile. The sweep reads a speed reference
+around every point and the passes are merged at the machine's typical speed (``timing.reference``), each
+point keeping its median over the passes; the engine's figure for a case is the median over its runs,
+and the run-to-run spread (semi-interquartile range over the median) is reported as the case's noise.
+With a reused profile (``profile=``, or a fresh one in ``out``) the rounds run on their own.
 
 The report compares the engine with the simulator variants, cumulatively: ``profile`` (the plain profile,
 the baseline), ``+speed``, ``+sched``, ``+prefill`` and ``model`` (every term) — each against the median
@@ -73,6 +75,7 @@ HEADLINE = ("latency_mean", "latency_p99", "throughput_tok_s")
 # the accuracy goals (|relative error|) and how many noise widths a measured error may exceed them by
 GOALS = {"latency_mean": 0.05, "latency_p99": 0.10, "throughput_tok_s": 0.05}
 NOISE_WIDTHS = 3.0
+PROFILE_PASSES = 3  # sweeps of the profile's grid in a validation (each merged at the machine's typical speed)
 POLICIES = {"none": {}, "fixed": {"gamma": 4}, "adaptive": {}}
 FIXES = ("speed", "sched", "prefill", "step")
 # cumulative: what each term buys on top of the previous ones
@@ -125,7 +128,7 @@ def profiler_clock(clock: str):
 
 def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str = "cpu", threads: int = 1,
                  device: str = "cpu", point_budget_s: float = 0.1, seed: int = 0, passes: int = 3,
-                 max_passes: int = 4, repairs: int = 3, after_pass=None) -> Path:
+                 max_passes: int = 4, repairs: int = 3, reference: bool = True, after_pass=None) -> Path:
     """Profile ``draft``/``target`` on this machine into ``out`` with the profiler's sweep.
 
     On a shared machine the speed drifts between points (other jobs come and go; a group of neighbouring
@@ -133,7 +136,8 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
     outvotes one slow pass) and each point keeps the median of its pass medians; while the result fails the
     profile's monotonicity check the disputed points are remeasured (up to ``repairs`` rounds), then whole
     passes are added (up to ``max_passes``); ``after_pass(k)`` runs after pass k; see
-    :func:`profiler.sweep.run_passes`."""
+    :func:`profiler.sweep.run_passes`. ``reference``: each point read against the sweep's speed reference
+    (``timing.reference``), so that the passes are merged at the machine's typical speed."""
     from omegaconf import OmegaConf
 
     from profiler.sweep import Grid, run_passes
@@ -144,7 +148,7 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
         threads=threads, cache="prealloc", seed=seed, resume=False, memory_limit_bytes=None,
         note=f"specbatch-validate, clock={clock}, loadavg at start {loadavg()}",
         timing=dict(warmup=2, min_samples=9, max_samples=60, floor_samples=5, rel_precision=0.02,
-                    point_budget_s=point_budget_s, deadline_s=None, temperature=1.0)))
+                    point_budget_s=point_budget_s, deadline_s=None, temperature=1.0, reference=reference)))
     with profiler_clock(clock):
         run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max(passes, max_passes),
                    repairs=repairs, progress=False, after_pass=after_pass)
@@ -667,11 +671,12 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     # The profile's passes and the engine's rounds interleave, so that the profile (the median over its
     # passes) and the engine runs (the median over rounds) sample the same stretch of the machine's speed.
     if profile is None and not fresh_profile(prof_dir, target, draft, clock, grid, max_age_h):
-        passes = max(3, int(repeats))
-        log(f"profiling {draft} / {target} on {device} (clock={clock}, {passes} passes), each of the first "
-            f"{repeats} followed by an engine round ...")
+        log(f"profiling {draft} / {target} on {device} (clock={clock}, {PROFILE_PASSES} passes), each followed "
+            f"by an engine round; {repeats} rounds in all ...")
         profile_pair(prof_dir, target, draft, grid, clock=clock, threads=threads, device=device, seed=seed,
-                     passes=passes, after_pass=one_round)
+                     passes=PROFILE_PASSES, after_pass=one_round)
+        for k in range(PROFILE_PASSES, int(repeats)):
+            one_round(k)
     else:
         log(f"reusing the profile {prof_dir}; {repeats} engine rounds ...")
         for k in range(int(repeats)):

@@ -1,5 +1,5 @@
 """The reduced validation (specbatch-validate defaults: tiny pair, 2 loads x 3 policies, 40 requests of an
-Azure trace slice, CPU clock, 5 rounds interleaved with the profile's passes, every run probed for the
+Azure trace slice, CPU clock, 5 rounds interleaved with the profile's 3 passes, every run probed for the
 machine's speed) end to end, with an accuracy bound that reflects the noise the run measures: for every
 case, the paired comparison's error (each engine run against the simulator at that run's probed speed)
 on mean latency, p99 latency and throughput must be within the issue's goal (5 %, 10 %, 5 %) plus 3 x
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("torch")
@@ -61,6 +62,11 @@ def test_reduced_validation(tmp_path):
     assert "plotly.js" in html and len(html) > 1_000_000 and "latency CDF" in html and "<script src=\"http" not in html
     assert "<td>paired</td>" in html and "All cases agree" in html and html.count("<td>tolerance</td>") == 6
     assert V.fresh_profile(tmp_path / "profile", "tiny-llama", "tiny-llama-draft", "cpu", V.REDUCED["grid"], 1.0)
+    # the passes were merged at the machine's typical speed: every point read against the speed reference
+    meta = json.loads((tmp_path / "profile" / "meta.json").read_text())
+    assert meta["timing"]["reference"]["typical_s"] > 0 and "reference" in meta["timing"]["merge"]
+    steps = pd.read_csv(tmp_path / "profile" / "pass0" / "steps.csv")
+    assert len(pd.read_csv(tmp_path / "profile" / "pass0" / "reference.csv")) == (steps["status"] == "ok").sum()
 
 
 def test_cli_rejects_bad_input(capsys):

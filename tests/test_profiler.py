@@ -342,6 +342,31 @@ def test_merge_passes_takes_the_median_over_passes_and_keeps_oom_points():
     assert m.loc[32, "status"] == "oom" and np.isnan(m.loc[32, "median_s"])
 
 
+def test_merge_passes_puts_each_point_at_the_typical_reference_speed():
+    """A pass timed while the machine ran at half speed (its reference readings twice as long) counts at the
+    machine's typical speed; without a reading for every measured point nothing is rescaled."""
+    def ref(*rows):
+        return pd.DataFrame([dict(zip(["model", "phase", "batch", "tokens", "context", "reference_s"], r)) for r in rows])
+
+    p0 = _rows(("target", "decode", 1, 1, 16, 1.0, 0.9, 1.1, 5, "ok"), ("target", "decode", 8, 1, 16, 4.0, 3.6, 4.4, 5, "ok"))
+    p1 = _rows(("target", "decode", 1, 1, 16, 2.0, 1.8, 2.2, 5, "ok"), ("target", "decode", 8, 1, 16, 8.0, 7.2, 8.8, 5, "ok"))
+    p2 = _rows(("target", "decode", 1, 1, 16, 1.1, 1.0, 1.2, 5, "ok"), ("target", "decode", 8, 1, 16, 3.0, 2.7, 3.3, 5, "ok"))
+    r0 = ref(("target", "decode", 1, 1, 16, 1.0), ("target", "decode", 8, 1, 16, 1.0))
+    r1 = ref(("target", "decode", 1, 1, 16, 2.0), ("target", "decode", 8, 1, 16, 2.0))  # the slow pass
+    r2 = ref(("target", "decode", 1, 1, 16, 1.0), ("target", "decode", 8, 1, 16, 0.75))  # a fast second at batch 8
+    assert sweep.typical_reference([r0, r1, r2]) == 1.0
+    m = sweep.merge_passes([p0, p1, p2], [r0, r1, r2]).set_index("batch")
+    assert m.loc[1, "median_s"] == pytest.approx(1.0)  # 1.0, 2.0 / 2, 1.1 -> median 1.0
+    assert m.loc[8, "median_s"] == pytest.approx(4.0)  # 4.0, 8.0 / 2, 3.0 / 0.75
+    assert m.loc[1, "p90_s"] == pytest.approx(1.2)  # p90: the largest after rescaling (1.1, 1.1, 1.2)
+    plain = sweep.merge_passes([p0, p1, p2]).set_index("batch")
+    assert plain.loc[8, "median_s"] == 4.0 and plain.loc[1, "median_s"] == 1.1
+    missing = sweep.merge_passes([p0, p1, p2], [r0, r1.iloc[:1], r2]).set_index("batch")  # batch 8 unread in pass 1
+    assert missing.equals(plain)
+    assert sweep.typical_reference([r0, None]) is None and sweep.merge_passes([p0, p1], [r0, None]).equals(
+        sweep.merge_passes([p0, p1]))
+
+
 def test_passes_from_the_cli_merge_and_share_the_deadline(tmp_path, monkeypatch):
     seen = []
     real = sweep.run_profile
