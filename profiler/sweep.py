@@ -405,16 +405,18 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
         return json.loads((out / name / "meta.json").read_text())  # the sweep's meta
 
     def merge() -> None:
-        write_steps(out, merge_passes(frames, references))
+        merged = merge_passes(frames, references)
+        write_steps(out, merged)
+        typical = merged.attrs.get("typical_reference_s")
         meta = json.loads(json.dumps(metas[-1]))
         meta.pop("schema_version", None)
         meta["device"]["loadavg_start"] = metas[0]["device"].get("loadavg_start")
         if "reference" in meta["timing"]:
-            meta["timing"]["reference"]["typical_s"] = typical_reference(references)
+            meta["timing"]["reference"]["typical_s"] = typical
         meta["timing"].update(passes=len(metas), deadline_s=total, repairs=repaired,
                               merge="median over sweeps of each point's median (p10 min, p90 max, samples "
                                     "summed)" + (", each first multiplied by the typical reference reading over "
-                                                 "the one around it" if typical_reference(references) else "")
+                                                 "the one around it" if typical else "")
                               + "; oom where no sweep measured the point",
                               complete=len(metas) >= int(passes) and all(m["timing"].get("complete") for m in metas),
                               elapsed_s=round(time.perf_counter() - t_start, 1))
@@ -473,8 +475,9 @@ def merge_passes(frames: list[pd.DataFrame], references: list | None = None) -> 
     ``references`` (one ``reference.csv`` frame per sweep, or None) put every sweep's points on one clock
     first: a point's times are multiplied by the typical reference reading (:func:`typical_reference`) over
     the reading around that point, so that a point timed while the machine ran slow counts at the speed the
-    machine usually had. Without a reading for every measured point of every sweep, nothing is rescaled."""
-    typical = typical_reference(references)
+    machine usually had (the result's ``attrs["typical_reference_s"]``). Without a reading for every
+    measured point of every sweep, nothing is rescaled (and ``attrs`` is empty)."""
+    typical, scaled = typical_reference(references), None
     if typical is not None:
         scaled = []
         for f, ref in zip(frames, references):
@@ -496,7 +499,10 @@ def merge_passes(frames: list[pd.DataFrame], references: list | None = None) -> 
     oom = rows[rows["status"] == "oom"].drop_duplicates(KEY)
     measured = pd.MultiIndex.from_frame(merged[KEY])
     oom = oom[~pd.MultiIndex.from_frame(oom[KEY]).isin(measured)]
-    return pd.concat([merged, oom[merged.columns]], ignore_index=True).sort_values(KEY, ignore_index=True)
+    out = pd.concat([merged, oom[merged.columns]], ignore_index=True).sort_values(KEY, ignore_index=True)
+    if scaled:
+        out.attrs["typical_reference_s"] = typical
+    return out
 
 
 def _specbatch_version() -> str:

@@ -355,14 +355,16 @@ def test_merge_passes_puts_each_point_at_the_typical_reference_speed():
     r1 = ref(("target", "decode", 1, 1, 16, 2.0), ("target", "decode", 8, 1, 16, 2.0))  # the slow pass
     r2 = ref(("target", "decode", 1, 1, 16, 1.0), ("target", "decode", 8, 1, 16, 0.75))  # a fast second at batch 8
     assert sweep.typical_reference([r0, r1, r2]) == 1.0
-    m = sweep.merge_passes([p0, p1, p2], [r0, r1, r2]).set_index("batch")
+    m = sweep.merge_passes([p0, p1, p2], [r0, r1, r2])
+    assert m.attrs["typical_reference_s"] == 1.0
+    m = m.set_index("batch")
     assert m.loc[1, "median_s"] == pytest.approx(1.0)  # 1.0, 2.0 / 2, 1.1 -> median 1.0
     assert m.loc[8, "median_s"] == pytest.approx(4.0)  # 4.0, 8.0 / 2, 3.0 / 0.75
     assert m.loc[1, "p90_s"] == pytest.approx(1.2)  # p90: the largest after rescaling (1.1, 1.1, 1.2)
     plain = sweep.merge_passes([p0, p1, p2]).set_index("batch")
     assert plain.loc[8, "median_s"] == 4.0 and plain.loc[1, "median_s"] == 1.1
-    missing = sweep.merge_passes([p0, p1, p2], [r0, r1.iloc[:1], r2]).set_index("batch")  # batch 8 unread in pass 1
-    assert missing.equals(plain)
+    missing = sweep.merge_passes([p0, p1, p2], [r0, r1.iloc[:1], r2])  # batch 8 unread in pass 1
+    assert missing.set_index("batch").equals(plain) and not missing.attrs
     assert sweep.typical_reference([r0, None]) is None and sweep.merge_passes([p0, p1], [r0, None]).equals(
         sweep.merge_passes([p0, p1]))
 
