@@ -400,12 +400,17 @@ def admitted_prompts(requests, iterations) -> list:
     return out
 
 
+def point_speeds(cost, step_points: list[dict]) -> np.ndarray:
+    """Per re-timed point of a calibration: the profile's iteration time (behind ``cost``) over the
+    profiler's step timed in the calibration (``profiler_s``) (dimensionless; > 1: faster than profiled)."""
+    return np.array([cost.iteration(p["batch"], p["gamma"], float(p["context"])) / p["profiler_s"]
+                     for p in step_points])
+
+
 def speed_vs_profile(cost, step_points: list[dict]) -> float:
-    """The machine's speed during a calibration relative to the profile behind ``cost``: the profile's
-    iteration time over the profiler's step timed in the calibration (``profiler_s``), median over its
-    points (dimensionless; > 1: the machine ran faster than when it was profiled)."""
-    return float(np.median([cost.iteration(p["batch"], p["gamma"], float(p["context"])) / p["profiler_s"]
-                            for p in step_points]))
+    """The machine's speed during a calibration relative to the profile behind ``cost``: the median over
+    its points of :func:`point_speeds`."""
+    return float(np.median(point_speeds(cost, step_points)))
 
 
 def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
@@ -434,11 +439,11 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
     Returns the terms and details (``by_round``: each calibration's own terms; with a probe,
     ``probe_ref_s`` and, per round, ``probe_ref_by_round`` and ``probe_run_over_steps``: the probe's median
     in the run over its median around the re-timed steps, 1 when the two read the machine alike)."""
-    hot = [speed_vs_profile(cost, c["step_points"]) for c in calibrations]
+    ratios = [point_speeds(cost, c["step_points"]) for c in calibrations]
+    hot = [float(np.median(r)) for r in ratios]
     probed = all(c.get("probe_s") for c in calibrations)
     if probed:
-        refs = [float(np.median([cost.iteration(p["batch"], p["gamma"], float(p["context"])) / p["profiler_s"]
-                                 * p["probe_s"] for p in c["step_points"]])) for c in calibrations]
+        refs = [float(np.median(r * [p["probe_s"] for p in c["step_points"]])) for r, c in zip(ratios, calibrations)]
         probe_ref = float(np.median(refs))
         speeds = [probe_ref / c["probe_s"] for c in calibrations]
         around = [float(np.median([p["probe_s"] for p in c["step_points"]])) for c in calibrations]
