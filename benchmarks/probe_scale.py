@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -30,7 +29,8 @@ import torch
 
 from profiler import models as M
 from profiler import validate as V
-from profiler.engine import Engine, EngineConfig
+from profiler import timing
+from profiler.engine import Engine, EngineConfig, make_clock
 from profiler.sweep import make_step
 from profiler.timing import measure
 from sim.acceptance import AcceptanceModel
@@ -40,50 +40,38 @@ R = V.REDUCED
 MAX_LEN = R["max_prompt"] + R["max_output"] + R["max_gamma"] + 4
 
 
-def cpu_timer(step) -> float:
-    t0 = time.process_time()
-    step()
-    return time.process_time() - t0
+def swept(models: dict, point: tuple, gen, timer) -> float:
+    """The sweep's timing of one profile point on ``models`` (as ``specbatch-validate`` configures it), seconds."""
+    role, _, b, tokens, c = point
+    m = models[role]
+    cache = M.make_cache("prealloc", m.config, b, c, max(R["grid"]["gammas"]) + 1, torch.float32, "cpu")
+    step, reset = make_step(point, m, cache, m.config.vocab_size, 1.0, gen, "cpu")
+    return measure(step, timer, reset=reset, budget_s=0.1, **V.PROFILE_TIMING).median_s
 
 
 def retimed(eng: Engine, b: int, g: int, c: int) -> list[float]:
     """The calibration's re-timing of the target step (and the draft decode when γ > 0), seconds."""
     caches = {role: M.make_cache("prealloc", m.config, b, c, 5, eng.dtype, eng.device)  # as calibrate: γ ≤ 4
               for role, m in (("target", eng.target), ("draft", eng.draft))}
-    out = []
-    for step, reset in V.profiler_steps(eng, b, g, c, caches):
-        ts = []
-        for _ in range(6):
-            ts.append(cpu_timer(step))
-            reset()
-        out.append(float(np.median(ts[1:])))
-    return out
-
-
-def swept(models: dict, point: tuple, gen) -> float:
-    """The sweep's timing of one profile point on ``models`` (as ``specbatch-validate`` configures it), seconds."""
-    role, _, b, tokens, c = point
-    m = models[role]
-    cache = M.make_cache("prealloc", m.config, b, c, max(R["grid"]["gammas"]) + 1, torch.float32, "cpu")
-    step, reset = make_step(point, m, cache, m.config.vocab_size, 1.0, gen, "cpu")
-    return measure(step, cpu_timer, reset=reset, warmup=2, min_samples=9, max_samples=60, rel_precision=0.02,
-                   budget_s=0.1, floor_samples=5).median_s
+    return V.retime(eng, b, g, c, caches, make_clock("cpu", eng.device))
 
 
 def sweep_vs_retiming(eng: Engine, repeats: int) -> pd.DataFrame:
     target, draft = (M.load_model(name, torch.float32, "cpu", seed=s)[0]
                      for name, s in ((R["pair"].split(":")[0], 0), (R["pair"].split(":")[1], 1)))
     models, gen, rows = {"target": target, "draft": draft}, torch.Generator().manual_seed(0), []
+    with V.profiler_clock("cpu"):  # the timer the validation's sweep uses: this process's CPU time
+        timer = timing.make_timer("cpu")
     for _ in range(repeats):
         for b in R["grid"]["batches"]:
             for c in (32, 96):
                 for g in (0, 2, 4):
                     again = retimed(eng, b, g, c)
                     rows.append(dict(model="target", batch=b, ratio=swept(models, (
-                        "target", "verify" if g else "decode", b, g + 1, c), gen) / again[0]))
+                        "target", "verify" if g else "decode", b, g + 1, c), gen, timer) / again[0]))
                     if g:
                         rows.append(dict(model="draft", batch=b,
-                                         ratio=swept(models, ("draft", "decode", b, 1, c), gen) / again[1]))
+                                         ratio=swept(models, ("draft", "decode", b, 1, c), gen, timer) / again[1]))
     return pd.DataFrame(rows)
 
 

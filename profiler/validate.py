@@ -76,6 +76,8 @@ HEADLINE = ("latency_mean", "latency_p99", "throughput_tok_s")
 GOALS = {"latency_mean": 0.05, "latency_p99": 0.10, "throughput_tok_s": 0.05}
 NOISE_WIDTHS = 3.0
 PROFILE_PASSES = 3  # sweeps of the profile's grid in a validation (each merged at the machine's typical speed)
+# how the validation's sweep samples each point (profiler.timing.measure), beside point_budget_s
+PROFILE_TIMING = dict(warmup=2, min_samples=9, max_samples=60, floor_samples=5, rel_precision=0.02)
 POLICIES = {"none": {}, "fixed": {"gamma": 4}, "adaptive": {}}
 FIXES = ("speed", "sched", "prefill", "step")
 # cumulative: what each term buys on top of the previous ones
@@ -147,8 +149,8 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
         pair=dict(target=target, draft=draft, name=f"{draft}__{target}"), device=device, dtype="auto",
         threads=threads, cache="prealloc", seed=seed, resume=False, memory_limit_bytes=None,
         note=f"specbatch-validate, clock={clock}, loadavg at start {loadavg()}",
-        timing=dict(warmup=2, min_samples=9, max_samples=60, floor_samples=5, rel_precision=0.02,
-                    point_budget_s=point_budget_s, deadline_s=None, temperature=1.0, reference=reference)))
+        timing=dict(**PROFILE_TIMING, point_budget_s=point_budget_s, deadline_s=None, temperature=1.0,
+                    reference=reference)))
     with profiler_clock(clock):
         run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max(passes, max_passes),
                    repairs=repairs, progress=False, after_pass=after_pass)
@@ -288,6 +290,22 @@ def profiler_steps(engine, batch: int, gamma: int, context: int, caches: dict | 
     return steps
 
 
+def retime(engine, batch: int, gamma: int, context: int, caches: dict, clock, repeats: int = 5) -> list[float]:
+    """The profiler's steps at (batch, γ, context) (:func:`profiler_steps` on ``caches``) each called
+    ``repeats`` + 1 times on ``clock``, the first call warming the shape up and not kept: the median seconds
+    of the target's step, then (γ > 0) of one draft decode."""
+    med = []
+    for step, reset in profiler_steps(engine, batch, gamma, context, caches):
+        ts = []
+        for _ in range(repeats + 1):
+            t0 = clock()
+            step()
+            ts.append(clock() - t0)
+            reset()
+        med.append(float(np.median(ts[1:])))
+    return med
+
+
 def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, max_prompt: int = 96,
               max_output: int = 48, repeats: int = 5, probe=None) -> dict:
     """One calibration measurement on the engine itself (never a validation run): a short run of its own
@@ -333,15 +351,7 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
                       for role, m in (("target", engine.target), ("draft", engine.draft))}
             for g in gammas:
                 before = probe() if probe is not None else None
-                med = []
-                for step, reset in profiler_steps(engine, b, g, c, caches):
-                    ts = []
-                    for _ in range(repeats + 1):  # the first call warms the shape up and is not kept
-                        t0 = clock()
-                        step()
-                        ts.append(clock() - t0)
-                        reset()
-                    med.append(float(np.median(ts[1:])))
+                med = retime(engine, b, g, c, caches, clock, repeats)
                 point = dict(batch=b, gamma=g, context=c, profiler_s=med[0] + g * (med[1] if g else 0.0))
                 if probe is not None:  # the probe read just before and just after the point: the same seconds
                     point["probe_s"] = (before + probe()) / 2
