@@ -189,6 +189,12 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
         },
     }
 
+    if tm.get("reference"):
+        meta["timing"]["reference"] = {"point": list(REFERENCE_POINT), "file": "reference.csv",
+                                       "what": "seconds of the reference step read just before and just after "
+                                               "each point (warmed by a call right before each reading); "
+                                               "merged passes divide each point by it"}
+
     rows = _resume_rows(out, meta) if cfg.get("resume", True) else []
     done = {tuple(r[k] for k in KEY) for r in rows}
     oom_ceiling: dict[tuple[str, int, str], int] = {}  # (model, context|length, kind) -> smallest OOM batch
@@ -218,12 +224,6 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
         if tm.get("reference") else None
     ref_rows = _resume_references(out) if reference is not None and rows else []
     last_ref = None  # the reference reading after the previous point: the next point's "before"
-    if reference is not None:
-        meta["timing"]["reference"] = {"point": list(REFERENCE_POINT), "file": "reference.csv",
-                                       "what": "seconds of the reference step read just before and just after "
-                                               "each point (warmed by a call right before each reading); "
-                                               "merged passes divide each point by it"}
-        write_profile_meta(out, meta)
     groups: dict[tuple, list] = {}
     for p in todo:  # group points sharing one cache: (model, kind, batch, context)
         groups.setdefault((p[0], p[1] == "prefill", p[2], p[4] if p[1] != "prefill" else p[3]), []).append(p)
