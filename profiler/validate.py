@@ -26,11 +26,13 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
 * ``sched`` — per-iteration scheduler/bookkeeping time outside the model calls (admission, policy,
   acceptance draws, slot bookkeeping, building positions and masks): a constant, a per-sequence term, and
   for iterations that speculate (γ > 0) a constant and a per-draft-position term;
-* ``prefill`` — per admission and model prefilled: the engine's whole prefill phase (fresh cache, forward,
-  first-token sampling, copy into the batch's slot) beyond the profile's prefill forward;
-* ``step`` — the step's model work inside the run beyond the profile's step, per target forward and per
-  draft forward: per-sequence lengths (position ids, one scatter per layer, a boolean mask, attention
-  padded to the longest sequence) and caches cooled by the scheduler's work between steps.
+* ``prefill`` — per admission, and per admission whose draft is prefilled too: the engine's whole
+  prefill phase (fresh cache, forward, first-token sampling, copy into the batch's slot) beyond the
+  profile's prefill forwards;
+* ``step`` — the step's model work inside the run beyond the profile's step: per γ = 0 step (a decode),
+  per γ > 0 step (a verify, with the draft's sampling, the acceptance draws and the residual distribution)
+  and per draft forward: per-sequence lengths (position ids, one scatter per layer, a boolean mask,
+  attention padded to the longest sequence) and caches cooled by the scheduler's work between steps.
 
 **Rounds.** On a shared machine the speed drifts by several percent over tens of seconds (and a group of
 neighbouring profile points can land in a slow second), and queueing turns a step-time error into two to
@@ -185,8 +187,10 @@ class Overheads:
     sched_per_seq_s: float = 0.0  # per running sequence per iteration
     sched_spec_s: float = 0.0  # per iteration that speculates (γ > 0: acceptance draws, draft bookkeeping)
     sched_per_gamma_s: float = 0.0  # per draft position per iteration
-    prefill_s: float = 0.0  # per admitted request (per model prefilled)
-    verify_s: float = 0.0  # per batched target forward inside the run, beyond the profiled step
+    prefill_s: float = 0.0  # per admitted request (its target prefill, the slot's set-up)
+    prefill_draft_s: float = 0.0  # per admitted request whose draft is prefilled too
+    decode_s: float = 0.0  # per γ = 0 step (one target decode) inside the run, beyond the profiled step
+    verify_s: float = 0.0  # per γ > 0 step's target verify inside the run, beyond the profiled step
     draft_s: float = 0.0  # per batched draft forward inside the run, beyond the profiled step
     speed: float = 1.0  # the profile's step time over the same step timed during the engine runs (dimensionless)
 
@@ -208,7 +212,7 @@ def _cost_class():
             """Seconds added to one iteration, in the order they are added."""
             o, terms = self.overheads, []
             if "step" in self.fixes:
-                terms.append(o.verify_s + gamma * o.draft_s)
+                terms.append(o.verify_s + gamma * o.draft_s if gamma else o.decode_s)
             if "sched" in self.fixes:
                 terms.append(o.sched_base_s + o.sched_per_seq_s * batch
                              + (o.sched_spec_s + o.sched_per_gamma_s * gamma if gamma else 0.0))
@@ -239,26 +243,24 @@ def _cost_class():
 
         def prefill(self, prompt_tokens: float, model: str = "target") -> float:
             t = super().prefill(prompt_tokens, model) * self._scale()
-            return t + (self.overheads.prefill_s if "prefill" in self.fixes else 0.0)
+            if "prefill" not in self.fixes:
+                return t
+            return t + (self.overheads.prefill_draft_s if model == "draft" else self.overheads.prefill_s)
 
     return EngineCostModel
 
 
-class CyclingGamma(Policy):
-    """Calibration policy: γ steps through ``gammas``, one value per iteration (so that one short run
-    measures the engine's per-iteration overhead at every γ). Not a serving policy: it is not registered."""
+class ConstantGamma(Policy):
+    """Calibration policy: always ``gamma``; ``drafts``: the draft model is used (prefilled at admission).
+    Not a serving policy: it is not registered."""
 
-    name = "cycling"
+    name = "calibration"
 
-    def __init__(self, gammas):
-        self.gammas, self.i = list(gammas), -1
-
-    def setup(self, cost, acceptance, context) -> None:
-        self.i = -1
+    def __init__(self, gamma: int, drafts: bool = True):
+        self.gamma, self.uses_draft = int(gamma), bool(drafts)
 
     def choose(self, view) -> int:
-        self.i += 1
-        return self.gammas[self.i % len(self.gammas)]
+        return self.gamma
 
 
 def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_gamma: int):
@@ -308,16 +310,21 @@ def retime(engine, batch: int, gamma: int, context: int, caches: dict, clock, re
 
 def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, max_prompt: int = 96,
               max_output: int = 48, repeats: int = 5, probe=None) -> dict:
-    """One calibration measurement on the engine itself (never a validation run): a short run of its own
-    workload at high load with γ cycling over the policies' range (:class:`CyclingGamma`), and the
+    """One calibration measurement on the engine itself (never a validation run): short runs of its own
+    workload at high load, one per γ over the policies' range, each at that constant γ
+    (:class:`ConstantGamma`; the γ = 0 run without the draft, as the ``none`` policy runs), and the
     profiler's own steps (:func:`profiler.sweep.make_step`: γ draft decodes + one verify, timed back to
     back as the sweep times them) at a few (batch, γ, context) points — the machine's speed now.
 
-    Returns the raw measurements: ``iterations`` (the run's iteration table with the engine's
-    ``step_model_s`` and ``prefill_forward_s``, and ``prompts``: the prompt lengths each iteration
-    admitted, or None), ``step_points`` (``batch, gamma, context, profiler_s``) and, with a ``probe``
-    (:func:`make_probe`) run inside the calibration run as in the validation runs, ``probe_s`` (its
-    median in the run); each step point then also has ``probe_s``, the mean of the probe's readings
+    One run per γ, rather than one run whose γ changes every iteration: on the 2-core VM a γ = 0 step right
+    after a drafting one took 1.7× a γ = 0 step in a run that never drafts (tiny pair, batch 6), and
+    still 1.1–1.2× eight steps later; the serving policies keep γ for long stretches.
+
+    Returns the raw measurements: ``iterations`` (the runs' iteration tables, one after another, with the
+    engine's ``step_model_s`` and ``prefill_forward_s``, ``prompts``: the prompt lengths each iteration
+    admitted, or None, and ``models``: the models prefilled per admission, 1 or 2), ``step_points`` (``batch, gamma, context, profiler_s``) and, with a ``probe``
+    (:func:`make_probe`) run inside the calibration runs as in the validation runs, ``probe_s`` (its
+    median over the runs); each step point then also has ``probe_s``, the mean of the probe's readings
     just before and just after the point was timed. :func:`fit_overheads` turns one or more of them into
     the engine-side terms, against the profile they are compared with.
     ``cost`` sets the run's rate (1.5 × its estimated capacity), ``max_gamma`` and the contexts timed."""
@@ -335,11 +342,17 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     cap = estimate_capacity(cost, w, ClusterConfig(max_batch=engine.cfg.max_batch,
                                                     kv_capacity_tokens=engine.capacity))
     w = wl.set_rate(w, 1.5 * cap)
-    cycle = sorted({0, 1, 2, max(1, cost.max_gamma // 2), cost.max_gamma})
-    r = engine.run(w, cost, CyclingGamma(cycle), acceptance, seed=seed, probe=probe)
-    probe_s = float(np.median(engine.probes)) if probe is not None else None
-    it = pd.concat([r.iterations.reset_index(drop=True), engine.diagnostics], axis=1)
-    it["prompts"] = admitted_prompts(r.requests, r.iterations)
+    tables, probes = [], []
+    speculating = sorted({1, 2, max(1, cost.max_gamma // 2), cost.max_gamma})
+    for g, drafts in [(0, False), (0, True)] + [(g, True) for g in speculating]:
+        r = engine.run(w, cost, ConstantGamma(g, drafts), acceptance, seed=seed, probe=probe)
+        t = pd.concat([r.iterations.reset_index(drop=True), engine.diagnostics], axis=1)
+        t["prompts"] = admitted_prompts(r.requests, r.iterations)
+        t["models"] = 2 if drafts else 1  # models prefilled per admission
+        tables.append(t)
+        probes += engine.probes
+    it = pd.concat(tables, ignore_index=True)
+    probe_s = float(np.median(probes)) if probe is not None else None
 
     gammas = sorted({0, min(2, cost.max_gamma), min(4, cost.max_gamma)})
     c_hi = int(min(cost.contexts[-1], engine.max_len - max(gammas) - 2))
@@ -438,17 +451,31 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
       ``probe_ref_s / probe_s``, read inside the calibration run itself by the instrument the validation
       runs carry;
     * ``sched_*``: step time outside the model calls, ``base + per_seq·b + [γ > 0]·(spec + per_gamma·γ)``;
-    * ``verify_s``, ``draft_s``: the step's model work in the run minus the profile's iteration at that
-      speed, ``verify + γ·draft`` (per-sequence lengths, mask, scatter, padding, caches cooled by the
-      scheduler between steps — what a step costs inside a serving loop and not in the profiler's);
-    * ``prefill_s``: the whole prefill phase minus the profile's prefill of the admitted prompts at that
-      speed, per admission per model prefilled (the run's policy drafts, so both models are prefilled).
+    * ``decode_s``, ``verify_s``, ``draft_s``: the step's model work in the run minus the profile's
+      iteration at that speed, ``decode`` at γ = 0 and ``verify + γ·draft`` at γ > 0 (per-sequence lengths,
+      mask, scatter, padding, caches cooled by the scheduler between steps — what a step costs inside a
+      serving loop and not in the profiler's; a speculative step also samples the draft, draws the
+      acceptance and builds the residual distribution, which a decode does not: on the tiny pair its
+      extra work was about 100 µs at γ = 0 and 270 µs at γ = 1, so a line through both misplaced γ = 0);
+    * ``prefill_s``, ``prefill_draft_s``: the whole prefill phase minus the profile's prefill of the
+      admitted prompts at that speed, per admission: the median over the iterations whose runs prefill the
+      target only (``models`` = 1 in the calibration's table), and the median over those that prefill
+      both models (``models`` = 2) minus that (the set-up and first-token sampling are per admission, not
+      per model: on the tiny pair a target-only admission cost about 0.2 ms more than half of a two-model
+      one).
 
-    Each calibration is fitted on its own (least squares for the linear terms, a median for ``prefill``);
-    each term is the median over the calibrations (a round in a slow second is outvoted), never below 0.
+    The terms are fitted once on all rounds' iterations together (least squares for the linear terms,
+    medians for ``prefill``), each round's times first brought to the median speed (× the round's speed
+    / the median), then clipped at 0. One round on its own separates ``verify_s`` from ``draft_s`` poorly
+    (its runs at different γ follow one another while the machine's speed drifts: single rounds gave 0 and
+    0.72 ms beside 0.13 and 0.05 ms), and a median taken term by term over such pairs mixed halves of
+    different lines (verify 0, draft 0.48 ms: the simulator 30 % slow at γ = 4). Each round's own fit is
+    kept in the details (``by_round``) for the model's round-to-round spread.
     Returns the terms and details (``by_round``: each calibration's own terms; with a probe,
     ``probe_ref_s`` and, per round, ``probe_ref_by_round`` and ``probe_run_over_steps``: the probe's median
     in the run over its median around the re-timed steps, 1 when the two read the machine alike)."""
+    import pandas as pd
+
     ratios = [point_speeds(cost, c["step_points"]) for c in calibrations]
     hot = [float(np.median(r)) for r in ratios]
     probed = all(c.get("probe_s") for c in calibrations)
@@ -463,34 +490,56 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
         speeds, probe_details = hot, {}
 
     def lstsq(x, y) -> np.ndarray:
-        keep = [j for j in range(x.shape[1]) if j == 0 or len(np.unique(x[:, j])) > 1]
+        """Least squares; a column the data cannot tell apart from the ones before it gets 0."""
+        x = np.asarray(x, float)
+        keep: list[int] = []
+        for j in range(x.shape[1]):
+            if np.linalg.matrix_rank(x[:, keep + [j]]) > len(keep):
+                keep.append(j)
         coef = np.zeros(x.shape[1])
         if len(y):
             coef[keep] = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
         return coef
 
-    fits, n_dec, n_adm = [], 0, 0
-    for c, speed in zip(calibrations, speeds):
-        it = c["iterations"]
+    def fit(it, speed) -> np.ndarray:
+        """The terms (in :func:`terms`' order) from calibration iterations ``it`` timed at ``speed``."""
         dec = it[it["batch"] > 0]
         g, bsz = dec["gamma"].to_numpy(float), dec["batch"].to_numpy(float)
         pred = np.array([cost.iteration(int(b), int(k), float(x)) for b, k, x in
                          zip(dec["batch"], dec["gamma"], dec["context"])]) / speed
         sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g], (dec["step_s"] - dec["step_model_s"]).to_numpy())
-        step = lstsq(np.c_[np.ones_like(g), g], dec["step_model_s"].to_numpy() - pred)
+        step = lstsq(np.c_[g == 0, g > 0, g], dec["step_model_s"].to_numpy() - pred)
         adm = it[it["prompts"].notna()]
-        p_pred = np.array([sum(cost.prefill(float(n), "target") + cost.prefill(float(n), "draft") for n in ps)
-                           for ps in adm["prompts"]]) / speed
-        extra = (adm["prefill_s"].to_numpy() - p_pred) / (2 * adm["admitted"].to_numpy())
-        fits.append(np.r_[sched, np.median(extra) if len(extra) else 0.0, step])
-        n_dec, n_adm = n_dec + len(dec), n_adm + int(adm["admitted"].sum())
+        models = adm["models"].to_numpy()
+        p_pred = np.array([sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if m == 2 else 0.0)
+                               for n in ps) for ps, m in zip(adm["prompts"], models)]) / speed
+        extra = (adm["prefill_s"].to_numpy() - p_pred) / adm["admitted"].to_numpy()  # per admission
+        one, two = (float(np.median(extra[models == m])) if (models == m).any() else np.nan for m in (1, 2))
+        if np.isnan(one):  # no target-only admissions: split evenly between the two models
+            one = two / 2
+        return np.r_[sched, one, 0.0 if np.isnan(two) else two - one, step]
+
+    def at(it, k: float):
+        """``it`` with its times × ``k`` (a round's times brought to another speed)."""
+        it = it.copy()
+        for col in ("step_s", "step_model_s", "prefill_s"):
+            it[col] = it[col] * k
+        return it
+
+    fits = [fit(c["iterations"], sp) for c, sp in zip(calibrations, speeds)]
+    speed = float(np.median(speeds))
+    pooled = pd.concat([at(c["iterations"], sp / speed) for c, sp in zip(calibrations, speeds)], ignore_index=True)
+    n_dec = int((pooled["batch"] > 0).sum())
+    n_adm = int(pooled.loc[pooled["prompts"].notna(), "admitted"].sum())
 
     def terms(fit, speed) -> Overheads:
-        base, per_seq, spec, per_gamma, prefill, verify, draft = (max(0.0, float(v)) for v in fit)
+        base, per_seq, spec, per_gamma, prefill, prefill_draft, decode, verify, draft = (max(0.0, float(v))
+                                                                                         for v in fit)
         return Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
-                         prefill_s=prefill, verify_s=verify, draft_s=draft, speed=float(speed))
+                         prefill_s=prefill, prefill_draft_s=prefill_draft, decode_s=decode, verify_s=verify,
+                         draft_s=draft, speed=float(speed))
 
-    o = terms(np.median(fits, axis=0), np.median(speeds))
+    o = terms(fit(pooled, speed), speed)
     details = {"overheads": o.as_dict(), "by_round": [terms(f, sp).as_dict() for f, sp in zip(fits, speeds)],
                "speed_by_round": [round(x, 3) for x in speeds], "steps_speed_by_round": [round(x, 3) for x in hot],
                **probe_details,

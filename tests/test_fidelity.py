@@ -122,7 +122,7 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
     from sim.profile import load_profile
 
     o = V.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, sched_spec_s=0.0002, sched_per_gamma_s=0.00001,
-                    prefill_s=0.002, verify_s=0.001, draft_s=0.0007, speed=0.8)
+                    prefill_s=0.002, prefill_draft_s=0.0015, decode_s=0.0005, verify_s=0.001, draft_s=0.0007, speed=0.8)
     plain = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
     cost = V.make_cost(load_profile(formula_profile), o, V.FIXES, 8, 4)
     ctxs = [150.0, 151.5, 300.0, 700.0]
@@ -130,49 +130,60 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
         one = [cost.iteration(b, g, c) for c in ctxs]
         assert cost.iteration_list(b, g, ctxs) == one
         assert cost.iteration_many(b, g, np.array(ctxs)).tolist() == one
-        extra = o.verify_s + g * o.draft_s + o.sched_base_s + o.sched_per_seq_s * b
+        extra = (o.verify_s + g * o.draft_s if g else o.decode_s) + o.sched_base_s + o.sched_per_seq_s * b
         extra += (o.sched_spec_s + o.sched_per_gamma_s * g) if g else 0.0
         assert one == pytest.approx([plain.iteration(b, g, c) / o.speed + extra for c in ctxs])
     assert cost.prefill(64) == pytest.approx(plain.prefill(64) / o.speed + o.prefill_s)
+    assert cost.prefill(64, "draft") == pytest.approx(plain.prefill(64, "draft") / o.speed + o.prefill_draft_s)
 
 
 def test_at_speed_rescales_every_time_term():
     o = V.Overheads(sched_base_s=4e-4, sched_per_seq_s=2e-5, sched_spec_s=1e-4, sched_per_gamma_s=1e-5,
-                    prefill_s=3e-4, verify_s=2e-4, draft_s=5e-5, speed=0.8)
+                    prefill_s=3e-4, prefill_draft_s=2e-4, decode_s=1e-4, verify_s=2e-4, draft_s=5e-5, speed=0.8)
     half = V.at_speed(o, 0.4)  # the machine at half the speed it had when the terms were measured
     assert half.speed == 0.4
     assert all(getattr(half, f) == pytest.approx(2 * v) for f, v in o.as_dict().items() if f != "speed")
 
 
+def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60) -> list[dict]:
+    """Three calibration rounds made up from the terms ``truth`` (the machine's speed moving between them:
+    0.75, 0.8, 0.85 of the profile's; ``truth``'s times are at 0.8, and every time scales with the speed),
+    iterations at random batch sizes from ``batches``."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    calibrations = []
+    for speed in (0.75, 0.8, 0.85):
+        pts = [dict(batch=b, gamma=g, context=c, profiler_s=cost.iteration(b, g, float(c)) / speed)
+               for b in (1, 2, 4, 8) for g in (0, 2, 4) for c in (100, 400)]
+        b, g = rng.choice(list(batches), n), rng.choice([0, 1, 2, 4], n)
+        ctx = rng.uniform(100, 600, n)
+        model = np.array([cost.iteration(int(x), int(y), z) / speed for x, y, z in zip(b, g, ctx)])
+        k = truth.speed / speed
+        model += k * np.where(g > 0, truth.verify_s + g * truth.draft_s, truth.decode_s)
+        sched = k * (truth.sched_base_s + truth.sched_per_seq_s * b + (g > 0) * (truth.sched_spec_s
+                                                                               + truth.sched_per_gamma_s * g))
+        admitted = rng.integers(0, 3, n)
+        prompts = [list(rng.integers(16, 200, k)) if k else None for k in admitted]
+        models = np.where(g > 0, 2, 1)  # the γ = 0 run prefills the target only
+        prefill = [sum(cost.prefill(float(p), "target") + (cost.prefill(float(p), "draft") if m == 2 else 0.0)
+                       for p in ps) / speed + k * len(ps) * (truth.prefill_s + (m == 2) * truth.prefill_draft_s)
+                   if ps else 0.0 for ps, m in zip(prompts, models)]
+        it = pd.DataFrame({"batch": b, "gamma": g, "context": ctx, "step_s": model + sched, "step_model_s": model,
+                           "prefill_s": prefill, "admitted": admitted, "prompts": prompts, "models": models})
+        calibrations.append({"iterations": it, "step_points": pts})
+    return calibrations
+
+
 def test_fit_overheads_recovers_known_terms(formula_profile):
     """Calibration measurements made up from known terms (a machine 25 % slower than the profile; step,
     scheduler and prefill overheads) give those terms back."""
-    import pandas as pd
-
     from sim.profile import load_profile
 
     cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
     truth = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
-                        prefill_s=4e-4, verify_s=2e-4, draft_s=5e-5, speed=0.8)
-    rng = np.random.default_rng(0)
-    calibrations = []
-    for speed in (0.75, 0.8, 0.85):  # three rounds, the machine's speed moving between them
-        pts = [dict(batch=b, gamma=g, context=c, profiler_s=cost.iteration(b, g, float(c)) / speed)
-               for b in (1, 2, 4, 8) for g in (0, 2, 4) for c in (100, 400)]
-        n = 60
-        b, g = rng.integers(1, 9, n), rng.choice([0, 1, 2, 4], n)
-        ctx = rng.uniform(100, 600, n)
-        model = np.array([cost.iteration(int(x), int(y), z) / speed for x, y, z in zip(b, g, ctx)])
-        model += truth.verify_s + g * truth.draft_s
-        sched = truth.sched_base_s + truth.sched_per_seq_s * b + (g > 0) * (truth.sched_spec_s
-                                                                          + truth.sched_per_gamma_s * g)
-        admitted = rng.integers(0, 3, n)
-        prompts = [list(rng.integers(16, 200, k)) if k else None for k in admitted]
-        prefill = [sum(cost.prefill(float(p), "target") + cost.prefill(float(p), "draft") for p in ps) / speed
-                   + 2 * len(ps) * truth.prefill_s if ps else 0.0 for ps in prompts]
-        it = pd.DataFrame({"batch": b, "gamma": g, "context": ctx, "step_s": model + sched, "step_model_s": model,
-                           "prefill_s": prefill, "admitted": admitted, "prompts": prompts})
-        calibrations.append({"iterations": it, "step_points": pts})
+                        prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5, speed=0.8)
+    calibrations = made_up_calibrations(cost, truth)
     got, details = V.fit_overheads(cost, calibrations)
     assert details["speed_by_round"] == [0.75, 0.8, 0.85]
     for k, v in truth.as_dict().items():
@@ -193,6 +204,46 @@ def test_fit_overheads_recovers_known_terms(formula_profile):
     assert details["probe_run_over_steps"] == [1.0, 0.625, 1.0]  # round 2's run read 0.8, its steps 0.5
     for k, v in truth.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
+
+
+def test_fit_overheads_gives_a_term_the_data_cannot_separate_zero(formula_profile):
+    """Every calibration iteration at the full batch: the per-sequence term cannot be told apart from the
+    constant, so it is 0 and the constant carries both (the fitted times stay right)."""
+    from sim.profile import load_profile
+
+    cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    truth = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
+                        prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5, speed=0.8)
+    got, _ = V.fit_overheads(cost, made_up_calibrations(cost, truth, batches=[8]))
+    assert got.sched_per_seq_s == 0.0
+    assert got.sched_base_s == pytest.approx(truth.sched_base_s + 8 * truth.sched_per_seq_s, rel=1e-6)
+    for k in ("sched_spec_s", "sched_per_gamma_s", "decode_s", "verify_s", "draft_s", "prefill_s", "prefill_draft_s",
+              "speed"):
+        assert getattr(got, k) == pytest.approx(getattr(truth, k), rel=1e-6, abs=1e-12), k
+
+
+def test_fit_overheads_fits_the_rounds_together(formula_profile):
+    """Rounds that each ran too few values of γ to tell the verify term from the per-draft term (one ran
+    γ ∈ {0, 1}, one γ ∈ {0, 4}, one γ ∈ {0, 2}) are fitted together, which separates them; a median
+    taken term by term over the rounds' own fits would not."""
+    from sim.profile import load_profile
+
+    cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    truth = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
+                        prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5,
+                        speed=0.8)
+    calibrations = made_up_calibrations(cost, truth)
+    for c, g in zip(calibrations, (1, 4, 2)):
+        it = c["iterations"]
+        keep = (it["gamma"] == 0) | (it["gamma"] == g)
+        c["iterations"] = it[keep].reset_index(drop=True)
+    got, details = V.fit_overheads(cost, calibrations)
+    for k, v in truth.as_dict().items():
+        assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
+    by_round = details["by_round"]
+    assert by_round[0]["draft_s"] == 0.0  # γ = 1 alone: the verify term carries both
+    assert by_round[0]["verify_s"] == pytest.approx((truth.verify_s + truth.draft_s) * 0.8 / 0.75)
+    assert by_round[1]["verify_s"] == pytest.approx(truth.verify_s + 4 * truth.draft_s)
 
 
 def test_agreement_tolerance_is_the_goal_plus_noise_widths():
