@@ -312,7 +312,7 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
               max_output: int = 48, repeats: int = 5, probe=None) -> dict:
     """One calibration measurement on the engine itself (never a validation run): short runs of its own
     workload at high load, one per γ over the policies' range, each at that constant γ
-    (:class:`ConstantGamma`; the γ = 0 run without the draft, as the ``none`` policy runs), and the
+    (:class:`ConstantGamma`; γ = 0 twice: without the draft, as ``none`` runs, and with it), and the
     profiler's own steps (:func:`profiler.sweep.make_step`: γ draft decodes + one verify, timed back to
     back as the sweep times them) at a few (batch, γ, context) points — the machine's speed now.
 
@@ -322,8 +322,9 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
 
     Returns the raw measurements: ``iterations`` (the runs' iteration tables, one after another, with the
     engine's ``step_model_s`` and ``prefill_forward_s``, ``prompts``: the prompt lengths each iteration
-    admitted, or None, and ``models``: the models prefilled per admission, 1 or 2), ``step_points`` (``batch, gamma, context, profiler_s``) and, with a ``probe``
-    (:func:`make_probe`) run inside the calibration runs as in the validation runs, ``probe_s`` (its
+    admitted, or None, and ``models``: the models prefilled per admission, 1 or 2), ``step_points``
+    (``batch, gamma, context, profiler_s``) and, with a ``probe`` (:func:`make_probe`) run inside the
+    calibration runs as in the validation runs, ``probe_s`` (its
     median over the runs); each step point then also has ``probe_s``, the mean of the probe's readings
     just before and just after the point was timed. :func:`fit_overheads` turns one or more of them into
     the engine-side terms, against the profile they are compared with.
@@ -532,9 +533,9 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
     n_dec = int((pooled["batch"] > 0).sum())
     n_adm = int(pooled.loc[pooled["prompts"].notna(), "admitted"].sum())
 
-    def terms(fit, speed) -> Overheads:
+    def terms(values, speed) -> Overheads:
         base, per_seq, spec, per_gamma, prefill, prefill_draft, decode, verify, draft = (max(0.0, float(v))
-                                                                                         for v in fit)
+                                                                                         for v in values)
         return Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
                          prefill_s=prefill, prefill_draft_s=prefill_draft, decode_s=decode, verify_s=verify,
                          draft_s=draft, speed=float(speed))
