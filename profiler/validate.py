@@ -621,6 +621,33 @@ def step_agreement(iterations, diagnostics, cost) -> dict:
             "profile_over_model_work": round(float(np.median(work)), 3), "profile_over_step_by_batch": by_batch}
 
 
+def predicted_prefills(requests, iterations, cost, uses_draft: bool) -> list[tuple[int, float]]:
+    """``(row, seconds)`` for every iteration (row of ``iterations``, index reset) that admitted only fresh
+    requests (not resuming after a preemption): Σ over its admitted prompts of ``cost.prefill(prompt,
+    "target")`` (+ ``"draft"`` when the policy drafts)."""
+    it = iterations.reset_index(drop=True)
+    return [(i, sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if uses_draft else 0.0)
+                    for n in prompts))
+            for i, prompts in enumerate(admitted_prompts(requests, it)) if prompts is not None]
+
+
+def model_over_engine(result, cost, uses_draft: bool) -> dict:
+    """Where one engine run's time goes, ``cost`` (the full model at the run's speed) against the engine:
+    Σ of the model's step times over the run's iterations (their batch, γ and mean context) ÷ Σ of the
+    engine's step times, and Σ of the model's prefill times ÷ Σ of the engine's prefill phases over the
+    iterations that admitted only fresh requests (dimensionless; < 1: the model is faster; None for a part
+    the run did not have). Queueing turns these into the latency errors, amplified at load."""
+    it = result.iterations.reset_index(drop=True)
+    ran = it[it["batch"] > 0]
+    step_pred = sum(cost.iteration(int(b), int(g), float(c)) for b, g, c in zip(ran["batch"], ran["gamma"],
+                                                                               ran["context"]))
+    step_meas = float(ran["step_s"].sum())
+    pf = predicted_prefills(result.requests, it, cost, uses_draft)
+    pf_meas = sum(float(it["prefill_s"].iat[i]) for i, _ in pf)
+    return {"steps": step_pred / step_meas if step_meas > 0 else None,
+            "prefill": sum(t for _, t in pf) / pf_meas if pf_meas > 0 else None}
+
+
 def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool) -> dict | None:
     """Prefill-level check of the profile against the engine: for every engine iteration that admitted only
     fresh requests (not resuming after a preemption), the profile's prefill prediction — Σ over the admitted
@@ -631,11 +658,10 @@ def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool)
     it = iterations.reset_index(drop=True)
     fwd = diagnostics["prefill_forward_s"].to_numpy()
     pred, f_meas, whole = [], [], []
-    for i, prompts in enumerate(admitted_prompts(requests, it)):
-        if prompts is None or fwd[i] <= 0:
-            continue  # nothing fresh admitted (or a re-admission after preemption), or no forward timed
-        pred.append(sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if uses_draft else 0.0)
-                        for n in prompts))
+    for i, t in predicted_prefills(requests, it, cost, uses_draft):
+        if fwd[i] <= 0:
+            continue  # no forward timed
+        pred.append(t)
         f_meas.append(fwd[i])
         whole.append(float(it["prefill_s"].iat[i]))
     if not pred:
@@ -753,10 +779,13 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     log(f"  engine-side terms ({repeats} calibrations): {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
 
+    def model_cost(o: Overheads, speed: float):
+        """The full model with terms ``o`` rescaled to ``speed``."""
+        return make_cost(prof, at_speed(o, speed), variants[-1][1], max_batch, max_gamma)
+
     def model_at(o: Overheads, speed: float, w, pol) -> dict:
         """Summary of the full model's simulation with terms ``o`` rescaled to ``speed``."""
-        cost = make_cost(prof, at_speed(o, speed), variants[-1][1], max_batch, max_gamma)
-        return summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
+        return summarize(simulate(w, model_cost(o, speed), pol, acc, cluster, seed=seed))
 
     for case in cases:
         w, pol, runs = case.pop("_w"), case.pop("_pol"), case.pop("_runs")
@@ -797,6 +826,13 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
             moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}
+        # where the paired error comes from: each run's step and prefill time, model at its speed / engine
+        parts = [model_over_engine(x["result"], model_cost(over, speed), pol.uses_draft)
+                 for x, speed in zip(runs, speeds)]
+        case["model_over_engine"] = {}
+        for part in ("steps", "prefill"):
+            ratios = [r[part] for r in parts if r[part] is not None]
+            case["model_over_engine"][part] = round(float(np.median(ratios)), 3) if ratios else None
         case["probe_speeds"] = [round(v, 3) for v in speeds]
         case["probe_spreads"] = [round(x["probe_spread"], 3) for x in runs]
         if repeats > 1:  # the spread of the per-run ratios sim / engine; the simulator's move with the speed
@@ -927,6 +963,10 @@ def format_report(report: dict) -> str:
             lines.append(f"{'':>5} {'':9}steps    profile / engine step time, median {st['profile_over_step']:.3f} "
                          f"(model work only {st['profile_over_model_work']:.3f}); by batch "
                          + ", ".join(f"{b}: {v:.2f}" for b, v in st["profile_over_step_by_batch"].items()))
+        if c.get("model_over_engine"):
+            me = c["model_over_engine"]
+            lines.append(f"{'':>5} {'':9}model    full model at each run's speed / engine, Σ over a run (median): "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in me.items() if v is not None))
         if c.get("engine_host"):
             h = c["engine_host"]
             lines.append(f"{'':>5} {'':9}host     engine run: {h['user_s']:.2f} s user, {h['kernel_s']:.2f} s kernel, "
