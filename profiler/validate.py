@@ -502,18 +502,28 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
             coef[keep] = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
         return coef
 
+    def with_profile(it):
+        """Calibration iterations with the profile's seconds, computed once: each step's
+        (``profile_step_s``, rows that ran one) and each fresh admission's prefill (``profile_prefill_s``)."""
+        it = it.copy()
+        ran, adm = it["batch"] > 0, it["prompts"].notna()
+        it["profile_step_s"] = it["profile_prefill_s"] = np.nan
+        it.loc[ran, "profile_step_s"] = model_step_times(cost, it[ran])
+        it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2)
+                                            for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
+        return it
+
     def fit(it, speed) -> np.ndarray:
-        """The terms (in :func:`terms`' order) from calibration iterations ``it`` timed at ``speed``."""
+        """The terms (in :func:`terms`' order) from calibration iterations ``it`` (:func:`with_profile`)
+        timed at ``speed``."""
         dec = it[it["batch"] > 0]
         g, bsz = dec["gamma"].to_numpy(float), dec["batch"].to_numpy(float)
-        pred = np.array([cost.iteration(int(b), int(k), float(x)) for b, k, x in
-                         zip(dec["batch"], dec["gamma"], dec["context"])]) / speed
+        pred = dec["profile_step_s"].to_numpy() / speed
         sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g], (dec["step_s"] - dec["step_model_s"]).to_numpy())
         step = lstsq(np.c_[g == 0, g > 0, g], dec["step_model_s"].to_numpy() - pred)
         adm = it[it["prompts"].notna()]
         models = adm["models"].to_numpy()
-        p_pred = np.array([sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if m == 2 else 0.0)
-                               for n in ps) for ps, m in zip(adm["prompts"], models)]) / speed
+        p_pred = adm["profile_prefill_s"].to_numpy() / speed
         extra = (adm["prefill_s"].to_numpy() - p_pred) / adm["admitted"].to_numpy()  # per admission
         one, two = (float(np.median(extra[models == m])) if (models == m).any() else np.nan for m in (1, 2))
         if np.isnan(one):  # no target-only admissions: split evenly between the two models
@@ -527,9 +537,10 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
             it[col] = it[col] * k
         return it
 
-    fits = [fit(c["iterations"], sp) for c, sp in zip(calibrations, speeds)]
+    tables = [with_profile(c["iterations"]) for c in calibrations]
+    fits = [fit(it, sp) for it, sp in zip(tables, speeds)]
     speed = float(np.median(speeds))
-    pooled = pd.concat([at(c["iterations"], sp / speed) for c, sp in zip(calibrations, speeds)], ignore_index=True)
+    pooled = pd.concat([at(it, sp / speed) for it, sp in zip(tables, speeds)], ignore_index=True)
     n_dec = int((pooled["batch"] > 0).sum())
     n_adm = int(pooled.loc[pooled["prompts"].notna(), "admitted"].sum())
 
@@ -612,8 +623,7 @@ def step_agreement(iterations, diagnostics, cost) -> dict:
     it = iterations.reset_index(drop=True)
     ran = (it["batch"] > 0).to_numpy() & (it["step_s"] > 0).to_numpy()
     it, model = it[ran], diagnostics["step_model_s"].to_numpy()[ran]
-    pred = np.array([cost.iteration(int(b), int(g), float(c))
-                     for b, g, c in zip(it["batch"], it["gamma"], it["context"])])
+    pred = model_step_times(cost, it)
     whole, work = pred / it["step_s"].to_numpy(), pred / model
     by_batch = {int(b): round(float(np.median(whole[(it["batch"] == b).to_numpy()])), 3)
                 for b in sorted(it["batch"].unique())}
@@ -621,13 +631,25 @@ def step_agreement(iterations, diagnostics, cost) -> dict:
             "profile_over_model_work": round(float(np.median(work)), 3), "profile_over_step_by_batch": by_batch}
 
 
+def model_step_times(cost, iterations) -> np.ndarray:
+    """``cost.iteration(batch, γ, mean context)`` for every row of an iteration table whose rows all ran a
+    step (seconds)."""
+    return np.array([cost.iteration(int(b), int(g), float(c))
+                     for b, g, c in zip(iterations["batch"], iterations["gamma"], iterations["context"])])
+
+
+def model_prefill_time(cost, prompts, drafts: bool) -> float:
+    """Σ over ``prompts`` (tokens) of ``cost.prefill(prompt, "target")`` (+ ``"draft"`` when ``drafts``),
+    seconds."""
+    return sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if drafts else 0.0)
+               for n in prompts)
+
+
 def predicted_prefills(requests, iterations, cost, uses_draft: bool) -> list[tuple[int, float]]:
     """``(row, seconds)`` for every iteration (row of ``iterations``, index reset) that admitted only fresh
-    requests (not resuming after a preemption): Σ over its admitted prompts of ``cost.prefill(prompt,
-    "target")`` (+ ``"draft"`` when the policy drafts)."""
+    requests (not resuming after a preemption): :func:`model_prefill_time` of its admitted prompts."""
     it = iterations.reset_index(drop=True)
-    return [(i, sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if uses_draft else 0.0)
-                    for n in prompts))
+    return [(i, model_prefill_time(cost, prompts, uses_draft))
             for i, prompts in enumerate(admitted_prompts(requests, it)) if prompts is not None]
 
 
@@ -639,8 +661,7 @@ def model_over_engine(result, cost, uses_draft: bool) -> dict:
     the run did not have). Queueing turns these into the latency errors, amplified at load."""
     it = result.iterations.reset_index(drop=True)
     ran = it[it["batch"] > 0]
-    step_pred = sum(cost.iteration(int(b), int(g), float(c)) for b, g, c in zip(ran["batch"], ran["gamma"],
-                                                                               ran["context"]))
+    step_pred = float(model_step_times(cost, ran).sum())
     step_meas = float(ran["step_s"].sum())
     pf = predicted_prefills(result.requests, it, cost, uses_draft)
     pf_meas = sum(float(it["prefill_s"].iat[i]) for i, _ in pf)
@@ -819,16 +840,15 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         # paired: each engine run against the full model at the machine's speed its probe measured in that run
         # and, for the speed's uncertainty, at that speed × or ÷ (1 + the spread of the probe's readings in the run)
         speeds = [cal["probe_ref_s"] / x["probe_s"] for x in runs]
-        paired, moved = [], []
+        paired, moved, parts = [], [], []  # parts: each run's step and prefill time, model / engine
         for x, speed in zip(runs, speeds):
-            at = model_at(over, speed, w, pol)
+            cost = model_cost(over, speed)
+            at = summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
             paired.append(rel_errors(x["summary"], at))
+            parts.append(model_over_engine(x["result"], cost, pol.uses_draft))
             slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
             moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}
-        # where the paired error comes from: each run's step and prefill time, model at its speed / engine
-        parts = [model_over_engine(x["result"], model_cost(over, speed), pol.uses_draft)
-                 for x, speed in zip(runs, speeds)]
         case["model_over_engine"] = {}
         for part in ("steps", "prefill"):
             ratios = [r[part] for r in parts if r[part] is not None]
