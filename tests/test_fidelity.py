@@ -169,6 +169,11 @@ def test_at_speed_rescales_every_time_term():
     assert all(getattr(half, f) == pytest.approx(2 * v) for f, v in o.as_dict().items() if f != "speed")
 
 
+# engine-side terms that made-up calibrations are built from (times at 0.8 of the profile's speed)
+TRUTH = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
+                    prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5, speed=0.8)
+
+
 def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60) -> list[dict]:
     """Three calibration rounds made up from the terms ``truth`` (the machine's speed moving between them:
     0.75, 0.8, 0.85 of the profile's; ``truth``'s times are at 0.8, and every time scales with the speed),
@@ -205,8 +210,7 @@ def test_fit_overheads_recovers_known_terms(formula_profile):
     from sim.profile import load_profile
 
     cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
-    truth = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
-                        prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5, speed=0.8)
+    truth = TRUTH
     calibrations = made_up_calibrations(cost, truth)
     got, details = V.fit_overheads(cost, calibrations)
     assert details["speed_by_round"] == [0.75, 0.8, 0.85]
@@ -236,8 +240,7 @@ def test_fit_overheads_gives_a_term_the_data_cannot_separate_zero(formula_profil
     from sim.profile import load_profile
 
     cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
-    truth = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
-                        prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5, speed=0.8)
+    truth = TRUTH
     got, _ = V.fit_overheads(cost, made_up_calibrations(cost, truth, batches=[8]))
     assert got.sched_per_seq_s == 0.0
     assert got.sched_base_s == pytest.approx(truth.sched_base_s + 8 * truth.sched_per_seq_s, rel=1e-6)
@@ -253,9 +256,7 @@ def test_fit_overheads_fits_the_rounds_together(formula_profile):
     from sim.profile import load_profile
 
     cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
-    truth = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
-                        prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5,
-                        speed=0.8)
+    truth = TRUTH
     calibrations = made_up_calibrations(cost, truth)
     for c, g in zip(calibrations, (1, 4, 2)):
         it = c["iterations"]
