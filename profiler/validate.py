@@ -17,9 +17,9 @@ engine-side terms, measured by :func:`calibrate` on the engine itself (a calibra
 workload, never a validation run) and fitted by :func:`fit_overheads`:
 
 * ``speed`` — the machine's speed during the engine runs relative to the profile: the profile's times are
-  divided by it. Measured by a **probe** (:func:`make_probe`: a fixed profiler step timed every 8th
-  iteration inside the engine's runs, its time taken out of the engine's clock) in each run, its scale
-  tied to the profile by re-timing the profiler's steps at two dozen points after each calibration run,
+  divided by it. Measured by a **probe** (:func:`make_probe`: a fixed profiler step timed before every
+  2nd iteration (:data:`PROBE_EVERY`) inside the engine's runs, its time taken out of the engine's clock)
+  in each run, its scale tied to the profile by re-timing the profiler's steps at two dozen points after each calibration run,
   each point between two readings of the probe.
   An instrument correction for a profile taken while the machine ran at another speed, not a model of
   the engine;
@@ -32,7 +32,11 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
 * ``step`` — the step's model work inside the run beyond the profile's step: per γ = 0 step (a decode),
   per γ > 0 step (a verify, with the draft's sampling, the acceptance draws and the residual distribution)
   and per draft forward: per-sequence lengths (position ids, one scatter per layer, a boolean mask,
-  attention padded to the longest sequence) and caches cooled by the scheduler's work between steps.
+  attention padded to the longest sequence) and caches cooled by the scheduler's work between steps; and
+  per admission, and per admission whose draft is prefilled too, the extra time of the step that follows
+  the prefill in the same iteration (on the tiny pair about 20 µs, and 40 µs more with the draft's
+  prefill; likely the prefill's forwards cooling the caches the step runs from). The simulator charges those two per admission, like the prefill (it has no per-iteration
+  admission cost), so its first token comes that much later than the engine's (tens of µs).
 
 **Rounds.** On a shared machine the speed drifts by several percent over tens of seconds (and a group of
 neighbouring profile points can land in a slow second), and queueing turns a step-time error into two to
@@ -192,6 +196,8 @@ class Overheads:
     decode_s: float = 0.0  # per γ = 0 step (one target decode) inside the run, beyond the profiled step
     verify_s: float = 0.0  # per γ > 0 step's target verify inside the run, beyond the profiled step
     draft_s: float = 0.0  # per batched draft forward inside the run, beyond the profiled step
+    admit_step_s: float = 0.0  # per admission: the step of the iteration that admitted it, beyond the other terms
+    admit_step_draft_s: float = 0.0  # per admission whose draft is prefilled too: the same step's further extra
     speed: float = 1.0  # the profile's step time over the same step timed during the engine runs (dimensionless)
 
     def as_dict(self) -> dict:
@@ -243,9 +249,12 @@ def _cost_class():
 
         def prefill(self, prompt_tokens: float, model: str = "target") -> float:
             t = super().prefill(prompt_tokens, model) * self._scale()
+            o = self.overheads
+            if "step" in self.fixes:
+                t = t + (o.admit_step_draft_s if model == "draft" else o.admit_step_s)
             if "prefill" not in self.fixes:
                 return t
-            return t + (self.overheads.prefill_draft_s if model == "draft" else self.overheads.prefill_s)
+            return t + (o.prefill_draft_s if model == "draft" else o.prefill_s)
 
     return EngineCostModel
 
@@ -346,7 +355,7 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     tables, probes = [], []
     speculating = sorted({1, 2, max(1, cost.max_gamma // 2), cost.max_gamma})
     for g, drafts in [(0, False), (0, True)] + [(g, True) for g in speculating]:
-        r = engine.run(w, cost, ConstantGamma(g, drafts), acceptance, seed=seed, probe=probe)
+        r = engine.run(w, cost, ConstantGamma(g, drafts), acceptance, seed=seed, probe=probe, probe_every=PROBE_EVERY)
         t = pd.concat([r.iterations.reset_index(drop=True), engine.diagnostics], axis=1)
         t["prompts"] = admitted_prompts(r.requests, r.iterations)
         t["models"] = 2 if drafts else 1  # models prefilled per admission
@@ -375,6 +384,10 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
 
 
 PROBE_POINT = dict(batch=4, gamma=2, context=32)  # the profile point the engine's runs are probed with
+# the probe runs before every PROBE_EVERY-th iteration: a run's speed is the median of its readings, and a
+# reduced validation's runs last 50-250 iterations (every 8th: 12 readings per run, the median's own
+# uncertainty 1.8 % against 2.5 % for the whole gap between the probed speed and the run's steps)
+PROBE_EVERY = 2
 
 
 def make_probe(engine, point: dict = PROBE_POINT):
@@ -458,6 +471,11 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
       serving loop and not in the profiler's; a speculative step also samples the draft, draws the
       acceptance and builds the residual distribution, which a decode does not: on the tiny pair its
       extra work was about 100 µs at γ = 0 and 270 µs at γ = 1, so a line through both misplaced γ = 0);
+    * ``admit_step_s``, ``admit_step_draft_s``: per admission, and per admission whose draft was prefilled,
+      the step's extra time (model work and the time around it: fitted in both regressions, summed) in
+      the iteration that admitted it. Without them the γ = 0 terms averaged the slower steps of admitting
+      iterations over every step at the calibration's mix; at load 0.6, with more admissions per step,
+      `adaptive` (γ = 0 with its draft prefilled) came out 3–4 % fast;
     * ``prefill_s``, ``prefill_draft_s``: the whole prefill phase minus the profile's prefill of the
       admitted prompts at that speed, per admission: the median over the iterations whose runs prefill the
       target only (``models`` = 1 in the calibration's table), and the median over those that prefill
@@ -519,8 +537,11 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
         dec = it[it["batch"] > 0]
         g, bsz = dec["gamma"].to_numpy(float), dec["batch"].to_numpy(float)
         pred = dec["profile_step_s"].to_numpy() / speed
-        sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g], (dec["step_s"] - dec["step_model_s"]).to_numpy())
-        step = lstsq(np.c_[g == 0, g > 0, g], dec["step_model_s"].to_numpy() - pred)
+        n_adm = dec["admitted"].to_numpy(float)
+        admits = np.c_[n_adm, n_adm * (dec["models"].to_numpy() == 2)]  # per admission, per draft prefilled
+        sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g, admits], (dec["step_s"] - dec["step_model_s"]).to_numpy())
+        step = lstsq(np.c_[g == 0, g > 0, g, admits], dec["step_model_s"].to_numpy() - pred)
+        admit = sched[4:] + step[3:]  # both parts of the step: its model work and the work around it
         adm = it[it["prompts"].notna()]
         models = adm["models"].to_numpy()
         p_pred = adm["profile_prefill_s"].to_numpy() / speed
@@ -528,7 +549,7 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
         one, two = (float(np.median(extra[models == m])) if (models == m).any() else np.nan for m in (1, 2))
         if np.isnan(one):  # no target-only admissions: split evenly between the two models
             one = two / 2
-        return np.r_[sched, one, 0.0 if np.isnan(two) else two - one, step]
+        return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, step[:3], admit]
 
     def at(it, k: float):
         """``it`` with its times × ``k`` (a round's times brought to another speed)."""
@@ -545,11 +566,11 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
     n_adm = int(pooled.loc[pooled["prompts"].notna(), "admitted"].sum())
 
     def terms(values, speed) -> Overheads:
-        base, per_seq, spec, per_gamma, prefill, prefill_draft, decode, verify, draft = (max(0.0, float(v))
-                                                                                         for v in values)
+        base, per_seq, spec, per_gamma, prefill, prefill_draft, decode, verify, draft, adm, adm_draft = (
+            max(0.0, float(v)) for v in values)
         return Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
                          prefill_s=prefill, prefill_draft_s=prefill_draft, decode_s=decode, verify_s=verify,
-                         draft_s=draft, speed=float(speed))
+                         draft_s=draft, admit_step_s=adm, admit_step_draft_s=adm_draft, speed=float(speed))
 
     o = terms(fit(pooled, speed), speed)
     details = {"overheads": o.as_dict(), "by_round": [terms(f, sp).as_dict() for f, sp in zip(fits, speeds)],
@@ -658,7 +679,9 @@ def model_over_engine(result, cost, uses_draft: bool) -> dict:
     Σ of the model's step times over the run's iterations (their batch, γ and mean context) ÷ Σ of the
     engine's step times, and Σ of the model's prefill times ÷ Σ of the engine's prefill phases over the
     iterations that admitted only fresh requests (dimensionless; < 1: the model is faster; None for a part
-    the run did not have). Queueing turns these into the latency errors, amplified at load."""
+    the run did not have). Queueing turns these into the latency errors, amplified at load. The model's
+    prefill includes the admissions' step terms (``admit_step_*``), as the simulator charges them; the
+    engine's prefill phase does not (they land in its step)."""
     it = result.iterations.reset_index(drop=True)
     ran = it[it["batch"] > 0]
     step_pred = float(model_step_times(cost, ran).sum())
@@ -772,7 +795,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         for case in cases[k % len(cases):] + cases[:k % len(cases)]:
             la = loadavg()
             t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            r = engine.run(case["_w"], plain, case["_pol"], acc, seed=seed, probe=setup["probe"])
+            r = engine.run(case["_w"], plain, case["_pol"], acc, seed=seed, probe=setup["probe"],
+                           probe_every=PROBE_EVERY)
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             host = {"kernel_s": ru1.ru_stime - ru0.ru_stime, "user_s": ru1.ru_utime - ru0.ru_utime,
                     "minor_faults": ru1.ru_minflt - ru0.ru_minflt}

@@ -124,7 +124,8 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
     from sim.profile import load_profile
 
     o = V.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, sched_spec_s=0.0002, sched_per_gamma_s=0.00001,
-                    prefill_s=0.002, prefill_draft_s=0.0015, decode_s=0.0005, verify_s=0.001, draft_s=0.0007, speed=0.8)
+                    prefill_s=0.002, prefill_draft_s=0.0015, decode_s=0.0005, verify_s=0.001, draft_s=0.0007,
+                    admit_step_s=0.00006, admit_step_draft_s=0.00004, speed=0.8)
     plain = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
     cost = V.make_cost(load_profile(formula_profile), o, V.FIXES, 8, 4)
     ctxs = [150.0, 151.5, 300.0, 700.0]
@@ -135,8 +136,10 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
         extra = (o.verify_s + g * o.draft_s if g else o.decode_s) + o.sched_base_s + o.sched_per_seq_s * b
         extra += (o.sched_spec_s + o.sched_per_gamma_s * g) if g else 0.0
         assert one == pytest.approx([plain.iteration(b, g, c) / o.speed + extra for c in ctxs])
-    assert cost.prefill(64) == pytest.approx(plain.prefill(64) / o.speed + o.prefill_s)
-    assert cost.prefill(64, "draft") == pytest.approx(plain.prefill(64, "draft") / o.speed + o.prefill_draft_s)
+    # an admission also slows the step of its iteration: charged with its prefill
+    assert cost.prefill(64) == pytest.approx(plain.prefill(64) / o.speed + o.prefill_s + o.admit_step_s)
+    assert cost.prefill(64, "draft") == pytest.approx(plain.prefill(64, "draft") / o.speed + o.prefill_draft_s
+                                                      + o.admit_step_draft_s)
 
 
 def test_model_over_engine_is_one_for_the_simulator_against_its_own_cost_model(formula_profile):
@@ -163,7 +166,8 @@ def test_model_over_engine_is_one_for_the_simulator_against_its_own_cost_model(f
 
 def test_at_speed_rescales_every_time_term():
     o = V.Overheads(sched_base_s=4e-4, sched_per_seq_s=2e-5, sched_spec_s=1e-4, sched_per_gamma_s=1e-5,
-                    prefill_s=3e-4, prefill_draft_s=2e-4, decode_s=1e-4, verify_s=2e-4, draft_s=5e-5, speed=0.8)
+                    prefill_s=3e-4, prefill_draft_s=2e-4, decode_s=1e-4, verify_s=2e-4, draft_s=5e-5,
+                    admit_step_s=3e-5, admit_step_draft_s=2e-5, speed=0.8)
     half = V.at_speed(o, 0.4)  # the machine at half the speed it had when the terms were measured
     assert half.speed == 0.4
     assert all(getattr(half, f) == pytest.approx(2 * v) for f, v in o.as_dict().items() if f != "speed")
@@ -171,7 +175,8 @@ def test_at_speed_rescales_every_time_term():
 
 # engine-side terms that made-up calibrations are built from (times at 0.8 of the profile's speed)
 TRUTH = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
-                    prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5, speed=0.8)
+                    prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5,
+                    admit_step_s=3e-5, admit_step_draft_s=4e-5, speed=0.8)
 
 
 def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60) -> list[dict]:
@@ -195,6 +200,9 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60) -> list[
         admitted = rng.integers(0, 3, n)
         prompts = [list(rng.integers(16, 200, k)) if k else None for k in admitted]
         models = np.where(g > 0, 2, 1)  # the γ = 0 run prefills the target only
+        # the admissions slow the step: its model work per admission, the work around it per draft prefilled
+        model += k * admitted * truth.admit_step_s
+        sched += k * admitted * (models == 2) * truth.admit_step_draft_s
         prefill = [sum(cost.prefill(float(p), "target") + (cost.prefill(float(p), "draft") if m == 2 else 0.0)
                        for p in ps) / speed + k * len(ps) * (truth.prefill_s + (m == 2) * truth.prefill_draft_s)
                    if ps else 0.0 for ps, m in zip(prompts, models)]
@@ -245,7 +253,7 @@ def test_fit_overheads_gives_a_term_the_data_cannot_separate_zero(formula_profil
     assert got.sched_per_seq_s == 0.0
     assert got.sched_base_s == pytest.approx(truth.sched_base_s + 8 * truth.sched_per_seq_s, rel=1e-6)
     for k in ("sched_spec_s", "sched_per_gamma_s", "decode_s", "verify_s", "draft_s", "prefill_s", "prefill_draft_s",
-              "speed"):
+              "admit_step_s", "admit_step_draft_s", "speed"):
         assert getattr(got, k) == pytest.approx(getattr(truth, k), rel=1e-6, abs=1e-12), k
 
 
