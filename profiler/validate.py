@@ -19,8 +19,8 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
 * ``speed`` — the machine's speed during the engine runs relative to the profile: the profile's times are
   divided by it. Measured by a **probe** (:func:`make_probe`: a fixed profiler step timed before every
   2nd iteration (:data:`PROBE_EVERY`) inside the engine's runs, its time taken out of the engine's clock)
-  in each run, its scale tied to the profile by re-timing the profiler's steps at two dozen points after each calibration run,
-  each point between two readings of the probe.
+  in each run, its scale tied to the profile by re-timing the profiler's steps at two dozen points after
+  each calibration run, each point between two readings of the probe.
   An instrument correction for a profile taken while the machine ran at another speed, not a model of
   the engine;
 * ``sched`` — per-iteration scheduler/bookkeeping time outside the model calls (admission, policy,
@@ -34,9 +34,9 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
   and per draft forward: per-sequence lengths (position ids, one scatter per layer, a boolean mask,
   attention padded to the longest sequence) and caches cooled by the scheduler's work between steps; and
   per admission, and per admission whose draft is prefilled too, the extra time of the step that follows
-  the prefill in the same iteration (on the tiny pair about 20 µs, and 40 µs more with the draft's
-  prefill; likely the prefill's forwards cooling the caches the step runs from). The simulator charges those two per admission, like the prefill (it has no per-iteration
-  admission cost), so its first token comes that much later than the engine's (tens of µs).
+  the prefill in the same iteration (tens of µs on the tiny pair; likely the prefill's forwards cooling
+  the caches the step runs from). The simulator charges those two per admission with the prefill (it
+  has no per-iteration admission cost), so its first token comes that much later than the engine's.
 
 **Rounds.** On a shared machine the speed drifts by several percent over tens of seconds (and a group of
 neighbouring profile points can land in a slow second), and queueing turns a step-time error into two to
@@ -355,7 +355,8 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     tables, probes = [], []
     speculating = sorted({1, 2, max(1, cost.max_gamma // 2), cost.max_gamma})
     for g, drafts in [(0, False), (0, True)] + [(g, True) for g in speculating]:
-        r = engine.run(w, cost, ConstantGamma(g, drafts), acceptance, seed=seed, probe=probe, probe_every=PROBE_EVERY)
+        r = engine.run(w, cost, ConstantGamma(g, drafts), acceptance, seed=seed, probe=probe,
+                       probe_every=PROBE_EVERY)
         t = pd.concat([r.iterations.reset_index(drop=True), engine.diagnostics], axis=1)
         t["prompts"] = admitted_prompts(r.requests, r.iterations)
         t["models"] = 2 if drafts else 1  # models prefilled per admission
