@@ -196,6 +196,7 @@ class Overheads:
     decode_s: float = 0.0  # per γ = 0 step (one target decode) inside the run, beyond the profiled step
     verify_s: float = 0.0  # per γ > 0 step's target verify inside the run, beyond the profiled step
     draft_s: float = 0.0  # per batched draft forward inside the run, beyond the profiled step
+    sync_s: float = 0.0  # per γ = 0 step's draft forward with draft_sync (no sampling), beyond the profiled one
     admit_step_s: float = 0.0  # per admission: the step of the iteration that admitted it, beyond the other terms
     admit_step_draft_s: float = 0.0  # per admission whose draft is prefilled too: the same step's further extra
     speed: float = 1.0  # the profile's step time over the same step timed during the engine runs (dimensionless)
@@ -218,7 +219,8 @@ def _cost_class():
             """Seconds added to one iteration, in the order they are added."""
             o, terms = self.overheads, []
             if "step" in self.fixes:
-                terms.append(o.verify_s + gamma * o.draft_s if gamma else o.decode_s)
+                # a draft_sync γ = 0 step also runs one draft forward
+                terms.append(o.verify_s + gamma * o.draft_s if gamma else o.decode_s + self.draft_sync * o.sync_s)
             if "sched" in self.fixes:
                 terms.append(o.sched_base_s + o.sched_per_seq_s * batch
                              + (o.sched_spec_s + o.sched_per_gamma_s * gamma if gamma else 0.0))
@@ -331,7 +333,8 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
 
     Returns the raw measurements: ``iterations`` (the runs' iteration tables, one after another, with the
     engine's ``step_model_s`` and ``prefill_forward_s``, ``prompts``: the prompt lengths each iteration
-    admitted, or None, and ``models``: the models prefilled per admission, 1 or 2), ``step_points``
+    admitted, or None, ``models``: the models prefilled per admission, 1 or 2, and ``draft_sync``: whether
+    its γ = 0 steps also ran a draft decode, the engine's ``draft_sync`` in a run that drafts), ``step_points``
     (``batch, gamma, context, profiler_s``) and, with a ``probe`` (:func:`make_probe`) run inside the
     calibration runs as in the validation runs, ``probe_s`` (its
     median over the runs); each step point then also has ``probe_s``, the mean of the probe's readings
@@ -360,6 +363,7 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
         t = pd.concat([r.iterations.reset_index(drop=True), engine.diagnostics], axis=1)
         t["prompts"] = admitted_prompts(r.requests, r.iterations)
         t["models"] = 2 if drafts else 1  # models prefilled per admission
+        t["draft_sync"] = bool(engine.cfg.draft_sync and drafts)  # as sim.cluster charges a drafting policy
         tables.append(t)
         probes += engine.probes
     it = pd.concat(tables, ignore_index=True)
@@ -523,11 +527,16 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
 
     def with_profile(it):
         """Calibration iterations with the profile's seconds, computed once: each step's
-        (``profile_step_s``, rows that ran one) and each fresh admission's prefill (``profile_prefill_s``)."""
+        (``profile_step_s``, rows that ran one; with the draft decode of a ``draft_sync`` row's γ = 0 step)
+        and each fresh admission's prefill (``profile_prefill_s``); ``sync_step``: the γ = 0 steps that
+        ran a ``draft_sync`` draft forward."""
         it = it.copy()
         ran, adm = it["batch"] > 0, it["prompts"].notna()
+        synced = it["draft_sync"].astype(bool) if "draft_sync" in it else pd.Series(False, index=it.index)
+        it["sync_step"] = synced & (it["gamma"] == 0)
         it["profile_step_s"] = it["profile_prefill_s"] = np.nan
-        it.loc[ran, "profile_step_s"] = model_step_times(cost, it[ran])
+        for rows, c in ((ran & ~synced, cost), (ran & synced, cost.with_draft_sync())):
+            it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows])
         it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2)
                                             for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
         return it
@@ -541,8 +550,8 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
         n_adm = dec["admitted"].to_numpy(float)
         admits = np.c_[n_adm, n_adm * (dec["models"].to_numpy() == 2)]  # per admission, per draft prefilled
         sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g, admits], (dec["step_s"] - dec["step_model_s"]).to_numpy())
-        step = lstsq(np.c_[g == 0, g > 0, g, admits], dec["step_model_s"].to_numpy() - pred)
-        admit = sched[4:] + step[3:]  # both parts of the step: its model work and the work around it
+        step = lstsq(np.c_[g == 0, g > 0, g, dec["sync_step"], admits], dec["step_model_s"].to_numpy() - pred)
+        admit = sched[4:] + step[4:]  # both parts of the step: its model work and the work around it
         adm = it[it["prompts"].notna()]
         models = adm["models"].to_numpy()
         p_pred = adm["profile_prefill_s"].to_numpy() / speed
@@ -550,7 +559,7 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
         one, two = (float(np.median(extra[models == m])) if (models == m).any() else np.nan for m in (1, 2))
         if np.isnan(one):  # no target-only admissions: split evenly between the two models
             one = two / 2
-        return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, step[:3], admit]
+        return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, step[:4], admit]
 
     def at(it, k: float):
         """``it`` with its times × ``k`` (a round's times brought to another speed)."""
@@ -567,11 +576,12 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
     n_adm = int(pooled.loc[pooled["prompts"].notna(), "admitted"].sum())
 
     def terms(values, speed) -> Overheads:
-        base, per_seq, spec, per_gamma, prefill, prefill_draft, decode, verify, draft, adm, adm_draft = (
+        base, per_seq, spec, per_gamma, prefill, prefill_draft, decode, verify, draft, sync, adm, adm_draft = (
             max(0.0, float(v)) for v in values)
         return Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
                          prefill_s=prefill, prefill_draft_s=prefill_draft, decode_s=decode, verify_s=verify,
-                         draft_s=draft, admit_step_s=adm, admit_step_draft_s=adm_draft, speed=float(speed))
+                         draft_s=draft, sync_s=sync, admit_step_s=adm, admit_step_draft_s=adm_draft,
+                         speed=float(speed))
 
     o = terms(fit(pooled, speed), speed)
     details = {"overheads": o.as_dict(), "by_round": [terms(f, sp).as_dict() for f, sp in zip(fits, speeds)],
@@ -829,6 +839,11 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         """The full model with terms ``o`` rescaled to ``speed``."""
         return make_cost(prof, at_speed(o, speed), variants[-1][1], max_batch, max_gamma)
 
+    def as_simulated(cost, pol):
+        """``cost`` as :func:`sim.cluster.simulate` charges ``pol``: with ``draft_sync``, a drafting policy's
+        γ = 0 steps also run a draft decode."""
+        return cost.with_draft_sync() if draft_sync and pol.uses_draft else cost
+
     def model_at(o: Overheads, speed: float, w, pol) -> dict:
         """Summary of the full model's simulation with terms ``o`` rescaled to ``speed``."""
         return summarize(simulate(w, model_cost(o, speed), pol, acc, cluster, seed=seed))
@@ -839,7 +854,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         s_real = {**runs[0]["summary"], **{m: float(np.median([x["summary"][m] for x in runs])) for m in METRICS}}
         ran = [x for x in runs if len(x["result"].iterations)]
         steps = step_agreement(pd.concat([x["result"].iterations for x in ran]),
-                               pd.concat([x["diagnostics"] for x in ran]), plain) if ran else None
+                               pd.concat([x["diagnostics"] for x in ran]), as_simulated(plain, pol)) if ran else None
         prefill = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, pol.uses_draft) \
             if len(r.iterations) else None
         case.update({"loadavg": runs[0]["loadavg"], "engine_wall_s": float(np.median([x["wall_s"] for x in runs])),
@@ -870,7 +885,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             cost = model_cost(over, speed)
             at = summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
             paired.append(rel_errors(x["summary"], at))
-            parts.append(model_over_engine(x["result"], cost, pol.uses_draft))
+            parts.append(model_over_engine(x["result"], as_simulated(cost, pol), pol.uses_draft))
             slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
             moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}

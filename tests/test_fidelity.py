@@ -19,6 +19,7 @@ an earlier validation failed (+7 to +30 % against 14-20 %). See README "Fidelity
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -125,7 +126,7 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
 
     o = V.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, sched_spec_s=0.0002, sched_per_gamma_s=0.00001,
                     prefill_s=0.002, prefill_draft_s=0.0015, decode_s=0.0005, verify_s=0.001, draft_s=0.0007,
-                    admit_step_s=0.00006, admit_step_draft_s=0.00004, speed=0.8)
+                    sync_s=0.00002, admit_step_s=0.00006, admit_step_draft_s=0.00004, speed=0.8)
     plain = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
     cost = V.make_cost(load_profile(formula_profile), o, V.FIXES, 8, 4)
     ctxs = [150.0, 151.5, 300.0, 700.0]
@@ -137,6 +138,10 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
         extra += (o.sched_spec_s + o.sched_per_gamma_s * g) if g else 0.0
         assert one == pytest.approx([plain.iteration(b, g, c) / o.speed + extra for c in ctxs])
     # an admission also slows the step of its iteration: charged with its prefill
+    synced, plain_synced = cost.with_draft_sync(), plain.with_draft_sync()  # γ = 0 also runs a draft forward
+    assert synced.iteration(3, 0, 200.0) == pytest.approx(plain_synced.iteration(3, 0, 200.0) / o.speed + o.decode_s
+                                                          + o.sync_s + o.sched_base_s + 3 * o.sched_per_seq_s)
+    assert synced.iteration(3, 2, 200.0) == cost.iteration(3, 2, 200.0)
     assert cost.prefill(64) == pytest.approx(plain.prefill(64) / o.speed + o.prefill_s + o.admit_step_s)
     assert cost.prefill(64, "draft") == pytest.approx(plain.prefill(64, "draft") / o.speed + o.prefill_draft_s
                                                       + o.admit_step_draft_s)
@@ -179,10 +184,11 @@ TRUTH = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4
                     admit_step_s=3e-5, admit_step_draft_s=4e-5, speed=0.8)
 
 
-def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60) -> list[dict]:
+def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sync: bool = False) -> list[dict]:
     """Three calibration rounds made up from the terms ``truth`` (the machine's speed moving between them:
     0.75, 0.8, 0.85 of the profile's; ``truth``'s times are at 0.8, and every time scales with the speed),
-    iterations at random batch sizes from ``batches``."""
+    iterations at random batch sizes from ``batches``. ``draft_sync``: half the γ = 0 iterations come from a
+    run that drafts with the engine's ``draft_sync`` (the draft prefilled, a draft decode in each step)."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
@@ -200,6 +206,12 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60) -> list[
         admitted = rng.integers(0, 3, n)
         prompts = [list(rng.integers(16, 200, k)) if k else None for k in admitted]
         models = np.where(g > 0, 2, 1)  # the γ = 0 run prefills the target only
+        synced = np.zeros(n, bool)
+        if draft_sync:
+            synced = (g == 0) & (rng.random(n) < 0.5)
+            models[synced] = 2
+            draft = np.array([cost.draft_decode(int(x), z) for x, z in zip(b, ctx)]) / speed
+            model += (draft + k * truth.sync_s) * synced  # one more draft forward, with its in-run extra
         # the admissions slow the step: its model work per admission, the work around it per draft prefilled
         model += k * admitted * truth.admit_step_s
         sched += k * admitted * (models == 2) * truth.admit_step_draft_s
@@ -207,7 +219,8 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60) -> list[
                        for p in ps) / speed + k * len(ps) * (truth.prefill_s + (m == 2) * truth.prefill_draft_s)
                    if ps else 0.0 for ps, m in zip(prompts, models)]
         it = pd.DataFrame({"batch": b, "gamma": g, "context": ctx, "step_s": model + sched, "step_model_s": model,
-                           "prefill_s": prefill, "admitted": admitted, "prompts": prompts, "models": models})
+                           "prefill_s": prefill, "admitted": admitted, "prompts": prompts, "models": models,
+                           "draft_sync": synced})
         calibrations.append({"iterations": it, "step_points": pts})
     return calibrations
 
@@ -240,6 +253,26 @@ def test_fit_overheads_recovers_known_terms(formula_profile):
     assert details["probe_run_over_steps"] == [1.0, 0.625, 1.0]  # round 2's run read 0.8, its steps 0.5
     for k, v in truth.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
+
+
+def test_fit_overheads_compares_draft_sync_steps_with_their_draft_decode(formula_profile):
+    """With the engine's draft_sync, a drafting run's γ = 0 steps also run a draft decode: the fit compares
+    them with the profile's decode plus that draft decode (as the simulator charges them), its extra in
+    ``sync_s``, so the terms come back; compared with the decode alone, the draft's time would leak into
+    the terms."""
+    from sim.profile import load_profile
+
+    cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    truth = dataclasses.replace(TRUTH, sync_s=2e-5)
+    calibrations = made_up_calibrations(cost, truth, n=120, draft_sync=True)
+    assert all(c["iterations"]["draft_sync"].sum() >= 8 for c in calibrations)
+    got, _ = V.fit_overheads(cost, calibrations)
+    for k, v in truth.as_dict().items():
+        assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
+    for c in calibrations:
+        c["iterations"] = c["iterations"].drop(columns="draft_sync")
+    unaware, _ = V.fit_overheads(cost, calibrations)
+    assert unaware.decode_s > 1.5 * TRUTH.decode_s
 
 
 def test_fit_overheads_gives_a_term_the_data_cannot_separate_zero(formula_profile):
