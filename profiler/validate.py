@@ -30,9 +30,10 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
   prefill phase (fresh cache, forward, first-token sampling, copy into the batch's slot) beyond the
   profile's prefill forwards;
 * ``step`` — the step's model work inside the run beyond the profile's step: per γ = 0 step (a decode),
-  per γ > 0 step (a verify, with the draft's sampling, the acceptance draws and the residual distribution)
-  and per draft forward: per-sequence lengths (position ids, one scatter per layer, a boolean mask,
-  attention padded to the longest sequence) and caches cooled by the scheduler's work between steps; and
+  per γ > 0 step (a verify, with the draft's sampling, the acceptance draws and the residual distribution),
+  per draft forward, and with ``draft_sync`` per γ = 0 step's draft forward: per-sequence lengths
+  (position ids, one scatter per layer, a boolean mask, attention padded to the longest sequence) and
+  caches cooled by the scheduler's work between steps; and
   per admission, and per admission whose draft is prefilled too, the extra time of the step that follows
   the prefill in the same iteration (tens of µs on the tiny pair; likely the prefill's forwards cooling
   the caches the step runs from). The simulator charges those two per admission with the prefill (it
@@ -476,6 +477,9 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
       serving loop and not in the profiler's; a speculative step also samples the draft, draws the
       acceptance and builds the residual distribution, which a decode does not: on the tiny pair its
       extra work was about 100 µs at γ = 0 and 270 µs at γ = 1, so a line through both misplaced γ = 0);
+    * ``sync_s``: with the engine's ``draft_sync``, a drafting run's γ = 0 step beyond the profile's decode
+      *and draft decode* (the forward that keeps the draft's cache in step), beyond ``decode_s``; compared
+      with the decode alone, the draft's forward had gone into ``decode_s``, which ``none`` gets too (+30 %);
     * ``admit_step_s``, ``admit_step_draft_s``: per admission, and per admission whose draft was prefilled,
       the step's extra time (model work and the time around it: fitted in both regressions, summed) in
       the iteration that admitted it. Without them the γ = 0 terms averaged the slower steps of admitting
