@@ -137,11 +137,11 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
         extra = (o.verify_s + g * o.draft_s if g else o.decode_s) + o.sched_base_s + o.sched_per_seq_s * b
         extra += (o.sched_spec_s + o.sched_per_gamma_s * g) if g else 0.0
         assert one == pytest.approx([plain.iteration(b, g, c) / o.speed + extra for c in ctxs])
-    # an admission also slows the step of its iteration: charged with its prefill
     synced, plain_synced = cost.with_draft_sync(), plain.with_draft_sync()  # γ = 0 also runs a draft forward
     assert synced.iteration(3, 0, 200.0) == pytest.approx(plain_synced.iteration(3, 0, 200.0) / o.speed + o.decode_s
                                                           + o.sync_s + o.sched_base_s + 3 * o.sched_per_seq_s)
     assert synced.iteration(3, 2, 200.0) == cost.iteration(3, 2, 200.0)
+    # an admission also slows the step of its iteration: charged with its prefill
     assert cost.prefill(64) == pytest.approx(plain.prefill(64) / o.speed + o.prefill_s + o.admit_step_s)
     assert cost.prefill(64, "draft") == pytest.approx(plain.prefill(64, "draft") / o.speed + o.prefill_draft_s
                                                       + o.admit_step_draft_s)
