@@ -537,9 +537,9 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
         it = it.copy()
         ran, adm = it["batch"] > 0, it["prompts"].notna()
         synced = it["draft_sync"].astype(bool) if "draft_sync" in it else pd.Series(False, index=it.index)
-        it["sync_step"] = synced & (it["gamma"] == 0)
+        it["sync_step"] = sync = synced & (it["gamma"] == 0)
         it["profile_step_s"] = it["profile_prefill_s"] = np.nan
-        for rows, c in ((ran & ~synced, cost), (ran & synced, cost.with_draft_sync())):
+        for rows, c in ((ran & ~sync, cost), (ran & sync, cost.with_draft_sync())):
             it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows])
         it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2)
                                             for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
@@ -755,7 +755,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     from profiler.engine import Engine, EngineConfig
     from sim.acceptance import AcceptanceModel
     from sim.capacity import estimate_capacity
-    from sim.cluster import ClusterConfig, simulate
+    from sim.cluster import ClusterConfig, charged_cost, simulate
     from sim.metrics import summarize
     from sim import workload as wl
     from sim.profile import ProfileWarning, load_profile
@@ -843,11 +843,6 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         """The full model with terms ``o`` rescaled to ``speed``."""
         return make_cost(prof, at_speed(o, speed), variants[-1][1], max_batch, max_gamma)
 
-    def as_simulated(cost, pol):
-        """``cost`` as :func:`sim.cluster.simulate` charges ``pol``: with ``draft_sync``, a drafting policy's
-        γ = 0 steps also run a draft decode."""
-        return cost.with_draft_sync() if draft_sync and pol.uses_draft else cost
-
     def model_at(o: Overheads, speed: float, w, pol) -> dict:
         """Summary of the full model's simulation with terms ``o`` rescaled to ``speed``."""
         return summarize(simulate(w, model_cost(o, speed), pol, acc, cluster, seed=seed))
@@ -858,7 +853,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         s_real = {**runs[0]["summary"], **{m: float(np.median([x["summary"][m] for x in runs])) for m in METRICS}}
         ran = [x for x in runs if len(x["result"].iterations)]
         steps = step_agreement(pd.concat([x["result"].iterations for x in ran]),
-                               pd.concat([x["diagnostics"] for x in ran]), as_simulated(plain, pol)) if ran else None
+                               pd.concat([x["diagnostics"] for x in ran]),
+                               charged_cost(plain, pol, cluster)) if ran else None
         prefill = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, pol.uses_draft) \
             if len(r.iterations) else None
         case.update({"loadavg": runs[0]["loadavg"], "engine_wall_s": float(np.median([x["wall_s"] for x in runs])),
@@ -889,7 +885,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             cost = model_cost(over, speed)
             at = summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
             paired.append(rel_errors(x["summary"], at))
-            parts.append(model_over_engine(x["result"], as_simulated(cost, pol), pol.uses_draft))
+            parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), pol.uses_draft))
             slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
             moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}

@@ -123,6 +123,12 @@ def mean_context(workload: Workload) -> float:
     return float(workload.prompt_tokens.mean() + workload.output_tokens.mean() / 2)
 
 
+def charged_cost(cost: CostModel, policy: Policy, cluster: ClusterConfig) -> CostModel:
+    """The cost model :func:`simulate` charges ``policy``'s iterations with: with ``cluster.draft_sync``, a
+    drafting policy's γ = 0 iterations also cost one draft decode (:meth:`CostModel.with_draft_sync`)."""
+    return cost.with_draft_sync() if cluster.draft_sync and policy.uses_draft else cost
+
+
 def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
              cluster: ClusterConfig | None = None, seed: int = 0, reference_context: float | None = None) -> SimResult:
     """Replay ``workload`` through the cluster and return the results. Same inputs and seed → same result."""
@@ -132,8 +138,7 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
         raise ValueError(f"cluster.max_batch {cluster.max_batch} exceeds the cost model's max_batch {cost.max_batch}")
     if len(workload) == 0:
         raise ValueError("the workload has no requests")
-    if cluster.draft_sync and policy.uses_draft:
-        cost = cost.with_draft_sync()
+    cost = charged_cost(cost, policy, cluster)
     seeds = np.random.SeedSequence(seed).spawn(cluster.replicas + 2)
     reqs = request_table(workload, acceptance, cost.max_gamma, seeds[0])
     if reference_context is None:
