@@ -1,28 +1,42 @@
 #!/usr/bin/env bash
-# The device checks for a session with one CUDA GPU, in about 10 minutes, results under $OUT (default ./gpu-out):
+# The device checks for a session with one CUDA GPU, within BUDGET_S seconds (default 540), results under $OUT:
 #   1. benchmarks/engine_shapes.py — the engine's step with a repeated vs a fresh attention span, cuDNN
 #      attention allowed vs disabled (is there a per-shape cost?);
-#   2. specbatch-validate on CUDA — engine vs simulator, Llama-68M / Llama-2-7B (report.json, dashboard.html);
-#   3. profiler/gpu_capture.sh for one pair with 3 passes (a profile that can pass the gate and ship).
+#   2. specbatch-validate on CUDA — engine vs simulator, Llama-68M / Llama-2-7B, 2 rounds (report.json,
+#      dashboard.html);
+#   3. profiler/gpu_capture.sh for one pair with 3 passes, in whatever time is left (skipped under 150 s).
 # Needs the profile extra installed (torch with CUDA, transformers) and no internet.
 #   OUT=/tmp/gpu benchmarks/gpu_session.sh
 #   SKIP_CAPTURE=1 benchmarks/gpu_session.sh
+#   DEVICE=cpu TARGET=tiny-llama DRAFT=tiny-llama-draft BUDGET_S=200 benchmarks/gpu_session.sh   # a dry run
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$PWD/gpu-out}"
 PY="${PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}"
+TARGET="${TARGET:-llama-2-7b}"
+DRAFT="${DRAFT:-llama-68m}"
+BUDGET_S="${BUDGET_S:-540}"
+VALIDATE_S="${VALIDATE_S:-300}"
 mkdir -p "$OUT"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 T0=$SECONDS
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+left() { echo $((BUDGET_S - (SECONDS - T0))); }
+if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
+"$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 echo "== engine shapes (elapsed $((SECONDS - T0)) s)"
-timeout 180 "$PY" benchmarks/engine_shapes.py --device cuda --target llama-2-7b --draft llama-68m | tee "$OUT/engine_shapes.txt"
+timeout 120 "$PY" benchmarks/engine_shapes.py --device "$DEVICE" --target "$TARGET" --draft "$DRAFT" \
+  | tee "$OUT/engine_shapes.txt"
 echo "== validate (elapsed $((SECONDS - T0)) s)"
-timeout 330 "$PY" -m profiler.validate --device cuda --pair llama-2-7b:llama-68m --requests 40 --out "$OUT/validate" \
-  | tee "$OUT/validate.txt"
-if [ -z "${SKIP_CAPTURE:-}" ]; then
-  echo "== capture (elapsed $((SECONDS - T0)) s)"
-  PAIRS="${PAIRS:-llama-68m__llama-2-7b}" OUT_DIR="$OUT/profiles" bash profiler/gpu_capture.sh progress=false
+timeout "$VALIDATE_S" "$PY" -m profiler.validate --device "$DEVICE" --pair "$TARGET:$DRAFT" --requests 40 \
+  --repeats 2 --out "$OUT/validate" | tee "$OUT/validate.txt"
+CAPTURE_S=$(( $(left) - 20 ))
+if [ -z "${SKIP_CAPTURE:-}" ] && [ "$DEVICE" = cuda ] && [ "$CAPTURE_S" -ge 150 ]; then
+  echo "== capture, $CAPTURE_S s (elapsed $((SECONDS - T0)) s)"
+  PAIRS="${PAIRS:-${DRAFT}__${TARGET}}" OUT_DIR="$OUT/profiles" PAIR_DEADLINE=$((CAPTURE_S - 50)) \
+    PAIR_TIMEOUT="$CAPTURE_S" bash profiler/gpu_capture.sh progress=false
+else
+  echo "== capture skipped ($CAPTURE_S s left, device $DEVICE)"
 fi
 echo "== done (elapsed $((SECONDS - T0)) s)"
