@@ -25,7 +25,8 @@ the profiler's :class:`~profiler.models.PreallocLayer`). The running batch occup
 request leaving frees its slot by moving the last slot's sequence into it. Sequences have different
 lengths (mixed contexts): each step writes every sequence's new K/V at its own positions (one scatter per
 layer) and attends over ``max(length) + new`` positions with a per-sequence boolean mask, i.e. attention
-is padded to the longest sequence of the batch. (A fully accepted round leaves the draft's KV entry for
+is padded to the longest sequence of the batch (:attr:`Engine.attention`, the simulator's
+``cluster.attention="padded"``). (A fully accepted round leaves the draft's KV entry for
 the last draft token unwritten, and without ``draft_sync`` a γ = 0 iteration leaves the draft's entries for
 that iteration's token unwritten: the draft does none of the work the cost model does not charge. Timing
 is unaffected; in ``real`` mode the draft's next proposals read those unwritten positions, so real
@@ -247,6 +248,9 @@ class EngineConfig:
 class Engine:
     """Target + draft models with slot KV caches, driven by the simulator's scheduler in wall-clock time."""
 
+    #: every sequence attends over the longest one's span (masked): the simulator's ``cluster.attention``
+    attention = "padded"
+
     def __init__(self, target: str, draft: str, cfg: EngineConfig | None = None, max_len: int = 2048,
                  models: tuple | None = None):
         self.cfg = cfg = cfg or EngineConfig()
@@ -457,7 +461,7 @@ class Engine:
             else:
                 t1 = t0
             gamma = preempted = tokens = accepted = n = 0
-            ctx_mean = 0.0
+            ctx_mean = ctx_max = 0.0
             if len(b):
                 gamma, view, preempted = rep._pick_gamma(t1)
                 if preempted:  # the victims left the batch: drop their slots and generated-but-cached tokens
@@ -465,7 +469,7 @@ class Engine:
                     for rid in gone:
                         history[rid] = history[rid][:int(reqs.prompt[rid] + reqs.generated[rid])]
                     free(gone)
-                n, ctx_mean = view.batch, view.context
+                n, ctx_mean, ctx_max = view.batch, view.context, max(b.s[:, _Running.CTX].tolist())
                 rid_rows = b.ids.tolist()
                 slots = [slot_of[r] for r in rid_rows]
                 # cached positions per slot = context - 1 (the last token is not yet in the cache)
@@ -499,7 +503,7 @@ class Engine:
             rep.busy_s += t2 - t0
             rep.kv_tokens = int(b.s[:, _Running.CTX].sum())
             log.add(t0, 0, n, gamma, t1 - t0, t2 - t1, tokens + len(admitted), accepted, len(admitted), preempted,
-                    len(rep.waiting), rep.kv_tokens, ctx_mean)
+                    len(rep.waiting), rep.kv_tokens, ctx_mean, ctx_max)
             diag.append((fwd, model_s))
 
         iters = log.frame()

@@ -456,9 +456,10 @@ def speed_vs_profile(cost, step_points: list[dict]) -> float:
     return float(np.median(point_speeds(cost, step_points)))
 
 
-def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
+def fit_overheads(cost, calibrations: list[dict], attention: str = "padded") -> tuple[Overheads, dict]:
     """The engine-side terms from :func:`calibrate`'s measurements, against the profile behind ``cost``
-    (each calibration run compared with the profile at its own round's speed):
+    (each calibration run compared with the profile at its own round's speed, its steps priced as the
+    simulator charges them under ``attention``, :func:`model_step_times`):
 
     * ``speed``: median over rounds of the round's speed. Without a probe, a round's speed is
       :func:`speed_vs_profile` of its re-timed profiler steps. With one (every calibration has
@@ -540,7 +541,7 @@ def fit_overheads(cost, calibrations: list[dict]) -> tuple[Overheads, dict]:
         it["sync_step"] = sync = synced & (it["gamma"] == 0)
         it["profile_step_s"] = it["profile_prefill_s"] = np.nan
         for rows, c in ((ran & ~sync, cost), (ran & sync, cost.with_draft_sync())):
-            it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows])
+            it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows], attention)
         it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2)
                                             for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
         return it
@@ -651,15 +652,15 @@ def agreement(cases: list[dict], variant: str, noises=("noise", "model_noise")) 
             "pooled_noise": pooled, "cases": out, "all": all(all(x["within"].values()) for x in out)}
 
 
-def step_agreement(iterations, diagnostics, cost) -> dict:
+def step_agreement(iterations, diagnostics, cost, attention: str = "padded") -> dict:
     """Step-level check of the profile against the engine: for every engine iteration that ran a step,
-    the profile's prediction ``cost.iteration(b, γ, c̄)`` divided by the engine's measured step time
+    the profile's prediction (:func:`model_step_times` under ``attention``) divided by the engine's measured step time
     (``step_s``: the whole step incl. engine bookkeeping) and by its model work alone (``step_model_s``).
     Medians (dimensionless; > 1 = the profile is slower than the engine), overall and per batch size."""
     it = iterations.reset_index(drop=True)
     ran = (it["batch"] > 0).to_numpy() & (it["step_s"] > 0).to_numpy()
     it, model = it[ran], diagnostics["step_model_s"].to_numpy()[ran]
-    pred = model_step_times(cost, it)
+    pred = model_step_times(cost, it, attention)
     whole, work = pred / it["step_s"].to_numpy(), pred / model
     by_batch = {int(b): round(float(np.median(whole[(it["batch"] == b).to_numpy()])), 3)
                 for b in sorted(it["batch"].unique())}
@@ -667,11 +668,13 @@ def step_agreement(iterations, diagnostics, cost) -> dict:
             "profile_over_model_work": round(float(np.median(work)), 3), "profile_over_step_by_batch": by_batch}
 
 
-def model_step_times(cost, iterations) -> np.ndarray:
-    """``cost.iteration(batch, γ, mean context)`` for every row of an iteration table whose rows all ran a
-    step (seconds)."""
+def model_step_times(cost, iterations, attention: str = "padded") -> np.ndarray:
+    """``cost.iteration(batch, γ, context)`` for every row of an iteration table whose rows all ran a step
+    (seconds), at the context the simulator charges under ``attention`` (``cluster.attention``): the
+    longest sequence's (``context_max``; the engine pads) or the mean (``context``)."""
+    column = "context_max" if attention == "padded" else "context"
     return np.array([cost.iteration(int(b), int(g), float(c))
-                     for b, g, c in zip(iterations["batch"], iterations["gamma"], iterations["context"])])
+                     for b, g, c in zip(iterations["batch"], iterations["gamma"], iterations[column])])
 
 
 def model_prefill_time(cost, prompts, drafts: bool) -> float:
@@ -689,9 +692,9 @@ def predicted_prefills(requests, iterations, cost, uses_draft: bool) -> list[tup
             for i, prompts in enumerate(admitted_prompts(requests, it)) if prompts is not None]
 
 
-def model_over_engine(result, cost, uses_draft: bool) -> dict:
+def model_over_engine(result, cost, uses_draft: bool, attention: str = "padded") -> dict:
     """Where one engine run's time goes, ``cost`` (the full model at the run's speed) against the engine:
-    Σ of the model's step times over the run's iterations (their batch, γ and mean context) ÷ Σ of the
+    Σ of the model's step times over the run's iterations (:func:`model_step_times`) ÷ Σ of the
     engine's step times, and Σ of the model's prefill times ÷ Σ of the engine's prefill phases over the
     iterations that admitted only fresh requests (dimensionless; < 1: the model is faster; None for a part
     the run did not have). Queueing turns these into the latency errors, amplified at load. The model's
@@ -699,7 +702,7 @@ def model_over_engine(result, cost, uses_draft: bool) -> dict:
     engine's prefill phase does not (they land in its step)."""
     it = result.iterations.reset_index(drop=True)
     ran = it[it["batch"] > 0]
-    step_pred = float(model_step_times(cost, ran).sum())
+    step_pred = float(model_step_times(cost, ran, attention).sum())
     step_meas = float(ran["step_s"].sum())
     pf = predicted_prefills(result.requests, it, cost, uses_draft)
     pf_meas = sum(float(it["prefill_s"].iat[i]) for i, _ in pf)
@@ -747,8 +750,10 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              alpha: float = 0.7, clock: str = "cpu", threads: int = 1, device: str = "cpu", seed: int = 0,
              trace_start: int = 0, out: Path | str = "fidelity-out", profile: str | None = None,
              max_age_h: float = 12.0, repeats: int = REDUCED["repeats"], variants=None, draft_sync: bool = False,
-             log=print) -> dict:
-    """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report."""
+             attention: str | None = None, log=print) -> dict:
+    """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report.
+    ``attention``: how the simulator charges a step's context (``cluster.attention``; default the engine's,
+    padded)."""
     import pandas as pd
     import torch
 
@@ -761,6 +766,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     from sim.profile import ProfileWarning, load_profile
 
     variants = variants or VARIANTS
+    attention = attention or Engine.attention
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -785,7 +791,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
                             threads=threads, device=device, seed=seed, dtype=str(prof.meta["dtype"]),
                             draft_sync=draft_sync)
         engine = Engine(target, draft, ecfg, max_len=max_len)
-        cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync)
+        cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync,
+                                attention=attention)
         capacity = estimate_capacity(plain, base, cluster)
         table_cost = plain.with_draft_sync() if draft_sync else plain  # what the policies' γ tables are built from
         for load in loads:
@@ -835,7 +842,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     t_measured = time.perf_counter() - t_start
     prof = load_profile(prof_dir)  # the final profile: every pass merged
     plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma), setup["cluster"], setup["capacity"]
-    over, cal = fit_overheads(plain, calibrations)
+    over, cal = fit_overheads(plain, calibrations, attention)
     log(f"  engine-side terms ({repeats} calibrations): {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
 
@@ -854,7 +861,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         ran = [x for x in runs if len(x["result"].iterations)]
         steps = step_agreement(pd.concat([x["result"].iterations for x in ran]),
                                pd.concat([x["diagnostics"] for x in ran]),
-                               charged_cost(plain, pol, cluster)) if ran else None
+                               charged_cost(plain, pol, cluster), attention) if ran else None
         prefill = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, pol.uses_draft) \
             if len(r.iterations) else None
         case.update({"loadavg": runs[0]["loadavg"], "engine_wall_s": float(np.median([x["wall_s"] for x in runs])),
@@ -885,7 +892,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             cost = model_cost(over, speed)
             at = summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
             paired.append(rel_errors(x["summary"], at))
-            parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), pol.uses_draft))
+            parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), pol.uses_draft, attention))
             slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
             moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}
@@ -905,7 +912,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
                                                 for m in HEADLINE) + ")")
     report = {
         "pair": {"target": target, "draft": draft}, "device": device, "clock": clock, "threads": threads,
-        "draft_sync": draft_sync,
+        "draft_sync": draft_sync, "attention": attention,
         "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
         "profile": str(prof_dir), "calibration": cal, "probe_point": setup["probe"].point,
@@ -994,7 +1001,8 @@ def write_dashboard(cases: list[dict], report: dict, path: Path, variant: str) -
 def format_report(report: dict) -> str:
     variants = list(report["variants"])
     lines = [f"pair {report['pair']['draft']} / {report['pair']['target']}, device {report['device']}, "
-             f"clock {report['clock']}, loadavg {report['loadavg_start']} -> {report['loadavg_end']}",
+             f"clock {report['clock']}, attention {report.get('attention', 'paged')}, "
+             f"loadavg {report['loadavg_start']} -> {report['loadavg_end']}",
              f"engine-side terms ({len(report['calibration']['speed_by_round'])} calibrations): "
              + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in report["calibration"]["overheads"].items() if k != "speed")
              + f"; speed vs the profile {report['calibration']['overheads']['speed']:.3f} (by round "
@@ -1068,6 +1076,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--draft-sync", action="store_true",
                     help="γ = 0 steps also run the draft, in the engine and the simulator (cluster.draft_sync)")
+    ap.add_argument("--attention", choices=("paged", "padded"), default=None,
+                    help="the context the simulator charges a step at (cluster.attention); default: the engine's, "
+                         "padded (attention over the batch's longest sequence)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=REDUCED["repeats"],
                     help="rounds: each calibrates once and runs every case once (≥ 2: also reports run-to-run noise)")
@@ -1082,7 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_batch=a.max_batch, max_prompt=a.max_prompt, max_output=a.max_output, alpha=a.alpha,
                           clock=clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
                           profile=a.profile, repeats=a.repeats, trace_start=a.trace_start,
-                          draft_sync=a.draft_sync)
+                          draft_sync=a.draft_sync, attention=a.attention)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from .acceptance import AcceptanceModel
 from .cost_model import CostModel, ExtrapolationWarning
 from .policies import Policy
 from .events import URGENT, at_time
-from .replica import IterationLog, Replica, iterations_frame, merge_sorted_rows
+from .replica import ATTENTION, IterationLog, Replica, iterations_frame, merge_sorted_rows
 from .requests import RequestTable
 from .workload import Workload
 
@@ -59,6 +59,7 @@ class ClusterConfig:
     fast_forward: bool = True  # identical results either way; False steps one SimPy event per iteration
     workers: int = 1  # processes simulating disjoint replica groups (state-free routers); identical results
     draft_sync: bool = False  # γ = 0 iterations also run a draft decode when the policy drafts (as vLLM does)
+    attention: str = "paged"  # a step's context: the batch's mean ("paged") or its longest sequence's ("padded")
 
     def validate(self) -> None:
         if not isinstance(self.replicas, (int, np.integer)) or self.replicas < 1:
@@ -77,6 +78,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.fast_forward is {self.fast_forward!r}; expected true or false")
         if not isinstance(self.draft_sync, (bool, np.bool_)):
             raise ValueError(f"cluster.draft_sync is {self.draft_sync!r}; expected true or false")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"cluster.attention is {self.attention!r}; expected one of {list(ATTENTION)}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, (int, np.integer)) or self.workers < 1:
             raise ValueError(f"cluster.workers is {self.workers!r}; expected an integer ≥ 1")
         if self.workers > 1 and self.replicas > 1 and self.router not in STATE_FREE_ROUTERS:
@@ -192,7 +195,8 @@ def _simulate_group(reqs: RequestTable, route: np.ndarray | None, indices: list[
     # Each replica gets its own copy of the (set-up) policy, so online state is per replica.
     replicas = {i: Replica(env, i, reqs, cost, copy.deepcopy(policy), acceptance, np.random.default_rng(seeds[i]), log,
                            max_batch=cluster.max_batch, kv_capacity_tokens=capacity, watermark=cluster.watermark,
-                           mode=cluster.mode, fast_forward=cluster.fast_forward) for i in indices}
+                           mode=cluster.mode, fast_forward=cluster.fast_forward, attention=cluster.attention)
+                for i in indices}
     env.process(_arrivals(env, reqs, replicas, cluster.router, route))
     env.run()
     return log.data(sort=True), [replicas[i].busy_s for i in indices]

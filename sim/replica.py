@@ -12,8 +12,11 @@ Continuous batching (Orca/vLLM, iteration level). Each iteration, at simulated t
    cannot hold b·(γ+1) more tokens, the most recently admitted request is preempted (its KV freed, it
    goes back to the head of the queue and is recomputed on re-admission, as vLLM does) and γ is picked
    again; a lone request that still does not fit runs with a smaller γ. The step costs
-   γ·T_draft(b, c̄) + T_verify(b, γ, c̄) (γ = 0: one target decode, no draft). Each request gains
-   1 + accepted draft tokens, capped by the tokens it has left.
+   γ·T_draft(b, c) + T_verify(b, γ, c) (γ = 0: one target decode, no draft) at the context c the
+   attention reads per sequence: the mean c̄ with ``attention="paged"`` (each sequence attends over its own
+   KV: vLLM's paged attention, varlen flash kernels) or the longest sequence's with ``attention="padded"``
+   (every sequence attends over the longest one's span, masked: batched HF transformers, specbatch's own
+   engine). Each request gains 1 + accepted draft tokens, capped by the tokens it has left.
 4. The iteration is **one** SimPy timeout of prefill + step seconds; its effects are committed when it
    ends. Requests that reach their output length finish then and leave.
 
@@ -31,7 +34,8 @@ SimPy's urgent priority), so a request arriving exactly at an iteration boundary
 Static batching (``mode="static"``, the seed paper's prototype): the replica takes up to ``max_batch``
 waiting requests whose full lengths (prompt + output) fit in the KV cache, prefills them and decodes
 until the longest finishes; every step is charged at the starting batch size (finished sequences stay
-as padding). Requests arriving meanwhile wait for the next batch.
+as padding, and their contexts count in the mean and the longest). Requests arriving meanwhile wait for
+the next batch.
 
 KV accounting is in tokens: one token of context occupies target KV plus draft KV (when a draft is used).
 """
@@ -54,7 +58,8 @@ from .policies import BatchView, Policy
 from .requests import RequestTable
 
 ITERATION_COLUMNS = ("start_s", "replica", "batch", "gamma", "prefill_s", "step_s", "tokens", "accepted", "admitted",
-                     "preempted", "queue", "kv_tokens", "context")
+                     "preempted", "queue", "kv_tokens", "context", "context_max")
+ATTENTION = ("paged", "padded")  # the context a step is charged at: the batch's mean, or its longest sequence's
 
 
 INT_COLUMNS = ("replica", "batch", "gamma", "tokens", "accepted", "admitted", "preempted", "queue", "kv_tokens")
@@ -79,9 +84,10 @@ class IterationLog:
 
     def _clear_pending(self) -> None:
         self._plans: list[tuple] = []  # (replica, n, γ, prefill_s, admitted, queue0, ctx0, kv_last, cut, rows)
-        self._times: list[float] = []  # every pending iteration's start time, step seconds, mean context
+        self._times: list[float] = []  # every pending iteration's start time, step seconds, contexts
         self._steps: list[float] = []
         self._contexts: list[float] = []
+        self._maxes: list[float] = []
         self._tot: list = []  # per plan: cumulative tokens (an array)
         self._rows = 0  # rows held by the pending plans
         self._bumps: list[int] = []  # pending rows from which the queue is one longer ...
@@ -93,14 +99,14 @@ class IterationLog:
             f(v)
 
     def add_plan(self, replica: int, n: int, gamma: int, prefill_s: float, admitted: int, queue0: int, ctx0: int,
-                 kv_last: int, cut: int, times, steps, contexts, tot, queued_from: list[int]) -> None:
+                 kv_last: int, cut: int, times, steps, contexts, maxes, tot, queued_from: list[int]) -> None:
         """Append the ``rows = len(steps)`` iterations of a fast-forward plan for a batch of ``n`` at ``gamma``:
-        start ``times`` (s), ``steps`` (s), mean ``contexts`` (tokens) and ``tot`` (tokens the batch gained by
-        the end of each iteration, before the output caps), one entry per iteration (``times``, ``steps`` and
-        ``contexts`` are copied, best as lists of floats; ``tot``, an integer array, is kept: do not modify
-        it). Iteration 0 carries ``prefill_s`` and the ``admitted`` requests; the last
-        loses ``cut`` tokens to the output caps and leaves ``kv_last`` tokens of KV (the others: ``ctx0`` +
-        ``tot``). The queue holds ``queue0`` requests, plus one from each iteration index in ``queued_from``."""
+        start ``times`` (s), ``steps`` (s), mean ``contexts`` and longest sequences' ``maxes`` (tokens; ``None``:
+        not tracked, NaN) and ``tot`` (tokens the batch gained by the end of each iteration, before the output
+        caps), one entry per iteration (``times``, ``steps``, ``contexts`` and ``maxes`` are copied, best as
+        lists of floats; ``tot``, an integer array, is kept: do not modify it). Iteration 0 carries
+        ``prefill_s`` and the ``admitted`` requests; the last loses ``cut`` tokens to the output caps and leaves
+        ``kv_last`` tokens of KV (the others: ``ctx0`` + ``tot``). The queue holds ``queue0`` requests, plus one from each iteration index in ``queued_from``."""
         rows = len(steps)
         for j in queued_from:
             self._bumps.append(self._rows + j)
@@ -109,6 +115,7 @@ class IterationLog:
         self._times.extend(times)  # flat lists: one conversion per flush instead of one per plan
         self._steps.extend(steps)
         self._contexts.extend(contexts)
+        self._maxes.extend(maxes or [math.nan] * rows)
         self._tot.append(tot)
         self._rows += rows
         if len(self._plans) >= self.FLUSH_PLANS:
@@ -144,6 +151,7 @@ class IterationLog:
         np.add(np.repeat(ctx0, counts), tot, out=blk[11])
         blk[11, last] = kv_last
         blk[12] = self._contexts
+        blk[13] = self._maxes
         self.blocks.append(blk)
         self._clear_pending()
 
@@ -221,6 +229,7 @@ class _Plan:
     ``gamma``. Iteration j runs from ``times[j]`` to ``times[j+1]`` (seconds; iteration 0 starts at ``t0``
     with ``prefill_s`` of prefill; ``ends`` = ``times[1:]``) at mean context ``contexts[j]`` (tokens), costing
     ``steps[j]``; all four are lists of floats (long plans compute them with numpy, then convert once).
+    ``maxes[j]``: the longest sequence's context (tokens) under padded attention, else ``None``.
     ``cum[j, i]`` = tokens sequence i gained by the end of iteration j before the cap at its output length
     (``None`` when γ = 0: then it is j + 1); ``tot[j]`` = Σ_i cum[j, i]; ``ctx0`` = the batch's context
     before iteration 0. Only the last planned iteration can finish a request (``finishes``).
@@ -228,7 +237,7 @@ class _Plan:
     ``rows``: the iterations it will commit (all of them, unless :meth:`Replica._cut` shortened the plan)."""
 
     __slots__ = ("t0", "prefill_s", "admitted", "n", "gamma", "cum", "tot", "ctx0", "finishes", "ends", "times",
-                 "contexts", "steps", "queue0", "submitted", "cuttable", "event", "rows")
+                 "contexts", "maxes", "steps", "queue0", "submitted", "cuttable", "event", "rows")
 
 
 class UniformStream:
@@ -352,9 +361,11 @@ class Replica:
     def __init__(self, env: simpy.Environment, index: int, reqs: RequestTable, cost: CostModel, policy: Policy,
                  acceptance: AcceptanceModel, rng: np.random.Generator, log: IterationLog, *, max_batch: int,
                  kv_capacity_tokens: int, watermark: float = 0.01, mode: str = "continuous",
-                 fast_forward: bool = False):
+                 fast_forward: bool = False, attention: str = "paged"):
         if mode not in ("continuous", "static"):
             raise ValueError(f"cluster.mode is {mode!r}; expected 'continuous' or 'static'")
+        if attention not in ATTENTION:
+            raise ValueError(f"cluster.attention is {attention!r}; expected one of {list(ATTENTION)}")
         self.env, self.index, self.reqs, self.cost = env, index, reqs, cost
         self.policy, self.acceptance, self.rng, self.log = policy, acceptance, rng, log
         self.max_batch = int(max_batch)
@@ -371,6 +382,7 @@ class Replica:
         shared = reqs.shared_thr  # every request's thresholds, when they are all the same
         self.uniforms = UniformStream(rng, thresholds=None if shared is None else shared[:cost.max_gamma])
         self.fast_forward = bool(fast_forward)
+        self.padded = attention == "padded"  # steps are charged at the longest sequence's context
         self._ones = np.ones(self.max_batch, np.int64)  # for row sums of a plan's (k, batch) token counts
         self._prefill_times: dict[int, tuple[float, float]] = {}  # context -> (target, draft) prefill seconds
         self._plan: _Plan | None = None  # the fast-forward plan being waited on
@@ -548,10 +560,12 @@ class Replica:
                     continue
             gamma = preempted = tokens = accepted = n = 0
             step_s = ctx_mean = 0.0
+            ctx_max = 0.0 if self.padded else math.nan  # (tracked under padded attention only)
             if len(b):
                 gamma, view, preempted = self._pick_gamma(t0 + prefill_s)
                 n, ctx_mean = view.batch, view.context
-                step_s = cost.iteration(n, gamma, ctx_mean)
+                ctx_max = max(b.s[:, _Running.CTX].tolist()) if self.padded else math.nan
+                step_s = cost.iteration(n, gamma, ctx_max if self.padded else ctx_mean)
                 acc, gain = self._speculate(gamma)
             duration = prefill_s + step_s
             yield env.timeout(duration)
@@ -564,7 +578,7 @@ class Replica:
                     self._leave(b.take(done), env.now)
             self.kv_tokens = sum(b.s[:, _Running.CTX].tolist())
             self.log.add(t0, self.index, n, gamma, prefill_s, step_s, tokens + len(admitted), accepted,
-                         len(admitted), preempted, len(self.waiting), self.kv_tokens, ctx_mean)
+                         len(admitted), preempted, len(self.waiting), self.kv_tokens, ctx_mean, ctx_max)
 
     # -- fast-forward (continuous batching) ------------------------------------------------------------
 
@@ -573,7 +587,8 @@ class Replica:
         iteration must be stepped alone (a learning policy, or a preemption is due)."""
         b = self.batch
         s, n = b.s, len(b)
-        ctx0 = sum(s[:, _Running.CTX].tolist())
+        ctxs = s[:, _Running.CTX].tolist()
+        ctx0, max0 = sum(ctxs), max(ctxs)
         steady = self.policy.steady_gamma(n, ctx0 / n)
         if steady is None:
             return None
@@ -611,9 +626,13 @@ class Replica:
             if ctx0 + int(tot[0]) + int(self.reqs.prompt[head] + self.reqs.generated[head]) + 1 <= self.admit_limit:
                 rows = 1
         p = _Plan()
+        maxes = None  # padded attention: the longest sequence at the start of each iteration (ascending)
+        if self.padded:
+            maxes = [max0] + ((cum[:rows - 1] + s[:, _Running.CTX]).max(axis=1).tolist() if gamma
+                              else list(range(max0 + 1, max0 + rows)))
         if rows <= 12:  # up to about a dozen iterations Python floats beat numpy's per-call overheads
             contexts = [ctx0 / n] + [(ctx0 + g) / n for g in tot[:rows - 1].tolist()]
-            steps = self.cost.iteration_list(n, gamma, contexts)
+            steps = self.cost.iteration_list(n, gamma, maxes or contexts)
             times = [t0, t0 + (prefill_s + steps[0])]
             for step in steps[1:]:  # running sums, as SimPy's clock
                 times.append(times[-1] + step)
@@ -624,7 +643,7 @@ class Replica:
             contexts[1:] = tot[:rows - 1]
             contexts[1:] += ctx0
             contexts /= n
-            steps = self.cost.iteration_many(n, gamma, contexts)
+            steps = self.cost.iteration_many(n, gamma, contexts if maxes is None else np.array(maxes, float))
             times = np.empty(rows + 1)  # running sums, as SimPy's clock
             times[0] = t0
             times[1:] = steps
@@ -635,7 +654,7 @@ class Replica:
         p.t0, p.prefill_s, p.admitted, p.n, p.gamma = t0, prefill_s, admitted, n, gamma
         p.cum, p.tot, p.ctx0 = cum, tot, ctx0
         p.finishes = first < k and len(steps) == first + 1
-        p.times, p.steps, p.contexts = times, steps, contexts
+        p.times, p.steps, p.contexts, p.maxes = times, steps, contexts, maxes
         p.queue0, p.submitted, p.cuttable = len(self.waiting), [], False
         p.rows = len(steps)
         return p
@@ -691,7 +710,7 @@ class Replica:
         queued_from = [j for j in (bisect_left(p.ends, when) for when in p.submitted) if j < rows] \
             if p.submitted else p.submitted
         self.log.add_plan(self.index, n, p.gamma, p.prefill_s, p.admitted, p.queue0, p.ctx0, self.kv_tokens, cut,
-                          p.times[:rows], steps, p.contexts[:rows], p.tot[:rows], queued_from)
+                          p.times[:rows], steps, p.contexts[:rows], p.maxes and p.maxes[:rows], p.tot[:rows], queued_from)
 
     # -- static batching ---------------------------------------------------------------------------------
 
@@ -714,20 +733,22 @@ class Replica:
                 used += need
             prefill_s, done = self._prefill(batch, t0)
             b0 = len(batch)
-            pad_ctx = 0  # context of sequences that finished but still occupy their batch slot
+            pad_ctx = pad_max = 0  # context (sum, longest) of sequences that finished but still occupy a slot
             if done:
                 rows = b.take(b.finished())
                 pad_ctx += int(rows[:, _Running.CTX].sum())  # (none has run: LEFT = 0 at most)
+                pad_max = max(rows[:, _Running.CTX].tolist())
                 self._leave(rows, t0 + prefill_s)
             first = True
             while len(b) or first:
                 ts = env.now
                 ctx_mean = (int(b.s[:, _Running.CTX].sum()) + pad_ctx) / b0
+                ctx_max = max(b.s[:, _Running.CTX].tolist() + [pad_max])
                 gamma, step_s, tokens, accepted = 0, 0.0, 0, 0
                 if len(b):
                     view = BatchView(ts, self.index, b0, ctx_mean, b.ids)
                     gamma = min(int(self.policy.choose(view)), cost.max_gamma)
-                    step_s = cost.iteration(b0, gamma, ctx_mean)
+                    step_s = cost.iteration(b0, gamma, ctx_max if self.padded else ctx_mean)
                     acc, gain = self._speculate(gamma)
                 pre = prefill_s if first else 0.0
                 yield env.timeout(pre + step_s)
@@ -738,11 +759,13 @@ class Replica:
                     done = b.finished()
                     if done is not None:
                         rows = b.take(done)
-                        pad_ctx += int(rows[:, _Running.CTX].sum() + np.minimum(rows[:, _Running.LEFT], 0).sum())
+                        kept = rows[:, _Running.CTX] + np.minimum(rows[:, _Running.LEFT], 0)  # (cut past the cap)
+                        pad_ctx += int(kept.sum())
+                        pad_max = max([pad_max] + kept.tolist())
                         self._leave(rows, env.now)
                 self.kv_tokens = int(b.s[:, _Running.CTX].sum()) + pad_ctx
                 self.log.add(t0 if first else ts, self.index, b0 if step_s else 0, gamma, pre, step_s,
                              tokens + (b0 if first else 0), accepted, b0 if first else 0, 0, len(self.waiting),
-                             self.kv_tokens, ctx_mean)
+                             self.kv_tokens, ctx_mean, ctx_max if self.padded else math.nan)
                 first = False
             self.kv_tokens = 0

@@ -86,14 +86,16 @@ def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_
     from sim.profile import load_profile
 
     cost = CostModel(load_profile(formula_profile), max_batch=8, max_gamma=4)
-    it = pd.DataFrame({"batch": [0, 1, 4, 4], "gamma": [0, 0, 2, 4], "context": [0.0, 200.0, 300.0, 900.0]})
-    pred = [0.0] + [cost.iteration(b, g, c) for b, g, c in zip(it["batch"][1:], it["gamma"][1:], it["context"][1:])]
-    it["step_s"] = [0.0, pred[1] / 2, pred[2] / 2, pred[3] / 2]  # the engine ran twice as fast as the profile says
-    diag = pd.DataFrame({"prefill_forward_s": 0.0, "step_model_s": [0.0, pred[1] / 4, pred[2] / 4, pred[3] / 4]})
-    st = V.step_agreement(it, diag, cost)
-    assert st["iterations"] == 3  # the idle iteration (batch 0) is left out
-    assert st["profile_over_step"] == 2.0 and st["profile_over_model_work"] == 4.0
-    assert st["profile_over_step_by_batch"] == {1: 2.0, 4: 2.0}
+    it = pd.DataFrame({"batch": [0, 1, 4, 4], "gamma": [0, 0, 2, 4], "context": [0.0, 200.0, 300.0, 900.0],
+                       "context_max": [0.0, 200.0, 700.0, 1500.0]})
+    for attention, column in (("padded", "context_max"), ("paged", "context")):  # the engine pads
+        pred = [0.0] + [cost.iteration(b, g, c) for b, g, c in zip(it["batch"][1:], it["gamma"][1:], it[column][1:])]
+        it["step_s"] = [0.0, pred[1] / 2, pred[2] / 2, pred[3] / 2]  # the engine ran twice as fast as the profile says
+        diag = pd.DataFrame({"prefill_forward_s": 0.0, "step_model_s": [0.0, pred[1] / 4, pred[2] / 4, pred[3] / 4]})
+        st = V.step_agreement(it, diag, cost, attention)
+        assert st["iterations"] == 3  # the idle iteration (batch 0) is left out
+        assert st["profile_over_step"] == 2.0 and st["profile_over_model_work"] == 4.0
+        assert st["profile_over_step_by_batch"] == {1: 2.0, 4: 2.0}
 
 
 def test_prefill_agreement_compares_fresh_admissions_only(formula_profile):
@@ -147,26 +149,31 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
                                                       + o.admit_step_draft_s)
 
 
-def test_model_over_engine_is_one_for_the_simulator_against_its_own_cost_model(formula_profile):
+def test_model_over_engine_is_one_for_the_simulator_against_its_own_cost_model(tmp_path):
     """A simulated run compared with the cost model that timed it: every step and prefill agrees (ratio 1);
     against the same model at half the speed, the model is twice as slow (ratio 2)."""
+    from conftest import linear_step, write_formula_profile
     from sim.acceptance import AcceptanceModel
     from sim.cluster import ClusterConfig, simulate
     from sim.policies import make_policy
     from sim.profile import load_profile
     from sim.workload import synthetic
 
-    prof = load_profile(formula_profile)
+    prof = load_profile(write_formula_profile(tmp_path / "ctx", verify=linear_step(0.010, 0.0005, 2e-6, knee=64),
+                                              draft=linear_step(0.001, 0.00002, 2e-7)))
     cost = V.make_cost(prof, None, (), 8, 4)
     w = synthetic(60, 50.0, "poisson", 1.0, None, (64, 0.5), (24, 0.5), seed=3)
     for policy in ("none", "fixed"):
         pol = make_policy(policy, **V.POLICIES[policy])
-        r = simulate(w, cost, pol, AcceptanceModel(alpha=0.7, max_gamma=4), ClusterConfig(max_batch=8), seed=0)
+        r = simulate(w, cost, pol, AcceptanceModel(alpha=0.7, max_gamma=4),
+                     ClusterConfig(max_batch=8, attention="padded"), seed=0)
         assert V.model_over_engine(r, cost, pol.uses_draft) == {"steps": pytest.approx(1.0),
                                                                "prefill": pytest.approx(1.0)}
         slow = V.make_cost(prof, V.Overheads(speed=0.5), ("speed",), 8, 4)
         assert V.model_over_engine(r, slow, pol.uses_draft) == {"steps": pytest.approx(2.0),
                                                                "prefill": pytest.approx(2.0)}
+        # priced at the mean context, the padded run's steps come out faster than they ran
+        assert V.model_over_engine(r, cost, pol.uses_draft, "paged")["steps"] < 0.999
 
 
 def test_at_speed_rescales_every_time_term():
@@ -198,7 +205,8 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sy
                for b in (1, 2, 4, 8) for g in (0, 2, 4) for c in (100, 400)]
         b, g = rng.choice(list(batches), n), rng.choice([0, 1, 2, 4], n)
         ctx = rng.uniform(100, 600, n)
-        model = np.array([cost.iteration(int(x), int(y), z) / speed for x, y, z in zip(b, g, ctx)])
+        longest = np.where(b > 1, ctx + rng.uniform(0, 400, n), ctx)  # the engine's attention span (it pads)
+        model = np.array([cost.iteration(int(x), int(y), z) / speed for x, y, z in zip(b, g, longest)])
         k = truth.speed / speed
         model += k * np.where(g > 0, truth.verify_s + g * truth.draft_s, truth.decode_s)
         sched = k * (truth.sched_base_s + truth.sched_per_seq_s * b + (g > 0) * (truth.sched_spec_s
@@ -210,7 +218,7 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sy
         if draft_sync:
             synced = (g == 0) & (rng.random(n) < 0.5)
             models[synced] = 2
-            draft = np.array([cost.draft_decode(int(x), z) for x, z in zip(b, ctx)]) / speed
+            draft = np.array([cost.draft_decode(int(x), z) for x, z in zip(b, longest)]) / speed
             model += (draft + k * truth.sync_s) * synced  # one more draft forward, with its in-run extra
         # the admissions slow the step: its model work per admission, the work around it per draft prefilled
         model += k * admitted * truth.admit_step_s
@@ -218,11 +226,30 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sy
         prefill = [sum(cost.prefill(float(p), "target") + (cost.prefill(float(p), "draft") if m == 2 else 0.0)
                        for p in ps) / speed + k * len(ps) * (truth.prefill_s + (m == 2) * truth.prefill_draft_s)
                    if ps else 0.0 for ps, m in zip(prompts, models)]
-        it = pd.DataFrame({"batch": b, "gamma": g, "context": ctx, "step_s": model + sched, "step_model_s": model,
+        it = pd.DataFrame({"batch": b, "gamma": g, "context": ctx, "context_max": longest,
+                           "step_s": model + sched, "step_model_s": model,
                            "prefill_s": prefill, "admitted": admitted, "prompts": prompts, "models": models,
                            "draft_sync": synced})
         calibrations.append({"iterations": it, "step_points": pts})
     return calibrations
+
+
+def test_fit_overheads_prices_the_engines_steps_at_its_longest_sequence(tmp_path):
+    """The engine pads attention to the batch's longest sequence: with a profile whose steps grow with the
+    context, the terms come back exactly when its steps are priced at ``context_max`` (as the simulator
+    charges them under padded attention), and off when priced at the mean context."""
+    from conftest import linear_step, write_formula_profile
+    from sim.profile import load_profile
+
+    prof = load_profile(write_formula_profile(tmp_path / "ctx", verify=linear_step(0.010, 0.0005, 2e-6, knee=64),
+                                              draft=linear_step(0.001, 0.00002, 2e-7)))
+    cost = V.make_cost(prof, None, (), 8, 4)
+    calibrations = made_up_calibrations(cost, TRUTH)
+    got, _ = V.fit_overheads(cost, calibrations)
+    for k, v in TRUTH.as_dict().items():
+        assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
+    paged, _ = V.fit_overheads(cost, calibrations, "paged")
+    assert paged.verify_s > 1.5 * TRUTH.verify_s  # the padding's cost lands in the step terms
 
 
 def test_fit_overheads_recovers_known_terms(formula_profile):

@@ -103,7 +103,8 @@ def scenarios(draw):
     kv = draw(st.one_of(st.none(), st.integers(30, 2500), st.floats(1.0, 3.0).map(lambda f: max(2, int(f * longest)))))
     cluster = dict(replicas=draw(st.integers(1, 3)), router=draw(st.sampled_from(ROUTERS)),
                    max_batch=draw(st.integers(1, MAX_BATCH)), mode=draw(st.sampled_from(["continuous", "static"])),
-                   kv_capacity_tokens=kv, watermark=draw(st.sampled_from([0.0, 0.01, 0.1])))
+                   kv_capacity_tokens=kv, watermark=draw(st.sampled_from([0.0, 0.01, 0.1])),
+                   attention=draw(st.sampled_from(["paged", "padded"])))
     if draw(st.integers(0, 2)) == 0:  # memory pressure: near-simultaneous arrivals, full batches, tight KV -> preemption
         w = Workload(w.arrival_s * 0.01, w.prompt_tokens, w.output_tokens)
         cluster.update(mode="continuous", max_batch=draw(st.integers(4, MAX_BATCH)), replicas=draw(st.integers(1, 2)),

@@ -81,6 +81,40 @@ def test_draft_sync_charges_a_draft_step_at_gamma_zero_for_drafting_policies(con
     assert not constant_cost.draft_sync  # simulate works on a copy
 
 
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_padded_attention_charges_steps_at_the_longest_sequence(tmp_path, mode, fast_forward):
+    """``attention="paged"`` charges each step at the batch's mean context, ``"padded"`` at its longest
+    sequence's (logged as ``context_max``, NaN under paged); the same tokens otherwise, and padded is slower
+    when contexts differ."""
+    folder = write_formula_profile(tmp_path / "ctx", verify=linear_step(0.005, 0.0002, 2e-6),
+                                   draft=linear_step(0.0005, 0.0, 2e-7))
+    cost = CostModel(load_profile(folder), max_batch=4, max_gamma=4)
+    w = workload([0.0, 0.0, 0.01, 0.3, 0.3], [20, 900, 60, 1500, 40], [30, 12, 25, 20, 35])
+    runs = {}
+    for attention in ("paged", "padded"):
+        cl = ClusterConfig(max_batch=4, mode=mode, fast_forward=fast_forward, attention=attention)
+        r = runs[attention] = simulate(w, cost, make_policy("fixed", gamma=2), AcceptanceModel(alpha=0.6), cl, seed=3)
+        it = r.iterations[r.iterations["step_s"] > 0]
+        charged = it["context_max" if attention == "padded" else "context"]
+        expected = [cost.iteration(int(b), int(g), float(c)) for b, g, c in zip(it["batch"], it["gamma"], charged)]
+        assert it["step_s"].tolist() == expected
+        if attention == "paged":
+            assert r.iterations["context_max"].isna().all()  # not tracked: no step depends on it
+            continue
+        assert (it["context_max"] >= it["context"]).all() and (it["context_max"] > it["context"] + 100).any()
+        one = it["batch"] == 1  # a lone sequence is its own longest
+        assert (it.loc[one, "context_max"] == it.loc[one, "context"]).all()
+    paged, padded = runs["paged"], runs["padded"]
+    assert padded.makespan_s > paged.makespan_s
+    assert padded.requests["generated_tokens"].tolist() == paged.requests["generated_tokens"].tolist()
+
+
+def test_attention_must_be_paged_or_padded():
+    with pytest.raises(ValueError, match=r"cluster.attention is 'flash'; expected one of \['paged', 'padded'\]"):
+        ClusterConfig(attention="flash").validate()
+
+
 def test_request_that_only_needs_its_first_token_finishes_at_prefill(constant_cost):
     w = workload([0.0], [300], [1])
     r = simulate(w, constant_cost, make_policy("none"), AcceptanceModel(alpha=0.5), ClusterConfig(max_batch=8))
