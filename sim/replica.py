@@ -106,7 +106,8 @@ class IterationLog:
         caps), one entry per iteration (``times``, ``steps``, ``contexts`` and ``maxes`` are copied, best as
         lists of floats; ``tot``, an integer array, is kept: do not modify it). Iteration 0 carries
         ``prefill_s`` and the ``admitted`` requests; the last loses ``cut`` tokens to the output caps and leaves
-        ``kv_last`` tokens of KV (the others: ``ctx0`` + ``tot``). The queue holds ``queue0`` requests, plus one from each iteration index in ``queued_from``."""
+        ``kv_last`` tokens of KV (the others: ``ctx0`` + ``tot``). The queue holds ``queue0`` requests, plus
+        one from each iteration index in ``queued_from``."""
         rows = len(steps)
         for j in queued_from:
             self._bumps.append(self._rows + j)
@@ -709,8 +710,9 @@ class Replica:
             self.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
         queued_from = [j for j in (bisect_left(p.ends, when) for when in p.submitted) if j < rows] \
             if p.submitted else p.submitted
+        maxes = p.maxes[:rows] if p.maxes is not None else None
         self.log.add_plan(self.index, n, p.gamma, p.prefill_s, p.admitted, p.queue0, p.ctx0, self.kv_tokens, cut,
-                          p.times[:rows], steps, p.contexts[:rows], p.maxes and p.maxes[:rows], p.tot[:rows], queued_from)
+                          p.times[:rows], steps, p.contexts[:rows], maxes, p.tot[:rows], queued_from)
 
     # -- static batching ---------------------------------------------------------------------------------
 
