@@ -654,8 +654,9 @@ def agreement(cases: list[dict], variant: str, noises=("noise", "model_noise")) 
 
 def step_agreement(iterations, diagnostics, cost, attention: str = "padded") -> dict:
     """Step-level check of the profile against the engine: for every engine iteration that ran a step,
-    the profile's prediction (:func:`model_step_times` under ``attention``) divided by the engine's measured step time
-    (``step_s``: the whole step incl. engine bookkeeping) and by its model work alone (``step_model_s``).
+    the profile's prediction (:func:`model_step_times` under ``attention``) divided by the engine's measured
+    step time (``step_s``: the whole step incl. engine bookkeeping) and by its model work alone
+    (``step_model_s``).
     Medians (dimensionless; > 1 = the profile is slower than the engine), overall and per batch size."""
     it = iterations.reset_index(drop=True)
     ran = (it["batch"] > 0).to_numpy() & (it["step_s"] > 0).to_numpy()
@@ -672,7 +673,9 @@ def model_step_times(cost, iterations, attention: str = "padded") -> np.ndarray:
     """``cost.iteration(batch, γ, context)`` for every row of an iteration table whose rows all ran a step
     (seconds), at the context the simulator charges under ``attention`` (``cluster.attention``): the
     longest sequence's (``context_max``; the engine pads) or the mean (``context``)."""
-    column = "context_max" if attention == "padded" else "context"
+    from sim.replica import STEP_CONTEXT
+
+    column = STEP_CONTEXT[attention]
     return np.array([cost.iteration(int(b), int(g), float(c))
                      for b, g, c in zip(iterations["batch"], iterations["gamma"], iterations[column])])
 

@@ -59,7 +59,10 @@ from .requests import RequestTable
 
 ITERATION_COLUMNS = ("start_s", "replica", "batch", "gamma", "prefill_s", "step_s", "tokens", "accepted", "admitted",
                      "preempted", "queue", "kv_tokens", "context", "context_max")
-ATTENTION = ("paged", "padded")  # the context a step is charged at: the batch's mean, or its longest sequence's
+# cluster.attention -> the iteration column holding the context a step is charged at: the batch's mean
+# context, or its longest sequence's
+STEP_CONTEXT = {"paged": "context", "padded": "context_max"}
+ATTENTION = tuple(STEP_CONTEXT)
 
 
 INT_COLUMNS = ("replica", "batch", "gamma", "tokens", "accepted", "admitted", "preempted", "queue", "kv_tokens")
@@ -565,7 +568,8 @@ class Replica:
             if len(b):
                 gamma, view, preempted = self._pick_gamma(t0 + prefill_s)
                 n, ctx_mean = view.batch, view.context
-                ctx_max = max(b.s[:, _Running.CTX].tolist()) if self.padded else math.nan
+                if self.padded:
+                    ctx_max = max(b.s[:, _Running.CTX].tolist())
                 step_s = cost.iteration(n, gamma, ctx_max if self.padded else ctx_mean)
                 acc, gain = self._speculate(gamma)
             duration = prefill_s + step_s
@@ -745,7 +749,7 @@ class Replica:
             while len(b) or first:
                 ts = env.now
                 ctx_mean = (int(b.s[:, _Running.CTX].sum()) + pad_ctx) / b0
-                ctx_max = max(b.s[:, _Running.CTX].tolist() + [pad_max])
+                ctx_max = max(b.s[:, _Running.CTX].tolist() + [pad_max]) if self.padded else math.nan
                 gamma, step_s, tokens, accepted = 0, 0.0, 0, 0
                 if len(b):
                     view = BatchView(ts, self.index, b0, ctx_mean, b.ids)
@@ -768,6 +772,6 @@ class Replica:
                 self.kv_tokens = int(b.s[:, _Running.CTX].sum()) + pad_ctx
                 self.log.add(t0 if first else ts, self.index, b0 if step_s else 0, gamma, pre, step_s,
                              tokens + (b0 if first else 0), accepted, b0 if first else 0, 0, len(self.waiting),
-                             self.kv_tokens, ctx_mean, ctx_max if self.padded else math.nan)
+                             self.kv_tokens, ctx_mean, ctx_max)
                 first = False
             self.kv_tokens = 0

@@ -96,6 +96,8 @@ def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_
         assert st["iterations"] == 3  # the idle iteration (batch 0) is left out
         assert st["profile_over_step"] == 2.0 and st["profile_over_model_work"] == 4.0
         assert st["profile_over_step_by_batch"] == {1: 2.0, 4: 2.0}
+    with pytest.raises(KeyError, match="flash"):  # no silent fallback to some context
+        V.model_step_times(cost, it[1:], "flash")
 
 
 def test_prefill_agreement_compares_fresh_admissions_only(formula_profile):
