@@ -371,7 +371,7 @@ class Engine:
         log = IterationLog()
         rep = Replica(simpy.Environment(), 0, reqs, _NoCost(cost.max_gamma), policy, acceptance,
                       np.random.default_rng(seeds[2]), log, max_batch=cfg.max_batch, kv_capacity_tokens=capacity,
-                      watermark=cfg.watermark)
+                      watermark=cfg.watermark, attention=self.attention)  # policies see the step's context
         reqs.rejected[:] = (reqs.prompt + reqs.output) > capacity
         uses_draft = policy.uses_draft
         rng = np.random.default_rng([seed, 7])

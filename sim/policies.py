@@ -32,6 +32,8 @@ class BatchView:
     batch: int  # running sequences
     context: float  # mean KV length of the batch (tokens)
     ids: np.ndarray  # request ids in the batch
+    step_context: float  # KV length the step is charged at (tokens): ``context`` under paged attention,
+    #                      the longest sequence's under padded (``cluster.attention``)
 
 
 class Policy:
@@ -53,7 +55,8 @@ class Policy:
         """``(γ, context_limit)`` when the choice depends only on the batch size and mean context and the
         policy learns nothing from :meth:`observe`: γ holds for every iteration of this batch size whose
         mean context (tokens) stays below ``context_limit``. ``None`` (the default) means the policy must
-        see every iteration; the replica then never fast-forwards under it."""
+        see every iteration; the replica then never fast-forwards under it. A policy that answers here must
+        not read ``BatchView.step_context`` in :meth:`choose` (fast-forwarded plans track only the mean)."""
         return None
 
     def describe(self) -> dict:
@@ -234,9 +237,10 @@ class AdaptiveContext(Policy):
 class Goodput(Policy):
     """SmartSpec-style goodput control: each iteration pick the γ maximising predicted goodput
 
-        G(γ) = Σ_{i in batch} E(α̂_i, γ) / T(b, γ, c̄)   (tokens/second; may pick γ = 0),
+        G(γ) = Σ_{i in batch} E(α̂_i, γ) / T(b, γ, c)   (tokens/second; may pick γ = 0),
 
-    with acceptance estimated online from what was accepted so far. Each speculative iteration gives, per
+    with T priced at the context the step is charged at (``BatchView.step_context``: the mean under paged
+    attention, the longest sequence's under padded) and acceptance estimated online from what was accepted so far. Each speculative iteration gives, per
     request, ``accepted`` successes out of ``accepted + 1`` trials (``γ`` trials when all γ were accepted);
     a global and a per-request exponentially weighted count (``ema`` = weight of the newest observation)
     give α̂_g = S_g / N_g and α̂_i = (S_i + k·α̂_g) / (N_i + k) (``prior_weight`` = k pseudo-trials of the
@@ -298,7 +302,7 @@ class Goodput(Policy):
         # E_i(γ) = Σ_{k=0..γ} a_i^k, summed over requests: cumulative sum of Σ_i a_i^k.
         pw = (a[:, None] ** self._powers[None, : self.gmax + 1]).sum(axis=0)
         e = np.cumsum(pw)
-        t = np.array([self.cost.iteration(view.batch, g, view.context) for g in range(self.gmax + 1)])
+        t = np.array([self.cost.iteration(view.batch, g, view.step_context) for g in range(self.gmax + 1)])
         return e / t
 
     def choose(self, view: BatchView) -> int:

@@ -529,9 +529,9 @@ class Replica:
         b, r = self.batch, self.reqs
         preempted = 0
         while True:
-            used = int(b.s[:, _Running.CTX].sum())
-            n = len(b)
-            view = BatchView(now, self.index, n, used / n, b.ids)
+            ctxs = b.s[:, _Running.CTX].tolist()
+            used, n = sum(ctxs), len(ctxs)
+            view = BatchView(now, self.index, n, used / n, b.ids, max(ctxs) if self.padded else used / n)
             gamma = min(int(self.policy.choose(view)), self.cost.max_gamma)
             if gamma < 0:
                 raise ValueError(f"policy {self.policy.name!r} chose γ = {gamma}; γ must be ≥ 0")
@@ -569,8 +569,8 @@ class Replica:
                 gamma, view, preempted = self._pick_gamma(t0 + prefill_s)
                 n, ctx_mean = view.batch, view.context
                 if self.padded:
-                    ctx_max = max(b.s[:, _Running.CTX].tolist())
-                step_s = cost.iteration(n, gamma, ctx_max if self.padded else ctx_mean)
+                    ctx_max = view.step_context
+                step_s = cost.iteration(n, gamma, view.step_context)
                 acc, gain = self._speculate(gamma)
             duration = prefill_s + step_s
             yield env.timeout(duration)
@@ -752,9 +752,9 @@ class Replica:
                 ctx_max = max(b.s[:, _Running.CTX].tolist() + [pad_max]) if self.padded else math.nan
                 gamma, step_s, tokens, accepted = 0, 0.0, 0, 0
                 if len(b):
-                    view = BatchView(ts, self.index, b0, ctx_mean, b.ids)
+                    view = BatchView(ts, self.index, b0, ctx_mean, b.ids, ctx_max if self.padded else ctx_mean)
                     gamma = min(int(self.policy.choose(view)), cost.max_gamma)
-                    step_s = cost.iteration(b0, gamma, ctx_max if self.padded else ctx_mean)
+                    step_s = cost.iteration(b0, gamma, view.step_context)
                     acc, gain = self._speculate(gamma)
                 pre = prefill_s if first else 0.0
                 yield env.timeout(pre + step_s)

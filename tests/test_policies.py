@@ -34,9 +34,9 @@ def workload(n=120, seed=0, rate=20.0, out=60):
     return Workload(t - t[0], rng.integers(16, 100, n), rng.integers(5, out, n), name="w")
 
 
-def view(batch, context=512.0, ids=None, now=0.0):
+def view(batch, context=512.0, ids=None, now=0.0, step_context=None):
     ids = np.arange(batch) if ids is None else ids
-    return BatchView(now, 0, batch, context, ids)
+    return BatchView(now, 0, batch, context, ids, context if step_context is None else step_context)
 
 
 def policy_from_conf(name: str):
@@ -104,6 +104,23 @@ def test_goodput_learns_acceptance_and_turns_off_when_compute_bound(cost):
     assert p.alphas(np.array([0, 1])) == pytest.approx([0.9, 0.9], abs=0.05)
     assert p.choose(view(2)) >= 6
     assert p.choose(view(64)) == 0  # compute-bound: E/T is best without speculation
+
+
+def test_goodput_prices_the_step_at_the_context_it_is_charged_at(tmp_path):
+    """Under padded attention a step costs what the longest sequence's context costs: goodput predicts
+    with ``BatchView.step_context``, not the mean context."""
+    folder = write_formula_profile(tmp_path / "ctx", verify=linear_step(0.005, 0.0002, 2e-6),
+                                   draft=linear_step(0.0005, 0.0, 2e-7))
+    ctx_cost = CostModel(load_profile(folder), max_batch=8, max_gamma=4)
+    p = Goodput(prior_alpha=0.7, per_request=False)
+    p.setup(ctx_cost, AcceptanceModel(alpha=0.7), 512)
+    expected = np.cumsum(4 * 0.7 ** np.arange(5))
+    for step_context in (200.0, 1800.0):
+        t = [ctx_cost.iteration(4, g, step_context) for g in range(5)]
+        got = p.predicted_goodput(view(4, context=200.0, step_context=step_context))
+        assert got == pytest.approx(expected / np.array(t))
+    assert not np.allclose(p.predicted_goodput(view(4, context=200.0, step_context=1800.0)),
+                           p.predicted_goodput(view(4, context=200.0)))
 
 
 def test_goodput_per_request_estimates_differ(cost):

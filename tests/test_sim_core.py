@@ -12,7 +12,7 @@ from sim.acceptance import AcceptanceModel, expected_tokens
 from sim.cluster import ClusterConfig, simulate
 from sim.cost_model import CostModel
 from sim.metrics import summarize
-from sim.policies import make_policy
+from sim.policies import Policy, make_policy
 from sim.profile import load_profile
 from sim.workload import Workload, synthetic
 
@@ -108,6 +108,44 @@ def test_padded_attention_charges_steps_at_the_longest_sequence(tmp_path, mode, 
     paged, padded = runs["paged"], runs["padded"]
     assert padded.makespan_s > paged.makespan_s
     assert padded.requests["generated_tokens"].tolist() == paged.requests["generated_tokens"].tolist()
+
+
+class _Recorder(Policy):
+    """Fixed γ = 2 without a steady answer (so every iteration is stepped), keeping every view it is shown."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.views = []
+
+    def __deepcopy__(self, memo):  # the cluster copies a policy per replica: keep one record
+        return self
+
+    def choose(self, view):
+        self.views.append(view)
+        return 2
+
+
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+@pytest.mark.parametrize("attention", ["paged", "padded"])
+def test_policies_see_the_context_a_step_is_charged_at(tmp_path, mode, attention):
+    """``BatchView.step_context`` is the context the iteration is priced at: the mean under paged attention,
+    the longest sequence's under padded; ``BatchView.context`` stays the mean."""
+    folder = write_formula_profile(tmp_path / "ctx", verify=linear_step(0.005, 0.0002, 2e-6),
+                                   draft=linear_step(0.0005, 0.0, 2e-7))
+    cost = CostModel(load_profile(folder), max_batch=4, max_gamma=4)
+    w = workload([0.0, 0.0, 0.01, 0.3, 0.3], [20, 900, 60, 1500, 40], [30, 12, 25, 20, 35])
+    rec = _Recorder()
+    r = simulate(w, cost, rec, AcceptanceModel(alpha=0.6), ClusterConfig(max_batch=4, mode=mode, attention=attention),
+                 seed=3)
+    views = rec.views
+    it = r.iterations[r.iterations["step_s"] > 0]
+    assert len(views) == len(it) > 10
+    assert [v.context for v in views] == pytest.approx(it["context"].tolist())
+    charged = it["context_max" if attention == "padded" else "context"].tolist()
+    assert [v.step_context for v in views] == pytest.approx(charged)
+    if attention == "padded":
+        assert any(v.step_context > v.context + 100 for v in views)
 
 
 def test_attention_must_be_paged_or_padded():
