@@ -9,7 +9,7 @@ bigger pair (llama-68m shapes as target and draft).
 
 Writes ``<out>/<pair>/report.json`` and ``dashboard.html`` per pair and prints the error tables
 (``(sim − real) / real`` per metric, per simulator variant: the plain profile, then each engine-side term
-added, see :mod:`profiler.validate`), the agreement check (goal + 3 × noise), with the machine's load average.
+added, see :mod:`profiler.calibrate`), the agreement check (goal + 3 × noise), with the machine's load average.
 
 With ``--rounds R`` the whole validation (a fresh profile, the engine runs, the simulator) runs R times, into
 ``<out>/<pair>/round<k>/``, and a last table compares, per case, the median over rounds of the engine's

@@ -1,13 +1,13 @@
 """Do specbatch-validate's instruments agree, and how still does the probe's scale hold?
 
 1. **Sweep vs re-timing.** The profiler's sweep (``profiler.timing.measure`` on models and caches of its
-   own) and the calibration's re-timing (``profiler.validate.calibrate``: one warm call, then the median of
+   own) and the calibration's re-timing (``profiler.calibrate.calibrate``: one warm call, then the median of
    5, on the engine's models) time the same profiler steps, alternately, in one process. Their ratio is 1
    when the profile and the calibration differ only by when they ran.
 2. **The probe's scale** (``probe_ref_s``: the probe's time at the profile's speed) in each of ``--rounds``
    calibrations against one profile, estimated two ways: the probe's median over the calibration run ×
    the speed of the steps re-timed after it (``run median``), and the probe read just before and just
-   after each re-timed step (``around steps``: what :func:`profiler.validate.fit_overheads` uses). Every
+   after each re-timed step (``around steps``: what :func:`profiler.calibrate.fit_overheads` uses). Every
    case of a validation is simulated at a speed proportional to this one number, so its round-to-round
    spread is a shift common to all of them.
 
@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from profiler import models as M
-from profiler import validate as V
+from profiler import calibrate as C, validate as V
 from profiler import timing
 from profiler.engine import Engine, EngineConfig, make_clock
 from profiler.sweep import make_step
@@ -53,7 +53,7 @@ def retimed(eng: Engine, b: int, g: int, c: int) -> list[float]:
     """The calibration's re-timing of the target step (and the draft decode when γ > 0), seconds."""
     caches = {role: M.make_cache("prealloc", m.config, b, c, 5, eng.dtype, eng.device)  # as calibrate: γ ≤ 4
               for role, m in (("target", eng.target), ("draft", eng.draft))}
-    return V.retime(eng, b, g, c, caches, make_clock("cpu", eng.device))
+    return C.retime(eng, b, g, c, caches, make_clock("cpu", eng.device))
 
 
 def sweep_vs_retiming(eng: Engine, repeats: int) -> pd.DataFrame:
@@ -87,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prof_dir = Path(args.profile) if args.profile else V.profile_pair(Path(tmp) / "profile", target, draft,
                                                                            R["grid"], passes=3)
-        cost = V.make_cost(load_profile(prof_dir), None, (), R["max_batch"], R["max_gamma"])
+        cost = C.make_cost(load_profile(prof_dir), None, (), R["max_batch"], R["max_gamma"])
     eng = Engine(target, draft, EngineConfig(max_batch=R["max_batch"], kv_capacity_tokens=R["max_batch"] * MAX_LEN,
                                              clock="cpu", threads=1, seed=0), max_len=MAX_LEN)
 
@@ -96,12 +96,12 @@ def main() -> None:
           f"{df['ratio'].median():.3f}; by model and batch:")
     print(df.groupby(["model", "batch"])["ratio"].median().unstack().round(3).to_string())
 
-    probe, acc = V.make_probe(eng), AcceptanceModel(alpha=0.7, max_gamma=R["max_gamma"])
+    probe, acc = C.make_probe(eng), AcceptanceModel(alpha=0.7, max_gamma=R["max_gamma"])
     run_median, around = [], []
     for _ in range(args.rounds):
-        cal = V.calibrate(eng, cost, acc, max_prompt=R["max_prompt"], max_output=R["max_output"], probe=probe)
-        run_median.append(V.speed_vs_profile(cost, cal["step_points"]) * cal["probe_s"])
-        around.append(V.fit_overheads(cost, [cal])[1]["probe_ref_by_round"][0])
+        cal = C.calibrate(eng, cost, acc, max_prompt=R["max_prompt"], max_output=R["max_output"], probe=probe)
+        run_median.append(C.speed_vs_profile(cost, cal["step_points"]) * cal["probe_s"])
+        around.append(C.fit_overheads(cost, [cal])[1]["probe_ref_by_round"][0])
     print(f"\n2. the probe's scale (ms) in {args.rounds} calibration rounds:")
     for name, x in (("run median", run_median), ("around steps", around)):
         x = np.asarray(x) * 1e3

@@ -50,7 +50,6 @@ Outputs: the same per-request table (:meth:`sim.requests.RequestTable.frame`) an
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -518,10 +517,3 @@ class Engine:
         self.tokens = history
         return SimResult(requests=reqs.frame(), iterations=iters, busy_s=[rep.busy_s], makespan_s=makespan,
                          kv_capacity_tokens=capacity, policy=policy.describe())
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None

@@ -74,7 +74,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _loadavg():
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (rounded), or None where the system has none."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -126,7 +127,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     from profiler.timing import make_timer, measure
 
     t_start = time.perf_counter()
-    load_start = _loadavg()
+    load_start = loadavg()
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.dtype), device)
     host_memory = keep_freed_memory(device)
@@ -303,7 +304,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     meta["timing"]["points_written"] = len(rows)
     meta["timing"]["points_skipped_after_oom"] = skipped_oom
     meta["timing"]["points_skipped_beyond_max_context"] = len(skipped_ctx)
-    meta["device"]["loadavg_end"] = _loadavg()
+    meta["device"]["loadavg_end"] = loadavg()
     if not rows:
         raise RuntimeError(f"{out}: no point could be measured (deadline {deadline}s too short?)")
     write_profile_meta(out, meta)

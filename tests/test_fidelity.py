@@ -29,7 +29,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from profiler import validate as V  # noqa: E402
+from profiler import agreement as A, calibrate as C, validate as V  # noqa: E402
 
 
 @pytest.mark.slow
@@ -39,14 +39,14 @@ def test_reduced_validation(tmp_path):
     # the issue's budget is 2 minutes (44-89 s measured here); the bound leaves room for a slow CI machine
     assert report["elapsed_s"]["total"] < 240
     for variant, _ in V.VARIANTS:
-        err = {m: [c["errors"][variant][m] for c in report["cases"]] for m in V.METRICS}
-        assert all(np.isfinite(err[m]).all() for m in V.METRICS), (variant, err)
+        err = {m: [c["errors"][variant][m] for c in report["cases"]] for m in A.METRICS}
+        assert all(np.isfinite(err[m]).all() for m in A.METRICS), (variant, err)
     for c in report["cases"]:  # the step-level comparison ran on every case, on all its engine runs' steps
         assert len(c["real_runs"]) == V.REDUCED["repeats"]
         assert 0 < c["steps"]["iterations"] <= sum(x["iterations"] for x in c["real_runs"])
         assert c["steps"]["profile_over_step"] > 0
         assert 0.5 < c["model_over_engine"]["steps"] < 2 and 0.5 < c["model_over_engine"]["prefill"] < 2
-        assert set(c["noise"]) == set(V.METRICS)
+        assert set(c["noise"]) == set(A.METRICS)
     o = report["calibration"]["overheads"]
     assert o["sched_base_s"] > 0 and o["prefill_s"] > 0 and 0.3 < o["speed"] < 3
     cal = report["calibration"]  # the probe's scale, read around the re-timed steps in every round
@@ -54,13 +54,13 @@ def test_reduced_validation(tmp_path):
     assert "probe at the profile's speed" in V.format_report(report)
     for c in report["cases"]:  # every engine run was probed; the paired comparison has its own spread
         assert len(c["probe_speeds"]) == V.REDUCED["repeats"] and all(0.2 < v < 5 for v in c["probe_speeds"])
-        assert set(c["paired_noise"]) == set(c["model_noise"]) == set(c["speed_noise"]) == set(V.METRICS)
+        assert set(c["paired_noise"]) == set(c["model_noise"]) == set(c["speed_noise"]) == set(A.METRICS)
         assert len(c["probe_spreads"]) == V.REDUCED["repeats"] and all(0 <= v < 1 for v in c["probe_spreads"])
     ag = report["agreement"]
     assert ag["variant"] == "paired" and len(ag["cases"]) == 6
     assert ag["all"], V.format_report(report)  # the accuracy bound: goal + 3 x measured noise, every case
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["cases"][0]["errors"]["paired"].keys() == set(V.METRICS) and saved["agreement"]["all"]
+    assert saved["cases"][0]["errors"]["paired"].keys() == set(A.METRICS) and saved["agreement"]["all"]
     html = (tmp_path / "dashboard.html").read_text()
     assert "plotly.js" in html and len(html) > 1_000_000 and "latency CDF" in html and "<script src=\"http" not in html
     assert "<td>paired</td>" in html and "All cases agree" in html and html.count("<td>tolerance</td>") == 6
@@ -92,12 +92,12 @@ def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_
         pred = [0.0] + [cost.iteration(b, g, c) for b, g, c in zip(it["batch"][1:], it["gamma"][1:], it[column][1:])]
         it["step_s"] = [0.0, pred[1] / 2, pred[2] / 2, pred[3] / 2]  # the engine ran twice as fast as the profile says
         diag = pd.DataFrame({"prefill_forward_s": 0.0, "step_model_s": [0.0, pred[1] / 4, pred[2] / 4, pred[3] / 4]})
-        st = V.step_agreement(it, diag, cost, attention)
+        st = A.step_agreement(it, diag, cost, attention)
         assert st["iterations"] == 3  # the idle iteration (batch 0) is left out
         assert st["profile_over_step"] == 2.0 and st["profile_over_model_work"] == 4.0
         assert st["profile_over_step_by_batch"] == {1: 2.0, 4: 2.0}
     with pytest.raises(KeyError, match="flash"):  # no silent fallback to some context
-        V.model_step_times(cost, it[1:], "flash")
+        C.model_step_times(cost, it[1:], "flash")
 
 
 def test_prefill_agreement_compares_fresh_admissions_only(formula_profile):
@@ -116,23 +116,23 @@ def test_prefill_agreement_compares_fresh_admissions_only(formula_profile):
     pred = sum(cost.prefill(n, "target") + cost.prefill(n, "draft") for n in (100, 300))
     it.loc[0, "prefill_s"] = pred  # the whole prefill phase took what the profile predicts ...
     diag = pd.DataFrame({"prefill_forward_s": [pred / 2, 0.0, 0.2], "step_model_s": 0.0})  # ... its forwards half
-    pf = V.prefill_agreement(reqs, it, diag, cost, uses_draft=True)
+    pf = A.prefill_agreement(reqs, it, diag, cost, uses_draft=True)
     assert pf == {"admissions": 1, "profile_over_forward": 2.0, "profile_over_prefill": 1.0}
     target_only = sum(cost.prefill(n, "target") for n in (100, 300))
-    assert V.prefill_agreement(reqs, it, diag, cost, uses_draft=False)["profile_over_prefill"] == \
+    assert A.prefill_agreement(reqs, it, diag, cost, uses_draft=False)["profile_over_prefill"] == \
         round(target_only / pred, 3)
-    assert V.prefill_agreement(reqs, it.iloc[1:2], diag.iloc[1:2], cost, uses_draft=True) is None
+    assert A.prefill_agreement(reqs, it.iloc[1:2], diag.iloc[1:2], cost, uses_draft=True) is None
 
 
 def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
     """The engine-side terms reach the simulator's plans (list and array forms) exactly as `iteration` adds them."""
     from sim.profile import load_profile
 
-    o = V.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, sched_spec_s=0.0002, sched_per_gamma_s=0.00001,
+    o = C.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, sched_spec_s=0.0002, sched_per_gamma_s=0.00001,
                     prefill_s=0.002, prefill_draft_s=0.0015, decode_s=0.0005, verify_s=0.001, draft_s=0.0007,
                     sync_s=0.00002, admit_step_s=0.00006, admit_step_draft_s=0.00004, speed=0.8)
-    plain = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
-    cost = V.make_cost(load_profile(formula_profile), o, V.FIXES, 8, 4)
+    plain = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    cost = C.make_cost(load_profile(formula_profile), o, C.FIXES, 8, 4)
     ctxs = [150.0, 151.5, 300.0, 700.0]
     for b, g in ((1, 0), (5, 2), (8, 4)):
         one = [cost.iteration(b, g, c) for c in ctxs]
@@ -163,32 +163,32 @@ def test_model_over_engine_is_one_for_the_simulator_against_its_own_cost_model(t
 
     prof = load_profile(write_formula_profile(tmp_path / "ctx", verify=linear_step(0.010, 0.0005, 2e-6, knee=64),
                                               draft=linear_step(0.001, 0.00002, 2e-7)))
-    cost = V.make_cost(prof, None, (), 8, 4)
+    cost = C.make_cost(prof, None, (), 8, 4)
     w = synthetic(60, 50.0, "poisson", 1.0, None, (64, 0.5), (24, 0.5), seed=3)
     for policy in ("none", "fixed"):
         pol = make_policy(policy, **V.POLICIES[policy])
         r = simulate(w, cost, pol, AcceptanceModel(alpha=0.7, max_gamma=4),
                      ClusterConfig(max_batch=8, attention="padded"), seed=0)
-        assert V.model_over_engine(r, cost, pol.uses_draft) == {"steps": pytest.approx(1.0),
+        assert A.model_over_engine(r, cost, pol.uses_draft) == {"steps": pytest.approx(1.0),
                                                                "prefill": pytest.approx(1.0)}
-        slow = V.make_cost(prof, V.Overheads(speed=0.5), ("speed",), 8, 4)
-        assert V.model_over_engine(r, slow, pol.uses_draft) == {"steps": pytest.approx(2.0),
+        slow = C.make_cost(prof, C.Overheads(speed=0.5), ("speed",), 8, 4)
+        assert A.model_over_engine(r, slow, pol.uses_draft) == {"steps": pytest.approx(2.0),
                                                                "prefill": pytest.approx(2.0)}
         # priced at the mean context, the padded run's steps come out faster than they ran
-        assert V.model_over_engine(r, cost, pol.uses_draft, "paged")["steps"] < 0.999
+        assert A.model_over_engine(r, cost, pol.uses_draft, "paged")["steps"] < 0.999
 
 
 def test_at_speed_rescales_every_time_term():
-    o = V.Overheads(sched_base_s=4e-4, sched_per_seq_s=2e-5, sched_spec_s=1e-4, sched_per_gamma_s=1e-5,
+    o = C.Overheads(sched_base_s=4e-4, sched_per_seq_s=2e-5, sched_spec_s=1e-4, sched_per_gamma_s=1e-5,
                     prefill_s=3e-4, prefill_draft_s=2e-4, decode_s=1e-4, verify_s=2e-4, draft_s=5e-5,
                     admit_step_s=3e-5, admit_step_draft_s=2e-5, speed=0.8)
-    half = V.at_speed(o, 0.4)  # the machine at half the speed it had when the terms were measured
+    half = C.at_speed(o, 0.4)  # the machine at half the speed it had when the terms were measured
     assert half.speed == 0.4
     assert all(getattr(half, f) == pytest.approx(2 * v) for f, v in o.as_dict().items() if f != "speed")
 
 
 # engine-side terms that made-up calibrations are built from (times at 0.8 of the profile's speed)
-TRUTH = V.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
+TRUTH = C.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4, sched_per_gamma_s=1e-5,
                     prefill_s=4e-4, prefill_draft_s=2.5e-4, decode_s=1e-4, verify_s=2.5e-4, draft_s=5e-5,
                     admit_step_s=3e-5, admit_step_draft_s=4e-5, speed=0.8)
 
@@ -245,12 +245,12 @@ def test_fit_overheads_prices_the_engines_steps_at_its_longest_sequence(tmp_path
 
     prof = load_profile(write_formula_profile(tmp_path / "ctx", verify=linear_step(0.010, 0.0005, 2e-6, knee=64),
                                               draft=linear_step(0.001, 0.00002, 2e-7)))
-    cost = V.make_cost(prof, None, (), 8, 4)
+    cost = C.make_cost(prof, None, (), 8, 4)
     calibrations = made_up_calibrations(cost, TRUTH)
-    got, _ = V.fit_overheads(cost, calibrations)
+    got, _ = C.fit_overheads(cost, calibrations)
     for k, v in TRUTH.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
-    paged, _ = V.fit_overheads(cost, calibrations, "paged")
+    paged, _ = C.fit_overheads(cost, calibrations, "paged")
     assert paged.verify_s > 1.5 * TRUTH.verify_s  # the padding's cost lands in the step terms
 
 
@@ -259,10 +259,10 @@ def test_fit_overheads_recovers_known_terms(formula_profile):
     scheduler and prefill overheads) give those terms back."""
     from sim.profile import load_profile
 
-    cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    cost = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
     truth = TRUTH
     calibrations = made_up_calibrations(cost, truth)
-    got, details = V.fit_overheads(cost, calibrations)
+    got, details = C.fit_overheads(cost, calibrations)
     assert details["speed_by_round"] == [0.75, 0.8, 0.85]
     for k, v in truth.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
@@ -275,7 +275,7 @@ def test_fit_overheads_recovers_known_terms(formula_profile):
         c["step_points"] = [{**q, "probe_s": 2e-3 / speed} for q in c["step_points"]]
     calibrations[1]["step_points"] = [{**q, "profiler_s": q["profiler_s"] * 0.8 / 0.5, "probe_s": 2e-3 / 0.5}
                                       for q in calibrations[1]["step_points"]]
-    got, details = V.fit_overheads(cost, calibrations)
+    got, details = C.fit_overheads(cost, calibrations)
     assert details["steps_speed_by_round"] == [0.75, 0.5, 0.85]
     assert details["probe_ref_by_round"] == pytest.approx([2e-3] * 3)
     assert details["probe_ref_s"] == pytest.approx(2e-3) and details["speed_by_round"] == [0.75, 0.8, 0.85]
@@ -291,16 +291,16 @@ def test_fit_overheads_compares_draft_sync_steps_with_their_draft_decode(formula
     the terms."""
     from sim.profile import load_profile
 
-    cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    cost = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
     truth = dataclasses.replace(TRUTH, sync_s=2e-5)
     calibrations = made_up_calibrations(cost, truth, n=120, draft_sync=True)
     assert all(c["iterations"]["draft_sync"].sum() >= 8 for c in calibrations)
-    got, _ = V.fit_overheads(cost, calibrations)
+    got, _ = C.fit_overheads(cost, calibrations)
     for k, v in truth.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
     for c in calibrations:
         c["iterations"] = c["iterations"].drop(columns="draft_sync")
-    unaware, _ = V.fit_overheads(cost, calibrations)
+    unaware, _ = C.fit_overheads(cost, calibrations)
     assert unaware.decode_s > 1.5 * TRUTH.decode_s
 
 
@@ -309,9 +309,9 @@ def test_fit_overheads_gives_a_term_the_data_cannot_separate_zero(formula_profil
     constant, so it is 0 and the constant carries both (the fitted times stay right)."""
     from sim.profile import load_profile
 
-    cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    cost = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
     truth = TRUTH
-    got, _ = V.fit_overheads(cost, made_up_calibrations(cost, truth, batches=[8]))
+    got, _ = C.fit_overheads(cost, made_up_calibrations(cost, truth, batches=[8]))
     assert got.sched_per_seq_s == 0.0
     assert got.sched_base_s == pytest.approx(truth.sched_base_s + 8 * truth.sched_per_seq_s, rel=1e-6)
     for k in ("sched_spec_s", "sched_per_gamma_s", "decode_s", "verify_s", "draft_s", "prefill_s", "prefill_draft_s",
@@ -325,14 +325,14 @@ def test_fit_overheads_fits_the_rounds_together(formula_profile):
     taken term by term over the rounds' own fits would not."""
     from sim.profile import load_profile
 
-    cost = V.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    cost = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
     truth = TRUTH
     calibrations = made_up_calibrations(cost, truth)
     for c, g in zip(calibrations, (1, 4, 2)):
         it = c["iterations"]
         keep = (it["gamma"] == 0) | (it["gamma"] == g)
         c["iterations"] = it[keep].reset_index(drop=True)
-    got, details = V.fit_overheads(cost, calibrations)
+    got, details = C.fit_overheads(cost, calibrations)
     for k, v in truth.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
     by_round = details["by_round"]
@@ -342,10 +342,10 @@ def test_fit_overheads_fits_the_rounds_together(formula_profile):
 
 
 def test_agreement_tolerance_is_the_goal_plus_noise_widths():
-    cases = [{"load": 0.3, "policy": p, "noise": {m: n for m in V.METRICS},
-              "errors": {"model": {m: e for m in V.METRICS}}}
+    cases = [{"load": 0.3, "policy": p, "noise": {m: n for m in A.METRICS},
+              "errors": {"model": {m: e for m in A.METRICS}}}
              for p, n, e in (("none", 0.01, 0.04), ("fixed", 0.02, -0.12), ("adaptive", 0.05, 0.21))]
-    ag = V.agreement(cases, "model")
+    ag = A.agreement(cases, "model")
     assert ag["pooled_noise"]["noise"]["latency_mean"] == 0.02
     none, fixed, adaptive = ag["cases"]
     assert none["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * 0.02)  # its own 1 % < the median 2 %
@@ -355,8 +355,8 @@ def test_agreement_tolerance_is_the_goal_plus_noise_widths():
     assert ag["all"] is False
     # the simulator's own spread over the calibration rounds widens the tolerance: hypot(engine, model)
     for c, n in zip(cases, (0.03, 0.04, 0.05)):
-        c["model_noise"] = {m: n for m in V.METRICS}
-    ag = V.agreement(cases, "model")
+        c["model_noise"] = {m: n for m in A.METRICS}
+    ag = A.agreement(cases, "model")
     none, fixed, adaptive = ag["cases"]
     assert none["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * np.hypot(0.02, 0.04))
     assert fixed["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * np.hypot(0.02, 0.04))
@@ -364,8 +364,8 @@ def test_agreement_tolerance_is_the_goal_plus_noise_widths():
     assert fixed["within"]["latency_mean"] and ag["all"]
     # any set of noises: here a third, the simulator's move with the speed's uncertainty
     for c, n in zip(cases, (0.0, 0.12, 0.01)):
-        c["speed_noise"] = {m: n for m in V.METRICS}
-    ag = V.agreement(cases, "model", ("noise", "model_noise", "speed_noise"))
+        c["speed_noise"] = {m: n for m in A.METRICS}
+    ag = A.agreement(cases, "model", ("noise", "model_noise", "speed_noise"))
     none, fixed, adaptive = ag["cases"]
     assert ag["pooled_noise"]["speed_noise"]["latency_mean"] == 0.01
     assert none["tolerance"]["latency_mean"] == pytest.approx(0.05 + 3 * np.sqrt(0.02 ** 2 + 0.04 ** 2 + 0.01 ** 2))
@@ -383,9 +383,9 @@ def test_benchmark_summarizes_validations_it_did_not_run(tmp_path, capsys):
 
     paths = []
     for k, e in enumerate((0.10, -0.02, 0.04)):
-        cases = [{"load": 0.3, "policy": "none", "real": {m: 1.0 for m in V.METRICS},
-                  "errors": {v: {m: e for m in V.METRICS} for v in ("model", "paired")},
-                  "sim": {"model": {m: 1.0 + e for m in V.METRICS}}}]
+        cases = [{"load": 0.3, "policy": "none", "real": {m: 1.0 for m in A.METRICS},
+                  "errors": {v: {m: e for m in A.METRICS} for v in ("model", "paired")},
+                  "sim": {"model": {m: 1.0 + e for m in A.METRICS}}}]
         paths.append(tmp_path / f"r{k}.json")
         paths[-1].write_text(json.dumps({"cases": cases}))
     assert F.main(["--reports", *map(str, paths)]) == 0

@@ -1,0 +1,115 @@
+"""How far the simulator is from the engine: relative errors, run-to-run spread, the verdict against the
+accuracy goals given the measured noise, and step- and prefill-level checks of the profile against the
+engine's own timings."""
+from __future__ import annotations
+
+import numpy as np
+
+from profiler.calibrate import admitted_prompts, model_prefill_time, model_step_times
+
+METRICS = ("latency_mean", "latency_p50", "latency_p99", "ttft_mean", "ttft_p50", "ttft_p99",
+           "tpot_mean", "tpot_p50", "tpot_p99", "throughput_tok_s")
+HEADLINE = ("latency_mean", "latency_p99", "throughput_tok_s")
+# the accuracy goals (|relative error|) and how many noise widths a measured error may exceed them by
+GOALS = {"latency_mean": 0.05, "latency_p99": 0.10, "throughput_tok_s": 0.05}
+NOISE_WIDTHS = 3.0
+
+
+def rel_errors(real: dict, sim: dict) -> dict:
+    """``(sim − real) / real`` for each of :data:`METRICS`."""
+    return {m: float((sim[m] - real[m]) / real[m]) if real[m] else float("nan") for m in METRICS}
+
+
+def spread(values) -> float:
+    """Run-to-run spread of a metric: the semi-interquartile range over the median (dimensionless)."""
+    q25, q50, q75 = np.percentile(np.asarray(values, float), [25, 50, 75])
+    return float((q75 - q25) / 2 / q50) if q50 else float("nan")
+
+
+def agreement(cases: list[dict], variant: str, noises=("noise", "model_noise")) -> dict:
+    """Does ``variant`` agree with the engine within what this machine can tell apart? Per case and metric
+    of :data:`GOALS`: the tolerance is the goal plus :data:`NOISE_WIDTHS` × the combined noise, the root
+    sum of squares of the case's ``noises`` entries — ``noise``: the engine's run-to-run spread, or
+    ``paired_noise`` for the paired comparison: the spread of the per-run ratios sim / engine;
+    ``model_noise``: the simulator's spread when each round's own calibration replaces the median terms;
+    ``speed_noise``: how far the simulator moves when the machine's speed in each run is off by the spread
+    of the probe's readings within that run — each being the case's own or, if larger, the median over
+    the cases (a spread from a handful of runs is itself noisy); an absent entry counts 0. Needs two or
+    more rounds. Returns per-case tolerances and verdicts, and ``all`` (every case within its tolerance)."""
+    pooled = {kind: {m: float(np.median([(c.get(kind) or {}).get(m, 0.0) for c in cases])) for m in GOALS}
+              for kind in noises}
+    out = []
+    for c in cases:
+        width = {m: float(np.hypot.reduce([max((c.get(k) or {}).get(m, 0.0), pooled[k][m]) for k in noises]))
+                 for m in GOALS}
+        tol = {m: GOALS[m] + NOISE_WIDTHS * width[m] for m in GOALS}
+        ok = {m: bool(abs(c["errors"][variant][m]) <= tol[m]) for m in GOALS}
+        out.append({"load": c["load"], "policy": c["policy"], "tolerance": tol, "within": ok})
+    return {"variant": variant, "goals": GOALS, "noise_widths": NOISE_WIDTHS, "noises": list(noises),
+            "pooled_noise": pooled, "cases": out, "all": all(all(x["within"].values()) for x in out)}
+
+
+def step_agreement(iterations, diagnostics, cost, attention: str = "padded") -> dict:
+    """Step-level check of the profile against the engine: for every engine iteration that ran a step,
+    the profile's prediction (:func:`model_step_times` under ``attention``) divided by the engine's measured
+    step time (``step_s``: the whole step incl. engine bookkeeping) and by its model work alone
+    (``step_model_s``).
+    Medians (dimensionless; > 1 = the profile is slower than the engine), overall and per batch size."""
+    it = iterations.reset_index(drop=True)
+    ran = (it["batch"] > 0).to_numpy() & (it["step_s"] > 0).to_numpy()
+    it, model = it[ran], diagnostics["step_model_s"].to_numpy()[ran]
+    pred = model_step_times(cost, it, attention)
+    whole, work = pred / it["step_s"].to_numpy(), pred / model
+    by_batch = {int(b): round(float(np.median(whole[(it["batch"] == b).to_numpy()])), 3)
+                for b in sorted(it["batch"].unique())}
+    return {"iterations": int(ran.sum()), "profile_over_step": round(float(np.median(whole)), 3),
+            "profile_over_model_work": round(float(np.median(work)), 3), "profile_over_step_by_batch": by_batch}
+
+
+def predicted_prefills(requests, iterations, cost, uses_draft: bool) -> list[tuple[int, float]]:
+    """``(row, seconds)`` for every iteration (row of ``iterations``, index reset) that admitted only fresh
+    requests (not resuming after a preemption): :func:`model_prefill_time` of its admitted prompts."""
+    it = iterations.reset_index(drop=True)
+    return [(i, model_prefill_time(cost, prompts, uses_draft))
+            for i, prompts in enumerate(admitted_prompts(requests, it)) if prompts is not None]
+
+
+def model_over_engine(result, cost, uses_draft: bool, attention: str = "padded") -> dict:
+    """Where one engine run's time goes, ``cost`` (the full model at the run's speed) against the engine:
+    Σ of the model's step times over the run's iterations (:func:`model_step_times`) ÷ Σ of the
+    engine's step times, and Σ of the model's prefill times ÷ Σ of the engine's prefill phases over the
+    iterations that admitted only fresh requests (dimensionless; < 1: the model is faster; None for a part
+    the run did not have). Queueing turns these into the latency errors, amplified at load. The model's
+    prefill includes the admissions' step terms (``admit_step_*``), as the simulator charges them; the
+    engine's prefill phase does not (they land in its step)."""
+    it = result.iterations.reset_index(drop=True)
+    ran = it[it["batch"] > 0]
+    step_pred = float(model_step_times(cost, ran, attention).sum())
+    step_meas = float(ran["step_s"].sum())
+    pf = predicted_prefills(result.requests, it, cost, uses_draft)
+    pf_meas = sum(float(it["prefill_s"].iat[i]) for i, _ in pf)
+    return {"steps": step_pred / step_meas if step_meas > 0 else None,
+            "prefill": sum(t for _, t in pf) / pf_meas if pf_meas > 0 else None}
+
+
+def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool) -> dict | None:
+    """Prefill-level check of the profile against the engine: for every engine iteration that admitted only
+    fresh requests (not resuming after a preemption), the profile's prefill prediction — Σ over the admitted
+    prompts of ``cost.prefill(prompt, "target")`` (+ ``"draft"`` when the policy drafts) — divided by the
+    engine's measured prefill forwards (``prefill_forward_s``) and by its whole prefill phase (``prefill_s``:
+    the forwards plus cache set-up, first-token sampling and the copy into the slot). Medians
+    (dimensionless; > 1 = the profile is slower than the engine); None when no iteration qualifies."""
+    it = iterations.reset_index(drop=True)
+    fwd = diagnostics["prefill_forward_s"].to_numpy()
+    pred, f_meas, whole = [], [], []
+    for i, t in predicted_prefills(requests, it, cost, uses_draft):
+        if fwd[i] <= 0:
+            continue  # no forward timed
+        pred.append(t)
+        f_meas.append(fwd[i])
+        whole.append(float(it["prefill_s"].iat[i]))
+    if not pred:
+        return None
+    pred = np.asarray(pred)
+    return {"admissions": len(pred), "profile_over_forward": round(float(np.median(pred / np.asarray(f_meas))), 3),
+            "profile_over_prefill": round(float(np.median(pred / np.asarray(whole))), 3)}
