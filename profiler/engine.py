@@ -63,7 +63,7 @@ from transformers.cache_utils import Cache
 from profiler import models as M
 from profiler.host_memory import keep_freed_memory
 from sim.acceptance import AcceptanceModel
-from sim.cluster import SimResult, mean_context, request_table
+from sim.cluster import SimResult, charged_context, request_table
 from sim.cost_model import CostModel
 from sim.policies import Policy
 from sim.replica import IterationLog, Replica, _Running
@@ -345,7 +345,7 @@ class Engine:
     # -- serving loop ------------------------------------------------------------------------------------------
 
     def run(self, workload: Workload, cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
-            seed: int = 0, reference_context: float | None = None, time_limit_s: float | None = None,
+            seed: int = 0, reference_context=None, time_limit_s: float | None = None,
             probe: Callable[[], float] | None = None, probe_every: int = 8) -> SimResult:
         """Replay ``workload`` (arrivals honoured in the engine's clock, see the module docstring) and return the same tables as
         :func:`sim.cluster.simulate` with one replica. ``cost`` only sets up the policy (and ``max_gamma``).
@@ -363,7 +363,7 @@ class Engine:
         seeds = np.random.SeedSequence(seed).spawn(3)
         reqs = request_table(workload, acceptance, cost.max_gamma, seeds[0])
         if reference_context is None:
-            reference_context = mean_context(workload)
+            reference_context = charged_context(workload, self.attention, cost.max_batch)
         policy = copy.deepcopy(policy)
         policy.setup(cost, acceptance, reference_context)
         capacity = self.capacity

@@ -164,7 +164,7 @@ def trace_slice(requests: int, *, start: int = 0, prompt_div: float = 16.0, outp
     return replace(w, arrival_s=arr, prompt_tokens=p, output_tokens=o, name=f"azure_conv[{start}:{start + requests}]")
 
 
-def frozen_policy(name: str, cost, acceptance, context: float):
+def frozen_policy(name: str, cost, acceptance, context):
     """A set-up policy whose ``setup`` is a no-op afterwards, so the engine and every simulator variant use
     the same γ table."""
     from sim.policies import make_policy
@@ -191,7 +191,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     from profiler.engine import Engine, EngineConfig
     from sim.acceptance import AcceptanceModel
     from sim.capacity import estimate_capacity
-    from sim.cluster import ClusterConfig, charged_cost, simulate
+    from sim.cluster import ClusterConfig, charged_context, charged_cost, simulate
     from sim.metrics import summarize
     from sim import workload as wl
     from sim.profile import ProfileWarning, load_profile
@@ -228,7 +228,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         table_cost = plain.with_draft_sync() if draft_sync else plain  # what the policies' γ tables are built from
         for load in loads:
             w = wl.set_rate(base, load * capacity)
-            ref_ctx = float(w.prompt_tokens.mean() + w.output_tokens.mean() / 2)
+            ref_ctx = charged_context(w, Engine.attention, table_cost.max_batch)  # the tables an engine that pads gets
             for pname in policies:
                 cases.append({"load": load, "policy": pname, "rate_req_s": w.rate, "_w": w, "_runs": [],
                               "_pol": frozen_policy(pname, table_cost, acc, ref_ctx)})

@@ -122,8 +122,25 @@ def request_table(workload: Workload, acceptance: AcceptanceModel, max_gamma: in
 
 
 def mean_context(workload: Workload) -> float:
-    """Reference context for offline tables (tokens): mean prompt plus half the mean output."""
+    """The requests' mean mid-life context (tokens): mean prompt plus half the mean output."""
     return float(workload.prompt_tokens.mean() + workload.output_tokens.mean() / 2)
+
+
+def charged_context(workload: Workload, attention: str = "paged", max_batch: int = 1) -> float | np.ndarray:
+    """The context (tokens) a step is charged at, on average, for the policies' offline tables.
+
+    ``paged``: :func:`mean_context`, one number for every batch size. ``padded``: one per batch size
+    b = 1..``max_batch``, the expected longest of b mid-life contexts (prompt plus half the output) drawn
+    at random from the workload's requests, E[max] = Σ_k x_k·(F_k^b − F_(k−1)^b) over the distinct contexts
+    x_k in ascending order with cumulative fractions F_k; at b = 1 that is the mean context."""
+    if attention == "paged":
+        return mean_context(workload)
+    if attention not in ATTENTION:
+        raise ValueError(f"attention is {attention!r}; expected one of {list(ATTENTION)}")
+    x, counts = np.unique(workload.prompt_tokens + workload.output_tokens / 2, return_counts=True)
+    f = np.concatenate([[0.0], np.cumsum(counts) / counts.sum()])
+    b = np.arange(1, max_batch + 1)
+    return x @ np.diff(f[:, None] ** b[None, :], axis=0)
 
 
 def charged_cost(cost: CostModel, policy: Policy, cluster: ClusterConfig) -> CostModel:
@@ -133,8 +150,10 @@ def charged_cost(cost: CostModel, policy: Policy, cluster: ClusterConfig) -> Cos
 
 
 def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
-             cluster: ClusterConfig | None = None, seed: int = 0, reference_context: float | None = None) -> SimResult:
-    """Replay ``workload`` through the cluster and return the results. Same inputs and seed → same result."""
+             cluster: ClusterConfig | None = None, seed: int = 0, reference_context=None) -> SimResult:
+    """Replay ``workload`` through the cluster and return the results. Same inputs and seed → same result.
+    ``reference_context``: the policies' offline tables' context (tokens; a number or one per batch size),
+    default :func:`charged_context` under ``cluster.attention``."""
     cluster = cluster or ClusterConfig()
     cluster.validate()
     if cluster.max_batch > cost.max_batch:
@@ -145,7 +164,7 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     seeds = np.random.SeedSequence(seed).spawn(cluster.replicas + 2)
     reqs = request_table(workload, acceptance, cost.max_gamma, seeds[0])
     if reference_context is None:
-        reference_context = mean_context(workload)
+        reference_context = charged_context(workload, cluster.attention, cost.max_batch)
     policy.setup(cost, acceptance, reference_context)
     capacity = kv_capacity_tokens(cost, policy, cluster)
 

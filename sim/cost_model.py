@@ -306,11 +306,13 @@ class CostModel:
 
     # -- vectorised views (for tables and the quantitative model) ------------------------------------------
 
-    def iteration_table(self, context: float, batches: np.ndarray | None = None) -> np.ndarray:
-        """Array [γ, b-1] of iteration times (seconds) at ``context`` for γ = 0..max_gamma, b = 1..max_batch."""
+    def iteration_table(self, context, batches: np.ndarray | None = None) -> np.ndarray:
+        """Array [γ, j] of iteration times (seconds) for γ = 0..max_gamma and the j-th of ``batches``
+        (default b = 1..max_batch), at ``context`` (tokens): one number, or one per batch size."""
         batches = np.arange(1, self.max_batch + 1) if batches is None else np.asarray(batches)
+        contexts = np.broadcast_to(np.asarray(context, float), batches.shape)
         out = np.empty((self.max_gamma + 1, len(batches)))
         for g in range(self.max_gamma + 1):
-            for j, b in enumerate(batches):
-                out[g, j] = self.iteration(int(b), g, context)
+            for j, (b, c) in enumerate(zip(batches, contexts)):
+                out[g, j] = self.iteration(int(b), g, float(c))
         return out

@@ -33,7 +33,8 @@ class BatchView:
     context: float  # mean KV length of the batch (tokens)
     ids: np.ndarray  # request ids in the batch
     step_context: float  # KV length the step is charged at (tokens): ``context`` under paged attention,
-    #                      the longest sequence's under padded (``cluster.attention``)
+    #                      the longest sequence's under padded (``cluster.attention``); what a
+    #                      context-dependent choice should read (see Policy.steady_gamma)
 
 
 class Policy:
@@ -42,8 +43,10 @@ class Policy:
     name = "policy"
     uses_draft = True
 
-    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
-        """Offline preparation with the cost model, the acceptance model and a reference context (tokens)."""
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context) -> None:
+        """Offline preparation with the cost model, the acceptance model and a reference context (tokens):
+        one number, or one per batch size 1..max_batch (:func:`sim.cluster.charged_context`: under padded
+        attention a batch's step is charged at its longest sequence's context, which grows with the batch)."""
 
     def choose(self, view: BatchView) -> int:
         raise NotImplementedError
@@ -52,11 +55,11 @@ class Policy:
         """Feedback after an iteration: accepted draft tokens per request in ``view.ids``."""
 
     def steady_gamma(self, batch: int, context: float) -> tuple[int, float] | None:
-        """``(γ, context_limit)`` when the choice depends only on the batch size and mean context and the
-        policy learns nothing from :meth:`observe`: γ holds for every iteration of this batch size whose
-        mean context (tokens) stays below ``context_limit``. ``None`` (the default) means the policy must
-        see every iteration; the replica then never fast-forwards under it. A policy that answers here must
-        not read ``BatchView.step_context`` in :meth:`choose` (fast-forwarded plans track only the mean)."""
+        """``(γ, context_limit)`` when the choice depends only on the batch size and the context the step is
+        charged at (``context``, tokens: :attr:`BatchView.step_context`, which is all of the context that
+        :meth:`choose` may read) and the policy learns nothing from :meth:`observe`: γ holds for every
+        iteration of this batch size whose charged context stays below ``context_limit``. ``None`` (the
+        default) means the policy must see every iteration; the replica then never fast-forwards under it."""
         return None
 
     def describe(self) -> dict:
@@ -121,17 +124,18 @@ class Fixed(Policy):
         return {"name": self.name, "gamma": self.gamma}
 
 
-def goodput_table(cost: CostModel, acceptance: AcceptanceModel, context: float,
+def goodput_table(cost: CostModel, acceptance: AcceptanceModel, context,
                   max_gamma: int | None = None) -> np.ndarray:
     """Expected tokens per second per sequence, array ``[γ, b-1]`` for γ = 0..max_gamma, b = 1..max_batch:
-    E[tokens | α, γ] / (γ·T_draft(b, c) + T_verify(b, γ, c)). Multiply by b for batch throughput."""
+    E[tokens | α, γ] / (γ·T_draft(b, c) + T_verify(b, γ, c)). Multiply by b for batch throughput.
+    ``context`` (tokens): one number, or one per batch size."""
     max_gamma = cost.max_gamma if max_gamma is None else max_gamma
     e = np.array([acceptance.expected_tokens(g) for g in range(max_gamma + 1)])
     t = cost.iteration_table(context)[: max_gamma + 1]
     return e[:, None] / t
 
 
-def optimal_gamma_table(cost: CostModel, acceptance: AcceptanceModel, context: float,
+def optimal_gamma_table(cost: CostModel, acceptance: AcceptanceModel, context,
                         max_gamma: int | None = None) -> np.ndarray:
     """γ*(b) for b = 1..max_batch: argmax_γ b·E[tokens | α, γ] / (γ·T_draft(b, c) + T_verify(b, γ, c)).
     Ties go to the smaller γ."""
@@ -142,8 +146,9 @@ def optimal_gamma_table(cost: CostModel, acceptance: AcceptanceModel, context: f
 class Adaptive(Policy):
     """The batch-size table γ*(b), built offline from the profile at a reference context.
 
-    ``context``: reference KV length in tokens; ``null`` uses the workload's mean context (mean prompt plus
-    half the mean output), passed by the simulator at setup.
+    ``context``: reference KV length in tokens; ``null`` uses the one the simulator passes at setup: the
+    workload's mean context (mean prompt plus half the mean output), or under padded attention, per batch
+    size, the expected longest context of that many requests (:func:`sim.cluster.charged_context`).
     """
 
     name = "adaptive"
@@ -152,10 +157,13 @@ class Adaptive(Policy):
         self.context = context
         self.max_gamma = max_gamma
         self.table: np.ndarray | None = None
+        self.contexts: list[float] | None = None  # the table's context per batch size (tokens)
 
-    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
-        self.context = float(self.context if self.context is not None else context)
-        self.table = optimal_gamma_table(cost, acceptance, self.context, self.max_gamma)
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context) -> None:
+        ref = np.broadcast_to(np.asarray(self.context if self.context is not None else context, float),
+                              (cost.max_batch,))
+        self.contexts = ref.tolist()
+        self.table = optimal_gamma_table(cost, acceptance, ref, self.max_gamma)
         self._table = self.table.tolist()
 
     def choose(self, view: BatchView) -> int:
@@ -165,7 +173,9 @@ class Adaptive(Policy):
         return self._table[batch - 1], np.inf
 
     def describe(self) -> dict:
-        return {"name": self.name, "context": self.context,
+        c = self.contexts
+        return {"name": self.name, "context": c[0] if c else self.context,
+                "contexts_by_batch": None if c is None or len(set(c)) == 1 else {b + 1: x for b, x in enumerate(c)},
                 "table": {int(b + 1): int(g) for b, g in enumerate(self.table)} if self.table is not None else None}
 
 
@@ -190,13 +200,14 @@ def _check_prob(value, key: str, lo_open: bool = True) -> float:
 
 @register
 class AdaptiveContext(Policy):
-    """A table γ*(b, c) over batch size and mean context, built offline from the profile.
+    """A table γ*(b, c) over batch size and context, built offline from the profile.
 
     At long contexts the KV cache traffic keeps verification memory-bound at larger batches, so the
     batch-only table (``adaptive``, built at one reference context) under-speculates there (MagicDec's
     regime). ``contexts``: the context grid in tokens (``null``: powers of two from 128 below the longest
-    context the profile measured, then that longest one; no extrapolation). At run time the batch's mean context picks the nearest grid
-    point on a log scale.
+    context the profile measured, then that longest one; no extrapolation). At run time the context the step
+    is charged at (``BatchView.step_context``: the batch's mean context, its longest sequence's under padded
+    attention) picks the nearest grid point on a log scale.
     """
 
     name = "adaptive_context"
@@ -210,7 +221,7 @@ class AdaptiveContext(Policy):
         self.max_gamma = None if max_gamma is None else _check_int(max_gamma, "policy.max_gamma")
         self.table: np.ndarray | None = None
 
-    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context) -> None:
         if self.contexts is None:
             top = float(np.max(cost.contexts))
             grid = [float(c) for c in 2.0 ** np.arange(7, 40) if c < top]
@@ -221,7 +232,7 @@ class AdaptiveContext(Policy):
         self._bounds = mids.tolist()
 
     def choose(self, view: BatchView) -> int:
-        return self._table[bisect.bisect_right(self._bounds, view.context)][view.batch - 1]
+        return self._table[bisect.bisect_right(self._bounds, view.step_context)][view.batch - 1]
 
     def steady_gamma(self, batch: int, context: float) -> tuple[int, float]:
         i = bisect.bisect_right(self._bounds, context)
@@ -264,7 +275,7 @@ class Goodput(Policy):
         self.explore_every = _check_int(explore_every, "policy.explore_every")
         self.max_gamma = None if max_gamma is None else _check_int(max_gamma, "policy.max_gamma")
 
-    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context) -> None:
         self.cost = cost
         self.gmax = min(cost.max_gamma, cost.max_gamma if self.max_gamma is None else self.max_gamma)
         a0 = float(acceptance.mean_alpha if self.prior_alpha is None else self.prior_alpha)
@@ -378,7 +389,7 @@ class Threshold(Policy):
         self.off_above = None if off_above is None else _check_int(off_above, "policy.off_above", 1)
         self._table: list[int] = []
 
-    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context) -> None:
         if self.ranges is None:
             self.ranges = [(lo, g) for lo, _, g in table_to_ranges(optimal_gamma_table(cost, acceptance, context))]
         table = []
@@ -431,7 +442,7 @@ class EmaTiers(Policy):
             raise ValueError(f"policy.down_ratio ({down_ratio}) must be below policy.up_ratio ({up_ratio})")
         self.hold = _check_int(hold, "policy.hold")
 
-    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context: float) -> None:
+    def setup(self, cost: CostModel, acceptance: AcceptanceModel, context) -> None:
         given = self.given_tiers = getattr(self, "given_tiers", self.tiers)
         self.tiers = [t for t in given if t <= cost.max_gamma] or [min(1, cost.max_gamma)]
         if self.tiers != given:

@@ -594,7 +594,7 @@ class Replica:
         s, n = b.s, len(b)
         ctxs = s[:, _Running.CTX].tolist()
         ctx0, max0 = sum(ctxs), max(ctxs)
-        steady = self.policy.steady_gamma(n, ctx0 / n)
+        steady = self.policy.steady_gamma(n, max0 if self.padded else ctx0 / n)  # the step's charged context
         if steady is None:
             return None
         gamma, limit = min(int(steady[0]), self.cost.max_gamma), steady[1]
@@ -619,22 +619,26 @@ class Replica:
             tot = np.arange(n, n * (k + 1), n)
         rows = min(first + 1, k)
 
-        # Stop before an iteration that would need a preemption, see γ change (mean context reaching
+        # Stop before an iteration that would need a preemption, see γ change (the charged context reaching
         # `limit`), or could admit the queued head (kept out at t0 counting requests that finished at
         # prefill; KV only grows during the plan, so checking the first boundary suffices).
         if rows > 1 and tot[rows - 2] > slack:
             rows = int(np.searchsorted(tot[:rows - 1], slack, side="right")) + 1
-        if rows > 1 and limit != np.inf and (ctx0 + int(tot[rows - 2])) / n >= limit:
+        maxes = None  # padded attention: the longest sequence at the start of each iteration (ascending)
+        if self.padded:
+            maxes = [max0] + ((cum[:rows - 1] + s[:, _Running.CTX]).max(axis=1).tolist() if gamma
+                              else list(range(max0 + 1, max0 + rows)))
+            if rows > 1 and limit != np.inf and maxes[rows - 1] >= limit:
+                rows = bisect_left(maxes, limit)  # maxes[0] < limit: steady_gamma was asked at max0
+        elif rows > 1 and limit != np.inf and (ctx0 + int(tot[rows - 2])) / n >= limit:
             rows = int(np.searchsorted((ctx0 + tot[:rows - 1]) / n, limit, side="left")) + 1
         if self.waiting and n < self.max_batch and rows > 1:
             head = self.waiting[0]
             if ctx0 + int(tot[0]) + int(self.reqs.prompt[head] + self.reqs.generated[head]) + 1 <= self.admit_limit:
                 rows = 1
+        if maxes is not None:
+            del maxes[rows:]
         p = _Plan()
-        maxes = None  # padded attention: the longest sequence at the start of each iteration (ascending)
-        if self.padded:
-            maxes = [max0] + ((cum[:rows - 1] + s[:, _Running.CTX]).max(axis=1).tolist() if gamma
-                              else list(range(max0 + 1, max0 + rows)))
         if rows <= 12:  # up to about a dozen iterations Python floats beat numpy's per-call overheads
             contexts = [ctx0 / n] + [(ctx0 + g) / n for g in tot[:rows - 1].tolist()]
             steps = self.cost.iteration_list(n, gamma, maxes or contexts)

@@ -6,12 +6,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import linear_step, write_formula_profile
 from sim.acceptance import AcceptanceModel
-from sim.cluster import ClusterConfig, simulate
+from sim.cluster import ClusterConfig, charged_context, mean_context, simulate
 from sim.cost_model import CostModel
 from sim.policies import (AdaptiveContext, BatchView, EmaTiers, Goodput, PolicyWarning, Threshold, make_policy,
                           optimal_gamma_table, policy_names, table_to_ranges)
@@ -121,6 +122,52 @@ def test_goodput_prices_the_step_at_the_context_it_is_charged_at(tmp_path):
         assert got == pytest.approx(expected / np.array(t))
     assert not np.allclose(p.predicted_goodput(view(4, context=200.0, step_context=1800.0)),
                            p.predicted_goodput(view(4, context=200.0)))
+
+
+def test_adaptive_table_is_built_at_the_context_steps_are_charged_at(tmp_path):
+    """Under padded attention a batch's step costs its longest sequence's context, which grows with the batch:
+    ``adaptive`` builds γ*(b) at :func:`charged_context` per batch size (recorded in ``contexts_by_batch``),
+    under paged at the mean context for every b."""
+    folder = write_formula_profile(tmp_path / "ctx", verify=linear_step(0.005, 0.0004, 2e-6, knee=8),
+                                   draft=linear_step(0.0005, 0.0, 2e-7))
+    ctx_cost = CostModel(load_profile(folder), max_batch=16, max_gamma=6)
+    acc = AcceptanceModel(alpha=0.7)
+    w = Workload(np.arange(100.0), np.array([100] * 80 + [1800] * 20), np.full(100, 40))
+    tables = {}
+    for attention in ("paged", "padded"):
+        r = simulate(w, ctx_cost, make_policy("adaptive"), acc, ClusterConfig(max_batch=16, attention=attention))
+        ref = charged_context(w, attention, 16)
+        assert list(r.policy["table"].values()) == optimal_gamma_table(ctx_cost, acc, ref).tolist()
+        assert r.policy["context"] == pytest.approx(mean_context(w))
+        tables[attention] = list(r.policy["table"].values())
+        if attention == "paged":
+            assert r.policy["contexts_by_batch"] is None
+        else:
+            assert list(r.policy["contexts_by_batch"].values()) == pytest.approx(ref.tolist())
+    assert tables["padded"] != tables["paged"]  # longer charged contexts at large batches: more speculation
+    assert all(p >= q for p, q in zip(tables["padded"], tables["paged"]))
+
+
+def test_adaptive_context_looks_up_the_context_steps_are_charged_at(tmp_path):
+    """Under padded attention ``adaptive_context`` picks its table row by the longest sequence's context (what
+    the step costs), in fast-forwarded plans as in stepped iterations: both give the same run."""
+    folder = write_formula_profile(tmp_path / "ctx", verify=linear_step(0.005, 0.0004, 2e-6, knee=8),
+                                   draft=linear_step(0.0005, 0.0, 2e-7))
+    ctx_cost = CostModel(load_profile(folder), max_batch=8, max_gamma=6)
+    acc = AcceptanceModel(alpha=0.7)
+    w = Workload(np.array([0.0, 0.0, 0.0, 0.0, 0.5, 0.6]), np.array([40, 60, 900, 30, 1500, 20]),
+                 np.array([80, 60, 70, 90, 50, 60]))
+    runs = [simulate(w, ctx_cost, make_policy("adaptive_context"), acc,
+                     ClusterConfig(max_batch=8, attention="padded", fast_forward=ff), seed=1) for ff in (True, False)]
+    pd.testing.assert_frame_equal(runs[0].iterations, runs[1].iterations)
+    pd.testing.assert_frame_equal(runs[0].requests, runs[1].requests)
+    p = make_policy("adaptive_context")
+    p.setup(ctx_cost, acc, 100.0)
+    it = runs[0].iterations[runs[0].iterations["step_s"] > 0]
+    at_max = [p.choose(view(int(b), c, step_context=m)) for b, c, m in zip(it["batch"], it["context"], it["context_max"])]
+    at_mean = [p.choose(view(int(b), c)) for b, c in zip(it["batch"], it["context"])]
+    assert it["gamma"].tolist() == at_max
+    assert at_mean != at_max  # the mean would have picked other rows
 
 
 def test_goodput_per_request_estimates_differ(cost):

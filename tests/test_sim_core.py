@@ -9,7 +9,7 @@ import pytest
 
 from conftest import linear_step, write_formula_profile
 from sim.acceptance import AcceptanceModel, expected_tokens
-from sim.cluster import ClusterConfig, simulate
+from sim.cluster import ClusterConfig, charged_context, mean_context, simulate
 from sim.cost_model import CostModel
 from sim.metrics import summarize
 from sim.policies import Policy, make_policy
@@ -146,6 +146,18 @@ def test_policies_see_the_context_a_step_is_charged_at(tmp_path, mode, attention
     assert [v.step_context for v in views] == pytest.approx(charged)
     if attention == "padded":
         assert any(v.step_context > v.context + 100 for v in views)
+
+
+def test_charged_context_is_the_expected_longest_of_b_contexts_under_padded_attention():
+    """Mid-life contexts 120 (80 requests) and 1820 (20): under paged every batch size gets the mean, under
+    padded the longest of b draws is 1820 unless all b are short, E = 1820 − 1700·0.8^b."""
+    w = workload(np.arange(100.0), [100] * 80 + [1800] * 20, [40] * 100)
+    assert charged_context(w, "paged", 8) == pytest.approx(460.0) == mean_context(w)
+    padded = charged_context(w, "padded", 8)
+    assert padded == pytest.approx([1820 - 1700 * 0.8 ** b for b in range(1, 9)])
+    assert padded[0] == pytest.approx(mean_context(w))
+    with pytest.raises(ValueError, match=r"attention is 'flash'; expected one of \['paged', 'padded'\]"):
+        charged_context(w, "flash", 8)
 
 
 def test_attention_must_be_paged_or_padded():
