@@ -56,7 +56,9 @@ from profiler.sweep import loadavg
 PROFILE_PASSES = 3  # sweeps of the profile's grid in a validation (each merged at the machine's typical speed)
 # how the validation's sweep samples each point (profiler.timing.measure), beside point_budget_s
 PROFILE_TIMING = dict(warmup=2, min_samples=9, max_samples=60, floor_samples=5, rel_precision=0.02)
-POLICIES = {"none": {}, "fixed": {"gamma": 4}, "adaptive": {}}
+POLICIES = {"none": {}, "fixed": {"gamma": 4}, "adaptive": {}}  # the validation's policies, and their parameters
+# further policies a validation may name (--policies): the online ones see the engine's own iterations
+MORE_POLICIES = {"adaptive_context": {}, "goodput": {}, "threshold": {}, "ema_tiers": {}}
 # cumulative: what each term buys on top of the previous ones
 VARIANTS = tuple((name, FIXES[:k]) for k, name in enumerate(("profile", "+speed", "+sched", "+prefill", "model")))
 
@@ -169,7 +171,7 @@ def frozen_policy(name: str, cost, acceptance, context):
     the same γ table."""
     from sim.policies import make_policy
 
-    p = make_policy(name, **POLICIES[name])
+    p = make_policy(name, **{**POLICIES, **MORE_POLICIES}[name])
     p.setup(cost, acceptance, context)
     p.setup = lambda *a, **k: None
     return p
@@ -497,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=REDUCED["requests"])
     ap.add_argument("--loads", type=float, nargs="+", default=list(REDUCED["loads"]),
                     help="fractions of the estimated no-speculation capacity")
-    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES) + list(MORE_POLICIES))
     ap.add_argument("--max-batch", type=int, default=REDUCED["max_batch"])
     ap.add_argument("--max-prompt", type=int, default=REDUCED["max_prompt"])
     ap.add_argument("--max-output", type=int, default=REDUCED["max_output"])
