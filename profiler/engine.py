@@ -44,7 +44,7 @@ before the clock starts it warms up at the largest shapes of the run (the longes
 the largest γ over the longest span), so that steps reuse memory instead of page-faulting it back in.
 
 Outputs: the same per-request table (:meth:`sim.requests.RequestTable.frame`) and per-iteration table
-(:data:`sim.replica.ITERATION_COLUMNS`) as the simulator, returned as a :class:`sim.cluster.SimResult`, so
+(:data:`sim.iterations.ITERATION_COLUMNS`) as the simulator, returned as a :class:`sim.cluster.SimResult`, so
 :func:`sim.metrics.summarize` applies to both.
 """
 from __future__ import annotations
@@ -66,7 +66,8 @@ from sim.acceptance import AcceptanceModel
 from sim.cluster import SimResult, charged_context, request_table
 from sim.cost_model import CostModel
 from sim.policies import Policy
-from sim.replica import IterationLog, Replica, _Running
+from sim.iterations import IterationLog
+from sim.replica import Replica, _Running
 from sim.workload import Workload
 
 ACCEPTANCE_MODES = ("synthetic", "real")

@@ -38,7 +38,8 @@ from .acceptance import AcceptanceModel
 from .cost_model import CostModel, ExtrapolationWarning
 from .policies import Policy
 from .events import URGENT, at_time
-from .replica import ATTENTION, IterationLog, Replica, iterations_frame, merge_sorted_rows
+from .iterations import IterationLog, iterations_frame, merge_sorted_rows
+from .replica import ATTENTION, Replica
 from .requests import RequestTable
 from .workload import Workload
 

@@ -5,7 +5,7 @@ Outputs of a run (written atomically into ``out_dir``; ``summary.json`` last, so
 complete run):
 
 ``requests.parquet``   one row per request (:meth:`sim.requests.RequestTable.frame`)
-``iterations.parquet`` one row per replica iteration (:data:`sim.replica.ITERATION_COLUMNS`)
+``iterations.parquet`` one row per replica iteration (:data:`sim.iterations.ITERATION_COLUMNS`)
 ``policy.json``        the policy's description (for ``adaptive``: its batch → γ table)
 ``workload.json``      the replayed workload's statistics and any skipped-row notes
 ``config.yaml``        the resolved config

@@ -18,7 +18,7 @@ from sim.cost_model import CostModel  # noqa: E402
 from sim.metrics import summarize  # noqa: E402
 from sim.policies import make_policy  # noqa: E402
 from sim.profile import load_profile  # noqa: E402
-from sim.replica import ITERATION_COLUMNS  # noqa: E402
+from sim.iterations import ITERATION_COLUMNS  # noqa: E402
 from sim.workload import Workload  # noqa: E402
 
 from conftest import linear_step, write_formula_profile  # noqa: E402

@@ -14,7 +14,7 @@ from sim.cluster import ClusterConfig, _group_worker, request_table, simulate, s
 from sim.cost_model import CostModel, ExtrapolationWarning
 from sim.policies import make_policy
 from sim.profile import load_profile
-from sim.replica import ITERATION_COLUMNS, iterations_frame, join_rows, merge_sorted_rows, sort_rows
+from sim.iterations import ITERATION_COLUMNS, iterations_frame, join_rows, merge_sorted_rows, sort_rows
 from sim.requests import RequestTable
 from sim.workload import synthetic
 

@@ -299,7 +299,7 @@ def test_summary_metrics_are_consistent(formula_profile):
 def test_plans_flushed_in_small_groups_give_the_same_iteration_table(formula_profile, monkeypatch):
     """Fast-forward plans become rows a group at a time; group boundaries (here every 2 plans, with queue
     growth inside plans) change nothing against one row per iteration."""
-    from sim.replica import IterationLog
+    from sim.iterations import IterationLog
 
     cost = CostModel(load_profile(formula_profile), max_batch=4)
     w = synthetic(300, rate=40.0, prompt_lognormal=(200, 0.8), output_lognormal=(40, 0.8), seed=2)
