@@ -36,10 +36,11 @@ import simpy
 
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel, ExtrapolationWarning
+from .profile import ProfileError
 from .policies import Policy
 from .events import URGENT, at_time
 from .iterations import IterationLog, iterations_frame, merge_sorted_rows
-from .replica import ATTENTION, Replica
+from .replica import ATTENTION, PREFILL, Replica
 from .requests import RequestTable
 from .workload import Workload
 
@@ -61,6 +62,7 @@ class ClusterConfig:
     workers: int = 1  # processes simulating disjoint replica groups (state-free routers); identical results
     draft_sync: bool = False  # γ = 0 iterations also run a draft decode when the policy drafts (as vLLM does)
     attention: str = "paged"  # a step's context: the batch's mean ("paged") or its longest sequence's ("padded")
+    prefill: str = "sequential"  # an iteration's admitted prompts: one forward each, or "batched" in one forward
 
     def validate(self) -> None:
         if not isinstance(self.replicas, (int, np.integer)) or self.replicas < 1:
@@ -81,6 +83,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.draft_sync is {self.draft_sync!r}; expected true or false")
         if self.attention not in ATTENTION:
             raise ValueError(f"cluster.attention is {self.attention!r}; expected one of {list(ATTENTION)}")
+        if self.prefill not in PREFILL:
+            raise ValueError(f"cluster.prefill is {self.prefill!r}; expected one of {list(PREFILL)}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, (int, np.integer)) or self.workers < 1:
             raise ValueError(f"cluster.workers is {self.workers!r}; expected an integer ≥ 1")
         if self.workers > 1 and self.replicas > 1 and self.router not in STATE_FREE_ROUTERS:
@@ -162,6 +166,12 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     if len(workload) == 0:
         raise ValueError("the workload has no requests")
     cost = charged_cost(cost, policy, cluster)
+    if cluster.prefill == "batched":
+        for model in ("target", "draft") if policy.uses_draft else ("target",):
+            if not cost.has_prefill_batches(model):
+                raise ProfileError(f"{cost.profile.path}/steps.csv: cluster.prefill=batched needs ok prefill rows for "
+                                   f"model={model} at two or more batch sizes and prompt lengths (profile with "
+                                   "grid.prefill_batches), or cluster.prefill=sequential")
     seeds = np.random.SeedSequence(seed).spawn(cluster.replicas + 2)
     reqs = request_table(workload, acceptance, cost.max_gamma, seeds[0])
     if reference_context is None:
@@ -215,7 +225,8 @@ def _simulate_group(reqs: RequestTable, route: np.ndarray | None, indices: list[
     # Each replica gets its own copy of the (set-up) policy, so online state is per replica.
     replicas = {i: Replica(env, i, reqs, cost, copy.deepcopy(policy), acceptance, np.random.default_rng(seeds[i]), log,
                            max_batch=cluster.max_batch, kv_capacity_tokens=capacity, watermark=cluster.watermark,
-                           mode=cluster.mode, fast_forward=cluster.fast_forward, attention=cluster.attention)
+                           mode=cluster.mode, fast_forward=cluster.fast_forward, attention=cluster.attention,
+                           prefill=cluster.prefill)
                 for i in indices}
     env.process(_arrivals(env, reqs, replicas, cluster.router, route))
     env.run()

@@ -20,7 +20,8 @@ where the device ran out of memory, and the simulator's KV-cache limit keeps it 
 Target step rows: ``phase=decode, tokens=1`` (γ = 0) and ``phase=verify, tokens=γ+1`` are one surface
 (verify with γ+1 new tokens per sequence). Draft decode rows: ``phase=decode, tokens=1``.
 Prefill rows: ``phase=prefill``, ``tokens`` = prompt length, ``context`` = 0; the batch-1 rows give the
-per-request prefill time.
+per-request prefill time, and rows at two or more batch sizes a (batch, tokens) grid for prefilling several
+prompts in one forward (:meth:`CostModel.prefill_batch`), interpolated and extrapolated like the step grids.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ class CostModel:
         # interpolating the sum is the sum of the interpolations inside the grid).
         self._iter_tab = [[(vt[g, i] + g * dt[i]).tolist() for i in range(len(b))] for g in range(len(toks))]
         self._prefill = {m: self._prefill_curve(steps, m) for m in ("target", "draft")}
+        self._prefill_grid = {m: self._prefill_surface(steps, m) for m in ("target", "draft")}
         self._check_ranges()
 
     # -- construction helpers ---------------------------------------------------------------------------
@@ -136,6 +138,15 @@ class CostModel:
         rows = rows.groupby("tokens")["median_s"].median().sort_index()
         x, y = rows.index.to_numpy(dtype=float), rows.to_numpy(dtype=float)
         return x, y, x.tolist(), y.tolist()
+
+    def _prefill_surface(self, steps: pd.DataFrame, model: str) -> tuple | None:
+        """(batches, lengths, seconds[batch][length]) as lists, from the prefill rows when they cover two or
+        more batch sizes and prompt lengths; else None."""
+        rows = steps[(steps["model"] == model) & (steps["phase"] == "prefill")]
+        if rows["batch"].nunique() < 2 or rows["tokens"].nunique() < 2:
+            return None
+        axes, grid = _grid(rows, ["batch", "tokens"], f"{model} prefill", self.profile.path)
+        return axes[0].tolist(), axes[1].tolist(), grid.tolist()
 
     def _check_ranges(self) -> None:
         notes = []
@@ -288,6 +299,41 @@ class CostModel:
         self._warn("prefill of %.0f > %.0f tokens", prompt_tokens, x[-1])
         slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
         return y[-1] + max(slope, 0.0) * (prompt_tokens - x[-1])
+
+    def has_prefill_batches(self, model: str = "target") -> bool:
+        """Whether the profile times prefill at two or more batch sizes (and prompt lengths) for ``model``."""
+        return self._prefill_grid[model] is not None
+
+    def prefill_batch(self, prompts, model: str = "target", attention: str = "paged") -> float:
+        """Seconds to prefill ``prompts`` (their lengths, tokens) together, one forward of batch
+        ``len(prompts)`` on ``model``: the profile's prefill at (that batch, one length per sequence) — the
+        prompts' mean length under ``attention="paged"`` (each sequence attends over its own tokens), their
+        longest under ``"padded"`` (every prompt padded to it). Bilinear in (batch, length) inside the grid;
+        beyond the largest batch or length, linear from the last two points of that axis, never below the
+        grid's edge; below the shortest length, flat. One prompt: :meth:`prefill`."""
+        if len(prompts) == 1:
+            return self.prefill(prompts[0], model)
+        surface = self._prefill_grid[model]
+        if surface is None:
+            raise ProfileError(f"{self.profile.path}/steps.csv: prefill of several prompts in one forward needs "
+                               f"ok prefill rows for model={model} at two or more batch sizes and prompt lengths "
+                               "(grid.prefill_batches when profiling)")
+        xs, ys, z = surface
+        b = float(len(prompts))
+        n = float(max(prompts)) if attention == "padded" else sum(prompts) / len(prompts)
+        if b > xs[-1] or n > ys[-1]:
+            self._warn("prefill of %d prompts of %.0f tokens (measured up to %d x %.0f)", int(b), n, xs[-1], ys[-1])
+
+        def at(b: float, n: float) -> float:
+            i = min(max(bisect.bisect_left(xs, b), 1), len(xs) - 1)
+            j = min(max(bisect.bisect_left(ys, n), 1), len(ys) - 1)
+            u = (b - xs[i - 1]) / (xs[i] - xs[i - 1])
+            v = (max(n, ys[0]) - ys[j - 1]) / (ys[j] - ys[j - 1])
+            lo = z[i - 1][j - 1] + (z[i - 1][j] - z[i - 1][j - 1]) * v
+            hi = z[i][j - 1] + (z[i][j] - z[i][j - 1]) * v
+            return lo + (hi - lo) * u
+
+        return max(at(b, n), at(min(b, xs[-1]), min(n, ys[-1])))
 
     def with_draft_sync(self) -> "CostModel":
         """A copy whose γ = 0 iterations cost a target decode plus one draft decode (``draft_sync``); every

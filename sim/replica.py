@@ -60,6 +60,7 @@ from .requests import RequestTable
 # context, or its longest sequence's
 STEP_CONTEXT = {"paged": "context", "padded": "context_max"}
 ATTENTION = tuple(STEP_CONTEXT)
+PREFILL = ("sequential", "batched")  # cluster.prefill: an iteration's admitted prompts one by one, or together
 
 
 class _Plan:
@@ -199,11 +200,13 @@ class Replica:
     def __init__(self, env: simpy.Environment, index: int, reqs: RequestTable, cost: CostModel, policy: Policy,
                  acceptance: AcceptanceModel, rng: np.random.Generator, log: IterationLog, *, max_batch: int,
                  kv_capacity_tokens: int, watermark: float = 0.01, mode: str = "continuous",
-                 fast_forward: bool = False, attention: str = "paged"):
+                 fast_forward: bool = False, attention: str = "paged", prefill: str = "sequential"):
         if mode not in ("continuous", "static"):
             raise ValueError(f"cluster.mode is {mode!r}; expected 'continuous' or 'static'")
         if attention not in ATTENTION:
             raise ValueError(f"cluster.attention is {attention!r}; expected one of {list(ATTENTION)}")
+        if prefill not in PREFILL:
+            raise ValueError(f"cluster.prefill is {prefill!r}; expected one of {list(PREFILL)}")
         self.env, self.index, self.reqs, self.cost = env, index, reqs, cost
         self.policy, self.acceptance, self.rng, self.log = policy, acceptance, rng, log
         self.max_batch = int(max_batch)
@@ -220,7 +223,9 @@ class Replica:
         shared = reqs.shared_thr  # every request's thresholds, when they are all the same
         self.uniforms = UniformStream(rng, thresholds=None if shared is None else shared[:cost.max_gamma])
         self.fast_forward = bool(fast_forward)
+        self.attention = attention
         self.padded = attention == "padded"  # steps are charged at the longest sequence's context
+        self.batched_prefill = prefill == "batched"  # an iteration's admissions share one prefill forward
         self._ones = np.ones(self.max_batch, np.int64)  # for row sums of a plan's (k, batch) token counts
         self._prefill_times: dict[int, tuple[float, float]] = {}  # context -> (target, draft) prefill seconds
         self._plan: _Plan | None = None  # the fast-forward plan being waited on
@@ -261,25 +266,33 @@ class Replica:
     # -- shared pieces --------------------------------------------------------------------------------------
 
     def _prefill(self, rids: list[int], t0: float) -> tuple[float, bool]:
-        """Prefill ``rids`` one after another, join them to the batch with their first token, stamp
-        admission and first-token times; return the seconds taken and whether one of them is done with that
-        token (its output is one token long; the sequences already running all have tokens left)."""
+        """Prefill ``rids`` — one after another, or with ``prefill="batched"`` (and more than one) together in
+        one forward per model — join them to the batch with their first token, stamp admission and
+        first-token times; return the seconds taken and whether one of them is done with that token (its
+        output is one token long; the sequences already running all have tokens left)."""
         r, cost, draft, known = self.reqs, self.cost, self.policy.uses_draft, self._prefill_times
+        together = self.batched_prefill and len(rids) > 1
         total = 0.0
         rows = []
         done = False
         for rid in rids:  # per request: a few scalars (cheaper than numpy calls on a handful of rows)
             gen = int(r.generated[rid])
             ctx = int(r.prompt[rid]) + gen
-            times = known.get(ctx)
-            if times is None:  # prompt lengths repeat: the cost model is asked once per length
-                times = known[ctx] = (cost.prefill(ctx, "target"), cost.prefill(ctx, "draft") if draft else 0.0)
-            total += times[0]
-            if draft:
-                total += times[1]
+            if not together:
+                times = known.get(ctx)
+                if times is None:  # prompt lengths repeat: the cost model is asked once per length
+                    times = known[ctx] = (cost.prefill(ctx, "target"), cost.prefill(ctx, "draft") if draft else 0.0)
+                total += times[0]
+                if draft:
+                    total += times[1]
             left = int(r.output[rid]) - gen - 1
             done = done or left <= 0
             rows.append((rid, ctx + 1, left, ctx + 1, self.n_iter, self.gamma_total))
+        if together:
+            prompts = [row[1] - 1 for row in rows]
+            total = cost.prefill_batch(prompts, "target", self.attention)
+            if draft:
+                total += cost.prefill_batch(prompts, "draft", self.attention)
         first = t0 + total
         for rid in rids:
             if math.isnan(r.first_token[rid]):  # fresh, not resuming after a preemption

@@ -212,7 +212,8 @@ def build_cluster(cfg: DictConfig) -> ClusterConfig:
     cl = ClusterConfig(replicas=c.replicas, router=c.router, max_batch=c.max_batch, mode=c.mode,
                        kv_capacity_tokens=c.kv_capacity_tokens, watermark=c.watermark,
                        fast_forward=c.get("fast_forward", True), workers=c.get("workers", 1),
-                       draft_sync=c.get("draft_sync", False), attention=c.get("attention", "paged"))
+                       draft_sync=c.get("draft_sync", False), attention=c.get("attention", "paged"),
+                       prefill=c.get("prefill", "sequential"))
     try:
         cl.validate()
     except ValueError as e:

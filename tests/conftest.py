@@ -19,9 +19,12 @@ def linear_step(base: float, per_token: float, per_ctx: float = 0.0, knee: int =
 
 def write_formula_profile(folder: Path, verify, draft, prefill=lambda n: 1e-3 * n, *,
                           batches=(1, 2, 4, 8, 16, 32, 64), max_tokens=9, contexts=(128, 512, 2048),
-                          prompts=(16, 64, 256, 1024, 4096), kv_cache_bytes=10**9,
-                          kv_target=1000, kv_draft=100, name="test") -> Path:
-    """Write a complete profile folder whose step times come from the given formulas."""
+                          prompts=(16, 64, 256, 1024, 4096), prefill_batches=(1,), batched_prefill=None,
+                          kv_cache_bytes=10**9, kv_target=1000, kv_draft=100, name="test") -> Path:
+    """Write a complete profile folder whose step times come from the given formulas. Prefill rows at each of
+    ``prefill_batches``: ``batched_prefill(n, b)`` seconds for b prompts of n tokens (default b·prefill(n));
+    the draft's prefill is a tenth of the target's."""
+    batched_prefill = batched_prefill or (lambda n, b: b * prefill(n))
     rows = []
     for c in contexts:
         for b in batches:
@@ -33,10 +36,11 @@ def write_formula_profile(folder: Path, verify, draft, prefill=lambda n: 1e-3 * 
             rows.append(dict(model="draft", phase="decode", batch=b, tokens=1, context=c,
                              median_s=d, p10_s=d, p90_s=d, samples=5, status="ok"))
     for m, scale in (("target", 1.0), ("draft", 0.1)):
-        for n in prompts:
-            v = scale * prefill(n)
-            rows.append(dict(model=m, phase="prefill", batch=1, tokens=n, context=0,
-                             median_s=v, p10_s=v, p90_s=v, samples=5, status="ok"))
+        for b in prefill_batches:
+            for n in prompts:
+                v = scale * (prefill(n) if b == 1 else batched_prefill(n, b))
+                rows.append(dict(model=m, phase="prefill", batch=b, tokens=n, context=0,
+                                 median_s=v, p10_s=v, p90_s=v, samples=5, status="ok"))
     folder.mkdir(parents=True, exist_ok=True)
     write_steps(folder, rows)
     write_profile_meta(folder, {

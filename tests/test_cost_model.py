@@ -10,7 +10,7 @@ from conftest import linear_step, write_formula_profile
 from sim.acceptance import AcceptanceModel, expected_tokens
 from sim.cost_model import CostModel, ExtrapolationWarning
 from sim.policies import Adaptive, optimal_gamma_table
-from sim.profile import load_profile
+from sim.profile import ProfileError, load_profile
 
 
 @pytest.fixture
@@ -78,6 +78,29 @@ def test_prefill_curve(cost):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cost.prefill(8192) == pytest.approx(8.192)  # beyond: last segment's slope
+
+
+def test_prefill_of_several_prompts_in_one_forward(tmp_path):
+    """b prompts of n tokens take n·(1 + (b − 1)/2) ms on the target: the grid gives it back exactly (the
+    formula is bilinear), at the prompts' mean length under paged attention and their longest under padded."""
+    p = write_formula_profile(tmp_path / "p", verify=linear_step(0.01, 0.0), draft=linear_step(0.001, 0.0),
+                              prefill_batches=(1, 2, 4, 8), batched_prefill=lambda n, b: 1e-3 * n * (1 + (b - 1) / 2))
+    cm = CostModel(load_profile(p), max_batch=8, max_gamma=2)
+    assert cm.has_prefill_batches("target") and cm.has_prefill_batches("draft")
+    assert cm.prefill_batch([64, 64, 64]) == pytest.approx(0.128)
+    assert cm.prefill_batch([16, 112]) == pytest.approx(0.096)  # mean 64, batch 2
+    assert cm.prefill_batch([16, 112], attention="padded") == pytest.approx(0.168)  # longest 112
+    assert cm.prefill_batch([16, 112], "draft") == pytest.approx(0.0096)
+    assert cm.prefill_batch([300]) == cm.prefill(300)
+    assert cm.prefill_batch([8, 8]) == pytest.approx(0.024)  # below the shortest length (16): flat
+    with pytest.warns(ExtrapolationWarning, match="prefill of 16 prompts of 64 tokens"):
+        assert cm.prefill_batch([64] * 16) == pytest.approx(1e-3 * 64 * 8.5)  # beyond batch 8: linear
+    single = CostModel(load_profile(write_formula_profile(tmp_path / "q", verify=linear_step(0.01, 0.0),
+                                                          draft=linear_step(0.001, 0.0))), max_batch=8, max_gamma=2)
+    assert not single.has_prefill_batches()
+    with pytest.raises(ProfileError, match=r"q/steps.csv: prefill of several prompts in one forward needs ok prefill "
+                                           r"rows for model=target at two or more batch sizes"):
+        single.prefill_batch([64, 64])
 
 
 def test_adaptive_table_matches_brute_force_on_known_profile(cost):

@@ -58,7 +58,8 @@ _TMP = tempfile.TemporaryDirectory(prefix="specbatch-props-")
 def cost_model(shape: str) -> CostModel:
     if shape not in _COSTS:
         verify, draft, prefill, grid = SHAPES[shape]
-        kw = dict(batches=(1, 2, 4, 8), max_tokens=5, contexts=(64, 512), prompts=(16, 128, 1024)) | grid
+        kw = dict(batches=(1, 2, 4, 8), max_tokens=5, contexts=(64, 512), prompts=(16, 128, 1024),
+                  prefill_batches=(1, 2, 8), batched_prefill=lambda n, b: prefill(n) * (1 + (b - 1) / 3)) | grid
         folder = write_formula_profile(Path(_TMP.name) / shape, verify, draft, prefill, **kw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -104,7 +105,8 @@ def scenarios(draw):
     cluster = dict(replicas=draw(st.integers(1, 3)), router=draw(st.sampled_from(ROUTERS)),
                    max_batch=draw(st.integers(1, MAX_BATCH)), mode=draw(st.sampled_from(["continuous", "static"])),
                    kv_capacity_tokens=kv, watermark=draw(st.sampled_from([0.0, 0.01, 0.1])),
-                   attention=draw(st.sampled_from(["paged", "padded"])))
+                   attention=draw(st.sampled_from(["paged", "padded"])),
+                   prefill=draw(st.sampled_from(["sequential", "batched"])))
     if draw(st.integers(0, 2)) == 0:  # memory pressure: near-simultaneous arrivals, full batches, tight KV -> preemption
         w = Workload(w.arrival_s * 0.01, w.prompt_tokens, w.output_tokens)
         cluster.update(mode="continuous", max_batch=draw(st.integers(4, MAX_BATCH)), replicas=draw(st.integers(1, 2)),

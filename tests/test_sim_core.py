@@ -13,7 +13,7 @@ from sim.cluster import ClusterConfig, charged_context, mean_context, simulate
 from sim.cost_model import CostModel
 from sim.metrics import summarize
 from sim.policies import Policy, make_policy
-from sim.profile import load_profile
+from sim.profile import ProfileError, load_profile
 from sim.workload import Workload, synthetic
 
 
@@ -158,6 +158,43 @@ def test_charged_context_is_the_expected_longest_of_b_contexts_under_padded_atte
     assert padded[0] == pytest.approx(mean_context(w))
     with pytest.raises(ValueError, match=r"attention is 'flash'; expected one of \['paged', 'padded'\]"):
         charged_context(w, "flash", 8)
+
+
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+@pytest.mark.parametrize("attention", ["paged", "padded"])
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_batched_prefill_charges_one_forward_per_model_for_an_iterations_admissions(tmp_path, mode, attention,
+                                                                                     fast_forward):
+    """Three requests arrive together. Sequential prefill: 100 + 200 + 300 tokens at 1 ms/token = 0.6 s (target)
+    plus a tenth for the draft. Batched: one forward of batch 3 at the mean length (paged: 200) or the
+    longest (padded: 300), b prompts of n tokens costing n·(1 + (b − 1)/2) ms: 0.4 s / 0.6 s, plus a tenth;
+    every admitted request's first token comes when the forwards end."""
+    p = write_formula_profile(tmp_path / "pb", verify=linear_step(0.1, 0.0), draft=linear_step(0.01, 0.0),
+                              prefill_batches=(1, 2, 4, 8), batched_prefill=lambda n, b: 1e-3 * n * (1 + (b - 1) / 2))
+    cost = CostModel(load_profile(p), max_batch=8, max_gamma=4)
+    w = workload([0.0, 0.0, 0.0], [100, 200, 300], [3, 2, 4])
+    runs = {}
+    for prefill in ("sequential", "batched"):
+        cl = ClusterConfig(max_batch=8, mode=mode, attention=attention, prefill=prefill, fast_forward=fast_forward)
+        runs[prefill] = simulate(w, cost, make_policy("fixed", gamma=2), AcceptanceModel(alpha=0.5), cl, seed=2)
+    expected = {"sequential": 0.6 * 1.1, "batched": (0.4 if attention == "paged" else 0.6) * 1.1}
+    for prefill, r in runs.items():
+        assert r.requests["first_token_s"].tolist() == pytest.approx([expected[prefill]] * 3)
+        assert r.iterations["prefill_s"].iloc[0] == pytest.approx(expected[prefill])
+    seq, bat = runs["sequential"], runs["batched"]
+    assert bat.requests["generated_tokens"].tolist() == seq.requests["generated_tokens"].tolist()
+    shift = expected["sequential"] - expected["batched"]  # the same iterations, earlier by the prefill saved
+    assert bat.requests["finished_s"].tolist() == pytest.approx((seq.requests["finished_s"] - shift).tolist())
+
+
+def test_batched_prefill_needs_prefill_rows_at_several_batch_sizes(constant_cost):
+    w = workload([0.0, 0.0], [100, 200], [3, 2])
+    with pytest.raises(ProfileError, match=r"const/steps.csv: cluster.prefill=batched needs ok prefill rows for "
+                                           r"model=target at two or more batch sizes"):
+        simulate(w, constant_cost, make_policy("none"), AcceptanceModel(alpha=0.5),
+                 ClusterConfig(max_batch=8, prefill="batched"))
+    with pytest.raises(ValueError, match=r"cluster.prefill is 'chunked'; expected one of \['sequential', 'batched'\]"):
+        ClusterConfig(prefill="chunked").validate()
 
 
 def test_attention_must_be_paged_or_padded():
