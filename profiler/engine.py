@@ -67,7 +67,7 @@ from sim.cluster import SimResult, charged_context, request_table
 from sim.cost_model import CostModel
 from sim.policies import Policy
 from sim.iterations import IterationLog
-from sim.replica import Replica, _Running
+from sim.replica import PREFILL, Replica, _Running
 from sim.workload import Workload
 
 ACCEPTANCE_MODES = ("synthetic", "real")
@@ -202,6 +202,38 @@ def prefill_into_slot(model, slots: SlotCache, slot: int, ids: list[int], temper
 
 
 @torch.inference_mode()
+def prefill_into_slots(model, slots: SlotCache, slot_list: list[int], prompts: list[list[int]], temperature: float,
+                       gen: torch.Generator, device, clock=time.perf_counter) -> tuple[list[int], float]:
+    """Prefill several sequences in one forward into ``slot_list``; return their next tokens and the seconds
+    (on ``clock``) of the forward alone.
+
+    The prompts are right-padded to the longest (causal attention keeps every real token from seeing the
+    padding after it, so no mask is needed) and run as one batch on a fresh pre-allocated cache: the
+    profiler's prefill step at (batch, longest length). Each row's K/V up to its own length is copied into
+    its slot, and its first token is sampled from the logits at its last real position (the decoder's output
+    there through the LM head: as many positions as the profiled step's last-token logits)."""
+    b, n = len(prompts), max(len(ids) for ids in prompts)
+    layers, kv_heads, head_dim = M.kv_shape(model.config)
+    tmp = Cache(layers=[M.PreallocLayer(n) for _ in range(layers)])
+    dtype = slots.layers[0].kbuf.dtype
+    for layer in tmp.layers:
+        layer.allocate(b, kv_heads, head_dim, dtype, device, fill=False)
+    x = torch.tensor([ids + [ids[-1]] * (n - len(ids)) for ids in prompts], device=device)
+    last = torch.tensor([len(ids) - 1 for ids in prompts], device=device)
+    t0 = clock()
+    hidden = M.forward(model.get_decoder(), tmp, input_ids=x, position_ids=M._positions(b, 0, n, device),
+                       use_cache=True).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[torch.arange(b, device=device), last])
+    fwd = clock() - t0
+    for src, dst in zip(tmp.layers, slots.layers):
+        for row, (slot, ids) in enumerate(zip(slot_list, prompts)):
+            dst.kbuf[slot, :, :len(ids)].copy_(src.kbuf[row, :, :len(ids)])
+            dst.vbuf[slot, :, :len(ids)].copy_(src.vbuf[row, :, :len(ids)])
+    tok, _ = _sample(logits, temperature, gen)
+    return [int(t) for t in tok.tolist()], fwd
+
+
+@torch.inference_mode()
 def batched_forward(model, slots: SlotCache, tokens: torch.Tensor, lengths: torch.Tensor, all_logits: bool):
     """One forward of ``tokens`` (b, t) for slots ``0..b-1`` whose caches hold ``lengths`` (b,) positions."""
     b, t = tokens.shape
@@ -242,6 +274,7 @@ class EngineConfig:
     clock: str = "wall"  # wall (perf_counter, sleeps until arrivals) | cpu (this process's CPU time, see run)
     warmup: bool = True  # run a few untimed steps first (allocator, first-call overheads)
     draft_sync: bool = False  # γ = 0 steps of a drafting policy also run the draft (see ClusterConfig.draft_sync)
+    prefill: str = "sequential"  # an iteration's admissions: one forward each, or "batched" (ClusterConfig.prefill)
     extra: dict = field(default_factory=dict)
 
 
@@ -257,6 +290,8 @@ class Engine:
         make_clock(cfg.clock, cfg.device)  # refuses an unknown clock, and cpu on CUDA
         if cfg.acceptance not in ACCEPTANCE_MODES:
             raise ValueError(f"acceptance={cfg.acceptance!r}; expected one of {ACCEPTANCE_MODES}")
+        if cfg.prefill not in PREFILL:
+            raise ValueError(f"prefill={cfg.prefill!r}; expected one of {list(PREFILL)}")
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         self.device = cfg.device
@@ -435,6 +470,7 @@ class Engine:
             fwd = model_s = 0.0
             admitted = rep._admit()
             if admitted:
+                hists, new_slots = [], []
                 for rid in admitted:
                     h = history.get(rid)
                     if h is None:
@@ -442,12 +478,26 @@ class Engine:
                     s = len(slot_rid)
                     slot_rid.append(rid)
                     slot_of[rid] = s
-                    tok, f = prefill_into_slot(self.target, self.tcache, s, h, cfg.temperature, self.gen, device,
-                                               clock)
+                    hists.append(h)
+                    new_slots.append(s)
+                if cfg.prefill == "batched" and len(admitted) > 1:  # one forward per model for all of them
+                    toks, f = prefill_into_slots(self.target, self.tcache, new_slots, hists, cfg.temperature,
+                                                 self.gen, device, clock)
                     fwd += f
                     if uses_draft:
-                        fwd += prefill_into_slot(self.draft, self.dcache, s, h, cfg.temperature, self.gen, device,
-                                                 clock)[1]
+                        fwd += prefill_into_slots(self.draft, self.dcache, new_slots, hists, cfg.temperature,
+                                                  self.gen, device, clock)[1]
+                else:
+                    toks = []
+                    for s, h in zip(new_slots, hists):
+                        tok, f = prefill_into_slot(self.target, self.tcache, s, h, cfg.temperature, self.gen,
+                                                   device, clock)
+                        fwd += f
+                        if uses_draft:
+                            fwd += prefill_into_slot(self.draft, self.dcache, s, h, cfg.temperature, self.gen,
+                                                     device, clock)[1]
+                        toks.append(tok)
+                for s, h, tok in zip(new_slots, hists, toks):
                     last_tok[s] = tok
                     h.append(tok)
                 ids = np.asarray(admitted, np.int64)

@@ -71,11 +71,13 @@ def _greedy(model, ids, n):
 
 
 @pytest.mark.parametrize("same_draft", [True, False])
-def test_real_greedy_speculation_reproduces_target_greedy(models, cost, same_draft):
+@pytest.mark.parametrize("prefill", ["sequential", "batched"])
+def test_real_greedy_speculation_reproduces_target_greedy(models, cost, same_draft, prefill):
     """Greedy speculative decoding (real acceptance, rollback per sequence, mixed contexts in a batch) emits
-    exactly the target's own greedy continuation; an identical draft is always accepted."""
+    exactly the target's own greedy continuation; an identical draft is always accepted. With batched
+    prefill the two requests arriving together are prefilled in one right-padded forward per model."""
     target, draft = models
-    cfg = E.EngineConfig(max_batch=4, acceptance="real", temperature=0.0, clock="cpu", warmup=False)
+    cfg = E.EngineConfig(max_batch=4, acceptance="real", temperature=0.0, clock="cpu", warmup=False, prefill=prefill)
     eng = E.Engine("tiny-llama", "tiny-llama-draft", cfg, max_len=96, models=(target, target if same_draft else draft))
     w = _workload([5, 12, 9], [14, 9, 17], [0.0, 0.0, 0.001])
     r = eng.run(w, cost, make_policy("fixed", gamma=3), AcceptanceModel(alpha=0.5, max_gamma=6))
@@ -98,8 +100,10 @@ def test_synthetic_acceptance_matches_simulator_iteration_by_iteration(models, c
     eng = E.Engine("tiny-llama", "tiny-llama-draft", cfg, max_len=96, models=(target, draft))
     w = _workload([8, 20, 13, 30, 5], [17, 5, 30, 11, 23])
     acc = AcceptanceModel(alpha=0.6, concentration=4.0, max_gamma=6)
-    for name, params in (("fixed", {"gamma": 3}), ("none", {})):
-        real = eng.run(w, cost, make_policy(name, **params), acc, seed=3)
+    batched = E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(**{**cfg.__dict__, "prefill": "batched"}),
+                       max_len=96, models=(target, draft))
+    for name, params, engine in (("fixed", {"gamma": 3}, eng), ("none", {}, eng), ("fixed", {"gamma": 3}, batched)):
+        real = engine.run(w, cost, make_policy(name, **params), acc, seed=3)
         sim = simulate(w, cost, make_policy(name, **params), acc, ClusterConfig(max_batch=8, kv_capacity_tokens=8 * 96),
                        seed=3)
         assert list(real.iterations.columns) == list(ITERATION_COLUMNS)
@@ -160,6 +164,8 @@ def test_bad_settings_are_clear_errors(models, cost):
         E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(acceptance="magic"), models=models)
     with pytest.raises(ValueError, match="clock"):
         E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(clock="sundial"), models=models)
+    with pytest.raises(ValueError, match=r"prefill='chunked'; expected one of \['sequential', 'batched'\]"):
+        E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(prefill="chunked"), models=models)
     # process CPU time would leave out the GPU's work: refused on CUDA before anything touches a GPU
     with pytest.raises(ValueError, match="clock='cpu' with device='cuda'.*use clock=wall"):
         E.make_clock("cpu", "cuda")
