@@ -66,15 +66,16 @@ def step_agreement(iterations, diagnostics, cost, attention: str = "padded") -> 
             "profile_over_model_work": round(float(np.median(work)), 3), "profile_over_step_by_batch": by_batch}
 
 
-def predicted_prefills(requests, iterations, cost, uses_draft: bool) -> list[tuple[int, float]]:
+def predicted_prefills(requests, iterations, cost, uses_draft: bool, prefill: str = "sequential",
+                       attention: str = "padded") -> list[tuple[int, float]]:
     """``(row, seconds)`` for every iteration (row of ``iterations``, index reset) that admitted only fresh
     requests (not resuming after a preemption): :func:`model_prefill_time` of its admitted prompts."""
     it = iterations.reset_index(drop=True)
-    return [(i, model_prefill_time(cost, prompts, uses_draft))
+    return [(i, model_prefill_time(cost, prompts, uses_draft, prefill, attention))
             for i, prompts in enumerate(admitted_prompts(requests, it)) if prompts is not None]
 
 
-def model_over_engine(result, cost, uses_draft: bool, attention: str = "padded") -> dict:
+def model_over_engine(result, cost, uses_draft: bool, attention: str = "padded", prefill: str = "sequential") -> dict:
     """Where one engine run's time goes, ``cost`` (the full model at the run's speed) against the engine:
     Σ of the model's step times over the run's iterations (:func:`model_step_times`) ÷ Σ of the
     engine's step times, and Σ of the model's prefill times ÷ Σ of the engine's prefill phases over the
@@ -86,23 +87,24 @@ def model_over_engine(result, cost, uses_draft: bool, attention: str = "padded")
     ran = it[it["batch"] > 0]
     step_pred = float(model_step_times(cost, ran, attention).sum())
     step_meas = float(ran["step_s"].sum())
-    pf = predicted_prefills(result.requests, it, cost, uses_draft)
+    pf = predicted_prefills(result.requests, it, cost, uses_draft, prefill, attention)
     pf_meas = sum(float(it["prefill_s"].iat[i]) for i, _ in pf)
     return {"steps": step_pred / step_meas if step_meas > 0 else None,
             "prefill": sum(t for _, t in pf) / pf_meas if pf_meas > 0 else None}
 
 
-def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool) -> dict | None:
+def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool, prefill: str = "sequential",
+                      attention: str = "padded") -> dict | None:
     """Prefill-level check of the profile against the engine: for every engine iteration that admitted only
-    fresh requests (not resuming after a preemption), the profile's prefill prediction — Σ over the admitted
-    prompts of ``cost.prefill(prompt, "target")`` (+ ``"draft"`` when the policy drafts) — divided by the
+    fresh requests (not resuming after a preemption), the profile's prefill prediction
+    (:func:`model_prefill_time` of the admitted prompts, on the draft too when the policy drafts) — divided by the
     engine's measured prefill forwards (``prefill_forward_s``) and by its whole prefill phase (``prefill_s``:
     the forwards plus cache set-up, first-token sampling and the copy into the slot). Medians
     (dimensionless; > 1 = the profile is slower than the engine); None when no iteration qualifies."""
     it = iterations.reset_index(drop=True)
     fwd = diagnostics["prefill_forward_s"].to_numpy()
     pred, f_meas, whole = [], [], []
-    for i, t in predicted_prefills(requests, it, cost, uses_draft):
+    for i, t in predicted_prefills(requests, it, cost, uses_draft, prefill, attention):
         if fwd[i] <= 0:
             continue  # no forward timed
         pred.append(t)

@@ -18,7 +18,7 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
   for iterations that speculate (γ > 0) a constant and a per-draft-position term;
 * ``prefill`` — per admission, and per admission whose draft is prefilled too: the engine's whole
   prefill phase (fresh cache, forward, first-token sampling, copy into the batch's slot) beyond the
-  profile's prefill forwards;
+  profile's prefill forwards; with batched prefill also per forward of several prompts;
 * ``step`` — the step's model work inside the run beyond the profile's step: per γ = 0 step (a decode),
   per γ > 0 step (a verify, with the draft's sampling, the acceptance draws and the residual distribution),
   per draft forward, and with ``draft_sync`` per γ = 0 step's draft forward: per-sequence lengths
@@ -55,6 +55,9 @@ class Overheads:
     sched_per_gamma_s: float = 0.0  # per draft position per iteration
     prefill_s: float = 0.0  # per admitted request (its target prefill, the slot's set-up)
     prefill_draft_s: float = 0.0  # per admitted request whose draft is prefilled too
+    # with batched prefill (one forward for an iteration's admissions): per forward, beyond the per-prompt terms
+    prefill_forward_s: float = 0.0  # per target prefill forward (fresh cache, sampling); 0 when prefill is sequential
+    prefill_forward_draft_s: float = 0.0  # per draft prefill forward
     decode_s: float = 0.0  # per γ = 0 step (one target decode) inside the run, beyond the profiled step
     verify_s: float = 0.0  # per γ > 0 step's target verify inside the run, beyond the profiled step
     draft_s: float = 0.0  # per batched draft forward inside the run, beyond the profiled step
@@ -111,14 +114,25 @@ def _cost_class():
                 t = t + term
             return t
 
-        def prefill(self, prompt_tokens: float, model: str = "target") -> float:
-            t = super().prefill(prompt_tokens, model) * self._scale()
-            o = self.overheads
+        def _per_admission(self, model: str, prompts: int = 1) -> float:
+            """Seconds added to one prefill forward of ``prompts`` admitted prompts on ``model``."""
+            o, t = self.overheads, 0.0
+            draft = model == "draft"
             if "step" in self.fixes:
-                t = t + (o.admit_step_draft_s if model == "draft" else o.admit_step_s)
-            if "prefill" not in self.fixes:
-                return t
-            return t + (o.prefill_draft_s if model == "draft" else o.prefill_s)
+                t = t + prompts * (o.admit_step_draft_s if draft else o.admit_step_s)
+            if "prefill" in self.fixes:
+                t = t + prompts * (o.prefill_draft_s if draft else o.prefill_s)
+                t = t + (o.prefill_forward_draft_s if draft else o.prefill_forward_s)
+            return t
+
+        def prefill(self, prompt_tokens: float, model: str = "target") -> float:
+            return super().prefill(prompt_tokens, model) * self._scale() + self._per_admission(model)
+
+        def prefill_batch(self, prompts, model: str = "target", attention: str = "paged") -> float:
+            if len(prompts) == 1:
+                return self.prefill(prompts[0], model)
+            return (super().prefill_batch(prompts, model, attention) * self._scale()
+                    + self._per_admission(model, len(prompts)))
 
     return EngineCostModel
 
@@ -317,7 +331,8 @@ def speed_vs_profile(cost, step_points: list[dict]) -> float:
     return float(np.median(point_speeds(cost, step_points)))
 
 
-def fit_overheads(cost, calibrations: list[dict], attention: str = "padded") -> tuple[Overheads, dict]:
+def fit_overheads(cost, calibrations: list[dict], attention: str = "padded",
+                  prefill: str = "sequential") -> tuple[Overheads, dict]:
     """The engine-side terms from :func:`calibrate`'s measurements, against the profile behind ``cost``
     (each calibration run compared with the profile at its own round's speed, its steps priced as the
     simulator charges them under ``attention``, :func:`model_step_times`):
@@ -352,7 +367,12 @@ def fit_overheads(cost, calibrations: list[dict], attention: str = "padded") -> 
       target only (``models`` = 1 in the calibration's table), and the median over those that prefill
       both models (``models`` = 2) minus that (the set-up and first-token sampling are per admission, not
       per model: on the tiny pair a target-only admission cost about 0.2 ms more than half of a two-model
-      one).
+      one). With ``prefill="batched"`` (one forward per model for an iteration's admissions, priced by
+      :func:`model_prefill_time`) the set-up is per forward and the copy per prompt: least squares of the
+      phase's extra time on [1, k] for the target and on the same for iterations that prefill the draft too
+      (k admissions), giving ``prefill_forward_s``, ``prefill_s``, ``prefill_forward_draft_s``,
+      ``prefill_draft_s`` (a per-admission term alone fitted on the mostly single admissions of a
+      calibration overcharged the validation's batches by 10–16 %).
 
     The terms are fitted once on all rounds' iterations together (least squares for the linear terms,
     medians for ``prefill``), each round's times first brought to the median speed (× the round's speed
@@ -403,7 +423,7 @@ def fit_overheads(cost, calibrations: list[dict], attention: str = "padded") -> 
         it["profile_step_s"] = it["profile_prefill_s"] = np.nan
         for rows, c in ((ran & ~sync, cost), (ran & sync, cost.with_draft_sync())):
             it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows], attention)
-        it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2)
+        it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2, prefill, attention)
                                             for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
         return it
 
@@ -421,11 +441,17 @@ def fit_overheads(cost, calibrations: list[dict], attention: str = "padded") -> 
         adm = it[it["prompts"].notna()]
         models = adm["models"].to_numpy()
         p_pred = adm["profile_prefill_s"].to_numpy() / speed
-        extra = (adm["prefill_s"].to_numpy() - p_pred) / adm["admitted"].to_numpy()  # per admission
+        k = adm["admitted"].to_numpy(float)
+        if prefill == "batched":  # one forward per model per iteration: per forward + per prompt, per model
+            drafted = (models == 2).astype(float)
+            fwd, one, fwd_draft, two = lstsq(np.c_[np.ones_like(k), k, drafted, drafted * k],
+                                             adm["prefill_s"].to_numpy() - p_pred)
+            return np.r_[sched[:4], one, two, fwd, fwd_draft, step[:4], admit]
+        extra = (adm["prefill_s"].to_numpy() - p_pred) / k  # per admission (and per forward: one each)
         one, two = (float(np.median(extra[models == m])) if (models == m).any() else np.nan for m in (1, 2))
         if np.isnan(one):  # no target-only admissions: split evenly between the two models
             one = two / 2
-        return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, step[:4], admit]
+        return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, 0.0, 0.0, step[:4], admit]
 
     def at(it, k: float):
         """``it`` with its times × ``k`` (a round's times brought to another speed)."""
@@ -442,10 +468,11 @@ def fit_overheads(cost, calibrations: list[dict], attention: str = "padded") -> 
     n_adm = int(pooled.loc[pooled["prompts"].notna(), "admitted"].sum())
 
     def terms(values, speed) -> Overheads:
-        base, per_seq, spec, per_gamma, prefill, prefill_draft, decode, verify, draft, sync, adm, adm_draft = (
-            max(0.0, float(v)) for v in values)
+        (base, per_seq, spec, per_gamma, per_prompt, per_prompt_draft, per_forward, per_forward_draft, decode, verify,
+         draft, sync, adm, adm_draft) = (max(0.0, float(v)) for v in values)
         return Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
-                         prefill_s=prefill, prefill_draft_s=prefill_draft, decode_s=decode, verify_s=verify,
+                         prefill_s=per_prompt, prefill_draft_s=per_prompt_draft, prefill_forward_s=per_forward,
+                         prefill_forward_draft_s=per_forward_draft, decode_s=decode, verify_s=verify,
                          draft_s=draft, sync_s=sync, admit_step_s=adm, admit_step_draft_s=adm_draft,
                          speed=float(speed))
 
@@ -469,8 +496,12 @@ def model_step_times(cost, iterations, attention: str = "padded") -> np.ndarray:
                      for b, g, c in zip(iterations["batch"], iterations["gamma"], iterations[column])])
 
 
-def model_prefill_time(cost, prompts, drafts: bool) -> float:
-    """Σ over ``prompts`` (tokens) of ``cost.prefill(prompt, "target")`` (+ ``"draft"`` when ``drafts``),
-    seconds."""
+def model_prefill_time(cost, prompts, drafts: bool, prefill: str = "sequential", attention: str = "padded") -> float:
+    """Seconds the simulator charges for prefilling ``prompts`` (tokens) on the target (and the draft when
+    ``drafts``) under ``cluster.prefill``: Σ of ``cost.prefill(prompt, model)``, or with ``"batched"`` one
+    ``cost.prefill_batch(prompts, model, attention)`` per model."""
+    models = ("target", "draft") if drafts else ("target",)
+    if prefill == "batched":
+        return sum(cost.prefill_batch([float(n) for n in prompts], m, attention) for m in models)
     return sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if drafts else 0.0)
                for n in prompts)

@@ -183,10 +183,11 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              alpha: float = 0.7, clock: str = "cpu", threads: int = 1, device: str = "cpu", seed: int = 0,
              trace_start: int = 0, out: Path | str = "fidelity-out", profile: str | None = None,
              max_age_h: float = 12.0, repeats: int = REDUCED["repeats"], variants=None, draft_sync: bool = False,
-             attention: str | None = None, log=print) -> dict:
+             attention: str | None = None, prefill: str = "sequential", log=print) -> dict:
     """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report.
     ``attention``: how the simulator charges a step's context (``cluster.attention``; default the engine's,
-    padded)."""
+    padded). ``prefill``: ``"batched"`` prefills an iteration's admissions in one forward per model, in the
+    engine and the simulator (``cluster.prefill``), and profiles prefill at batch sizes up to ``max_batch``."""
     import pandas as pd
     import torch
 
@@ -208,7 +209,9 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     if pair.count(":") != 1 or not all(pair.split(":")):
         raise ValueError(f"pair {pair!r}: expected 'target:draft' (two presets or checkpoint folders)")
     target, draft = pair.split(":")
-    grid = grid or REDUCED["grid"]
+    grid = dict(grid or REDUCED["grid"])
+    if prefill == "batched":  # the prefill grid over batch sizes the cost model interpolates in
+        grid["prefill_batches"] = sorted({*grid["prefill_batches"], 1, 2, min(4, max_batch), max_batch})
     torch.set_num_threads(threads)
     load_start = loadavg()
     prof_dir = Path(profile) if profile else out / "profile"
@@ -222,10 +225,10 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         plain = make_cost(prof, None, (), max_batch, max_gamma)
         ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock,
                             threads=threads, device=device, seed=seed, dtype=str(prof.meta["dtype"]),
-                            draft_sync=draft_sync)
+                            draft_sync=draft_sync, prefill=prefill)
         engine = Engine(target, draft, ecfg, max_len=max_len)
         cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync,
-                                attention=attention)
+                                attention=attention, prefill=prefill)
         capacity = estimate_capacity(plain, base, cluster)
         table_cost = plain.with_draft_sync() if draft_sync else plain  # what the policies' γ tables are built from
         for load in loads:
@@ -275,7 +278,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     t_measured = time.perf_counter() - t_start
     prof = load_profile(prof_dir)  # the final profile: every pass merged
     plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma), setup["cluster"], setup["capacity"]
-    over, cal = fit_overheads(plain, calibrations, attention)
+    over, cal = fit_overheads(plain, calibrations, attention, prefill)
     log(f"  engine-side terms ({repeats} calibrations): {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
 
@@ -295,12 +298,12 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         steps = step_agreement(pd.concat([x["result"].iterations for x in ran]),
                                pd.concat([x["diagnostics"] for x in ran]),
                                charged_cost(plain, pol, cluster), attention) if ran else None
-        prefill = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, pol.uses_draft) \
-            if len(r.iterations) else None
+        prefills = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, pol.uses_draft,
+                                     prefill, attention) if len(r.iterations) else None
         case.update({"loadavg": runs[0]["loadavg"], "engine_wall_s": float(np.median([x["wall_s"] for x in runs])),
                      "engine_host": {k: round(float(np.mean([x["host"][k] for x in runs])), 3)
                                      for k in runs[0]["host"]},
-                     "steps": steps, "prefill": prefill,
+                     "steps": steps, "prefill": prefills,
                      "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
                      "sim": {}, "errors": {}, "_real": r, "_sim": {}})
         if repeats > 1:
@@ -325,7 +328,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             cost = model_cost(over, speed)
             at = summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
             paired.append(rel_errors(x["summary"], at))
-            parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), pol.uses_draft, attention))
+            parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), pol.uses_draft, attention,
+                                           prefill))
             slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
             moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}
@@ -345,7 +349,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
                                                 for m in HEADLINE) + ")")
     report = {
         "pair": {"target": target, "draft": draft}, "device": device, "clock": clock, "threads": threads,
-        "draft_sync": draft_sync, "attention": attention,
+        "draft_sync": draft_sync, "attention": attention, "prefill": prefill,
         "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
         "profile": str(prof_dir), "calibration": cal, "probe_point": setup["probe"].point,
@@ -435,6 +439,7 @@ def format_report(report: dict) -> str:
     variants = list(report["variants"])
     lines = [f"pair {report['pair']['draft']} / {report['pair']['target']}, device {report['device']}, "
              f"clock {report['clock']}, attention {report.get('attention', 'paged')}, "
+             f"prefill {report.get('prefill', 'sequential')}, "
              f"loadavg {report['loadavg_start']} -> {report['loadavg_end']}",
              f"engine-side terms ({len(report['calibration']['speed_by_round'])} calibrations): "
              + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in report["calibration"]["overheads"].items() if k != "speed")
@@ -512,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", choices=("paged", "padded"), default=None,
                     help="the context the simulator charges a step at (cluster.attention); default: the engine's, "
                          "padded (attention over the batch's longest sequence)")
+    ap.add_argument("--prefill", choices=("sequential", "batched"), default="sequential",
+                    help="an iteration's admissions: one prefill forward each, or one forward for all of them, in "
+                         "the engine and the simulator (cluster.prefill); batched profiles prefill at several batch sizes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=REDUCED["repeats"],
                     help="rounds: each calibrates once and runs every case once (≥ 2: also reports run-to-run noise)")
@@ -526,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_batch=a.max_batch, max_prompt=a.max_prompt, max_output=a.max_output, alpha=a.alpha,
                           clock=clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
                           profile=a.profile, repeats=a.repeats, trace_start=a.trace_start,
-                          draft_sync=a.draft_sync, attention=a.attention)
+                          draft_sync=a.draft_sync, attention=a.attention, prefill=a.prefill)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)
         return 2

@@ -98,6 +98,22 @@ def test_online_policies_validate_on_the_engines_own_iterations(reduced, tmp_pat
         V.main(["--policies", "oracle"])
 
 
+@pytest.mark.slow
+def test_batched_prefill_validation_profiles_prefill_at_several_batch_sizes(tmp_path):
+    """``--prefill batched``: the profile gains prefill rows at batch sizes up to ``max_batch``, the engine and
+    the simulator prefill an iteration's admissions together, and the fit has per-forward prefill terms."""
+    grid = dict(batches=[1, 2, 4], gammas=[0, 2], contexts=[32, 160], prefill_lengths=[8, 96], prefill_batches=[1])
+    report = V.validate(out=tmp_path, prefill="batched", grid=grid, max_batch=4, max_gamma=2, requests=16,
+                        loads=(0.6,), policies=("adaptive",), repeats=1, log=lambda *_: None)
+    assert report["prefill"] == "batched" and "prefill batched" in V.format_report(report)
+    steps = pd.read_csv(tmp_path / "profile" / "steps.csv")
+    assert sorted(steps.loc[steps["phase"] == "prefill", "batch"].unique()) == [1, 2, 4]
+    assert {"prefill_forward_s", "prefill_forward_draft_s"} <= set(report["calibration"]["overheads"])
+    (case,) = report["cases"]
+    assert all(np.isfinite(case["errors"]["paired"][m]) for m in A.METRICS)
+    assert 0.5 < case["model_over_engine"]["prefill"] < 2
+
+
 def test_cli_rejects_bad_input(capsys):
     with pytest.raises(SystemExit):
         V.main(["--policies", "magic"])
@@ -219,11 +235,14 @@ TRUTH = C.Overheads(sched_base_s=3e-4, sched_per_seq_s=2e-5, sched_spec_s=1.5e-4
                     admit_step_s=3e-5, admit_step_draft_s=4e-5, speed=0.8)
 
 
-def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sync: bool = False) -> list[dict]:
+def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sync: bool = False,
+                         prefill: str = "sequential") -> list[dict]:
     """Three calibration rounds made up from the terms ``truth`` (the machine's speed moving between them:
     0.75, 0.8, 0.85 of the profile's; ``truth``'s times are at 0.8, and every time scales with the speed),
     iterations at random batch sizes from ``batches``. ``draft_sync``: half the γ = 0 iterations come from a
-    run that drafts with the engine's ``draft_sync`` (the draft prefilled, a draft decode in each step)."""
+    run that drafts with the engine's ``draft_sync`` (the draft prefilled, a draft decode in each step).
+    ``prefill="batched"``: an iteration's admissions share one prefill forward per model (priced by
+    ``cost.prefill_batch`` at the longest prompt, as the engine pads), with the per-forward terms."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
@@ -239,7 +258,7 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sy
         model += k * np.where(g > 0, truth.verify_s + g * truth.draft_s, truth.decode_s)
         sched = k * (truth.sched_base_s + truth.sched_per_seq_s * b + (g > 0) * (truth.sched_spec_s
                                                                                + truth.sched_per_gamma_s * g))
-        admitted = rng.integers(0, 3, n)
+        admitted = rng.integers(0, 3 if prefill == "sequential" else 5, n)
         prompts = [list(rng.integers(16, 200, k)) if k else None for k in admitted]
         models = np.where(g > 0, 2, 1)  # the γ = 0 run prefills the target only
         synced = np.zeros(n, bool)
@@ -251,12 +270,18 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sy
         # the admissions slow the step: its model work per admission, the work around it per draft prefilled
         model += k * admitted * truth.admit_step_s
         sched += k * admitted * (models == 2) * truth.admit_step_draft_s
-        prefill = [sum(cost.prefill(float(p), "target") + (cost.prefill(float(p), "draft") if m == 2 else 0.0)
-                       for p in ps) / speed + k * len(ps) * (truth.prefill_s + (m == 2) * truth.prefill_draft_s)
-                   if ps else 0.0 for ps, m in zip(prompts, models)]
+        if prefill == "batched":
+            phase = [(cost.prefill_batch(ps, "target", "padded") + (m == 2) * cost.prefill_batch(ps, "draft", "padded"))
+                     / speed + k * (truth.prefill_forward_s + (m == 2) * truth.prefill_forward_draft_s
+                                    + len(ps) * (truth.prefill_s + (m == 2) * truth.prefill_draft_s))
+                     if ps else 0.0 for ps, m in zip(prompts, models)]
+        else:
+            phase = [sum(cost.prefill(float(p), "target") + (cost.prefill(float(p), "draft") if m == 2 else 0.0)
+                         for p in ps) / speed + k * len(ps) * (truth.prefill_s + (m == 2) * truth.prefill_draft_s)
+                     if ps else 0.0 for ps, m in zip(prompts, models)]
         it = pd.DataFrame({"batch": b, "gamma": g, "context": ctx, "context_max": longest,
                            "step_s": model + sched, "step_model_s": model,
-                           "prefill_s": prefill, "admitted": admitted, "prompts": prompts, "models": models,
+                           "prefill_s": phase, "admitted": admitted, "prompts": prompts, "models": models,
                            "draft_sync": synced})
         calibrations.append({"iterations": it, "step_points": pts})
     return calibrations
@@ -278,6 +303,30 @@ def test_fit_overheads_prices_the_engines_steps_at_its_longest_sequence(tmp_path
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
     paged, _ = C.fit_overheads(cost, calibrations, "paged")
     assert paged.verify_s > 1.5 * TRUTH.verify_s  # the padding's cost lands in the step terms
+
+
+def test_fit_overheads_separates_per_forward_and_per_prompt_prefill_terms_when_batched(tmp_path):
+    """With batched prefill an iteration's admissions share one forward per model: the phase's extra time is a
+    set-up per forward plus a copy per prompt, per model, and all four terms come back from calibrations
+    made up from them (the prompts priced as the simulator charges a batched prefill: at the longest)."""
+    from conftest import linear_step, write_formula_profile
+    from sim.profile import load_profile
+
+    prof = load_profile(write_formula_profile(tmp_path / "pb", verify=linear_step(0.010, 0.0005, knee=64),
+                                              draft=linear_step(0.001, 0.00002), prefill_batches=(1, 2, 4, 8),
+                                              batched_prefill=lambda n, b: 1e-3 * n * (1 + (b - 1) / 2)))
+    cost = C.make_cost(prof, None, (), 8, 4)
+    truth = dataclasses.replace(TRUTH, prefill_s=1e-4, prefill_draft_s=5e-5, prefill_forward_s=3e-4,
+                                prefill_forward_draft_s=2e-4)
+    got, _ = C.fit_overheads(cost, made_up_calibrations(cost, truth, prefill="batched"), prefill="batched")
+    for k, v in truth.as_dict().items():
+        assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
+    # the simulator's cost for a batched prefill adds one set-up per forward and the per-prompt terms
+    full = C.make_cost(prof, got, C.FIXES, 8, 4)
+    k = got.speed
+    assert full.prefill_batch([40, 90, 60], "target", "padded") == pytest.approx(
+        cost.prefill_batch([40, 90, 60], "target", "padded") / k + got.prefill_forward_s
+        + 3 * (got.prefill_s + got.admit_step_s))
 
 
 def test_fit_overheads_recovers_known_terms(formula_profile):
