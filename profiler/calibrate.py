@@ -368,11 +368,12 @@ def fit_overheads(cost, calibrations: list[dict], attention: str = "padded",
       both models (``models`` = 2) minus that (the set-up and first-token sampling are per admission, not
       per model: on the tiny pair a target-only admission cost about 0.2 ms more than half of a two-model
       one). With ``prefill="batched"`` (one forward per model for an iteration's admissions, priced by
-      :func:`model_prefill_time`) the set-up is per forward and the copy per prompt: least squares of the
-      phase's extra time on [1, k] for the target and on the same for iterations that prefill the draft too
-      (k admissions), giving ``prefill_forward_s``, ``prefill_s``, ``prefill_forward_draft_s``,
-      ``prefill_draft_s`` (a per-admission term alone fitted on the mostly single admissions of a
-      calibration overcharged the validation's batches by 10–16 %).
+      :func:`model_prefill_time`) the set-up is per forward and the copy per prompt: a line on [1, k] for
+      the target and on the same for iterations that prefill the draft too (k admissions) through the
+      median extra time of each (draft?, k) group, weighted by √(group size), giving ``prefill_forward_s``,
+      ``prefill_s``, ``prefill_forward_draft_s``, ``prefill_draft_s`` (plain least squares over the
+      iterations let a few slow multi-prompt phases lift the terms: the single admissions, most of a
+      validation's, came out 0.2 ms dear).
 
     The terms are fitted once on all rounds' iterations together (least squares for the linear terms,
     medians for ``prefill``), each round's times first brought to the median speed (× the round's speed
@@ -443,9 +444,13 @@ def fit_overheads(cost, calibrations: list[dict], attention: str = "padded",
         p_pred = adm["profile_prefill_s"].to_numpy() / speed
         k = adm["admitted"].to_numpy(float)
         if prefill == "batched":  # one forward per model per iteration: per forward + per prompt, per model
-            drafted = (models == 2).astype(float)
-            fwd, one, fwd_draft, two = lstsq(np.c_[np.ones_like(k), k, drafted, drafted * k],
-                                             adm["prefill_s"].to_numpy() - p_pred)
+            # a line through the median extra time of each (draft prefilled?, admissions) group, weighted by
+            # √(group size): the medians keep a few slow phases from pulling the common single admissions
+            extra = pd.Series(adm["prefill_s"].to_numpy() - p_pred).groupby([models == 2, k])
+            med, size = extra.median(), extra.size().to_numpy(float)
+            d, kk = (med.index.get_level_values(i).to_numpy(float) for i in (0, 1))
+            w = np.sqrt(size)
+            fwd, one, fwd_draft, two = lstsq(np.c_[np.ones_like(kk), kk, d, d * kk] * w[:, None], med.to_numpy() * w)
             return np.r_[sched[:4], one, two, fwd, fwd_draft, step[:4], admit]
         extra = (adm["prefill_s"].to_numpy() - p_pred) / k  # per admission (and per forward: one each)
         one, two = (float(np.median(extra[models == m])) if (models == m).any() else np.nan for m in (1, 2))
