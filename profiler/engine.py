@@ -176,6 +176,15 @@ def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> t
     return torch.multinomial(p, 1, generator=gen)[:, 0], p
 
 
+def _fresh_cache(model, slots: SlotCache, batch: int, length: int, device) -> Cache:
+    """An empty pre-allocated cache for ``batch`` sequences of ``length`` positions, in the slots' dtype."""
+    layers, kv_heads, head_dim = M.kv_shape(model.config)
+    tmp = Cache(layers=[M.PreallocLayer(length) for _ in range(layers)])
+    for layer in tmp.layers:
+        layer.allocate(batch, kv_heads, head_dim, slots.layers[0].kbuf.dtype, device, fill=False)
+    return tmp
+
+
 @torch.inference_mode()
 def prefill_into_slot(model, slots: SlotCache, slot: int, ids: list[int], temperature: float,
                       gen: torch.Generator, device, clock=time.perf_counter) -> tuple[int, float]:
@@ -185,11 +194,7 @@ def prefill_into_slot(model, slots: SlotCache, slot: int, ids: list[int], temper
     The forward is :func:`profiler.models.prefill` on a fresh pre-allocated cache (exactly the profiled
     step); its K/V is then copied into the slot and the first token sampled."""
     n = len(ids)
-    layers, kv_heads, head_dim = M.kv_shape(model.config)
-    tmp = Cache(layers=[M.PreallocLayer(n) for _ in range(layers)])
-    dtype = slots.layers[0].kbuf.dtype
-    for layer in tmp.layers:
-        layer.allocate(1, kv_heads, head_dim, dtype, device, fill=False)
+    tmp = _fresh_cache(model, slots, 1, n, device)
     x = torch.tensor([ids], device=device)
     t0 = clock()
     logits = M.prefill(model, tmp, x)
@@ -213,16 +218,12 @@ def prefill_into_slots(model, slots: SlotCache, slot_list: list[int], prompts: l
     its slot, and its first token is sampled from the logits at its last real position (the decoder's output
     there through the LM head: as many positions as the profiled step's last-token logits)."""
     b, n = len(prompts), max(len(ids) for ids in prompts)
-    layers, kv_heads, head_dim = M.kv_shape(model.config)
-    tmp = Cache(layers=[M.PreallocLayer(n) for _ in range(layers)])
-    dtype = slots.layers[0].kbuf.dtype
-    for layer in tmp.layers:
-        layer.allocate(b, kv_heads, head_dim, dtype, device, fill=False)
+    tmp = _fresh_cache(model, slots, b, n, device)
     x = torch.tensor([ids + [ids[-1]] * (n - len(ids)) for ids in prompts], device=device)
     last = torch.tensor([len(ids) - 1 for ids in prompts], device=device)
+    positions = torch.arange(n, device=device).expand(b, n)
     t0 = clock()
-    hidden = M.forward(model.get_decoder(), tmp, input_ids=x, position_ids=M._positions(b, 0, n, device),
-                       use_cache=True).last_hidden_state
+    hidden = M.forward(model.get_decoder(), tmp, input_ids=x, position_ids=positions, use_cache=True).last_hidden_state
     logits = model.get_output_embeddings()(hidden[torch.arange(b, device=device), last])
     fwd = clock() - t0
     for src, dst in zip(tmp.layers, slots.layers):

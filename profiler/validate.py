@@ -518,8 +518,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the context the simulator charges a step at (cluster.attention); default: the engine's, "
                          "padded (attention over the batch's longest sequence)")
     ap.add_argument("--prefill", choices=("sequential", "batched"), default="sequential",
-                    help="an iteration's admissions: one prefill forward each, or one forward for all of them, in "
-                         "the engine and the simulator (cluster.prefill); batched profiles prefill at several batch sizes")
+                    help="an iteration's admissions: one prefill forward each, or one forward for all of them, "
+                         "in the engine and the simulator (cluster.prefill); batched profiles prefill at several "
+                         "batch sizes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=REDUCED["repeats"],
                     help="rounds: each calibrates once and runs every case once (≥ 2: also reports run-to-run noise)")

@@ -251,8 +251,9 @@ class Goodput(Policy):
         G(γ) = Σ_{i in batch} E(α̂_i, γ) / T(b, γ, c)   (tokens/second; may pick γ = 0),
 
     with T priced at the context the step is charged at (``BatchView.step_context``: the mean under paged
-    attention, the longest sequence's under padded) and acceptance estimated online from what was accepted so far. Each speculative iteration gives, per
-    request, ``accepted`` successes out of ``accepted + 1`` trials (``γ`` trials when all γ were accepted);
+    attention, the longest sequence's under padded) and acceptance estimated online from what was accepted
+    so far. Each speculative iteration gives, per request, ``accepted`` successes out of ``accepted + 1``
+    trials (``γ`` trials when all γ were accepted);
     a global and a per-request exponentially weighted count (``ema`` = weight of the newest observation)
     give α̂_g = S_g / N_g and α̂_i = (S_i + k·α̂_g) / (N_i + k) (``prior_weight`` = k pseudo-trials of the
     global rate). The global estimate starts at ``prior_alpha`` (``null``: the acceptance model's mean α, i.e.

@@ -22,9 +22,10 @@ Continuous batching (Orca/vLLM, iteration level). Each iteration, at simulated t
 
 **Fast-forward.** Between two changes of the running batch the iterations are a pure function of the
 batch, the acceptance draws and the cost model when the policy's γ depends only on (batch size, the
-context the step is charged at) (:meth:`Policy.steady_gamma`). The replica then plans up to the next event that can change the
-batch in one vectorised step — the first request to finish, the first iteration whose KV growth would
-need a preemption, a change of γ — and waits for it with a single SimPy event. An arrival that could
+context the step is charged at) (:meth:`Policy.steady_gamma`). The replica then plans up to the next
+event that can change the batch in one vectorised step — the first request to finish, the first
+iteration whose KV growth would need a preemption, a change of γ — and waits for it with a single SimPy
+event. An arrival that could
 be admitted mid-plan cuts the plan at the next iteration boundary. Results are identical to stepping
 one event per iteration (same floats, same random draws); ``fast_forward=False`` does the latter.
 

@@ -164,7 +164,8 @@ def test_adaptive_context_looks_up_the_context_steps_are_charged_at(tmp_path):
     p = make_policy("adaptive_context")
     p.setup(ctx_cost, acc, 100.0)
     it = runs[0].iterations[runs[0].iterations["step_s"] > 0]
-    at_max = [p.choose(view(int(b), c, step_context=m)) for b, c, m in zip(it["batch"], it["context"], it["context_max"])]
+    at_max = [p.choose(view(int(b), c, step_context=m))
+              for b, c, m in zip(it["batch"], it["context"], it["context_max"])]
     at_mean = [p.choose(view(int(b), c)) for b, c in zip(it["batch"], it["context"])]
     assert it["gamma"].tolist() == at_max
     assert at_mean != at_max  # the mean would have picked other rows
