@@ -9,7 +9,9 @@ by b sequences:
     capacity = replicas / (mean_i T_prefill(prompt_i) + (mean output − 1) · T_verify(b, 0, c̄) / b)
 
 It ignores queueing and batch ramp-up, so real saturation sits somewhat below it; load 1.0 is "about
-saturated", not a guarantee.
+saturated", not a guarantee. It prices the decode steps at the mean context and the prefills one at a
+time whatever ``cluster.attention`` and ``cluster.prefill`` say, so one load level is one arrival rate
+across those settings and runs that differ only in them compare at the same traffic.
 """
 from __future__ import annotations
 
