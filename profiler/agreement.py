@@ -49,7 +49,7 @@ def agreement(cases: list[dict], variant: str, noises=("noise", "model_noise")) 
             "pooled_noise": pooled, "cases": out, "all": all(all(x["within"].values()) for x in out)}
 
 
-def step_agreement(iterations, diagnostics, cost, attention: str = "padded") -> dict:
+def step_agreement(iterations, diagnostics, cost, *, attention: str = "padded") -> dict:
     """Step-level check of the profile against the engine: for every engine iteration that ran a step,
     the profile's prediction (:func:`model_step_times` under ``attention``) divided by the engine's measured
     step time (``step_s``: the whole step incl. engine bookkeeping) and by its model work alone
@@ -58,7 +58,7 @@ def step_agreement(iterations, diagnostics, cost, attention: str = "padded") -> 
     it = iterations.reset_index(drop=True)
     ran = (it["batch"] > 0).to_numpy() & (it["step_s"] > 0).to_numpy()
     it, model = it[ran], diagnostics["step_model_s"].to_numpy()[ran]
-    pred = model_step_times(cost, it, attention)
+    pred = model_step_times(cost, it, attention=attention)
     whole, work = pred / it["step_s"].to_numpy(), pred / model
     by_batch = {int(b): round(float(np.median(whole[(it["batch"] == b).to_numpy()])), 3)
                 for b in sorted(it["batch"].unique())}
@@ -66,16 +66,17 @@ def step_agreement(iterations, diagnostics, cost, attention: str = "padded") -> 
             "profile_over_model_work": round(float(np.median(work)), 3), "profile_over_step_by_batch": by_batch}
 
 
-def predicted_prefills(requests, iterations, cost, uses_draft: bool, prefill: str = "sequential",
-                       attention: str = "padded") -> list[tuple[int, float]]:
+def predicted_prefills(requests, iterations, cost, uses_draft: bool, *, attention: str = "padded",
+                       prefill: str = "sequential") -> list[tuple[int, float]]:
     """``(row, seconds)`` for every iteration (row of ``iterations``, index reset) that admitted only fresh
     requests (not resuming after a preemption): :func:`model_prefill_time` of its admitted prompts."""
     it = iterations.reset_index(drop=True)
-    return [(i, model_prefill_time(cost, prompts, uses_draft, prefill, attention))
+    return [(i, model_prefill_time(cost, prompts, uses_draft, attention=attention, prefill=prefill))
             for i, prompts in enumerate(admitted_prompts(requests, it)) if prompts is not None]
 
 
-def model_over_engine(result, cost, uses_draft: bool, attention: str = "padded", prefill: str = "sequential") -> dict:
+def model_over_engine(result, cost, uses_draft: bool, *, attention: str = "padded",
+                      prefill: str = "sequential") -> dict:
     """Where one engine run's time goes, ``cost`` (the full model at the run's speed) against the engine:
     Σ of the model's step times over the run's iterations (:func:`model_step_times`) ÷ Σ of the
     engine's step times, and Σ of the model's prefill times ÷ Σ of the engine's prefill phases over the
@@ -85,16 +86,16 @@ def model_over_engine(result, cost, uses_draft: bool, attention: str = "padded",
     engine's prefill phase does not (they land in its step)."""
     it = result.iterations.reset_index(drop=True)
     ran = it[it["batch"] > 0]
-    step_pred = float(model_step_times(cost, ran, attention).sum())
+    step_pred = float(model_step_times(cost, ran, attention=attention).sum())
     step_meas = float(ran["step_s"].sum())
-    pf = predicted_prefills(result.requests, it, cost, uses_draft, prefill, attention)
+    pf = predicted_prefills(result.requests, it, cost, uses_draft, attention=attention, prefill=prefill)
     pf_meas = sum(float(it["prefill_s"].iat[i]) for i, _ in pf)
     return {"steps": step_pred / step_meas if step_meas > 0 else None,
             "prefill": sum(t for _, t in pf) / pf_meas if pf_meas > 0 else None}
 
 
-def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool, prefill: str = "sequential",
-                      attention: str = "padded") -> dict | None:
+def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool, *, attention: str = "padded",
+                      prefill: str = "sequential") -> dict | None:
     """Prefill-level check of the profile against the engine: for every engine iteration that admitted only
     fresh requests (not resuming after a preemption), the profile's prefill prediction
     (:func:`model_prefill_time` of the admitted prompts, on the draft too when the policy drafts) — divided by the
@@ -104,7 +105,7 @@ def prefill_agreement(requests, iterations, diagnostics, cost, uses_draft: bool,
     it = iterations.reset_index(drop=True)
     fwd = diagnostics["prefill_forward_s"].to_numpy()
     pred, f_meas, whole = [], [], []
-    for i, t in predicted_prefills(requests, it, cost, uses_draft, prefill, attention):
+    for i, t in predicted_prefills(requests, it, cost, uses_draft, attention=attention, prefill=prefill):
         if fwd[i] <= 0:
             continue  # no forward timed
         pred.append(t)

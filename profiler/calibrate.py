@@ -114,8 +114,9 @@ def _cost_class():
                 t = t + term
             return t
 
-        def _per_admission(self, model: str, prompts: int = 1) -> float:
-            """Seconds added to one prefill forward of ``prompts`` admitted prompts on ``model``."""
+        def _prefill_terms(self, model: str, prompts: int = 1) -> float:
+            """Seconds added to one prefill forward of ``prompts`` admitted prompts on ``model``: per prompt,
+            its prefill and admission-step terms; per forward, the forward's set-up (batched prefill)."""
             o, t = self.overheads, 0.0
             draft = model == "draft"
             if "step" in self.fixes:
@@ -126,13 +127,13 @@ def _cost_class():
             return t
 
         def prefill(self, prompt_tokens: float, model: str = "target") -> float:
-            return super().prefill(prompt_tokens, model) * self._scale() + self._per_admission(model)
+            return super().prefill(prompt_tokens, model) * self._scale() + self._prefill_terms(model)
 
         def prefill_batch(self, prompts, model: str = "target", attention: str = "paged") -> float:
             if len(prompts) == 1:
                 return self.prefill(prompts[0], model)
             return (super().prefill_batch(prompts, model, attention) * self._scale()
-                    + self._per_admission(model, len(prompts)))
+                    + self._prefill_terms(model, len(prompts)))
 
     return EngineCostModel
 
@@ -331,7 +332,7 @@ def speed_vs_profile(cost, step_points: list[dict]) -> float:
     return float(np.median(point_speeds(cost, step_points)))
 
 
-def fit_overheads(cost, calibrations: list[dict], attention: str = "padded",
+def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
                   prefill: str = "sequential") -> tuple[Overheads, dict]:
     """The engine-side terms from :func:`calibrate`'s measurements, against the profile behind ``cost``
     (each calibration run compared with the profile at its own round's speed, its steps priced as the
@@ -423,8 +424,8 @@ def fit_overheads(cost, calibrations: list[dict], attention: str = "padded",
         it["sync_step"] = sync = synced & (it["gamma"] == 0)
         it["profile_step_s"] = it["profile_prefill_s"] = np.nan
         for rows, c in ((ran & ~sync, cost), (ran & sync, cost.with_draft_sync())):
-            it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows], attention)
-        it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2, prefill, attention)
+            it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows], attention=attention)
+        it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2, attention=attention, prefill=prefill)
                                             for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
         return it
 
@@ -490,7 +491,7 @@ def fit_overheads(cost, calibrations: list[dict], attention: str = "padded",
     return o, details
 
 
-def model_step_times(cost, iterations, attention: str = "padded") -> np.ndarray:
+def model_step_times(cost, iterations, *, attention: str = "padded") -> np.ndarray:
     """``cost.iteration(batch, γ, context)`` for every row of an iteration table whose rows all ran a step
     (seconds), at the context the simulator charges under ``attention`` (``cluster.attention``): the
     longest sequence's (``context_max``; the engine pads) or the mean (``context``)."""
@@ -501,12 +502,11 @@ def model_step_times(cost, iterations, attention: str = "padded") -> np.ndarray:
                      for b, g, c in zip(iterations["batch"], iterations["gamma"], iterations[column])])
 
 
-def model_prefill_time(cost, prompts, drafts: bool, prefill: str = "sequential", attention: str = "padded") -> float:
+def model_prefill_time(cost, prompts, drafts: bool, *, attention: str = "padded", prefill: str = "sequential") -> float:
     """Seconds the simulator charges for prefilling ``prompts`` (tokens) on the target (and the draft when
     ``drafts``) under ``cluster.prefill``: Σ of ``cost.prefill(prompt, model)``, or with ``"batched"`` one
     ``cost.prefill_batch(prompts, model, attention)`` per model."""
     models = ("target", "draft") if drafts else ("target",)
     if prefill == "batched":
         return sum(cost.prefill_batch([float(n) for n in prompts], m, attention) for m in models)
-    return sum(cost.prefill(float(n), "target") + (cost.prefill(float(n), "draft") if drafts else 0.0)
-               for n in prompts)
+    return sum(sum(cost.prefill(float(n), m) for m in models) for n in prompts)

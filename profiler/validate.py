@@ -52,6 +52,7 @@ from profiler.agreement import (HEADLINE, METRICS, agreement, model_over_engine,
 from profiler.calibrate import (FIXES, PROBE_EVERY, Overheads, at_speed, calibrate, fit_overheads, make_cost,
                                 make_probe)
 from profiler.sweep import loadavg
+from sim.replica import ATTENTION, PREFILL
 
 PROFILE_PASSES = 3  # sweeps of the profile's grid in a validation (each merged at the machine's typical speed)
 # how the validation's sweep samples each point (profiler.timing.measure), beside point_budget_s
@@ -278,7 +279,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     t_measured = time.perf_counter() - t_start
     prof = load_profile(prof_dir)  # the final profile: every pass merged
     plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma), setup["cluster"], setup["capacity"]
-    over, cal = fit_overheads(plain, calibrations, attention, prefill)
+    over, cal = fit_overheads(plain, calibrations, attention=attention, prefill=prefill)
     log(f"  engine-side terms ({repeats} calibrations): {over}")
     costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
 
@@ -297,9 +298,9 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         ran = [x for x in runs if len(x["result"].iterations)]
         steps = step_agreement(pd.concat([x["result"].iterations for x in ran]),
                                pd.concat([x["diagnostics"] for x in ran]),
-                               charged_cost(plain, pol, cluster), attention) if ran else None
+                               charged_cost(plain, pol, cluster), attention=attention) if ran else None
         prefills = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, pol.uses_draft,
-                                     prefill, attention) if len(r.iterations) else None
+                                     attention=attention, prefill=prefill) if len(r.iterations) else None
         case.update({"loadavg": runs[0]["loadavg"], "engine_wall_s": float(np.median([x["wall_s"] for x in runs])),
                      "engine_host": {k: round(float(np.mean([x["host"][k] for x in runs])), 3)
                                      for k in runs[0]["host"]},
@@ -328,8 +329,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             cost = model_cost(over, speed)
             at = summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
             paired.append(rel_errors(x["summary"], at))
-            parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), pol.uses_draft, attention,
-                                           prefill))
+            parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), pol.uses_draft,
+                                           attention=attention, prefill=prefill))
             slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
             moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}
@@ -514,10 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--draft-sync", action="store_true",
                     help="γ = 0 steps also run the draft, in the engine and the simulator (cluster.draft_sync)")
-    ap.add_argument("--attention", choices=("paged", "padded"), default=None,
+    ap.add_argument("--attention", choices=ATTENTION, default=None,
                     help="the context the simulator charges a step at (cluster.attention); default: the engine's, "
                          "padded (attention over the batch's longest sequence)")
-    ap.add_argument("--prefill", choices=("sequential", "batched"), default="sequential",
+    ap.add_argument("--prefill", choices=PREFILL, default="sequential",
                     help="an iteration's admissions: one prefill forward each, or one forward for all of them, "
                          "in the engine and the simulator (cluster.prefill); batched profiles prefill at several "
                          "batch sizes")

@@ -274,12 +274,14 @@ class Replica:
         r, cost, draft, known = self.reqs, self.cost, self.policy.uses_draft, self._prefill_times
         together = self.batched_prefill and len(rids) > 1
         total = 0.0
-        rows = []
+        rows, contexts = [], []
         done = False
         for rid in rids:  # per request: a few scalars (cheaper than numpy calls on a handful of rows)
             gen = int(r.generated[rid])
             ctx = int(r.prompt[rid]) + gen
-            if not together:
+            if together:
+                contexts.append(ctx)  # priced together below
+            else:
                 times = known.get(ctx)
                 if times is None:  # prompt lengths repeat: the cost model is asked once per length
                     times = known[ctx] = (cost.prefill(ctx, "target"), cost.prefill(ctx, "draft") if draft else 0.0)
@@ -290,10 +292,9 @@ class Replica:
             done = done or left <= 0
             rows.append((rid, ctx + 1, left, ctx + 1, self.n_iter, self.gamma_total))
         if together:
-            prompts = [row[1] - 1 for row in rows]
-            total = cost.prefill_batch(prompts, "target", self.attention)
+            total = cost.prefill_batch(contexts, "target", self.attention)
             if draft:
-                total += cost.prefill_batch(prompts, "draft", self.attention)
+                total += cost.prefill_batch(contexts, "draft", self.attention)
         first = t0 + total
         for rid in rids:
             if math.isnan(r.first_token[rid]):  # fresh, not resuming after a preemption

@@ -134,12 +134,12 @@ def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_
         pred = [0.0] + [cost.iteration(b, g, c) for b, g, c in zip(it["batch"][1:], it["gamma"][1:], it[column][1:])]
         it["step_s"] = [0.0, pred[1] / 2, pred[2] / 2, pred[3] / 2]  # the engine ran twice as fast as the profile says
         diag = pd.DataFrame({"prefill_forward_s": 0.0, "step_model_s": [0.0, pred[1] / 4, pred[2] / 4, pred[3] / 4]})
-        st = A.step_agreement(it, diag, cost, attention)
+        st = A.step_agreement(it, diag, cost, attention=attention)
         assert st["iterations"] == 3  # the idle iteration (batch 0) is left out
         assert st["profile_over_step"] == 2.0 and st["profile_over_model_work"] == 4.0
         assert st["profile_over_step_by_batch"] == {1: 2.0, 4: 2.0}
     with pytest.raises(KeyError, match="flash"):  # no silent fallback to some context
-        C.model_step_times(cost, it[1:], "flash")
+        C.model_step_times(cost, it[1:], attention="flash")
 
 
 def test_prefill_agreement_compares_fresh_admissions_only(formula_profile):
@@ -217,7 +217,7 @@ def test_model_over_engine_is_one_for_the_simulator_against_its_own_cost_model(t
         assert A.model_over_engine(r, slow, pol.uses_draft) == {"steps": pytest.approx(2.0),
                                                                "prefill": pytest.approx(2.0)}
         # priced at the mean context, the padded run's steps come out faster than they ran
-        assert A.model_over_engine(r, cost, pol.uses_draft, "paged")["steps"] < 0.999
+        assert A.model_over_engine(r, cost, pol.uses_draft, attention="paged")["steps"] < 0.999
 
 
 def test_at_speed_rescales_every_time_term():
@@ -301,7 +301,7 @@ def test_fit_overheads_prices_the_engines_steps_at_its_longest_sequence(tmp_path
     got, _ = C.fit_overheads(cost, calibrations)
     for k, v in TRUTH.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
-    paged, _ = C.fit_overheads(cost, calibrations, "paged")
+    paged, _ = C.fit_overheads(cost, calibrations, attention="paged")
     assert paged.verify_s > 1.5 * TRUTH.verify_s  # the padding's cost lands in the step terms
 
 
