@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from profiler import engine as E
+from specbatch.fidelity import engine as E
 
 
 def time_steps(eng: E.Engine, batch: int, gamma: int, spans: list[int], clock) -> float:

@@ -9,7 +9,7 @@ bigger pair (llama-68m shapes as target and draft).
 
 Writes ``<out>/<pair>/report.json`` and ``dashboard.html`` per pair and prints the error tables
 (``(sim − real) / real`` per metric, per simulator variant: the plain profile, then each engine-side term
-added, see :mod:`profiler.calibrate`), the agreement check (goal + 3 × noise), with the machine's load average.
+added, see :mod:`specbatch.fidelity.calibrate`), the agreement check (goal + 3 × noise), with the machine's load average.
 
 With ``--rounds R`` the whole validation (a fresh profile, the engine runs, the simulator) runs R times, into
 ``<out>/<pair>/round<k>/``, and a last table compares, per case, the median over rounds of the engine's
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from profiler.validate import HEADLINE, REDUCED, format_report, validate  # noqa: E402
-from sim.profile import ProfileError  # noqa: E402
+from specbatch.fidelity.validate import HEADLINE, REDUCED, format_report, validate  # noqa: E402
+from specbatch.sim.profile import ProfileError  # noqa: E402
 
 PAIRS = {
     "tiny": dict(pair="tiny-llama:tiny-llama-draft", grid=REDUCED["grid"], max_prompt=96, max_output=48,

@@ -31,7 +31,7 @@ echo "== engine shapes (elapsed $((SECONDS - T0)) s)"
 timeout 120 "$PY" benchmarks/engine_shapes.py --device "$DEVICE" --target "$TARGET" --draft "$DRAFT" \
   | tee "$OUT/engine_shapes.txt"
 echo "== validate (elapsed $((SECONDS - T0)) s)"
-timeout "$VALIDATE_S" "$PY" -m profiler.validate --device "$DEVICE" --pair "$TARGET:$DRAFT" --requests 40 \
+timeout "$VALIDATE_S" "$PY" -m specbatch.fidelity.validate --device "$DEVICE" --pair "$TARGET:$DRAFT" --requests 40 \
   --repeats "$REPEATS" --out "$OUT/validate" | tee "$OUT/validate.txt"
 CAPTURE_S=$(( $(left) - 20 ))
 if [ -z "${SKIP_CAPTURE:-}" ] && [ "$DEVICE" = cuda ] && [ "$CAPTURE_S" -ge 150 ]; then

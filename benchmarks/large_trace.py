@@ -56,7 +56,7 @@ def write_trace(path: Path, rows: int, time_unit: str = "s", fmt: str = "csv", s
 
 _CHILD = r"""
 import json, sys, time, tracemalloc
-from sim.workload import load_trace
+from specbatch.sim.workload import load_trace
 path, unit, trace = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 def vm(key):
     for line in open("/proc/self/status"):

@@ -1,13 +1,13 @@
 """Do specbatch-validate's instruments agree, and how still does the probe's scale hold?
 
-1. **Sweep vs re-timing.** The profiler's sweep (``profiler.timing.measure`` on models and caches of its
-   own) and the calibration's re-timing (``profiler.calibrate.calibrate``: one warm call, then the median of
+1. **Sweep vs re-timing.** The profiler's sweep (``specbatch.profiler.timing.measure`` on models and caches of its
+   own) and the calibration's re-timing (``specbatch.fidelity.calibrate.calibrate``: one warm call, then the median of
    5, on the engine's models) time the same profiler steps, alternately, in one process. Their ratio is 1
    when the profile and the calibration differ only by when they ran.
 2. **The probe's scale** (``probe_ref_s``: the probe's time at the profile's speed) in each of ``--rounds``
    calibrations against one profile, estimated two ways: the probe's median over the calibration run ×
    the speed of the steps re-timed after it (``run median``), and the probe read just before and just
-   after each re-timed step (``around steps``: what :func:`profiler.calibrate.fit_overheads` uses). Every
+   after each re-timed step (``around steps``: what :func:`specbatch.fidelity.calibrate.fit_overheads` uses). Every
    case of a validation is simulated at a speed proportional to this one number, so its round-to-round
    spread is a shift common to all of them.
 
@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from profiler import models as M
-from profiler import calibrate as C, validate as V
-from profiler import timing
-from profiler.engine import Engine, EngineConfig, make_clock
-from profiler.sweep import make_step
-from profiler.timing import measure
-from sim.acceptance import AcceptanceModel
-from sim.profile import load_profile
+from specbatch.profiler import models as M
+from specbatch.fidelity import calibrate as C, validate as V
+from specbatch.profiler import timing
+from specbatch.fidelity.engine import Engine, EngineConfig, make_clock
+from specbatch.profiler.sweep import make_step
+from specbatch.profiler.timing import measure
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.profile import load_profile
 
 R = V.REDUCED
 MAX_LEN = R["max_prompt"] + R["max_output"] + R["max_gamma"] + 4

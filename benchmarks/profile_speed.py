@@ -28,8 +28,8 @@ def main(argv=None) -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from profiler import cli
-    from sim.profile import load_profile
+    from specbatch.profiler import cli
+    from specbatch.sim.profile import load_profile
 
     with tempfile.TemporaryDirectory() as tmp:
         with initialize_config_dir(config_dir=str(cli._conf_dir()), version_base=None):

@@ -49,14 +49,14 @@ def child(case: str) -> None:
     warnings.simplefilter("ignore")
     import pandas as pd
 
-    from sim.acceptance import AcceptanceModel
-    from sim.capacity import estimate_capacity
-    from sim.cluster import ClusterConfig, simulate
-    from sim.cost_model import CostModel
-    from sim.policies import make_policy
-    from sim.profile import load_profile
-    from sim.run import resolve_profile
-    from sim.workload import first_n, set_rate
+    from specbatch.sim.acceptance import AcceptanceModel
+    from specbatch.sim.capacity import estimate_capacity
+    from specbatch.sim.cluster import ClusterConfig, simulate
+    from specbatch.sim.cost_model import CostModel
+    from specbatch.sim.policies import make_policy
+    from specbatch.sim.profile import load_profile
+    from specbatch.sim.run import resolve_profile
+    from specbatch.sim.workload import first_n, set_rate
     from sim_speed import cluster_workload, conv_trace  # this file's neighbour; `sim` comes from the revision
 
     cost = CostModel(load_profile(resolve_profile("default")), max_batch=32)

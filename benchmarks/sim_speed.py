@@ -30,14 +30,14 @@ import warnings
 
 import numpy as np
 
-from sim.acceptance import AcceptanceModel
-from sim.capacity import estimate_capacity
-from sim.cluster import ClusterConfig, simulate
-from sim.cost_model import CostModel
-from sim.policies import make_policy
-from sim.profile import load_profile
-from sim.run import resolve_profile
-from sim.workload import first_n, load_trace, set_rate, synthetic
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.capacity import estimate_capacity
+from specbatch.sim.cluster import ClusterConfig, simulate
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.policies import make_policy
+from specbatch.sim.profile import load_profile
+from specbatch.sim.run import resolve_profile
+from specbatch.sim.workload import first_n, load_trace, set_rate, synthetic
 from specbatch import traces_dir
 
 AZURE = {"arrival": "TIMESTAMP", "prompt": "ContextTokens", "output": "GeneratedTokens"}

@@ -1,5 +1,5 @@
 """Build the study dashboard: one self-contained HTML file (plotly.js embedded inline, opens with no
-network) from the collected table (:mod:`dashboards.collect`).
+network) from the collected table (:mod:`specbatch.dashboards.collect`).
 
 Layout: three dropdowns (workload, draft → target pair, profile) pick a *scenario*; each scenario's
 section holds, in order (element ids ``s<k>-<name>``):
@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from sim.profile import atomic_write_text, load_profile
+from specbatch.sim.profile import atomic_write_text, load_profile
 
 from . import figures as F
 

@@ -1,6 +1,6 @@
 """Collect finished runs (hydra multirun folders and single runs) into one tidy table: one row per run.
 
-A run is a folder holding ``summary.json`` (written last by :mod:`sim.run`, so it marks a complete run).
+A run is a folder holding ``summary.json`` (written last by :mod:`specbatch.sim.run`, so it marks a complete run).
 A multirun folder is searched recursively; incomplete runs (no ``summary.json``) are left out.
 
 Columns of :func:`collect`'s table:
@@ -8,7 +8,7 @@ Columns of :func:`collect`'s table:
 - run identity: ``run_dir`` (absolute path), ``study`` (the multirun folder holding ``multirun.yaml``, or
   the run folder itself for a single run), ``job`` (hydra job number: the subfolder name, else -1),
   ``overrides`` (the run's command-line overrides, space separated);
-- every key of ``summary.json`` (:func:`sim.metrics.summarize`, plus ``policy``, ``profile``, ``workload``,
+- every key of ``summary.json`` (:func:`specbatch.sim.metrics.summarize`, plus ``policy``, ``profile``, ``workload``,
   ``arrival_rate_req_s``, ``capacity_req_s``); lists (``busy_fraction``) as JSON text;
 - ``sweep.<key>``: each override of the run (``key=value`` in ``.hydra/overrides.yaml``; leading ``+``,
   ``++`` and ``~`` dropped), with its value;
@@ -28,7 +28,7 @@ from typing import Iterable
 import pandas as pd
 import yaml
 
-from sim.profile import atomic_write
+from specbatch.sim.profile import atomic_write
 
 SUMMARY = "summary.json"
 
@@ -121,7 +121,7 @@ def policy_label(policy_cfg: dict) -> str:
 def _profile_info(cfg: dict, summary: dict) -> tuple[str | None, str]:
     """(resolved profile folder or None, 'draft → target' pair label)."""
     try:
-        from sim.run import resolve_profile
+        from specbatch.sim.run import resolve_profile
         d = resolve_profile(cfg.get("profile"))
         meta = json.loads((Path(d) / "meta.json").read_text())
         models = meta.get("models", {})

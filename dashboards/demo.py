@@ -31,7 +31,7 @@ FIXED_GAMMAS = (2, 4)
 
 def extra_policies() -> list[str]:
     """Registered policies beyond none/fixed/adaptive that ship a config (``conf/policy/<name>.yaml``)."""
-    from sim.policies import policy_names
+    from specbatch.sim.policies import policy_names
 
     conf = resources.files("specbatch.conf") / "policy"
     return [n for n in policy_names() if n not in (*CORE_POLICIES, "fixed") and (conf / f"{n}.yaml").is_file()]
@@ -41,9 +41,9 @@ def pick_profile(name: str) -> str:
     """The profile folder to use (``default``: the shipped measured profile), validated once up front."""
     import warnings
 
-    from sim.cost_model import CostModel
-    from sim.profile import load_profile
-    from sim.run import resolve_profile
+    from specbatch.sim.cost_model import CostModel
+    from specbatch.sim.profile import load_profile
+    from specbatch.sim.run import resolve_profile
 
     path = resolve_profile(name)
     with warnings.catch_warnings():
@@ -54,11 +54,11 @@ def pick_profile(name: str) -> str:
 
 def sim_command() -> list[str]:
     """The installed ``specbatch-sim`` script (beside this interpreter, else on PATH). Running the script, not
-    ``python -m sim.cli``, keeps a checkout in the working directory from shadowing the installed package
+    ``python -m specbatch.sim.cli``, keeps a checkout in the working directory from shadowing the installed package
     (whose ``specbatch.conf`` only exists in the install)."""
     script = Path(sys.executable).with_name("specbatch-sim")
     found = str(script) if script.is_file() else shutil.which("specbatch-sim")
-    return [found] if found else [sys.executable, "-m", "sim.cli"]
+    return [found] if found else [sys.executable, "-m", "specbatch.sim.cli"]
 
 
 def sweep(sweep_dir: Path, overrides: list[str], jobs: int) -> int:

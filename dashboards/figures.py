@@ -1,5 +1,5 @@
-"""The dashboard's Plotly figures. Each builder takes the collected table (:mod:`dashboards.collect`) or a
-profile and returns a :class:`plotly.graph_objects.Figure`; :mod:`dashboards.build` lays them out.
+"""The dashboard's Plotly figures. Each builder takes the collected table (:mod:`specbatch.dashboards.collect`) or a
+profile and returns a :class:`plotly.graph_objects.Figure`; :mod:`specbatch.dashboards.build` lays them out.
 
 Times in figures are shown in milliseconds (step times) or seconds (request latencies), as labelled.
 """
@@ -13,9 +13,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from sim.acceptance import AcceptanceModel
-from sim.cost_model import CostModel
-from sim.profile import Profile
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.profile import Profile
 
 TEMPLATE = "plotly_white"
 ALPHAS = np.round(np.arange(0.30, 0.951, 0.05), 2)
@@ -87,10 +87,10 @@ def profile_explorer(profile: Profile) -> go.Figure:
 def _gamma_star(cost: CostModel, alphas, batches, contexts, max_gamma: int) -> pd.DataFrame:
     """γ* over batch × α × context: sim.quant (issue 4) when present, else sim.policies' tables."""
     try:
-        from sim.quant import gamma_star_grid
+        from specbatch.sim.quant import gamma_star_grid
         return gamma_star_grid(cost, list(alphas), batches, contexts, max_gamma)[["batch", "context", "alpha", "gamma_star"]]
     except ImportError:
-        from sim.policies import optimal_gamma_table
+        from specbatch.sim.policies import optimal_gamma_table
         rows = []
         for a in alphas:
             acc = AcceptanceModel(alpha=float(a), max_gamma=max_gamma)

@@ -34,7 +34,7 @@ def _config_path() -> str:
 
 def grid_of(cfg: DictConfig, device: str):
     """The grid config, resolving ``grid=auto`` to ``grid/gpu.yaml`` or ``grid/cpu.yaml``."""
-    from profiler.sweep import Grid
+    from specbatch.profiler.sweep import Grid
 
     g = cfg.grid
     if g.get("auto"):
@@ -52,9 +52,9 @@ def profile_folder(cfg: DictConfig, device: str, dtype_name: str) -> Path:
 
 def run_acceptance(cfg: DictConfig, out: Path, device: str, dtype) -> dict:
     """Measure per-position acceptance of the pair and write ``acceptance.csv`` (+ meta.acceptance)."""
-    from profiler.acceptance import encode, load_tokenizer, measure_acceptance, read_prompts
-    from profiler.models import load_model
-    from sim.profile import atomic_write_text, write_acceptance
+    from specbatch.profiler.acceptance import encode, load_tokenizer, measure_acceptance, read_prompts
+    from specbatch.profiler.models import load_model
+    from specbatch.sim.profile import atomic_write_text, write_acceptance
 
     a = cfg.acceptance
     prompts = read_prompts(a.prompts, a.prompts_file)
@@ -80,7 +80,7 @@ def run_acceptance(cfg: DictConfig, out: Path, device: str, dtype) -> dict:
             "method": "real speculative decoding, per-position conditional acceptance", "runs": results}
     meta_path = out / "meta.json"
     if meta_path.is_file():
-        from sim.profile import write_profile_meta
+        from specbatch.sim.profile import write_profile_meta
 
         meta = json.loads(meta_path.read_text())
         meta.pop("schema_version", None)
@@ -92,8 +92,8 @@ def run_acceptance(cfg: DictConfig, out: Path, device: str, dtype) -> dict:
 
 
 def run_roofline(cfg: DictConfig) -> Path:
-    from profiler.presets import PRESETS, make_config
-    from profiler.roofline import GPU_SPECS, calibrate, write_analytical_profile
+    from specbatch.profiler.presets import PRESETS, make_config
+    from specbatch.profiler.roofline import GPU_SPECS, calibrate, write_analytical_profile
 
     r = cfg.roofline
     if r.gpu not in GPU_SPECS:
@@ -133,7 +133,7 @@ def run(cfg: DictConfig) -> Path:
         return out
     if cfg.mode not in ("profile", "acceptance"):
         raise ValueError(f"mode={cfg.mode!r}; expected profile, acceptance or roofline")
-    from profiler.sweep import resolve_device, resolve_dtype, run_passes
+    from specbatch.profiler.sweep import resolve_device, resolve_dtype, run_passes
 
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.dtype), device)

@@ -17,7 +17,7 @@ DEADLINE="${DEADLINE:-1500}"   # seconds; a safety net, points not reached are l
 NOTE="${NOTE:-cpu_capture.sh; check loadavg_start/loadavg_end: a busy machine inflates the times}"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec python -m profiler.cli mode=profile device=cpu dtype=float32 cache=prealloc \
+exec python -m specbatch.profiler.cli mode=profile device=cpu dtype=float32 cache=prealloc \
   "pair=$PAIR" "grid=$GRID" "name=$NAME" "out_dir=$OUT_DIR" "threads=$THREADS" resume=false \
   timing.warmup=1 timing.min_samples=5 timing.floor_samples=2 timing.point_budget_s=1.0 \
   "timing.deadline_s=$DEADLINE" "note=\"$NOTE\"" "$@"

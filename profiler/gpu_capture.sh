@@ -34,7 +34,7 @@ STATUS=0
 for PAIR in $PAIRS; do
   echo "=== $PAIR (elapsed $((SECONDS - START)) s) ===" >&2
   timeout --signal=INT --kill-after=10 "$PAIR_TIMEOUT" \
-    "$PY" -m profiler.cli mode=profile device=cuda dtype=bfloat16 cache=prealloc "pair=$PAIR" "grid=$GRID" \
+    "$PY" -m specbatch.profiler.cli mode=profile device=cuda dtype=bfloat16 cache=prealloc "pair=$PAIR" "grid=$GRID" \
       "name=$GPU-$PAIR" "out_dir=$OUT_DIR" resume=true \
       timing.warmup=1 timing.min_samples=5 timing.max_samples=30 timing.floor_samples=3 \
       timing.rel_precision=0.02 timing.point_budget_s=0.25 "timing.deadline_s=$PAIR_DEADLINE" \
@@ -45,7 +45,7 @@ done
 echo "gpu_capture: done in $((SECONDS - START)) s; profiles in $OUT_DIR/$GPU-*" >&2
 "$PY" - "$OUT_DIR" "$GPU" <<'PY'
 import sys, pathlib
-from sim.profile import load_profile
+from specbatch.sim.profile import load_profile
 for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2] + "-*")):
     try:
         prof = load_profile(p)

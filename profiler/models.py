@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
 import torch  # noqa: E402
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer  # noqa: E402
 
-from profiler.presets import PRESETS, make_config  # noqa: E402
+from specbatch.profiler.presets import PRESETS, make_config  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

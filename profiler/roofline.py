@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.profile import load_profile, write_profile_meta, write_steps
+from specbatch.sim.profile import load_profile, write_profile_meta, write_steps
 
 GPU_SPECS = {
     # name: (peak dense bf16 FLOP/s, memory bandwidth B/s, memory bytes, name fragments of the real device)

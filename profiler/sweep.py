@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sim.profile import STEP_COLUMNS, load_profile, write_profile_meta, write_steps
+from specbatch.sim.profile import STEP_COLUMNS, load_profile, write_profile_meta, write_steps
 
 KEY = ["model", "phase", "batch", "tokens", "context"]
 
@@ -95,7 +95,7 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str):
-    from profiler.models import DTYPES
+    from specbatch.profiler.models import DTYPES
 
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
@@ -122,9 +122,9 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     import torch
     import transformers
 
-    from profiler import models as M
-    from profiler.host_memory import keep_freed_memory
-    from profiler.timing import make_timer, measure
+    from specbatch.profiler import models as M
+    from specbatch.profiler.host_memory import keep_freed_memory
+    from specbatch.profiler.timing import make_timer, measure
 
     t_start = time.perf_counter()
     load_start = loadavg()
@@ -322,7 +322,7 @@ def _reference(model, dtype, device: str, temperature: float, timer, seed: int):
     draws do not depend on whether the reference is on."""
     import torch
 
-    from profiler import models as M
+    from specbatch.profiler import models as M
 
     role, phase, batch, tokens, context = REFERENCE_POINT
     cache = M.make_cache("prealloc", model.config, batch, context, tokens, dtype, device)
@@ -340,7 +340,7 @@ def _reference(model, dtype, device: str, temperature: float, timer, seed: int):
 
 
 def _write_references(out: Path, rows: list[dict]) -> None:
-    from sim.profile import atomic_write_text
+    from specbatch.sim.profile import atomic_write_text
 
     atomic_write_text(out / "reference.csv", pd.DataFrame(rows, columns=KEY + ["reference_s"]).to_csv(index=False))
 
@@ -363,7 +363,7 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
     host whose speed changes for seconds at a time (a shared VM; a GPU step bound by the host's kernel
     launches) one sweep records whichever speed each point fell in, the median over sweeps the common one.
 
-    While the merged profile fails the monotonicity gate (:func:`sim.profile.check_monotone`) the disputed
+    While the merged profile fails the monotonicity gate (:func:`specbatch.sim.profile.check_monotone`) the disputed
     points, both ends of every violation, are remeasured: a repair round sweeps just those points
     :data:`REPAIR_SWEEPS` times (into ``out_dir/repair<r>_<s>/``), so that neighbours are timed alternately,
     seconds apart, and their new medians join the merge. After ``repairs`` rounds whole passes are added,
@@ -380,7 +380,7 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
     """
     from omegaconf import OmegaConf
 
-    from sim.profile import ProfileError, check_monotone, monotone_violations
+    from specbatch.sim.profile import ProfileError, check_monotone, monotone_violations
 
     max_passes = max(int(passes), int(max_passes or passes))
     if int(passes) < 1:
@@ -546,7 +546,7 @@ def _key(p) -> list:
 
 
 def _too_long(model, p) -> bool:
-    from profiler.models import max_context
+    from specbatch.profiler.models import max_context
 
     lim = max_context(model)
     return lim is not None and p[3] + p[4] > lim
@@ -577,7 +577,7 @@ def make_step(p, model, cache, vocab, temperature, gen, device):
     row of ``steps.csv``; ``reset`` restores the cache length (untimed)."""
     import torch
 
-    from profiler import models as M
+    from specbatch.profiler import models as M
 
     role, phase, batch, tokens, context = p
     base = cache.get_seq_length()

@@ -20,7 +20,7 @@ from .workload import WorkloadError
 def completed_summary(cfg: DictConfig, out: str) -> dict | None:
     """The summary of a finished run in ``out`` whose ``config.yaml`` equals this resolved config, else None.
 
-    ``summary.json`` is written last (:mod:`sim.run`), so its presence marks complete outputs; rerunning an
+    ``summary.json`` is written last (:mod:`specbatch.sim.run`), so its presence marks complete outputs; rerunning an
     interrupted sweep with the same ``hydra.sweep.dir`` skips such runs. ``SPECBATCH_RERUN=1`` redoes them."""
     if os.environ.get("SPECBATCH_RERUN", "") not in ("", "0"):
         return None

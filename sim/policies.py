@@ -45,7 +45,7 @@ class Policy:
 
     def setup(self, cost: CostModel, acceptance: AcceptanceModel, context) -> None:
         """Offline preparation with the cost model, the acceptance model and a reference context (tokens):
-        one number, or one per batch size 1..max_batch (:func:`sim.cluster.charged_context`: under padded
+        one number, or one per batch size 1..max_batch (:func:`specbatch.sim.cluster.charged_context`: under padded
         attention a batch's step is charged at its longest sequence's context, which grows with the batch)."""
 
     def choose(self, view: BatchView) -> int:
@@ -148,7 +148,7 @@ class Adaptive(Policy):
 
     ``context``: reference KV length in tokens; ``null`` uses the one the simulator passes at setup: the
     workload's mean context (mean prompt plus half the mean output), or under padded attention, per batch
-    size, the expected longest context of that many requests (:func:`sim.cluster.charged_context`).
+    size, the expected longest context of that many requests (:func:`specbatch.sim.cluster.charged_context`).
     """
 
     name = "adaptive"

@@ -1,6 +1,6 @@
 """The quantitative model of speculative decoding under batching: which γ to use at which load, and why.
 
-From a cost profile (:class:`~sim.cost_model.CostModel`) and acceptance rates it computes, for batch size
+From a cost profile (:class:`~specbatch.sim.cost_model.CostModel`) and acceptance rates it computes, for batch size
 ``b`` (sequences), mean context ``c`` (KV tokens per sequence) and speculation length ``γ`` (draft tokens
 per sequence per iteration):
 

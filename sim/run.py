@@ -1,15 +1,15 @@
 """From a resolved config to a finished run: build the workload, cost model, policy and cluster,
-simulate, and write the outputs. The hydra app (:mod:`sim.cli`) and the studies call :func:`run`.
+simulate, and write the outputs. The hydra app (:mod:`specbatch.sim.cli`) and the studies call :func:`run`.
 
 Outputs of a run (written atomically into ``out_dir``; ``summary.json`` last, so its presence marks a
 complete run):
 
-``requests.parquet``   one row per request (:meth:`sim.requests.RequestTable.frame`)
-``iterations.parquet`` one row per replica iteration (:data:`sim.iterations.ITERATION_COLUMNS`)
+``requests.parquet``   one row per request (:meth:`specbatch.sim.requests.RequestTable.frame`)
+``iterations.parquet`` one row per replica iteration (:data:`specbatch.sim.iterations.ITERATION_COLUMNS`)
 ``policy.json``        the policy's description (for ``adaptive``: its batch → γ table)
 ``workload.json``      the replayed workload's statistics and any skipped-row notes
 ``config.yaml``        the resolved config
-``summary.json``       the summary metrics (:func:`sim.metrics.summarize`)
+``summary.json``       the summary metrics (:func:`specbatch.sim.metrics.summarize`)
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Study table (:func:`run_study`; also written to ``<out_dir>/study.csv``) — one
 * ``arm`` (str): the policy as a label — ``fixed-<γ>`` for fixed, ``none`` for no speculation (γ = 0,
   no draft), else the policy name; ``policy_name`` (registered name) and ``gamma`` (fixed γ, else NaN);
 * ``profile``, ``workload_name`` (str);
-* every scalar of :func:`sim.metrics.summarize` (see its docstring for definitions and units):
+* every scalar of :func:`specbatch.sim.metrics.summarize` (see its docstring for definitions and units):
   ``throughput_tok_s``, ``throughput_req_s``, ``goodput_req_s``, ``goodput_tok_s``, ``slo_attainment``,
   ``ttft_*``, ``tpot_*``, ``latency_*`` (``_mean``, ``_p50``, ``_p90``, ``_p99``; seconds), ``mean_batch``,
   ``mean_gamma``, ``mean_accepted``, ``tokens_per_iteration``, ``preemptions``, ``iterations``,
@@ -250,7 +250,7 @@ def gap_pivot(table: pd.DataFrame, metric: str = "latency_mean") -> pd.DataFrame
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sim.study", description="Run a study and print its comparison.")
+    p = argparse.ArgumentParser(prog="python -m specbatch.sim.study", description="Run a study and print its comparison.")
     p.add_argument("name", help=f"study name ({', '.join(study_names())})")
     p.add_argument("--profile", default=None)
     p.add_argument("--out", default=None, help="folder for study.csv (default: outputs/study-<name>)")

@@ -4,7 +4,7 @@
                    [--max-batch 64] [--max-gamma 8] [--draft-sync] [--out tune/] [--print json|vllm|sglang|report]
 
 It computes γ*(b) = argmax_γ b·E(α, γ) / T(b, γ, c) for b = 1..max_batch at the given context (tokens)
-with :mod:`sim.quant`, compresses it into batch ranges with the predicted speedup (throughput at γ* over
+with :mod:`specbatch.sim.quant`, compresses it into batch ranges with the predicted speedup (throughput at γ* over
 throughput without speculation, from the profile) and writes three files into ``--out``. With
 ``--draft-sync`` a γ = 0 iteration still costs one draft decode (vLLM runs its drafter at K = 0 to keep
 its KV cache in step), which makes γ = 0 dearer against γ ≥ 1:

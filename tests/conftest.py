@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.profile import write_profile_meta, write_steps
+from specbatch.sim.profile import write_profile_meta, write_steps
 
 
 def linear_step(base: float, per_token: float, per_ctx: float = 0.0, knee: int = 0):

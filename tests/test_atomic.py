@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-import sim.profile
-import sim.run
+import specbatch.sim.profile
+import specbatch.sim.run
 from conftest import linear_step, write_formula_profile
-from sim.cli import completed_summary
-from sim.run import OUTPUT_FILES, run
+from specbatch.sim.cli import completed_summary
+from specbatch.sim.run import OUTPUT_FILES, run
 from specbatch import conf_dir
 
 
@@ -62,13 +62,13 @@ def test_failure_while_writing_leaves_no_summary_and_no_temporaries(setup, tmp_p
     run(other, out)  # a complete earlier run (different config) in the same folder
     assert_complete(out, other)
 
-    def failing_replace(src, dst, _real=sim.run.os.replace):
+    def failing_replace(src, dst, _real=specbatch.sim.run.os.replace):
         if Path(dst).name == fail_at:
             raise OSError(28, "No space left on device")
         return _real(src, dst)
 
-    monkeypatch.setattr(sim.run.os, "replace", failing_replace)
-    monkeypatch.setattr(sim.profile.os, "replace", failing_replace)
+    monkeypatch.setattr(specbatch.sim.run.os, "replace", failing_replace)
+    monkeypatch.setattr(specbatch.sim.profile.os, "replace", failing_replace)
     with pytest.raises(OSError, match="No space left"):
         run(cfg, out)
     # Neither the old run nor the new one may look complete, and no temporary file is left behind.
@@ -83,14 +83,14 @@ def test_failure_while_writing_leaves_no_summary_and_no_temporaries(setup, tmp_p
 def test_unserialisable_summary_fails_before_anything_is_renamed(setup, tmp_path, monkeypatch):
     cfg, _, _ = setup
     out = tmp_path / "run"
-    real = sim.run._json
+    real = specbatch.sim.run._json
 
     def bad_json(obj):
         if "throughput_tok_s" in obj:
             raise TypeError("not JSON serialisable: <class 'object'>")
         return real(obj)
 
-    monkeypatch.setattr(sim.run, "_json", bad_json)
+    monkeypatch.setattr(specbatch.sim.run, "_json", bad_json)
     with pytest.raises(TypeError):
         run(cfg, out)
     assert_incomplete(out, cfg)
@@ -98,7 +98,7 @@ def test_unserialisable_summary_fails_before_anything_is_renamed(setup, tmp_path
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import sim.profile, sim.run
+    import specbatch.sim.profile, specbatch.sim.run
     kill_at = sys.argv[1]
     real = os.replace
 
@@ -107,8 +107,8 @@ KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real(src, dst)
 
-    sim.run.os.replace = replace  # the same os module object: patches every atomic write
-    from sim.cli import main
+    specbatch.sim.run.os.replace = replace  # the same os module object: patches every atomic write
+    from specbatch.sim.cli import main
     sys.argv = ["specbatch-sim", *sys.argv[2:]]
     main()
 """)
@@ -131,7 +131,7 @@ def test_killed_run_leaves_no_summary_and_the_rerun_resumes(setup, tmp_path):
 def test_cli_skips_a_complete_run_and_redoes_an_incomplete_one(setup, tmp_path):
     cfg, _, overrides = setup
     out = tmp_path / "cli"
-    args = [sys.executable, "-m", "sim.cli", *overrides, f"hydra.run.dir={out}"]
+    args = [sys.executable, "-m", "specbatch.sim.cli", *overrides, f"hydra.run.dir={out}"]
     run(cfg, out)
     before = (out / "requests.parquet").stat().st_mtime_ns
     p = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=180)

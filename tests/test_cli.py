@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def sim(args, cwd, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "sim.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "specbatch.sim.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -77,9 +77,16 @@ def test_plain_install_works_from_any_directory(tmp_path, formula_profile):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
-    where = subprocess.run([sys.executable, "-c", "import sim, specbatch; print(sim.__file__); print(specbatch.conf_dir())"],
-                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+    top_level = {p.name for p in target.iterdir()} - {"bin"}
+    assert top_level == {"specbatch", "specbatch-0.1.0.dist-info"}, top_level  # nothing else in site-packages
+    code = ("import specbatch, specbatch.sim, specbatch.profiler, specbatch.fidelity, specbatch.dashboards as d;"
+            "print(specbatch.sim.__file__); print(d.__file__); print(specbatch.conf_dir())")
+    where = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                           check=True)
     assert all(str(target) in line for line in where.stdout.splitlines())
+    for name in ("sim", "profiler", "dashboards", "fidelity"):  # no bare top-level names leak
+        leaked = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=elsewhere, env=env, capture_output=True)
+        assert leaked.returncode != 0, name
     script = target / "bin" / "specbatch-sim"
     assert script.is_file()
     p = subprocess.run([sys.executable, script, f"profile={formula_profile}", "workload.first_n=20",

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import linear_step, write_formula_profile
-from sim.acceptance import AcceptanceModel, expected_tokens
-from sim.cost_model import CostModel, ExtrapolationWarning
-from sim.policies import Adaptive, optimal_gamma_table
-from sim.profile import ProfileError, load_profile
+from specbatch.sim.acceptance import AcceptanceModel, expected_tokens
+from specbatch.sim.cost_model import CostModel, ExtrapolationWarning
+from specbatch.sim.policies import Adaptive, optimal_gamma_table
+from specbatch.sim.profile import ProfileError, load_profile
 
 
 @pytest.fixture

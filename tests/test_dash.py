@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from conftest import linear_step, write_formula_profile
-from dashboards.build import FIGURES, find_chromium
-from dashboards.cli import main as dash_main
-from dashboards.collect import collect, swept_keys
+from specbatch.dashboards.build import FIGURES, find_chromium
+from specbatch.dashboards.cli import main as dash_main
+from specbatch.dashboards.collect import collect, swept_keys
 
 
 def _need_browser():
@@ -36,7 +36,7 @@ def _need_browser():
 
 
 def _sim(*args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "sim.cli", *args, "print_summary=false", "workload.first_n=60"],
+    r = subprocess.run([sys.executable, "-m", "specbatch.sim.cli", *args, "print_summary=false", "workload.first_n=60"],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
@@ -99,7 +99,7 @@ def test_dashboard_is_self_contained(dashboard):
 
 def test_dashboard_in_chromium(dashboard):
     _need_browser()
-    from dashboards.browser import FIGURE_STATS_JS, Page
+    from specbatch.dashboards.browser import FIGURE_STATS_JS, Page
 
     with Page.open(dashboard) as page:
         stats = {s["id"]: s for s in page.evaluate(FIGURE_STATS_JS)}
@@ -132,8 +132,8 @@ def test_dashboard_in_chromium(dashboard):
 def test_static_export(study, tmp_path):
     _need_browser()
     pytest.importorskip("kaleido") if os.environ.get("CI") != "true" else __import__("kaleido")
-    from dashboards.build import export_static
-    from dashboards.figures import summary_table
+    from specbatch.dashboards.build import export_static
+    from specbatch.dashboards.figures import summary_table
 
     df = collect([study / "mr"])
     paths = export_static({"table": summary_table(df, [])}, tmp_path, ("png", "svg"), width=800)

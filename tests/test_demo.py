@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dashboards import demo
+from specbatch.dashboards import demo
 
 REPO = Path(__file__).resolve().parents[1]
 

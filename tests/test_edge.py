@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from conftest import linear_step, write_formula_profile
-from sim.acceptance import AcceptanceModel
-from sim.cluster import ClusterConfig, simulate
-from sim.cost_model import CostModel
-from sim.metrics import summarize
-from sim.policies import make_policy
-from sim.profile import load_profile
-from sim.workload import Workload, load_trace
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.cluster import ClusterConfig, simulate
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.metrics import summarize
+from specbatch.sim.policies import make_policy
+from specbatch.sim.profile import load_profile
+from specbatch.sim.workload import Workload, load_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from large_trace import write_trace  # noqa: E402

@@ -10,16 +10,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from profiler import engine as E  # noqa: E402
-from profiler import models as M  # noqa: E402
-from sim.acceptance import AcceptanceModel  # noqa: E402
-from sim.cluster import ClusterConfig, simulate  # noqa: E402
-from sim.cost_model import CostModel  # noqa: E402
-from sim.metrics import summarize  # noqa: E402
-from sim.policies import make_policy  # noqa: E402
-from sim.profile import load_profile  # noqa: E402
-from sim.iterations import ITERATION_COLUMNS  # noqa: E402
-from sim.workload import Workload  # noqa: E402
+from specbatch.fidelity import engine as E  # noqa: E402
+from specbatch.profiler import models as M  # noqa: E402
+from specbatch.sim.acceptance import AcceptanceModel  # noqa: E402
+from specbatch.sim.cluster import ClusterConfig, simulate  # noqa: E402
+from specbatch.sim.cost_model import CostModel  # noqa: E402
+from specbatch.sim.metrics import summarize  # noqa: E402
+from specbatch.sim.policies import make_policy  # noqa: E402
+from specbatch.sim.profile import load_profile  # noqa: E402
+from specbatch.sim.iterations import ITERATION_COLUMNS  # noqa: E402
+from specbatch.sim.workload import Workload  # noqa: E402
 
 from conftest import linear_step, write_formula_profile  # noqa: E402
 

@@ -15,11 +15,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import linear_step, write_formula_profile
-from sim import workload as wl
-from sim.cost_model import CostModel
-from sim.profile import ProfileError, ProfileWarning, load_profile
-from sim.run import ConfigError, run
-from sim.workload import SkippedRowsWarning, WorkloadError
+from specbatch.sim import workload as wl
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.profile import ProfileError, ProfileWarning, load_profile
+from specbatch.sim.run import ConfigError, run
+from specbatch.sim.workload import SkippedRowsWarning, WorkloadError
 from specbatch import conf_dir
 
 HEADER = "arrival,prompt,output\n"

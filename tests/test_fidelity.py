@@ -29,8 +29,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from profiler import agreement as A, calibrate as C, validate as V  # noqa: E402
-from sim.policies import PolicyWarning  # noqa: E402
+from specbatch.fidelity import agreement as A, calibrate as C, validate as V  # noqa: E402
+from specbatch.sim.policies import PolicyWarning  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,8 @@ def test_cli_rejects_bad_input(capsys):
 def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_profile):
     import pandas as pd
 
-    from sim.cost_model import CostModel
-    from sim.profile import load_profile
+    from specbatch.sim.cost_model import CostModel
+    from specbatch.sim.profile import load_profile
 
     cost = CostModel(load_profile(formula_profile), max_batch=8, max_gamma=4)
     it = pd.DataFrame({"batch": [0, 1, 4, 4], "gamma": [0, 0, 2, 4], "context": [0.0, 200.0, 300.0, 900.0],
@@ -148,8 +148,8 @@ def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_
 def test_prefill_agreement_compares_fresh_admissions_only(formula_profile):
     import pandas as pd
 
-    from sim.cost_model import CostModel
-    from sim.profile import load_profile
+    from specbatch.sim.cost_model import CostModel
+    from specbatch.sim.profile import load_profile
 
     cost = CostModel(load_profile(formula_profile), max_batch=8, max_gamma=4)
     # iteration 0 admits requests 0 and 1; iteration 1 admits nothing; iteration 2 re-admits a preempted
@@ -171,7 +171,7 @@ def test_prefill_agreement_compares_fresh_admissions_only(formula_profile):
 
 def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
     """The engine-side terms reach the simulator's plans (list and array forms) exactly as `iteration` adds them."""
-    from sim.profile import load_profile
+    from specbatch.sim.profile import load_profile
 
     o = C.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, sched_spec_s=0.0002, sched_per_gamma_s=0.00001,
                     prefill_s=0.002, prefill_draft_s=0.0015, decode_s=0.0005, verify_s=0.001, draft_s=0.0007,
@@ -200,11 +200,11 @@ def test_model_over_engine_is_one_for_the_simulator_against_its_own_cost_model(t
     """A simulated run compared with the cost model that timed it: every step and prefill agrees (ratio 1);
     against the same model at half the speed, the model is twice as slow (ratio 2)."""
     from conftest import linear_step, write_formula_profile
-    from sim.acceptance import AcceptanceModel
-    from sim.cluster import ClusterConfig, simulate
-    from sim.policies import make_policy
-    from sim.profile import load_profile
-    from sim.workload import synthetic
+    from specbatch.sim.acceptance import AcceptanceModel
+    from specbatch.sim.cluster import ClusterConfig, simulate
+    from specbatch.sim.policies import make_policy
+    from specbatch.sim.profile import load_profile
+    from specbatch.sim.workload import synthetic
 
     prof = load_profile(write_formula_profile(tmp_path / "ctx", verify=linear_step(0.010, 0.0005, 2e-6, knee=64),
                                               draft=linear_step(0.001, 0.00002, 2e-7)))
@@ -295,7 +295,7 @@ def test_fit_overheads_prices_the_engines_steps_at_its_longest_sequence(tmp_path
     context, the terms come back exactly when its steps are priced at ``context_max`` (as the simulator
     charges them under padded attention), and off when priced at the mean context."""
     from conftest import linear_step, write_formula_profile
-    from sim.profile import load_profile
+    from specbatch.sim.profile import load_profile
 
     prof = load_profile(write_formula_profile(tmp_path / "ctx", verify=linear_step(0.010, 0.0005, 2e-6, knee=64),
                                               draft=linear_step(0.001, 0.00002, 2e-7)))
@@ -314,7 +314,7 @@ def test_fit_overheads_separates_per_forward_and_per_prompt_prefill_terms_when_b
     made up from them (the prompts priced as the simulator charges a batched prefill: at the longest), also
     when a few phases ran slow (the line goes through each group's median)."""
     from conftest import linear_step, write_formula_profile
-    from sim.profile import load_profile
+    from specbatch.sim.profile import load_profile
 
     prof = load_profile(write_formula_profile(tmp_path / "pb", verify=linear_step(0.010, 0.0005, knee=64),
                                               draft=linear_step(0.001, 0.00002), prefill_batches=(1, 2, 4, 8),
@@ -340,7 +340,7 @@ def test_fit_overheads_separates_per_forward_and_per_prompt_prefill_terms_when_b
 def test_fit_overheads_recovers_known_terms(formula_profile):
     """Calibration measurements made up from known terms (a machine 25 % slower than the profile; step,
     scheduler and prefill overheads) give those terms back."""
-    from sim.profile import load_profile
+    from specbatch.sim.profile import load_profile
 
     cost = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
     truth = TRUTH
@@ -372,7 +372,7 @@ def test_fit_overheads_compares_draft_sync_steps_with_their_draft_decode(formula
     them with the profile's decode plus that draft decode (as the simulator charges them), its extra in
     ``sync_s``, so the terms come back; compared with the decode alone, the draft's time would leak into
     the terms."""
-    from sim.profile import load_profile
+    from specbatch.sim.profile import load_profile
 
     cost = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
     truth = dataclasses.replace(TRUTH, sync_s=2e-5)
@@ -390,7 +390,7 @@ def test_fit_overheads_compares_draft_sync_steps_with_their_draft_decode(formula
 def test_fit_overheads_gives_a_term_the_data_cannot_separate_zero(formula_profile):
     """Every calibration iteration at the full batch: the per-sequence term cannot be told apart from the
     constant, so it is 0 and the constant carries both (the fitted times stay right)."""
-    from sim.profile import load_profile
+    from specbatch.sim.profile import load_profile
 
     cost = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
     truth = TRUTH
@@ -406,7 +406,7 @@ def test_fit_overheads_fits_the_rounds_together(formula_profile):
     """Rounds that each ran too few values of γ to tell the verify term from the per-draft term (one ran
     γ ∈ {0, 1}, one γ ∈ {0, 4}, one γ ∈ {0, 2}) are fitted together, which separates them; a median
     taken term by term over the rounds' own fits would not."""
-    from sim.profile import load_profile
+    from specbatch.sim.profile import load_profile
 
     cost = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
     truth = TRUTH

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from profiler.host_memory import MMAP_THRESHOLD_BYTES, keep_freed_memory
+from specbatch.profiler.host_memory import MMAP_THRESHOLD_BYTES, keep_freed_memory
 
 # In a fresh interpreter: malloc + write 20 MiB, free, then malloc + write 20 MiB again; report the minor
 # page faults of the second round. Raw libc calls, so no library's own caching or huge-page advice interferes.
@@ -18,7 +18,7 @@ libc.free.argtypes = [ctypes.c_void_p]
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 settings = None
 if sys.argv[1] == "keep":
-    from profiler.host_memory import keep_freed_memory
+    from specbatch.profiler.host_memory import keep_freed_memory
     settings = keep_freed_memory()
 size = 20 << 20
 def touch():

@@ -26,7 +26,7 @@ def test_ray_local_sweep(tmp_path):
     d = tmp_path / "mr"
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp}
-    cmd = [sys.executable, "-m", "sim.cli", "-m", "hydra/launcher=ray_local", "hydra.launcher.ray.init.num_cpus=2",
+    cmd = [sys.executable, "-m", "specbatch.sim.cli", "-m", "hydra/launcher=ray_local", "hydra.launcher.ray.init.num_cpus=2",
            f"hydra.sweep.dir={d}", f"profile={profile}", "workload.first_n=30", "policy=none,adaptive",
            "print_summary=false"]
     try:

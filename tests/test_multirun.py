@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import linear_step, write_formula_profile
-from sim.cli import completed_summary
+from specbatch.sim.cli import completed_summary
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def profile(tmp_path_factory):
 
 
 def sweep(sweep_dir: Path, *overrides: str, launcher: str = "basic", env: dict | None = None) -> str:
-    cmd = [sys.executable, "-m", "sim.cli", "-m", f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}",
+    cmd = [sys.executable, "-m", "specbatch.sim.cli", "-m", f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}",
            "print_summary=true", "workload.first_n=40", *overrides]
     if launcher == "local":
         cmd.append("hydra.launcher.n_jobs=2")

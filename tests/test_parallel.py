@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 
 from conftest import linear_step, write_formula_profile
-from sim.acceptance import AcceptanceModel
-from sim.cluster import ClusterConfig, _group_worker, request_table, simulate, static_routes
-from sim.cost_model import CostModel, ExtrapolationWarning
-from sim.policies import make_policy
-from sim.profile import load_profile
-from sim.iterations import ITERATION_COLUMNS, iterations_frame, join_rows, merge_sorted_rows, sort_rows
-from sim.requests import RequestTable
-from sim.workload import synthetic
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.cluster import ClusterConfig, _group_worker, request_table, simulate, static_routes
+from specbatch.sim.cost_model import CostModel, ExtrapolationWarning
+from specbatch.sim.policies import make_policy
+from specbatch.sim.profile import load_profile
+from specbatch.sim.iterations import ITERATION_COLUMNS, iterations_frame, join_rows, merge_sorted_rows, sort_rows
+from specbatch.sim.requests import RequestTable
+from specbatch.sim.workload import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import linear_step, write_formula_profile
-from sim.acceptance import AcceptanceModel
-from sim.cluster import ClusterConfig, charged_context, mean_context, simulate
-from sim.cost_model import CostModel
-from sim.policies import (AdaptiveContext, BatchView, EmaTiers, Goodput, PolicyWarning, Threshold, make_policy,
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.cluster import ClusterConfig, charged_context, mean_context, simulate
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.policies import (AdaptiveContext, BatchView, EmaTiers, Goodput, PolicyWarning, Threshold, make_policy,
                           optimal_gamma_table, policy_names, table_to_ranges)
-from sim.profile import load_profile
-from sim.workload import Workload
+from specbatch.sim.profile import load_profile
+from specbatch.sim.workload import Workload
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "policy"
 

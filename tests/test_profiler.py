@@ -16,9 +16,9 @@ pytest.importorskip("transformers")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from profiler import cli, models as M, sweep  # noqa: E402
-from profiler.roofline import GPU_SPECS, Shape, calibrate, step_time, write_analytical_profile  # noqa: E402
-from sim.profile import load_profile  # noqa: E402
+from specbatch.profiler import cli, models as M, sweep  # noqa: E402
+from specbatch.profiler.roofline import GPU_SPECS, Shape, calibrate, step_time, write_analytical_profile  # noqa: E402
+from specbatch.sim.profile import load_profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["threads=1", "progress=false", "timing.warmup=1", "timing.min_samples=3", "timing.max_samples=5",
@@ -41,7 +41,7 @@ def tiny_profile(tmp_path_factory):
 def test_cli_writes_valid_profile(tmp_path):
     """The hydra app, as a user runs it, writes a profile load_profile accepts."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "profiler.cli", "pair=tiny", "grid=tiny", f"out_dir={tmp_path}",
+    r = subprocess.run([sys.executable, "-m", "specbatch.profiler.cli", "pair=tiny", "grid=tiny", f"out_dir={tmp_path}",
                         "grid.batches=[1,2]", "grid.gammas=[0,2]", "grid.contexts=[16]", "grid.prefill_lengths=[8]",
                         *FAST], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -52,7 +52,7 @@ def test_cli_writes_valid_profile(tmp_path):
 
 def test_bad_input_is_a_clear_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "profiler.cli", "pair=tiny", "grid=tiny", "grid.batches=[0]",
+    r = subprocess.run([sys.executable, "-m", "specbatch.profiler.cli", "pair=tiny", "grid=tiny", "grid.batches=[0]",
                         f"out_dir={tmp_path}", "progress=false"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "grid.batches" in r.stderr
@@ -163,7 +163,7 @@ def test_injected_oom_exception_skips_larger_batches(tmp_path, monkeypatch):
 
 
 def test_resume_after_interrupt(tmp_path, monkeypatch):
-    from profiler import timing
+    from specbatch.profiler import timing
 
     calls = {"n": 0}
 
@@ -211,7 +211,7 @@ def test_dynamic_cache_profile(tmp_path):
 def _save_tiny_checkpoint(path: Path, seed: int = 0, perturb: float = 0.0) -> Path:
     import transformers
 
-    from profiler.presets import make_config
+    from specbatch.profiler.presets import make_config
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(make_config("tiny-llama"))
@@ -235,7 +235,7 @@ def test_load_saved_checkpoint(tmp_path):
 
 
 def test_acceptance_identical_and_perturbed_draft(tmp_path):
-    from profiler.acceptance import encode, measure_acceptance
+    from specbatch.profiler.acceptance import encode, measure_acceptance
 
     target, _ = M.load_model(str(_save_tiny_checkpoint(tmp_path / "t")), torch.float32, "cpu")
     same, _ = M.load_model(str(tmp_path / "t"), torch.float32, "cpu")
@@ -263,7 +263,7 @@ def test_acceptance_from_jsonl_via_cli(tmp_path):
     assert (out / "acceptance" / "T1" / "acceptance.csv").is_file()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"x": 1}\n')
-    from profiler.acceptance import read_prompts
+    from specbatch.profiler.acceptance import read_prompts
 
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_prompts(None, bad)
@@ -273,7 +273,7 @@ def test_acceptance_from_jsonl_via_cli(tmp_path):
 
 
 def _shape(name):
-    from profiler.presets import make_config
+    from specbatch.profiler.presets import make_config
 
     return Shape.from_config(make_config(name))
 
@@ -297,7 +297,7 @@ def test_roofline_monotone_in_batch_and_tokens(name):
 
 
 def test_roofline_profile_and_calibration(tmp_path):
-    from profiler.presets import make_config
+    from specbatch.profiler.presets import make_config
 
     grid = sweep.Grid([1, 4, 16, 64, 256], [0, 1, 4, 8], [128, 2048], [128, 1024], [1])
     truth = write_analytical_profile(tmp_path / "truth", gpu="h100-sxm", target_cfg=make_config("llama-2-7b"),
@@ -377,7 +377,7 @@ def test_passes_from_the_cli_merge_and_share_the_deadline(tmp_path, monkeypatch)
         seen.append(cfg.timing.deadline_s)
         return real(cfg, **kw)
 
-    import sim.profile
+    import specbatch.sim.profile
     real_check, checks = sim.profile.monotone_violations, []
 
     def first_check_disputes_rows_0_and_1(profile):  # so that a repair round always runs
@@ -491,7 +491,7 @@ def test_disputed_points_are_remeasured_until_the_profile_is_monotone(tmp_path, 
     meta = json.loads((out / "meta.json").read_text())
     assert meta["timing"]["repairs"] == [{"points": sorted(list(p) for p in disputed), "violations": 2}]
     assert meta["timing"]["passes"] == 2 and meta["timing"]["complete"]
-    from sim.profile import check_monotone
+    from specbatch.sim.profile import check_monotone
 
     check_monotone(load_profile(out))
 
@@ -515,7 +515,7 @@ def test_after_pass_runs_between_the_passes_on_the_profile_merged_so_far(tmp_pat
 
 
 def test_a_violation_that_survives_every_repair_and_pass_is_an_error(tmp_path, tiny_profile, monkeypatch):
-    from sim.profile import ProfileError
+    from specbatch.sim.profile import ProfileError
 
     calls = []
     monkeypatch.setattr(sweep, "run_profile", _fake_sweeps(tiny_profile, True, True, calls))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.profile import load_profile
+from specbatch.sim.profile import load_profile
 
 NAME = "cpu-llama68m-tinyllama1.1b"
 

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import linear_step, write_formula_profile
-from sim.acceptance import AcceptanceModel
-from sim.cluster import ROUTERS, ClusterConfig, simulate
-from sim.cost_model import CostModel
-from sim.metrics import summarize
-from sim.policies import make_policy, policy_names
-from sim.profile import load_profile
-from sim.workload import Workload
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.cluster import ROUTERS, ClusterConfig, simulate
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.metrics import summarize
+from specbatch.sim.policies import make_policy, policy_names
+from specbatch.sim.profile import load_profile
+from specbatch.sim.workload import Workload
 
 MAX_BATCH, MAX_GAMMA = 8, 4
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, print_blob=True,
@@ -214,7 +214,7 @@ def test_fast_forward_is_exactly_one_event_per_iteration(sc):
 def test_shared_threshold_counts_equal_the_per_position_comparison(levels, seed, gamma):
     """With thresholds shared by every request, the stream's precomputed gain (1 + accepted) capped at γ + 1
     is 1 + #{j < γ : U < t_j} exactly — including draws equal to a threshold (negative levels pick a drawn U)."""
-    from sim.replica import UniformStream
+    from specbatch.sim.replica import UniformStream
     draws = np.random.default_rng(seed).random(300)
     thr = np.sort([draws[int(-v)] if v < 0 else v for v in levels])[::-1]  # non-increasing, some equal to a U
     stream = UniformStream(np.random.default_rng(seed), block=128, thresholds=thr)

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from conftest import linear_step, write_formula_profile
-from sim.acceptance import AcceptanceModel
-from sim.cluster import ClusterConfig, simulate
-from sim.cost_model import CostModel
-from sim.policies import Fixed, optimal_gamma_table
-from sim.profile import load_profile
-from sim.quant import (GRID_COLUMNS, MODEL_COLUMNS, expected_tokens, gamma_star_grid, iteration_time, model_table,
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.cluster import ClusterConfig, simulate
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.policies import Fixed, optimal_gamma_table
+from specbatch.sim.profile import load_profile
+from specbatch.sim.quant import (GRID_COLUMNS, MODEL_COLUMNS, expected_tokens, gamma_star_grid, iteration_time, model_table,
                        optimal_gamma, optimal_gamma_over_batches, report, verify_cost_ratio)
-from sim.workload import Workload
+from specbatch.sim.workload import Workload
 
 VERIFY = dict(base=0.010, per_token=0.0005, knee=64)
 DRAFT = dict(base=0.001, per_token=0.00002)

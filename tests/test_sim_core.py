@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 
 from conftest import linear_step, write_formula_profile
-from sim.acceptance import AcceptanceModel, expected_tokens
-from sim.cluster import ClusterConfig, charged_context, mean_context, simulate
-from sim.cost_model import CostModel
-from sim.metrics import summarize
-from sim.policies import Policy, make_policy
-from sim.profile import ProfileError, load_profile
-from sim.workload import Workload, synthetic
+from specbatch.sim.acceptance import AcceptanceModel, expected_tokens
+from specbatch.sim.cluster import ClusterConfig, charged_context, mean_context, simulate
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.metrics import summarize
+from specbatch.sim.policies import Policy, make_policy
+from specbatch.sim.profile import ProfileError, load_profile
+from specbatch.sim.workload import Workload, synthetic
 
 
 def workload(arrivals, prompts, outputs, classes=None):
@@ -336,7 +336,7 @@ def test_summary_metrics_are_consistent(formula_profile):
 def test_plans_flushed_in_small_groups_give_the_same_iteration_table(formula_profile, monkeypatch):
     """Fast-forward plans become rows a group at a time; group boundaries (here every 2 plans, with queue
     growth inside plans) change nothing against one row per iteration."""
-    from sim.iterations import IterationLog
+    from specbatch.sim.iterations import IterationLog
 
     cost = CostModel(load_profile(formula_profile), max_batch=4)
     w = synthetic(300, rate=40.0, prompt_lognormal=(200, 0.8), output_lognormal=(40, 0.8), seed=2)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import linear_step, write_formula_profile
-from sim.study import compare, compose_run, expand, oracle, run_study, study_names, sweep_params
+from specbatch.sim.study import compare, compose_run, expand, oracle, run_study, study_names, sweep_params
 
 
 @pytest.fixture(scope="module")

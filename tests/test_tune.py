@@ -6,9 +6,9 @@ import json
 import pytest
 
 from conftest import linear_step, write_formula_profile
-from sim.acceptance import AcceptanceModel
-from sim.policies import optimal_gamma_table
-from sim.tune import gamma_for_batch, main, tune
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.policies import optimal_gamma_table
+from specbatch.sim.tune import gamma_for_batch, main, tune
 
 
 @pytest.fixture(scope="module")

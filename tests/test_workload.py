@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim import workload as wl
-from sim.workload import WorkloadError
+from specbatch.sim import workload as wl
+from specbatch.sim.workload import WorkloadError
 from specbatch import traces_dir
 
 AZURE_COLUMNS = {"arrival": "TIMESTAMP", "prompt": "ContextTokens", "output": "GeneratedTokens"}

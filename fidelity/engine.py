@@ -1,7 +1,7 @@
 """A real serving engine: batched speculative decoding with the preset models, in real time.
 
-It replays a :class:`sim.workload.Workload` on the local device (CPU here, CUDA where present) with the
-*simulator's* scheduler: the engine drives a :class:`sim.replica.Replica` (its admission, preemption,
+It replays a :class:`specbatch.sim.workload.Workload` on the local device (CPU here, CUDA where present) with the
+*simulator's* scheduler: the engine drives a :class:`specbatch.sim.replica.Replica` (its admission, preemption,
 acceptance sampling and bookkeeping methods) without SimPy, and replaces each simulated duration by the
 real work on the models. The iteration semantics are therefore exactly those of ``sim/replica.py``:
 
@@ -16,12 +16,12 @@ real work on the models. The iteration semantics are therefore exactly those of 
    The KV caches are rolled back per sequence to the accepted prefix.
 
 Acceptance is ``synthetic`` (the simulator's seeded Bernoulli draws: same thresholds, same generator
-stream as :func:`sim.cluster.simulate` with the same seed, as vLLM's synthetic rejection sampler) or
+stream as :func:`specbatch.sim.cluster.simulate` with the same seed, as vLLM's synthetic rejection sampler) or
 ``real`` (the speculative-sampling test on the models' distributions at ``temperature``; greedy at 0).
 Both run the same model and sampling work, so a step costs the same in either mode.
 
 KV cache: one pre-allocated buffer per layer of ``max_batch`` slots × ``max_len`` positions (a subclass of
-the profiler's :class:`~profiler.models.PreallocLayer`). The running batch occupies slots ``0..b-1``; a
+the profiler's :class:`~specbatch.profiler.models.PreallocLayer`). The running batch occupies slots ``0..b-1``; a
 request leaving frees its slot by moving the last slot's sequence into it. Sequences have different
 lengths (mixed contexts): each step writes every sequence's new K/V at its own positions (one scatter per
 layer) and attends over ``max(length) + new`` positions with a per-sequence boolean mask, i.e. attention
@@ -37,15 +37,15 @@ Clock: ``wall`` is ``time.perf_counter`` with arrivals honoured by sleeping unti
 the real thing on a machine of one's own. ``cpu`` is this process's CPU time (``time.process_time``; run
 torch with one thread) with idle gaps jumped over instead of slept: arrivals are honoured in the engine's
 own CPU clock, so the replay is immune to other processes competing for the cores of a shared machine
-(profile with the same clock, see :mod:`profiler.validate`).
+(profile with the same clock, see :mod:`specbatch.fidelity.validate`).
 
-Memory: on the CPU the engine sets glibc's malloc as the profiler does (:mod:`profiler.host_memory`), and
+Memory: on the CPU the engine sets glibc's malloc as the profiler does (:mod:`specbatch.profiler.host_memory`), and
 before the clock starts it warms up at the largest shapes of the run (the longest prompt, the full batch at
 the largest γ over the longest span), so that steps reuse memory instead of page-faulting it back in.
 
-Outputs: the same per-request table (:meth:`sim.requests.RequestTable.frame`) and per-iteration table
-(:data:`sim.iterations.ITERATION_COLUMNS`) as the simulator, returned as a :class:`sim.cluster.SimResult`, so
-:func:`sim.metrics.summarize` applies to both.
+Outputs: the same per-request table (:meth:`specbatch.sim.requests.RequestTable.frame`) and per-iteration table
+(:data:`specbatch.sim.iterations.ITERATION_COLUMNS`) as the simulator, returned as a :class:`specbatch.sim.cluster.SimResult`, so
+:func:`specbatch.sim.metrics.summarize` applies to both.
 """
 from __future__ import annotations
 
@@ -60,15 +60,15 @@ import simpy
 import torch
 from transformers.cache_utils import Cache
 
-from profiler import models as M
-from profiler.host_memory import keep_freed_memory
-from sim.acceptance import AcceptanceModel
-from sim.cluster import SimResult, charged_context, request_table
-from sim.cost_model import CostModel
-from sim.policies import Policy
-from sim.iterations import IterationLog
-from sim.replica import PREFILL, Replica, _Running
-from sim.workload import Workload
+from specbatch.profiler import models as M
+from specbatch.profiler.host_memory import keep_freed_memory
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.cluster import SimResult, charged_context, request_table
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.policies import Policy
+from specbatch.sim.iterations import IterationLog
+from specbatch.sim.replica import PREFILL, Replica, _Running
+from specbatch.sim.workload import Workload
 
 ACCEPTANCE_MODES = ("synthetic", "real")
 CLOCKS = ("wall", "cpu")
@@ -108,7 +108,7 @@ class _StepState:
 
 
 class SlotLayer(M.PreallocLayer):
-    """A :class:`~profiler.models.PreallocLayer` whose batch rows are independent sequences (slots).
+    """A :class:`~specbatch.profiler.models.PreallocLayer` whose batch rows are independent sequences (slots).
 
     ``update`` scatters the new tokens of slot ``lo + i`` at that sequence's own positions and returns the
     K/V of slots ``lo..hi-1`` over the first ``span`` positions (the caller passes the matching mask)."""
@@ -191,7 +191,7 @@ def prefill_into_slot(model, slots: SlotCache, slot: int, ids: list[int], temper
     """Prefill one sequence (batch 1) into ``slot`` with the profiler's prefill step; return its next token
     and the seconds (on ``clock``) of the forward alone.
 
-    The forward is :func:`profiler.models.prefill` on a fresh pre-allocated cache (exactly the profiled
+    The forward is :func:`specbatch.profiler.models.prefill` on a fresh pre-allocated cache (exactly the profiled
     step); its K/V is then copied into the slot and the first token sampled."""
     n = len(ids)
     tmp = _fresh_cache(model, slots, 1, n, device)
@@ -368,7 +368,7 @@ class Engine:
 
     def warm_up(self, gamma: int = 2, prompt: int = 16) -> None:
         """Untimed work at the largest shapes a run will use (first-call allocations, lazy inits, and the
-        heap's high-water mark, see :mod:`profiler.host_memory`): a prefill of ``prompt`` tokens on each model,
+        heap's high-water mark, see :mod:`specbatch.profiler.host_memory`): a prefill of ``prompt`` tokens on each model,
         then steps of the full batch at γ = 0 and ``gamma`` over the longest span the slots hold."""
         b = self.cfg.max_batch
         for model, slots in ((self.target, self.tcache), (self.draft, self.dcache)):
@@ -385,7 +385,7 @@ class Engine:
             seed: int = 0, reference_context=None, time_limit_s: float | None = None,
             probe: Callable[[], float] | None = None, probe_every: int = 8) -> SimResult:
         """Replay ``workload`` (arrivals honoured in the engine's clock, see the module docstring) and return the same tables as
-        :func:`sim.cluster.simulate` with one replica. ``cost`` only sets up the policy (and ``max_gamma``).
+        :func:`specbatch.sim.cluster.simulate` with one replica. ``cost`` only sets up the policy (and ``max_gamma``).
 
         ``probe``: a reference measurement run before every ``probe_every``-th iteration, its time taken out of
         the engine's clock (the replay does not see it); what it returns is kept in :attr:`probes` — e.g. the

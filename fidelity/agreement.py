@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from profiler.calibrate import admitted_prompts, model_prefill_time, model_step_times
+from specbatch.fidelity.calibrate import admitted_prompts, model_prefill_time, model_step_times
 
 METRICS = ("latency_mean", "latency_p50", "latency_p99", "ttft_mean", "ttft_p50", "ttft_p99",
            "tpot_mean", "tpot_p50", "tpot_p99", "throughput_tok_s")

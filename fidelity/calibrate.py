@@ -29,7 +29,7 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
   the caches the step runs from). The simulator charges those two per admission with the prefill (it
   has no per-iteration admission cost), so its first token comes that much later than the engine's.
 
-:mod:`profiler.validate` runs the calibrations between its engine runs and compares the simulator with
+:mod:`specbatch.fidelity.validate` runs the calibrations between its engine runs and compares the simulator with
 and without each term (its ``variants``).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.policies import Policy
+from specbatch.sim.policies import Policy
 
 # the engine-side terms, in the order the report's variants add them (:class:`EngineCostModel`'s ``fixes``)
 FIXES = ("speed", "sched", "prefill", "step")
@@ -71,7 +71,7 @@ class Overheads:
 
 
 def _cost_class():
-    from sim.cost_model import CostModel
+    from specbatch.sim.cost_model import CostModel
 
     class EngineCostModel(CostModel):
         """The profile's cost model plus the engine-side terms of :class:`Overheads` (see module docstring)."""
@@ -152,7 +152,7 @@ class ConstantGamma(Policy):
 
 
 def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_gamma: int):
-    from sim.cost_model import CostModel
+    from specbatch.sim.cost_model import CostModel
 
     if overheads is None or not fixes:
         return CostModel(profile, max_batch=max_batch, max_gamma=max_gamma)
@@ -161,12 +161,12 @@ def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_g
 
 def profiler_steps(engine, batch: int, gamma: int, context: int, caches: dict | None = None) -> list:
     """``(step, reset)`` pairs of the profiler's own steps for one iteration at (batch, γ, context) on the
-    engine's models (:func:`profiler.sweep.make_step`, the work one ``steps.csv`` row times): the target's
+    engine's models (:func:`specbatch.profiler.sweep.make_step`, the work one ``steps.csv`` row times): the target's
     decode (γ = 0) or verify of γ + 1 tokens, then, when γ > 0, one draft decode. ``caches``:
     ``{"target": ..., "draft": ...}`` holding ``context`` positions with room for γ + 1 more (fresh ones
     when None)."""
-    from profiler import models as M
-    from profiler.sweep import make_step
+    from specbatch.profiler import models as M
+    from specbatch.profiler.sweep import make_step
 
     dev, temp, gen = engine.device, engine.cfg.temperature, engine.gen
     if caches is None:
@@ -201,7 +201,7 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     """One calibration measurement on the engine itself (never a validation run): short runs of its own
     workload at high load, one per γ over the policies' range, each at that constant γ
     (:class:`ConstantGamma`; γ = 0 twice: without the draft, as ``none`` runs, and with it), and the
-    profiler's own steps (:func:`profiler.sweep.make_step`: γ draft decodes + one verify, timed back to
+    profiler's own steps (:func:`specbatch.profiler.sweep.make_step`: γ draft decodes + one verify, timed back to
     back as the sweep times them) at a few (batch, γ, context) points — the machine's speed now.
 
     One run per γ, rather than one run whose γ changes every iteration: on the 2-core VM a γ = 0 step right
@@ -220,11 +220,11 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     ``cost`` sets the run's rate (1.5 × its estimated capacity), ``max_gamma`` and the contexts timed."""
     import pandas as pd
 
-    from profiler import models as M
-    from profiler.engine import make_clock
-    from sim import workload as wl
-    from sim.cluster import ClusterConfig
-    from sim.capacity import estimate_capacity
+    from specbatch.profiler import models as M
+    from specbatch.fidelity.engine import make_clock
+    from specbatch.sim import workload as wl
+    from specbatch.sim.cluster import ClusterConfig
+    from specbatch.sim.capacity import estimate_capacity
 
     clock = make_clock(engine.cfg.clock, engine.device)
     w = wl.synthetic(requests, 1.0, "poisson", 1.0, None, (max_prompt / 2, 0.5), (max_output / 2, 0.5), seed=seed)
@@ -273,7 +273,7 @@ PROBE_EVERY = 2
 
 
 def make_probe(engine, point: dict = PROBE_POINT):
-    """The machine's speed during an engine run, for :meth:`profiler.engine.Engine.run`'s ``probe``: the
+    """The machine's speed during an engine run, for :meth:`specbatch.fidelity.engine.Engine.run`'s ``probe``: the
     profiler's own steps at ``point`` (one verify of γ + 1 tokens and one draft decode, on caches of their
     own), run once to warm them and timed the second time, as the sweep times a point; the probe returns
     those seconds. The calibration runs carry the same probe, and :func:`fit_overheads` ties its time to
@@ -281,7 +281,7 @@ def make_probe(engine, point: dict = PROBE_POINT):
     of the profile's speed. (Timed cold, without the warming call, it read the machine slower than the
     profile's warm steps, the ``step`` terms fitted against it came out at 0, and the simulator was 7–30 %
     slow.) ``probe.point`` is the point."""
-    from profiler.engine import make_clock
+    from specbatch.fidelity.engine import make_clock
 
     b, g, c = min(point["batch"], engine.cfg.max_batch), point["gamma"], point["context"]
     clock, steps = make_clock(engine.cfg.clock, engine.device), profiler_steps(engine, b, g, c)
@@ -495,7 +495,7 @@ def model_step_times(cost, iterations, *, attention: str = "padded") -> np.ndarr
     """``cost.iteration(batch, γ, context)`` for every row of an iteration table whose rows all ran a step
     (seconds), at the context the simulator charges under ``attention`` (``cluster.attention``): the
     longest sequence's (``context_max``; the engine pads) or the mean (``context``)."""
-    from sim.replica import STEP_CONTEXT
+    from specbatch.sim.replica import STEP_CONTEXT
 
     column = STEP_CONTEXT[attention]
     return np.array([cost.iteration(int(b), int(g), float(c))

@@ -1,8 +1,8 @@
 """specbatch-validate: does the simulator agree with real execution on this machine?
 
 For a draft/target pair it (1) profiles the pair here (or reuses a fresh profile), (2) replays the same
-trace slice through the real engine (:mod:`profiler.engine`) and through the simulator
-(:func:`sim.cluster.simulate`) with the same policy, acceptance model, seed and cluster shape, and
+trace slice through the real engine (:mod:`specbatch.fidelity.engine`) and through the simulator
+(:func:`specbatch.sim.cluster.simulate`) with the same policy, acceptance model, seed and cluster shape, and
 (3) reports the relative error ``(sim − real) / real`` of mean, p50 and p99 end-to-end latency, TTFT, TPOT
 and throughput, plus a self-contained dashboard overlaying the two latency CDFs and iteration timelines.
 
@@ -11,7 +11,7 @@ and throughput, plus a self-contained dashboard overlaying the two latency CDFs 
     specbatch-validate --clock wall                   # wall clock (a quiet machine of your own)
 
 What the profile misses, measured on the engine and added to the simulator (the report's simulator
-variants), is :mod:`profiler.calibrate`; the errors, noise and agreement verdict are :mod:`profiler.agreement`.
+variants), is :mod:`specbatch.fidelity.calibrate`; the errors, noise and agreement verdict are :mod:`specbatch.fidelity.agreement`.
 
 **Rounds.** On a shared machine the speed drifts by several percent over tens of seconds (and a group of
 neighbouring profile points can land in a slow second), and queueing turns a step-time error into two to
@@ -47,12 +47,12 @@ from pathlib import Path
 
 import numpy as np
 
-from profiler.agreement import (HEADLINE, METRICS, agreement, model_over_engine, prefill_agreement, rel_errors,
+from specbatch.fidelity.agreement import (HEADLINE, METRICS, agreement, model_over_engine, prefill_agreement, rel_errors,
                                 spread, step_agreement)
-from profiler.calibrate import (FIXES, PROBE_EVERY, Overheads, at_speed, calibrate, fit_overheads, make_cost,
+from specbatch.fidelity.calibrate import (FIXES, PROBE_EVERY, Overheads, at_speed, calibrate, fit_overheads, make_cost,
                                 make_probe)
-from profiler.sweep import loadavg
-from sim.replica import ATTENTION, PREFILL
+from specbatch.profiler.sweep import loadavg
+from specbatch.sim.replica import ATTENTION, PREFILL
 
 PROFILE_PASSES = 3  # sweeps of the profile's grid in a validation (each merged at the machine's typical speed)
 # how the validation's sweep samples each point (profiler.timing.measure), beside point_budget_s
@@ -75,8 +75,8 @@ REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, repeats=5, loads
 
 @contextlib.contextmanager
 def profiler_clock(clock: str):
-    """Make :func:`profiler.sweep.run_profile` time CPU steps with ``clock`` (``cpu``: process CPU time)."""
-    from profiler import timing
+    """Make :func:`specbatch.profiler.sweep.run_profile` time CPU steps with ``clock`` (``cpu``: process CPU time)."""
+    from specbatch.profiler import timing
 
     if clock == "wall":
         yield
@@ -111,12 +111,12 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
     outvotes one slow pass) and each point keeps the median of its pass medians; while the result fails the
     profile's monotonicity check the disputed points are remeasured (up to ``repairs`` rounds), then whole
     passes are added (up to ``max_passes``); ``after_pass(k)`` runs after pass k; see
-    :func:`profiler.sweep.run_passes`. ``reference``: each point read against the sweep's speed reference
+    :func:`specbatch.profiler.sweep.run_passes`. ``reference``: each point read against the sweep's speed reference
     (``timing.reference``), so that the passes are merged at the machine's typical speed."""
     from omegaconf import OmegaConf
 
-    from profiler.sweep import Grid, run_passes
-    from sim.profile import write_profile_meta
+    from specbatch.profiler.sweep import Grid, run_passes
+    from specbatch.sim.profile import write_profile_meta
 
     cfg = OmegaConf.create(dict(
         pair=dict(target=target, draft=draft, name=f"{draft}__{target}"), device=device, dtype="auto",
@@ -155,7 +155,7 @@ def trace_slice(requests: int, *, start: int = 0, prompt_div: float = 16.0, outp
     lengths divided by ``prompt_div``/``output_div`` and capped so that small models can serve them."""
     from dataclasses import replace
 
-    from sim import workload as wl
+    from specbatch.sim import workload as wl
     from specbatch import traces_dir
 
     w = wl.load_trace(traces_dir() / "azure" / "AzureLLMInferenceTrace_conv.csv",
@@ -170,7 +170,7 @@ def trace_slice(requests: int, *, start: int = 0, prompt_div: float = 16.0, outp
 def frozen_policy(name: str, cost, acceptance, context):
     """A set-up policy whose ``setup`` is a no-op afterwards, so the engine and every simulator variant use
     the same γ table."""
-    from sim.policies import make_policy
+    from specbatch.sim.policies import make_policy
 
     p = make_policy(name, **{**POLICIES, **MORE_POLICIES}[name])
     p.setup(cost, acceptance, context)
@@ -192,13 +192,13 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     import pandas as pd
     import torch
 
-    from profiler.engine import Engine, EngineConfig
-    from sim.acceptance import AcceptanceModel
-    from sim.capacity import estimate_capacity
-    from sim.cluster import ClusterConfig, charged_context, charged_cost, simulate
-    from sim.metrics import summarize
-    from sim import workload as wl
-    from sim.profile import ProfileWarning, load_profile
+    from specbatch.fidelity.engine import Engine, EngineConfig
+    from specbatch.sim.acceptance import AcceptanceModel
+    from specbatch.sim.capacity import estimate_capacity
+    from specbatch.sim.cluster import ClusterConfig, charged_context, charged_cost, simulate
+    from specbatch.sim.metrics import summarize
+    from specbatch.sim import workload as wl
+    from specbatch.sim.profile import ProfileWarning, load_profile
 
     variants = variants or VARIANTS
     attention = attention or Engine.attention
