@@ -58,19 +58,25 @@ def attention_backends(device: str) -> dict:
             "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled()}
 
 
-def load_model(spec: str, dtype: torch.dtype, device: str, seed: int = 0):
+def load_model(spec: str, dtype: torch.dtype, device: str, seed: int = 0, attention: str | None = None):
     """Return ``(model, info)`` for a preset name (random weights) or a checkpoint folder / hub name.
 
+    ``attention``: the transformers attention implementation, default
+    :data:`specbatch.profiler.attention.DEFAULT` (SDPA with implicit causal masks over the cache, as serving
+    engines run it); ``sdpa`` or ``eager`` for transformers' own (masked) paths.
     ``info`` is the meta.json ``models.<role>`` record without ``kv_bytes_per_token``.
     """
     import transformers
 
+    from specbatch.profiler import attention as A
+
+    attn = A.check(attention or A.DEFAULT)
     attention_backends(device)
     torch.manual_seed(seed)
     if spec in PRESETS:
-        cfg = make_config(spec)
+        cfg = make_config(spec, attn)
         with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
         source, hf = "preset (random weights)", PRESETS[spec].hf_name
     else:
         path = Path(spec)
@@ -79,7 +85,7 @@ def load_model(spec: str, dtype: torch.dtype, device: str, seed: int = 0):
                                     f"(presets: {sorted(PRESETS)})")
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path.expanduser()) if path.is_dir() else spec, dtype=dtype, attn_implementation="sdpa")
+                str(path.expanduser()) if path.is_dir() else spec, dtype=dtype, attn_implementation=attn)
         except OSError as e:
             raise FileNotFoundError(f"model {spec!r} is neither a preset ({sorted(PRESETS)}), nor a checkpoint "
                                     f"folder, nor a reachable hub name: {e}") from None
@@ -89,7 +95,7 @@ def load_model(spec: str, dtype: torch.dtype, device: str, seed: int = 0):
     model.requires_grad_(False)
     cfg = model.config
     info = {"name": spec, "weights": source, "shape_of": hf, "architecture": type(model).__name__,
-            "config": _config_summary(cfg), "parameters": int(sum(p.numel() for p in model.parameters())),
+            "config": _config_summary(cfg), "attention": attn, "parameters": int(sum(p.numel() for p in model.parameters())),
             "weight_bytes": int(sum(p.numel() * p.element_size() for p in model.parameters()))}
     return model, info
 
@@ -152,6 +158,13 @@ class PreallocLayer(DynamicLayer):
         self.keys = self.kbuf[:, :, :n]
         self.values = self.vbuf[:, :, :n]
 
+    def set_length(self, n: int) -> None:
+        """Declare the first ``n`` positions cached (the buffers are not touched): what a replayed CUDA graph,
+        which runs no Python, needs to have the Python-side length follow the positions it wrote."""
+        if not 0 <= n <= self.max_len:
+            raise ValueError(f"length {n} outside the pre-allocated 0..{self.max_len} positions")
+        self._set_length(n)
+
     def lazy_initialization(self, key_states, value_states):  # never lazy: buffers exist before the first step
         raise RuntimeError("PreallocLayer must be allocated before use")
 
@@ -196,6 +209,14 @@ def make_cache(kind: str, cfg, batch: int, context: int, max_new: int, dtype, de
         cache = DynamicCache(ddp_cache_data=data, config=cfg) if context > 0 else DynamicCache(config=cfg)
         return cache
     raise ValueError(f"cache {kind!r}: expected 'prealloc' or 'dynamic'")
+
+
+def set_cache_length(cache, n: int) -> None:
+    """Set every :class:`PreallocLayer` of ``cache`` to ``n`` cached positions (O(1), no data moved)."""
+    for layer in cache.layers:
+        if not isinstance(layer, PreallocLayer):
+            raise TypeError(f"set_cache_length needs a pre-allocated cache, not {type(layer).__name__} layers")
+        layer.set_length(n)
 
 
 def cache_bytes(cfg, batch: int, positions: int, dtype) -> int:

@@ -60,8 +60,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 ]}
 
 
-def make_config(name: str):
-    """The transformers config of preset ``name`` (raises ``KeyError`` listing the presets)."""
+def make_config(name: str, attention: str | None = None):
+    """The transformers config of preset ``name`` (raises ``KeyError`` listing the presets).
+
+    ``attention``: the attention implementation the config asks for (transformers' public
+    ``attn_implementation`` config argument); default :data:`specbatch.profiler.attention.DEFAULT`, the
+    engine-style SDPA function (registered with transformers here)."""
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)} "
                        "or a local checkpoint folder / hub name")
@@ -69,6 +73,6 @@ def make_config(name: str):
     import transformers
 
     cls = {"opt": transformers.OPTConfig, "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[p.family]
-    cfg = cls(**p.kwargs)
-    cfg._attn_implementation = "sdpa"
-    return cfg
+    from specbatch.profiler import attention as A
+
+    return cls(**p.kwargs, attn_implementation=A.check(attention or A.DEFAULT))
