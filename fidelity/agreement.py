@@ -13,6 +13,11 @@ HEADLINE = ("latency_mean", "latency_p99", "throughput_tok_s")
 # the accuracy goals (|relative error|) and how many noise widths a measured error may exceed them by
 GOALS = {"latency_mean": 0.05, "latency_p99": 0.10, "throughput_tok_s": 0.05}
 NOISE_WIDTHS = 3.0
+# a tolerance wider than this many times the goal cannot tell agreement from disagreement: the verdict is
+# "inconclusive", not "agree" (goal + 3 x noise > 2 x goal, i.e. a combined noise above a third of the goal)
+CONCLUSIVE_OVER_GOAL = 2.0
+VERDICTS = ("agree", "disagree", "inconclusive")
+EXIT_CODES = {"agree": 0, "disagree": 1, "inconclusive": 3}  # specbatch-validate's exit status (2: bad input)
 
 
 def rel_errors(real: dict, sim: dict) -> dict:
@@ -26,6 +31,27 @@ def spread(values) -> float:
     return float((q75 - q25) / 2 / q50) if q50 else float("nan")
 
 
+def metric_verdict(error: float, goal: float, tolerance: float) -> str:
+    """One metric of one case: ``"disagree"`` when the error is outside the tolerance (even a wide one);
+    ``"inconclusive"`` when it is inside but the tolerance is wider than :data:`CONCLUSIVE_OVER_GOAL` × the
+    goal (the noise, not the simulator, decides), or when the error or the tolerance is not a number;
+    else ``"agree"``."""
+    if not (np.isfinite(error) and np.isfinite(tolerance)):
+        return "inconclusive"
+    if abs(error) > tolerance:
+        return "disagree"
+    return "inconclusive" if tolerance > CONCLUSIVE_OVER_GOAL * goal else "agree"
+
+
+def combine(verdicts) -> str:
+    """Several verdicts as one: ``"disagree"`` if any disagrees, ``"agree"`` if every one agrees (and there is
+    at least one), else ``"inconclusive"``."""
+    verdicts = list(verdicts)
+    if "disagree" in verdicts:
+        return "disagree"
+    return "agree" if verdicts and all(v == "agree" for v in verdicts) else "inconclusive"
+
+
 def agreement(cases: list[dict], variant: str, noises=("noise", "model_noise")) -> dict:
     """Does ``variant`` agree with the engine within what this machine can tell apart? Per case and metric
     of :data:`GOALS`: the tolerance is the goal plus :data:`NOISE_WIDTHS` × the combined noise, the root
@@ -35,7 +61,13 @@ def agreement(cases: list[dict], variant: str, noises=("noise", "model_noise")) 
     ``speed_noise``: how far the simulator moves when the machine's speed in each run is off by the spread
     of the probe's readings within that run — each being the case's own or, if larger, the median over
     the cases (a spread from a handful of runs is itself noisy); an absent entry counts 0. Needs two or
-    more rounds. Returns per-case tolerances and verdicts, and ``all`` (every case within its tolerance)."""
+    more rounds.
+
+    Each metric's verdict is :func:`metric_verdict` (an error within a tolerance wider than
+    :data:`CONCLUSIVE_OVER_GOAL` × the goal is "inconclusive", never "agree"); a case's and the overall
+    ``verdict`` are :func:`combine` of theirs. Returns per case the combined ``noise``, ``tolerance``,
+    ``within`` (|error| ≤ tolerance), ``verdicts`` and ``verdict``; overall ``verdict`` and ``all_within``
+    (every case's error within its tolerance, whether that agrees or is inconclusive)."""
     pooled = {kind: {m: float(np.median([(c.get(kind) or {}).get(m, 0.0) for c in cases])) for m in GOALS}
               for kind in noises}
     out = []
@@ -43,10 +75,40 @@ def agreement(cases: list[dict], variant: str, noises=("noise", "model_noise")) 
         width = {m: float(np.hypot.reduce([max((c.get(k) or {}).get(m, 0.0), pooled[k][m]) for k in noises]))
                  for m in GOALS}
         tol = {m: GOALS[m] + NOISE_WIDTHS * width[m] for m in GOALS}
-        ok = {m: bool(abs(c["errors"][variant][m]) <= tol[m]) for m in GOALS}
-        out.append({"load": c["load"], "policy": c["policy"], "tolerance": tol, "within": ok})
-    return {"variant": variant, "goals": GOALS, "noise_widths": NOISE_WIDTHS, "noises": list(noises),
-            "pooled_noise": pooled, "cases": out, "all": all(all(x["within"].values()) for x in out)}
+        err = {m: float(c["errors"][variant][m]) for m in GOALS}
+        ok = {m: bool(abs(err[m]) <= tol[m]) for m in GOALS}
+        verdicts = {m: metric_verdict(err[m], GOALS[m], tol[m]) for m in GOALS}
+        out.append({"load": c["load"], "policy": c["policy"], "noise": width, "tolerance": tol, "within": ok,
+                    "verdicts": verdicts, "verdict": combine(verdicts.values())})
+    return {"variant": variant, "goals": GOALS, "noise_widths": NOISE_WIDTHS,
+            "conclusive_over_goal": CONCLUSIVE_OVER_GOAL, "noises": list(noises), "pooled_noise": pooled,
+            "cases": out, "verdict": combine(x["verdict"] for x in out),
+            "all_within": all(all(x["within"].values()) for x in out)}
+
+
+def describe_verdict(case: dict, metric: str) -> str:
+    """A case's verdict on one metric in words: ``agree``, ``DISAGREE``, or ``inconclusive (noise X %)``
+    (the combined noise that made the tolerance too wide to tell)."""
+    v = case["verdicts"][metric]
+    if v == "inconclusive":
+        return f"inconclusive (noise {100 * case['noise'][metric]:.1f} %)"
+    return "DISAGREE" if v == "disagree" else v
+
+
+def summary(ag: dict | None) -> str:
+    """The overall verdict in one sentence (``ag``: :func:`agreement`'s result, None with one round)."""
+    if ag is None:
+        return ("inconclusive: one round gives no noise estimate, so no verdict (run with --repeats 2 or more); "
+                "exit status 3")
+    goals = ", ".join(f"{m} {100 * g:g} %" for m, g in ag["goals"].items())
+    n = {v: sum(x["verdict"] == v for x in ag["cases"]) for v in VERDICTS}
+    counts = f"{n['agree']} agree, {n['disagree']} disagree, {n['inconclusive']} inconclusive of {len(ag['cases'])}"
+    head = {"agree": "agree: every case agrees with the engine within its goal",
+            "disagree": "disagree: some case's error is outside its tolerance",
+            "inconclusive": (f"inconclusive: on some case the noise widened the tolerance beyond "
+                             f"{ag['conclusive_over_goal']:g} x the goal, so this machine cannot tell")}[ag["verdict"]]
+    return (f"{head} ({counts} cases; goals {goals}; tolerance goal + {ag['noise_widths']:g} x noise); "
+            f"exit status {EXIT_CODES[ag['verdict']]}")
 
 
 def step_agreement(iterations, diagnostics, cost, *, attention: str = "padded") -> dict:

@@ -31,6 +31,14 @@ machine whose speed moves by tens of percent within seconds, pairing each run wi
 most of the run-to-run noise that the medians leave. The policies' γ tables
 (``adaptive``) are built once, from the profile as it stands after the first pass, and shared by the
 engine and every variant, so all of them replay the same decisions.
+
+**Verdict.** Per case and goal metric the paired error is compared with its tolerance, the goal plus 3 × the
+measured noise (:func:`specbatch.fidelity.agreement.agreement`): outside it the case disagrees; inside it
+the case agrees only when the tolerance is at most twice the goal — a wider one means the machine was too
+noisy to tell, and the case is inconclusive. The validation agrees when every case agrees, disagrees when
+any case disagrees, and is inconclusive otherwise (or with one round, which gives no noise estimate). The
+report (``verdict``, ``verdict_summary``), the printed summary and the dashboard say which; the exit status
+is 0 (agree), 1 (disagree), 3 (inconclusive), 2 (bad input).
 """
 from __future__ import annotations
 
@@ -47,8 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
-from specbatch.fidelity.agreement import (HEADLINE, METRICS, agreement, model_over_engine, prefill_agreement, rel_errors,
-                                spread, step_agreement)
+from specbatch.fidelity.agreement import (EXIT_CODES, HEADLINE, METRICS, agreement, describe_verdict, model_over_engine,
+                                          prefill_agreement, rel_errors, spread, step_agreement, summary)
 from specbatch.fidelity.calibrate import (FIXES, PROBE_EVERY, Overheads, at_speed, calibrate, fit_overheads, make_cost,
                                 make_probe)
 from specbatch.profiler.sweep import loadavg
@@ -363,12 +371,22 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     }
     if repeats > 1:
         report["agreement"] = agreement(report["cases"], "paired", ("paired_noise", "model_noise", "speed_noise"))
+    add_verdict(report)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     write_dashboard(cases, report, out / "dashboard.html", variants[-1][0])
     return report
 
 
 # --- report --------------------------------------------------------------------------------------------------
+
+
+def add_verdict(report: dict) -> dict:
+    """``report["verdict"]``: the agreement's overall verdict (agree / disagree / inconclusive; inconclusive
+    without an agreement: one round gives no noise estimate), and ``verdict_summary``, the sentence saying
+    so and the exit status it gives (:data:`~specbatch.fidelity.agreement.EXIT_CODES`)."""
+    report["verdict"] = report["agreement"]["verdict"] if "agreement" in report else "inconclusive"
+    report["verdict_summary"] = summary(report.get("agreement"))
+    return report
 
 
 def _cdf(x: np.ndarray):
@@ -417,16 +435,19 @@ def write_dashboard(cases: list[dict], report: dict, path: Path, variant: str) -
         if ag:  # the paired comparison's tolerance and verdict, on the goal metrics
             x = ag["cases"][k]
             rows.append("<tr><td></td><td></td><td>tolerance</td>" + "".join(
-                f"<td>±{100 * x['tolerance'][m]:.1f}% {'ok' if x['within'][m] else 'OUT'}</td>" if m in x["tolerance"]
+                f"<td>±{100 * x['tolerance'][m]:.1f}% {describe_verdict(x, m)}</td>" if m in x["tolerance"]
                 else "<td></td>" for m in METRICS) + "</tr>")
     head = "".join(f"<th>{m}</th>" for m in METRICS)
     info = (f"pair {report['pair']['draft']} / {report['pair']['target']} on {report['device']}, clock={report['clock']}, "
             f"threads={report['threads']}, loadavg {report['loadavg_start']} → {report['loadavg_end']}; "
             f"'{variant}': the simulator against the median over the engine's runs (plots: the first run); "
             "'paired': each run against the simulator at the speed its probe read, median over runs")
-    verdict = "" if not ag else (
-        f"<p><b>{'All cases agree' if ag['all'] else 'Some cases disagree'}</b> with the engine within the goal + "
-        f"{ag['noise_widths']:g} × the measured noise (root sum of squares of {', '.join(ag['noises'])}).</p>")
+    verdict = (f"<p class='verdict' data-verdict='{report.get('verdict', 'inconclusive')}'><b>Verdict: "
+               f"{summary(ag)}</b></p>")
+    if ag:
+        verdict += (f"<p>A case agrees when its error is within the goal + {ag['noise_widths']:g} × the measured "
+                    f"noise (root sum of squares of {', '.join(ag['noises'])}) and that tolerance is at most "
+                    f"{ag['conclusive_over_goal']:g} × the goal; within a wider tolerance it is inconclusive.</p>")
     html = ("<html><head><meta charset='utf-8'><title>specbatch-validate</title></head><body>"
             f"<h2>Simulator error (sim − real) / real</h2><p>{info}</p>{verdict}"
             f"<table border='1' cellpadding='3'><tr><th>load</th><th>policy</th><th>variant</th>{head}</tr>"
@@ -488,19 +509,21 @@ def format_report(report: dict) -> str:
         ag = report["agreement"]
         lines.append(f"agreement ('{ag['variant']}'): |error| within goal + {ag['noise_widths']:g} x noise "
                      f"(root sum of squares of {', '.join(ag['noises'])}; each the case's own, or the median over "
-                     "cases if larger):")
+                     f"cases if larger); a tolerance over {ag['conclusive_over_goal']:g} x the goal is inconclusive:")
         for x, c in zip(ag["cases"], report["cases"]):
             lines.append(f"{x['load']:>5.2f} {x['policy']:9}" + "  ".join(
                 f"{m} {100 * c['errors'][ag['variant']][m]:+.1f}% vs ±{100 * x['tolerance'][m]:.1f}% "
-                f"{'ok' if x['within'][m] else 'OUT'}" for m in ag["goals"]))
-        lines.append("all cases agree within the measured noise" if ag["all"] else
-                     "some cases disagree by more than the measured noise")
+                f"{describe_verdict(x, m)}" for m in ag["goals"]))
+    lines.append("verdict: " + report.get("verdict_summary", summary(report.get("agreement"))))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="specbatch-validate", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="exit status: 0 every case agrees, 1 some case disagrees, 3 inconclusive "
+                                        "(the measured noise is too wide to tell, or one round gave no noise "
+                                        "estimate), 2 bad input")
     ap.add_argument("--pair", default=REDUCED["pair"], help="target:draft presets (default %(default)s)")
     ap.add_argument("--requests", type=int, default=REDUCED["requests"])
     ap.add_argument("--loads", type=float, nargs="+", default=list(REDUCED["loads"]),
@@ -530,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="fidelity-out")
     a = ap.parse_args(argv)
+    __import__("specbatch.profiler.cli").profiler.cli.require_profile_extra("specbatch-validate")  # core install: one line
     clock = a.clock or ("wall" if a.device.startswith("cuda") else "cpu")
     try:
         report = validate(pair=a.pair, requests=a.requests, loads=tuple(a.loads), policies=tuple(a.policies),
@@ -542,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_report(report))
     print(f"wrote {Path(a.out) / 'report.json'} and {Path(a.out) / 'dashboard.html'}")
-    return 0
+    return EXIT_CODES[report["verdict"]]
 
 
 if __name__ == "__main__":
