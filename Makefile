@@ -34,3 +34,8 @@ test: $(TEST_VENV)/.installed
 
 clean:
 	rm -rf $(DEMO_VENV) $(TEST_VENV) build *.egg-info outputs multirun
+
+# docs: rewrite the result tables in README.md and docs/*.md from docs/results/ (DOCS_ARGS=--results reruns the studies first)
+.PHONY: docs
+docs:
+	$(if $(wildcard $(TEST_VENV)/bin/python),$(TEST_VENV)/bin/python,$(PYTHON)) docs/generate.py $(DOCS_ARGS)
