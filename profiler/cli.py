@@ -13,6 +13,32 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 
+PROFILE_EXTRA = ("torch", "transformers")  # what `pip install 'specbatch[profile]'` adds to the core install
+
+
+def missing_extra(prog: str, e: BaseException) -> str | None:
+    """The one-line error for ``e`` when it is the core install lacking a ``profile`` extra module (torch,
+    transformers), else ``None`` (any other missing module is a defect, not the user's setup)."""
+    name = getattr(e, "name", None) or ""
+    if isinstance(e, ModuleNotFoundError) and name.split(".")[0] in PROFILE_EXTRA:
+        return (f"{prog}: error: this command needs {name.split('.')[0]}, which is not installed (the core install "
+                "only simulates); install the profiling extra: pip install 'specbatch[profile]'")
+    return None
+
+
+def require_profile_extra(prog: str) -> None:
+    """Exit with status 2 and :func:`missing_extra`'s line unless torch and transformers import."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ModuleNotFoundError as e:
+        msg = missing_extra(prog, e)
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
+        sys.exit(2)
+
+
 def _conf_dir() -> Path:
     """The shipped ``conf/``: package ``specbatch.conf`` when installed, else the checkout's folder."""
     try:
@@ -125,6 +151,18 @@ def run_roofline(cfg: DictConfig) -> Path:
                                     calibration=calibration)
 
 
+def print_sanity(out: Path) -> None:
+    """Print the profile's attention, graphs and roofline-ratio block (meta.json) after a sweep."""
+    from specbatch.profiler.roofline import format_ratios
+
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    t = meta.get("timing", {})
+    att = t.get("attention") or {}
+    print(f"attention {att.get('implementation')}, SDPA backends {json.dumps(att.get('backend'))}; "
+          f"CUDA graphs {t.get('graphs')}")
+    print(format_ratios(meta.get("roofline_ratio") or {}))
+
+
 def run(cfg: DictConfig) -> Path:
     """Run the mode ``cfg.mode``; return the profile folder written."""
     if cfg.mode == "roofline":
@@ -143,6 +181,7 @@ def run(cfg: DictConfig) -> Path:
                    max_passes=cfg.timing.get("max_passes"), repairs=int(cfg.timing.get("repairs", 3)),
                    progress=bool(cfg.progress))
         print(f"wrote profile {out}")
+        print_sanity(out)
     if cfg.mode == "acceptance" or cfg.acceptance.prompts or cfg.acceptance.prompts_file:
         out.mkdir(parents=True, exist_ok=True)
         info = run_acceptance(cfg, out, device, dtype)
@@ -156,6 +195,12 @@ def _main(cfg: DictConfig) -> None:
         run(cfg)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-profile: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as e:  # the core install (no torch) asked to measure
+        msg = missing_extra("specbatch-profile", e)
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
         sys.exit(2)
 
 

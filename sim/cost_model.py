@@ -13,9 +13,13 @@ grid times are interpolated linearly in each axis (trilinear). Outside it:
 
 Extrapolation issues a single :class:`ExtrapolationWarning` per cost model, naming the axis and range.
 
-A hole in the grid (a (tokens, batch, context) point missing while its neighbours exist) is filled from
-the same axis by interpolation; points recorded as ``oom`` bound the grid: they are not holes, they mark
-where the device ran out of memory, and the simulator's KV-cache limit keeps it from going there.
+A hole in the grid (a (tokens, batch, context) point with no ``ok`` row) is filled by linear interpolation
+along an axis on which measured points lie on both sides of it. A hole at the edge of every axis (e.g.
+target decode at the smallest batch and context) cannot be interpolated, and copying the nearest point
+would be a guess (a γ = 0 decode copied from the γ = 1 verify costs twice too much): loading such a profile
+is a :class:`ProfileError` naming the point. Points recorded as ``oom`` bound the grid: they are not
+holes, they mark where the device ran out of memory (filled from their neighbours, flat beyond the last
+measured point), and the simulator's KV-cache limit keeps it from going there.
 
 Target step rows: ``phase=decode, tokens=1`` (γ = 0) and ``phase=verify, tokens=γ+1`` are one surface
 (verify with γ+1 new tokens per sequence). Draft decode rows: ``phase=decode, tokens=1``.
@@ -40,16 +44,72 @@ class ExtrapolationWarning(UserWarning):
     """A step time was asked for outside the measured grid (emitted once per cost model)."""
 
 
-def _grid(df: pd.DataFrame, axes: list[str], what: str, path) -> tuple[list[np.ndarray], np.ndarray]:
-    """Arrange ``median_s`` over the given axes as a dense array; fill holes along the last axes."""
+def _describe_point(what: str, axes: list[str], vals: list[int]) -> str:
+    """A grid point as ``model=…, phase=…, batch=…, tokens=… (γ=…), context=…`` for an error message."""
+    model, kind = what.split(" ", 1)
+    d = dict(zip(axes, vals))
+    phase = kind if kind != "verify" else ("decode" if d.get("tokens") == 1 else "verify")
+    parts = [f"model={model}", f"phase={phase}"]
+    for a in ("batch", "tokens", "context"):
+        if a in d:
+            parts.append(f"{a}={d[a]}" + (f" (γ={d[a] - 1})" if a == "tokens" and kind == "verify" else ""))
+    return ", ".join(parts)
+
+
+def _grid(df: pd.DataFrame, axes: list[str], what: str, path,
+          others: pd.DataFrame | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Arrange ``median_s`` of the ``ok`` rows ``df`` over the given axes as a dense array and fill its holes.
+
+    A hole (a point of the grid with no ok row) must lie between measured points on at least one axis: it
+    is then interpolated linearly along such an axis. A hole at the edge of every axis would have to be
+    copied from one side (a guess that can be far off: a γ = 0 decode copied from the γ = 1 verify costs
+    twice too much), so it is a :class:`ProfileError` naming the point — unless ``others`` (the same
+    selection's non-ok rows) records it as ``oom``: such points bound the grid (the KV-cache limit keeps
+    the simulator away from them) and are filled from their neighbours as before."""
     values = [np.sort(df[a].unique()) for a in axes]
     table = df.pivot_table(index=axes[:-1], columns=axes[-1], values="median_s", aggfunc="median")
     full_index = pd.MultiIndex.from_product(values[:-1], names=axes[:-1]) if len(axes) > 2 else pd.Index(values[0], name=axes[0])
     table = table.reindex(index=full_index, columns=values[-1])
     # np.array copies: to_numpy() may hand back a read-only view (pandas copy-on-write), and holes are filled in place.
     arr = np.array(table.to_numpy(dtype=float), dtype=float).reshape([len(v) for v in values])
+    if not np.isnan(arr).any():
+        return [v.astype(float) for v in values], arr
+    status: dict[tuple, str] = {}
+    if others is not None:
+        for key, st in zip(others[axes].itertuples(index=False, name=None), others["status"]):
+            if st == "oom" or key not in status:
+                status[tuple(int(k) for k in key)] = st
+    measured = ~np.isnan(arr)
+    # A hole is bracketed along an axis when measured points lie on both sides of it on that axis.
+    bracketed = []
+    for ax in range(arr.ndim):
+        before = np.maximum.accumulate(measured, axis=ax)
+        after = np.flip(np.maximum.accumulate(np.flip(measured, ax), axis=ax), ax)
+        bracketed.append(before & after & ~measured)
+    inside = np.logical_or.reduce(bracketed)
+    for h in np.argwhere(~measured & ~inside):
+        point = [int(values[k][j]) for k, j in enumerate(h)]
+        st = status.get(tuple(point))
+        if st == "oom":
+            continue
+        recorded = f"recorded as status={st}" if st else "missing"
+        raise ProfileError(f"{path}/steps.csv: {what} grid point {_describe_point(what, axes, point)} is {recorded} "
+                           f"and has no measured neighbour on both sides of it along any axis ({', '.join(axes)}), so it "
+                           "cannot be interpolated (copying the nearest point would be a guess); measure it, or "
+                           "record it as status=oom if it ran out of memory")
+    # Interior holes first, each interpolated along an axis with measured points on both sides of it.
+    for ax in range(arr.ndim):
+        moved = np.moveaxis(arr, ax, -1)
+        todo = np.moveaxis(bracketed[ax] & np.isnan(arr), ax, -1)
+        src = np.moveaxis(measured, ax, -1)
+        x = values[ax].astype(float)
+        for idx in zip(*np.nonzero(todo.any(axis=-1))):
+            row, ok = moved[idx], src[idx]
+            fill = todo[idx]
+            row[fill] = np.interp(x[fill], x[ok], row[ok])
     if np.isnan(arr).any():
-        # Fill holes by linear interpolation along each axis in turn (a hole needs a measured neighbour).
+        # What is left are oom points at the grid's edge: filled from the same axis (flat beyond the last
+        # measured point), as they bound the grid and are never reached.
         for ax in range(arr.ndim):
             moved = np.moveaxis(arr, ax, -1)
             flat = moved.reshape(-1, moved.shape[-1])
@@ -96,8 +156,13 @@ class CostModel:
             raise ProfileError(f"{path}/steps.csv: no ok draft decode rows (model=draft, phase=decode, tokens=1)")
         self._check_oom_only(profile)
         check_monotone(profile)
-        self.verify_axes, self.verify_grid = _grid(tgt, ["tokens", "batch", "context"], "target verify", path)
-        self.draft_axes, draft_grid = _grid(drf, ["batch", "context"], "draft decode", path)
+        bad = profile.steps[profile.steps["status"] != "ok"]
+        self.verify_axes, self.verify_grid = _grid(
+            tgt, ["tokens", "batch", "context"], "target verify", path,
+            bad[(bad["model"] == "target") & bad["phase"].isin(["decode", "verify"])])
+        self.draft_axes, draft_grid = _grid(
+            drf, ["batch", "context"], "draft decode", path,
+            bad[(bad["model"] == "draft") & (bad["phase"] == "decode") & (bad["tokens"] == 1)])
         self.draft_grid = draft_grid
         self.contexts = self.verify_axes[2]
 
@@ -145,7 +210,9 @@ class CostModel:
         rows = steps[(steps["model"] == model) & (steps["phase"] == "prefill")]
         if rows["batch"].nunique() < 2 or rows["tokens"].nunique() < 2:
             return None
-        axes, grid = _grid(rows, ["batch", "tokens"], f"{model} prefill", self.profile.path)
+        bad = self.profile.steps[self.profile.steps["status"] != "ok"]
+        axes, grid = _grid(rows, ["batch", "tokens"], f"{model} prefill", self.profile.path,
+                           bad[(bad["model"] == model) & (bad["phase"] == "prefill")])
         return axes[0].tolist(), axes[1].tolist(), grid.tolist()
 
     def _check_ranges(self) -> None:

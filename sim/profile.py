@@ -119,6 +119,16 @@ def _not_utf8(path: Path) -> ProfileError:
     return _err(path, "not UTF-8 text; re-save the file as UTF-8")
 
 
+def _positive_finite(v) -> bool:
+    """A JSON number > 0 and finite (``NaN``/``Infinity``, which Python's json reads, and booleans are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _json_show(v) -> str:
+    """A meta.json value as the file spells it (``NaN``, ``Infinity``, ``true``, ``null``, ``"text"``)."""
+    return json.dumps(v) if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+
+
 def _check_meta(path: Path, meta: dict) -> None:
     missing = [k for k in META_REQUIRED if k not in meta]
     if missing:
@@ -133,14 +143,16 @@ def _check_meta(path: Path, meta: dict) -> None:
         if not isinstance(model, dict):
             raise _err(path, f"key 'models.{m}' is missing; expected a dict with 'kv_bytes_per_token'")
         kv = model.get("kv_bytes_per_token")
-        if not isinstance(kv, (int, float)) or kv <= 0:
-            raise _err(path, f"key 'models.{m}.kv_bytes_per_token' is {kv!r}; expected a positive number")
+        if not _positive_finite(kv):
+            raise _err(path, f"key 'models.{m}.kv_bytes_per_token' is {_json_show(kv)}; expected a positive, "
+                             "finite number")
     dev = meta["device"]
     if not isinstance(dev, dict):
         raise _err(path, f"key 'device' is {dev!r}; expected an object with 'kv_cache_bytes'")
     kvc = dev.get("kv_cache_bytes") if isinstance(dev, dict) else None
-    if not isinstance(kvc, (int, float)) or kvc <= 0:
-        raise _err(path, f"key 'device.kv_cache_bytes' is {kvc!r}; expected a positive number of bytes")
+    if not _positive_finite(kvc):
+        raise _err(path, f"key 'device.kv_cache_bytes' is {_json_show(kvc)}; expected a positive, finite number "
+                         "of bytes")
 
 
 def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:

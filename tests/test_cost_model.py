@@ -162,3 +162,60 @@ def test_iteration_list_and_many_equal_iteration_bit_for_bit(cost):
                 one = [cost.iteration(b, g, c) for c in ctxs]
                 assert cost.iteration_list(b, g, ctxs) == one
                 assert cost.iteration_many(b, g, np.array(ctxs)).tolist() == one
+
+
+# --- holes in the grid (issue #26, item 4) ------------------------------------------------------------------
+
+
+def _without(folder, **where):
+    import pandas as pd
+
+    df = pd.read_csv(folder / "steps.csv")
+    m = np.ones(len(df), bool)
+    for k, v in where.items():
+        m &= (df[k] == v).to_numpy()
+    assert m.sum() == 1, where
+    df[~m].to_csv(folder / "steps.csv", index=False)
+    return folder
+
+
+def test_a_hole_at_the_grid_edge_is_an_error_naming_the_point(formula_profile):
+    """Target decode at the smallest batch and context has measured points on one side only (γ = 1 verify,
+    batch 2, context 512): copying one of them would be a guess, so loading names the point."""
+    _without(formula_profile, model="target", phase="decode", batch=1, context=128)
+    with pytest.raises(ProfileError) as e:
+        CostModel(load_profile(formula_profile), max_batch=64, max_gamma=8)
+    msg = str(e.value)
+    assert msg.startswith(f"{formula_profile}/steps.csv: target verify grid point model=target, phase=decode, "
+                          "batch=1, tokens=1 (γ=0), context=128 is missing and has no measured neighbour on both "
+                          "sides"), msg
+    assert "\n" not in msg
+
+
+def test_a_draft_hole_at_the_edge_is_an_error_too(formula_profile):
+    _without(formula_profile, model="draft", phase="decode", batch=64, context=2048)
+    with pytest.raises(ProfileError, match=r"draft decode grid point model=draft, phase=decode, batch=64, "
+                                           r"context=2048 is missing"):
+        CostModel(load_profile(formula_profile), max_batch=64, max_gamma=8)
+
+
+def test_an_error_row_at_the_edge_is_named_as_such(formula_profile):
+    import pandas as pd
+
+    df = pd.read_csv(formula_profile / "steps.csv")
+    m = (df["model"] == "target") & (df["batch"] == 64) & (df["tokens"] == 9) & (df["context"] == 2048)
+    df.loc[m, "status"] = "error"
+    df.to_csv(formula_profile / "steps.csv", index=False)
+    with pytest.raises(ProfileError, match=r"batch=64, tokens=9 \(γ=8\), context=2048 is recorded as status=error"):
+        CostModel(load_profile(formula_profile), max_batch=64, max_gamma=8)
+
+
+def test_an_interior_hole_is_interpolated_along_the_axis_that_brackets_it(tmp_path):
+    """Target decode at batch 1, context 512 lies between contexts 128 and 2048 (but at the edge of batch and
+    tokens): it is interpolated in context, not copied from the γ = 1 verify or from batch 2."""
+    f = lambda b, t, c: 0.01 * b + 0.02 * (t - 1) + 1e-5 * c  # noqa: E731
+    p = write_formula_profile(tmp_path / "p", verify=f, draft=lambda b, t, c: 0.001 * b)
+    _without(p, model="target", phase="decode", batch=1, context=512)
+    cm = CostModel(load_profile(p), max_batch=64, max_gamma=8)
+    want = f(1, 1, 128) + (f(1, 1, 2048) - f(1, 1, 128)) * (512 - 128) / (2048 - 128)
+    assert cm.target_verify(1, 0, 512) == pytest.approx(want, rel=1e-12)

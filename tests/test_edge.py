@@ -206,3 +206,31 @@ def test_acceptance_spread_with_extreme_alpha_does_not_crash(alpha):
     m = AcceptanceModel(alpha=alpha, concentration=0.5, max_gamma=4)
     q = m.request_scale(100, np.random.default_rng(0))
     assert np.isfinite(q).all() and (q >= 0).all()
+
+
+# --- meta.json numbers that json reads but are not numbers (issue #26, item 10) -----------------------------
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("kv_cache_bytes", "NaN", "NaN"), ("kv_cache_bytes", "Infinity", "Infinity"), ("kv_cache_bytes", "true", "true"),
+    ("kv_bytes_per_token", "NaN", "NaN"), ("kv_bytes_per_token", "-Infinity", "-Infinity")])
+def test_meta_nan_or_infinite_kv_numbers_are_one_line_errors(tmp_path, key, value, shown):
+    import json
+    import re
+
+    from specbatch.sim.profile import ProfileError
+
+    p = write_formula_profile(tmp_path / "p", verify=linear_step(0.1, 0.001), draft=linear_step(0.01, 0.0))
+    meta = json.loads((p / "meta.json").read_text())
+    if key == "kv_cache_bytes":
+        meta["device"][key] = "@@"
+        dotted = "device.kv_cache_bytes"
+    else:
+        meta["models"]["draft"][key] = "@@"
+        dotted = "models.draft.kv_bytes_per_token"
+    (p / "meta.json").write_text(json.dumps(meta).replace('"@@"', value))
+    with pytest.raises(ProfileError) as e:
+        load_profile(p)
+    msg = str(e.value)
+    assert re.fullmatch(re.escape(f"{p / 'meta.json'}: key '{dotted}' is {shown}; expected a positive, finite ")
+                        + r"number( of bytes)?", msg), msg
