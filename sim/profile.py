@@ -327,13 +327,37 @@ def _check_monotone(profile: Profile, tolerance: float) -> None:
 # --- writing (used by the profiler and by tests) -------------------------------------------------------------
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status, kernel ≥ 4.7);
+    else set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Create ``path`` so that a reader never sees a half-written file: ``write(tmp)`` fills a hidden
-    temporary file in the same folder, which is flushed to disk and then renamed over ``path``."""
+    temporary file in the same folder, which is flushed to disk and then renamed over ``path``. The file gets
+    the permissions ``open()`` would give it: an existing ``path``'s mode, else 0666 less the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        # mkstemp makes the file 0600; give it the mode open() would: an existing file's, else 0666 & ~umask.
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:

@@ -1,18 +1,26 @@
 """``specbatch-tune``: export the batch → γ table of a profile and acceptance model for a serving engine.
 
     specbatch-tune --profile <folder|name|default> [--alpha 0.7 | --acceptance profile] [--context 1024]
-                   [--max-batch 64] [--max-gamma 8] [--draft-sync] [--out tune/] [--print json|vllm|sglang|report]
+                   [--max-batch B] [--max-gamma G] [--draft-sync] [--out tune/] [--print json|vllm|sglang|report]
 
 It computes γ*(b) = argmax_γ b·E(α, γ) / T(b, γ, c) for b = 1..max_batch at the given context (tokens)
 with :mod:`specbatch.sim.quant`, compresses it into batch ranges with the predicted speedup (throughput at γ* over
-throughput without speculation, from the profile) and writes three files into ``--out``. With
+throughput without speculation, from the profile) and writes three files into ``--out``. ``--max-batch`` and
+``--max-gamma`` default to the profile's largest measured batch size and γ; beyond them (and beyond the
+measured contexts) step times are extrapolated (:mod:`specbatch.sim.cost_model`), and every axis that is
+gets one ``specbatch-tune: warning:`` line on stderr and an entry in ``tune.json``'s ``extrapolated``.
+
+Files are written with the default ``--print ranges`` (into ``tune/`` unless ``--out`` says otherwise) and
+with any ``--print`` when ``--out`` is given; ``--print json|vllm|sglang|report`` alone only prints. A line on
+stderr names the files written. With
 ``--draft-sync`` a γ = 0 iteration still costs one draft decode (vLLM runs its drafter at K = 0 to keep
 its KV cache in step), which makes γ = 0 dearer against γ ≥ 1:
 
 ``tune.json``
     ``{"profile", "device", "acceptance": {"source", "alpha_mean", "positions"}, "context_tokens",
-    "max_batch", "max_gamma", "draft_sync", "table": {"<b>": γ}, "ranges": [{"min_batch", "max_batch", "gamma",
-    "speedup_min", "speedup_max", "speedup_mean"}], "vllm": <vllm.json>, "sglang": <sglang.json>}``
+    "max_batch", "max_gamma", "draft_sync", "extrapolated": [<one sentence per extrapolated axis>],
+    "table": {"<b>": γ}, "ranges": [{"min_batch", "max_batch", "gamma", "speedup_min", "speedup_max",
+    "speedup_mean"}], "vllm": <vllm.json>, "sglang": <sglang.json>}``
 ``vllm.json``
     ``{"num_speculative_tokens_per_batch_size": [[min_batch, max_batch, γ], ...],
     "speculative_disable_by_batch_size": B | null}`` — the per-range γ (batch sizes inclusive), and the
@@ -37,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .acceptance import AcceptanceModel
-from .cost_model import CostModel
+from .cost_model import CostModel, ExtrapolationWarning
 from .policies import table_to_ranges
 from .profile import ProfileError, atomic_write_text, load_profile
 from .quant import optimal_gamma_over_batches, point_curve, report
@@ -89,16 +97,53 @@ def gamma_for_batch(vllm: dict, batch: int) -> int:
     raise ValueError(f"batch {batch} not covered by num_speculative_tokens_per_batch_size")
 
 
+def measured_range(profile) -> tuple[int, int]:
+    """(largest batch size, largest γ) the profile measures for both the target's steps and the draft's decode."""
+    s = profile.ok_steps
+    tgt = s[(s["model"] == "target") & s["phase"].isin(["decode", "verify"])]
+    drf = s[(s["model"] == "draft") & (s["phase"] == "decode")]
+    if tgt.empty or drf.empty:
+        raise ProfileError(f"{profile.path}/steps.csv: no ok target decode/verify or draft decode rows")
+    return int(min(tgt["batch"].max(), drf["batch"].max())), int(tgt["tokens"].max()) - 1
+
+
+def extrapolations(cost: CostModel, context: float) -> list[str]:
+    """One sentence per axis (batch, γ, context) on which the tuned range leaves the profile's measured grid."""
+    notes = []
+    bmax = int(min(cost.verify_axes[1][-1], cost.draft_axes[0][-1]))
+    gmax = int(cost.verify_axes[0][-1]) - 1
+    if cost.max_batch > bmax:
+        notes.append(f"batch {bmax + 1}–{cost.max_batch} is beyond the largest measured batch size {bmax}: step "
+                     "times there are extrapolated linearly from the last two measured batch sizes")
+    if cost.max_gamma > gmax:
+        notes.append(f"γ {gmax + 1}–{cost.max_gamma} is beyond the largest measured γ {gmax} (verify of {gmax + 1} "
+                     "tokens): verify times there are extrapolated linearly from the last two measured γ")
+    lo = float(min(cost.verify_axes[2][0], cost.draft_axes[1][0]))
+    hi = float(min(cost.verify_axes[2][-1], cost.draft_axes[1][-1]))
+    if context > hi:
+        notes.append(f"context {context:g} tokens is beyond the longest measured context {hi:g}: step times are "
+                     "extrapolated linearly from the last two measured contexts")
+    elif context < lo:
+        notes.append(f"context {context:g} tokens is below the shortest measured context {lo:g}: step times are "
+                     f"held at their values at {lo:g} tokens")
+    return notes
+
+
 def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "scalar", context: float = 1024.0,
-         max_batch: int = 64, max_gamma: int = 8, draft_sync: bool = False) -> tuple[dict, CostModel, AcceptanceModel]:
-    """Build the export (the ``tune.json`` dict) for a profile folder; see the module docstring."""
+         max_batch: int | None = None, max_gamma: int | None = None,
+         draft_sync: bool = False) -> tuple[dict, CostModel, AcceptanceModel]:
+    """Build the export (the ``tune.json`` dict) for a profile folder; see the module docstring.
+    ``max_batch``/``max_gamma`` ``None``: the profile's largest measured batch size / γ."""
     if not context > 0:
         raise ValueError(f"--context is {context}; expected a positive number of tokens")
-    if max_batch < 1:
+    if max_batch is not None and max_batch < 1:
         raise ValueError(f"--max-batch is {max_batch}; expected an integer ≥ 1")
-    if max_gamma < 0:
+    if max_gamma is not None and max_gamma < 0:
         raise ValueError(f"--max-gamma is {max_gamma}; expected an integer ≥ 0")
     profile = load_profile(profile_dir)
+    measured_batch, measured_gamma = measured_range(profile)
+    max_batch = measured_batch if max_batch is None else max_batch
+    max_gamma = measured_gamma if max_gamma is None else max_gamma
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cost = CostModel(profile, max_batch=max_batch, max_gamma=max_gamma)
@@ -115,13 +160,15 @@ def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "
         acc = AcceptanceModel(alpha=alpha, max_gamma=max_gamma)
     else:
         raise ValueError(f"--acceptance is {acceptance_source!r}; expected 'scalar' or 'profile'")
-    table, ranges = ranges_with_speedup(cost, acc, context)
+    with warnings.catch_warnings():  # said once per axis in "extrapolated", not once per cost model
+        warnings.simplefilter("ignore", ExtrapolationWarning)
+        table, ranges = ranges_with_speedup(cost, acc, context)
     out = {
         "profile": profile.name, "device": profile.meta.get("device", {}).get("name"),
         "acceptance": {"source": acceptance_source, "alpha_mean": acc.mean_alpha,
                        "positions": [float(x) for x in acc.rates(max(1, max_gamma))]},
         "context_tokens": float(context), "max_batch": max_batch, "max_gamma": max_gamma, "draft_sync": draft_sync,
-        "table": {str(b + 1): int(g) for b, g in enumerate(table)},
+        "extrapolated": extrapolations(cost, context), "table": {str(b + 1): int(g) for b, g in enumerate(table)},
         "ranges": ranges, "vllm": vllm_config(ranges), "sglang": sglang_config(ranges),
     }
     return out, cost, acc
@@ -145,11 +192,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--acceptance", choices=["scalar", "profile"], default="scalar",
                    help="scalar: --alpha; profile: per-position rates from the profile's acceptance.csv")
     p.add_argument("--context", type=float, default=1024.0, help="reference mean context in tokens (default 1024)")
-    p.add_argument("--max-batch", type=int, default=64, help="largest batch size to cover (sequences)")
-    p.add_argument("--max-gamma", type=int, default=8, help="largest speculation length considered")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="largest batch size to cover (sequences; default: the profile's largest measured one)")
+    p.add_argument("--max-gamma", type=int, default=None,
+                   help="largest speculation length considered (default: the profile's largest measured γ)")
     p.add_argument("--draft-sync", action="store_true",
                    help="γ = 0 still runs one draft step (vLLM keeps its drafter's KV cache in step so)")
-    p.add_argument("--out", default="tune", help="folder for tune.json, vllm.json, sglang.json ('-': write none)")
+    p.add_argument("--out", default=None,
+                   help="folder to write tune.json, vllm.json, sglang.json into ('-': none). Default: tune/ with "
+                        "--print ranges; with another --print, nothing is written unless --out is given. A line "
+                        "on stderr names the files written")
     p.add_argument("--print", dest="show", choices=["ranges", "report", "json", "vllm", "sglang"], default="ranges",
                    help="what to print on stdout (report: the full quantitative model explanation)")
     return p
@@ -165,17 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ProfileError, ValueError) as e:
         print(f"specbatch-tune: error: {e}", file=sys.stderr)
         return 2
-    if args.out != "-":
-        out = Path(args.out)
-        atomic_write_text(out / "tune.json", json.dumps(result, indent=2) + "\n")
-        atomic_write_text(out / "vllm.json", json.dumps(result["vllm"], indent=2) + "\n")
-        atomic_write_text(out / "sglang.json", json.dumps(result["sglang"], indent=2) + "\n")
+    for note in result["extrapolated"]:
+        print(f"specbatch-tune: warning: extrapolating beyond profile {result['profile']}'s measured grid: {note}",
+              file=sys.stderr)
+    out_dir = args.out if args.out is not None else ("tune" if args.show == "ranges" else "-")
+    if out_dir != "-":
+        out = Path(out_dir)
+        names = [out / n for n in ("tune.json", "vllm.json", "sglang.json")]
+        for path, obj in zip(names, (result, result["vllm"], result["sglang"])):
+            atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+        print(f"specbatch-tune: wrote {', '.join(str(n) for n in names)}", file=sys.stderr)
     if args.show == "ranges":
         print(format_ranges(result))
-        if args.out != "-":
-            print(f"wrote {Path(args.out) / 'tune.json'}, vllm.json, sglang.json")
     elif args.show == "report":
-        print(report(cost, acc, args.context))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExtrapolationWarning)
+            print(report(cost, acc, args.context))
     else:
         print(json.dumps(result if args.show == "json" else result[args.show], indent=2))
     return 0

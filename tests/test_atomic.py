@@ -143,3 +143,35 @@ def test_cli_skips_a_complete_run_and_redoes_an_incomplete_one(setup, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "skipped" not in p.stdout
     assert_complete(out, cfg)
+
+
+# --- permissions (issue #26, item 12) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_honour_the_umask(setup, tmp_path, umask, mode):
+    """Every output file gets 0666 & ~umask, as open() would give it (mkstemp alone makes 0600): a run's
+    outputs, a profile's files and specbatch-tune's exports."""
+    import os
+
+    from specbatch.sim import tune
+    from specbatch.sim.profile import atomic_write_text, write_steps
+
+    cfg, _, _ = setup
+    old = os.umask(umask)
+    try:
+        run(cfg, tmp_path / "run")
+        write_steps(tmp_path / "profile", [])
+        assert tune.main(["--profile", str(cfg.profile), "--max-batch", "8", "--max-gamma", "4",
+                          "--out", str(tmp_path / "tune")]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == len(OUTPUT_FILES) + 1 + 3
+    for p in files:
+        assert p.stat().st_mode & 0o7777 == mode, (p, oct(p.stat().st_mode))
+    # rewriting an existing file keeps its mode, as open() would
+    target = tmp_path / "run" / "summary.json"
+    target.chmod(0o640)
+    atomic_write_text(target, "{}\n")
+    assert target.stat().st_mode & 0o7777 == 0o640

@@ -80,3 +80,53 @@ def test_draft_sync_export_and_speedup_over_no_speculation(profile):
     for r in res["ranges"]:  # without draft_sync, γ = 0 is exactly no speculation
         if r["gamma"] == 0:
             assert r["speedup_min"] == r["speedup_max"] == 1.0
+
+
+# --- issue #26, items 5 and 17 -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_profile(tmp_path_factory):
+    """Measured up to batch 16, γ 4 (5 tokens), contexts 128..2048."""
+    return write_formula_profile(tmp_path_factory.mktemp("s") / "p", verify=linear_step(0.010, 0.0005, knee=64),
+                                 draft=linear_step(0.001, 0.00002), batches=(1, 2, 4, 8, 16), max_tokens=5)
+
+
+def test_defaults_stay_inside_the_profile_and_say_nothing(small_profile, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--profile", str(small_profile)]) == 0
+    result = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert result["max_batch"] == 16 and result["max_gamma"] == 4 and result["extrapolated"] == []
+    err = capsys.readouterr().err
+    assert "warning" not in err
+    assert err == f"specbatch-tune: wrote {'tune/tune.json'}, tune/vllm.json, tune/sglang.json\n"
+
+
+def test_every_extrapolated_axis_is_said(small_profile, capsys):
+    assert main(["--profile", str(small_profile), "--out", "-", "--max-batch", "64", "--max-gamma", "6",
+                 "--context", "4096", "--print", "json"]) == 0
+    cap = capsys.readouterr()
+    result = json.loads(cap.out)
+    lines = cap.err.splitlines()
+    head = "specbatch-tune: warning: extrapolating beyond profile p's measured grid: "
+    assert lines == [head + n for n in result["extrapolated"]]
+    assert lines[0] == head + ("batch 17–64 is beyond the largest measured batch size 16: step times there are "
+                               "extrapolated linearly from the last two measured batch sizes")
+    assert lines[1] == head + ("γ 5–6 is beyond the largest measured γ 4 (verify of 5 tokens): verify times there "
+                               "are extrapolated linearly from the last two measured γ")
+    assert lines[2] == head + ("context 4096 tokens is beyond the longest measured context 2048: step times are "
+                               "extrapolated linearly from the last two measured contexts")
+    assert main(["--profile", str(small_profile), "--out", "-", "--context", "64", "--print", "vllm"]) == 0
+    assert capsys.readouterr().err == head + ("context 64 tokens is below the shortest measured context 128: step "
+                                              "times are held at their values at 128 tokens\n")
+
+
+@pytest.mark.parametrize("what", ["report", "json", "vllm", "sglang"])
+def test_printing_alone_writes_nothing_and_out_writes_and_says_where(small_profile, tmp_path, capsys, monkeypatch,
+                                                                     what):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--profile", str(small_profile), "--print", what]) == 0
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().err == ""
+    assert main(["--profile", str(small_profile), "--print", what, "--out", "x"]) == 0
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["sglang.json", "tune.json", "vllm.json"]
+    assert capsys.readouterr().err == "specbatch-tune: wrote x/tune.json, x/vllm.json, x/sglang.json\n"
