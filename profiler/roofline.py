@@ -202,3 +202,140 @@ def write_analytical_profile(out: str | Path, *, gpu: str, target_cfg, draft_cfg
     })
     load_profile(out)
     return out
+
+
+# --- physical sanity of a measured profile: each phase against its device's roofline lower bound -------------
+
+#: the phases :func:`roofline_ratios` reports: (label, model, phase, γ) (verify: γ = 4, or the grid's largest γ
+#: when it has no 4; each entry records its tokens = γ + 1)
+SANITY_PHASES = (("draft decode", "draft", "decode", None), ("target decode", "target", "decode", None),
+                 ("verify", "target", "verify", 4), ("prefill", "target", "prefill", None))
+
+
+def gpu_spec_for(name: str) -> str | None:
+    """The :data:`GPU_SPECS` key whose name fragments occur in the device name ``name`` (e.g. ``"NVIDIA H100
+    80GB HBM3"`` -> ``h100-sxm``), or None. A PCIe H100 (2.0 TB/s, 756 TFLOP/s) is not an SXM one: refused."""
+    low = name.lower()
+    if "h100" in low and "pcie" in low:
+        return None
+    for key, (_, _, _, fragments) in GPU_SPECS.items():
+        if any(f.lower() in low for f in fragments):
+            return key
+    return None
+
+
+def measure_host(device: str, dtype, *, copy_bytes: int = 1 << 27, n: int = 1024, repeats: int = 5) -> dict:
+    """Bandwidth and compute peak of ``device`` measured on the spot (STREAM-like copy, matmul).
+
+    Bandwidth: the best of ``repeats`` copies of a ``copy_bytes`` tensor into another (read + write counted,
+    ``2 * copy_bytes`` bytes; the STREAM "copy" kernel). Peak: the best of ``repeats`` ``n x n`` matmuls in
+    ``dtype`` (``2 n^3`` FLOPs), with torch's threads. Best, not median: the bound is what the device can do."""
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    src = torch.ones(copy_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def best(fn) -> float:
+        fn()
+        sync()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    t_copy = best(lambda: dst.copy_(src))
+    t_mm = best(lambda: torch.mm(a, b))
+    return {"bandwidth_bytes_per_s": 2 * copy_bytes / t_copy, "peak_flops": 2 * n ** 3 / t_mm,
+            "source": f"measured on the spot: best of {repeats} copies of a {copy_bytes >> 20} MiB fp32 tensor "
+                      f"(read + write counted) and best of {repeats} {n}x{n} matmuls in "
+                      f"{str(dtype).replace('torch.', '')} ({torch.get_num_threads()} torch threads)"}
+
+
+def device_roofline(device: str, dtype) -> dict:
+    """The bandwidth and peak the roofline bound of a profile uses (meta.json ``device.roofline``).
+
+    CUDA: the public spec of a known GPU (:data:`GPU_SPECS`: dense bf16 tensor FLOP/s, HBM bandwidth; H100 SXM
+    3.35 TB/s, H200 4.8 TB/s, 989 TFLOP/s both), with the on-the-spot measurement recorded beside it; an unknown
+    GPU uses the measurement. CPU: the measurement (:func:`measure_host`)."""
+    import torch
+
+    measured = measure_host(device, dtype)
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        key = gpu_spec_for(name)
+        if key is not None:
+            peak, bw, _, _ = GPU_SPECS[key]
+            return {"peak_flops": peak, "bandwidth_bytes_per_s": bw,
+                    "source": f"public spec of {key} (roofline.GPU_SPECS) for {name!r}", "measured": measured}
+    return measured
+
+
+def bound_s(s: Shape, phase: str, batch: int, tokens: int, context: int, *, peak_flops: float, bandwidth: float,
+            dtype_bytes: int) -> float:
+    """The roofline lower bound (seconds) of one profiled step: ``max(FLOPs / peak, bytes / bandwidth)`` with
+    :func:`step_cost`'s counts (logits kept: 1 token at decode and prefill, all γ+1 at verify)."""
+    f, b = step_cost(s, batch, tokens, context, _logit_tokens(phase, tokens), dtype_bytes)
+    return max(f / peak_flops, b / bandwidth)
+
+
+def roofline_ratios(steps, meta: dict) -> dict:
+    """Measured time over roofline bound for :data:`SANITY_PHASES`, at batch 1 and at the largest batch measured
+    (decode and verify at the shortest context of the grid, prefill at its longest prompt): the
+    meta.json ``roofline_ratio`` block. A ratio is >= 1 when the bound holds (a ratio below 1 means a wrong
+    device figure or cost count); how far above 1 is the overhead a serving engine would not pay."""
+    dev = (meta.get("device") or {}).get("roofline")
+    if not dev:
+        return {"note": "no device roofline figures in meta.device.roofline"}
+    dbytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(meta.get("dtype")), 2)
+    ok = steps[steps["status"] == "ok"]
+    out = {"peak_flops": dev["peak_flops"], "bandwidth_bytes_per_s": dev["bandwidth_bytes_per_s"],
+           "source": dev.get("source"), "dtype_bytes": dbytes,
+           "what": "measured median / max(FLOPs/peak, bytes/bandwidth) (roofline.step_cost); decode and verify at "
+                   "the shortest context, prefill at the longest prompt", "phases": {}}
+    for label, role, phase, gamma in SANITY_PHASES:
+        shape = Shape.from_config(meta["models"][role]["config"])
+        rows = ok[(ok["model"] == role) & (ok["phase"] == phase)]
+        if gamma is not None:
+            tokens = gamma + 1 if (rows["tokens"] == gamma + 1).any() else \
+                (int(rows["tokens"].max()) if len(rows) else None)
+            rows = rows[rows["tokens"] == tokens]
+        if rows.empty:
+            continue
+        rows = rows[rows["tokens"] == rows["tokens"].max()] if phase == "prefill" else \
+            rows[rows["context"] == rows["context"].min()]
+        entry = {}
+        for b in sorted({1, int(rows["batch"].max())}):
+            r = rows[rows["batch"] == b]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            bound = bound_s(shape, phase, b, int(r["tokens"]), int(r["context"]), peak_flops=dev["peak_flops"],
+                            bandwidth=dev["bandwidth_bytes_per_s"], dtype_bytes=dbytes)
+            entry[f"batch{b}"] = {"batch": b, "tokens": int(r["tokens"]), "context": int(r["context"]),
+                                  "gamma": int(r["tokens"]) - 1 if phase == "verify" else None,
+                                  "measured_s": float(r["median_s"]), "bound_s": bound,
+                                  "ratio": float(r["median_s"]) / bound}
+        out["phases"][label] = entry
+    return out
+
+
+def format_ratios(block: dict) -> str:
+    """The ``roofline_ratio`` block as a few printable lines."""
+    if "phases" not in block:
+        return f"roofline: {block.get('note', 'no figures')}"
+    lines = [f"roofline bound: {block['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, {block['peak_flops'] / 1e12:.2f} "
+             f"TFLOP/s ({block['source']})"]
+    for label, entry in block["phases"].items():
+        for e in entry.values():
+            lines.append(f"  {label:14s} batch {e['batch']:4d} tokens {e['tokens']:5d} context {e['context']:5d}: "
+                         f"{e['measured_s'] * 1e3:9.3f} ms measured, {e['bound_s'] * 1e3:9.3f} ms bound, "
+                         f"ratio {e['ratio']:7.2f}")
+    return "\n".join(lines)

@@ -122,8 +122,11 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     import torch
     import transformers
 
+    from specbatch.profiler import attention as A
     from specbatch.profiler import models as M
+    from specbatch.profiler.graphs import capture_for
     from specbatch.profiler.host_memory import keep_freed_memory
+    from specbatch.profiler.roofline import device_roofline, roofline_ratios
     from specbatch.profiler.timing import make_timer, measure
 
     t_start = time.perf_counter()
@@ -138,11 +141,18 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     deadline = float(tm.deadline_s) if tm.get("deadline_s") else None
     temperature = float(tm.get("temperature", 1.0))
 
-    target, tinfo = M.load_model(str(cfg.pair.target), dtype, device, seed=int(cfg.seed))
-    draft, dinfo = M.load_model(str(cfg.pair.draft), dtype, device, seed=int(cfg.seed) + 1)
+    attention = A.check(str(cfg.get("attention") or A.DEFAULT))
+    graphs = graphs_enabled(cfg, device)
+    if graphs and str(cfg.cache) != "prealloc":
+        raise ValueError(f"timing.graphs=true needs cache=prealloc (cache={cfg.cache}: a growing cache changes "
+                         "addresses and shapes at every step); set timing.graphs=false")
+    capture = capture_for(device, graphs)
+    target, tinfo = M.load_model(str(cfg.pair.target), dtype, device, seed=int(cfg.seed), attention=attention)
+    draft, dinfo = M.load_model(str(cfg.pair.draft), dtype, device, seed=int(cfg.seed) + 1, attention=attention)
     for info, m in ((tinfo, target), (dinfo, draft)):
         info["kv_bytes_per_token"] = M.kv_bytes_per_token(m.config, dtype)
     models = {"target": target, "draft": draft}
+    roof_device = device_roofline(device, dtype)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
 
     if device.startswith("cuda"):
@@ -164,14 +174,17 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                    "kv_cache_bytes_note": "device memory free after loading both models' weights"
                    + (f", capped by memory_limit_bytes={limit}" if limit is not None else ""),
                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                   "loadavg_start": load_start, "note": cfg.get("note")},
+                   "loadavg_start": load_start, "note": cfg.get("note"), "roofline": roof_device},
         "dtype": str(dtype).replace("torch.", ""),
         "libraries": {"torch": torch.__version__, "transformers": transformers.__version__,
                       "python": sys.version.split()[0], "specbatch": _specbatch_version()},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "models": {"target": tinfo, "draft": dinfo},
         "timing": {
-            "method": "cuda_events+synchronize" if device.startswith("cuda") else "time.perf_counter",
+            "method": ("cuda_events+synchronize" if device.startswith("cuda") else "time.perf_counter")
+            + ("; decode and verify forwards replayed from CUDA graphs captured once per point" if graphs else ""),
+            "graphs": graphs,
+            "attention": describe_attention(attention, models, grid, dtype, device),
             "cache": _cache_description(str(cfg.cache)),
             "warmup": int(tm.warmup), "min_samples": int(tm.min_samples), "max_samples": int(tm.max_samples),
             "floor_samples": int(tm.floor_samples), "rel_precision": float(tm.rel_precision),
@@ -179,7 +192,10 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
             "sampling_temperature": temperature,
             "included": "draft decode: forward of 1 token + sampling; target decode/verify: forward of γ+1 tokens, "
                         "acceptance test, residual/bonus sampling and rollback of rejected positions; "
-                        "prefill: forward of the prompt into an empty cache, last-token logits only",
+                        "prefill: forward of the prompt into an empty cache, last-token logits only"
+                        + ("; with graphs, a decode/verify forward is the copy of the step's token ids and "
+                           "positions into the graph's static inputs and one replay (sampling, acceptance and "
+                           "rollback eager, as in serving engines); prefill is eager" if graphs else ""),
             "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"),
             "sdpa_backends": M.attention_backends(device) or None,
             "host_memory": host_memory,
@@ -221,7 +237,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                disable=not progress, dynamic_ncols=True)
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     skipped_oom, timed_out = 0, False
-    reference = _reference(models["target"], dtype, device, temperature, timer, int(cfg.seed)) \
+    reference = _reference(models["target"], dtype, device, temperature, timer, int(cfg.seed), capture) \
         if tm.get("reference") else None
     ref_rows = _resume_references(out) if reference is not None and rows else []
     last_ref = None  # the reference reading after the previous point: the next point's "before"
@@ -268,7 +284,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                 timed_out = True
                 break
             try:
-                step, reset = make_step(p, model, cache, vocab, temperature, gen, device)
+                step, reset = make_step(p, model, cache, vocab, temperature, gen, device, capture=capture)
                 budget = float(tm.point_budget_s)
                 if deadline is not None:
                     budget = max(0.0, min(budget, deadline - (time.perf_counter() - t_start)))
@@ -307,6 +323,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     meta["device"]["loadavg_end"] = loadavg()
     if not rows:
         raise RuntimeError(f"{out}: no point could be measured (deadline {deadline}s too short?)")
+    meta["roofline_ratio"] = roofline_ratios(pd.DataFrame(rows, columns=STEP_COLUMNS), meta)
     write_profile_meta(out, meta)
     load_profile(out)  # the folder we leave behind must be valid
     return out
@@ -316,7 +333,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
 REFERENCE_POINT = ("target", "verify", 4, 3, 32)
 
 
-def _reference(model, dtype, device: str, temperature: float, timer, seed: int):
+def _reference(model, dtype, device: str, temperature: float, timer, seed: int, capture=None):
     """A function returning the seconds of one :data:`REFERENCE_POINT` step, run once untimed right before
     (so that it is timed warm, as a point's samples are). Its own cache and random generator: the sweep's
     draws do not depend on whether the reference is on."""
@@ -327,7 +344,8 @@ def _reference(model, dtype, device: str, temperature: float, timer, seed: int):
     role, phase, batch, tokens, context = REFERENCE_POINT
     cache = M.make_cache("prealloc", model.config, batch, context, tokens, dtype, device)
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
-    step, reset = make_step(REFERENCE_POINT, model, cache, model.config.vocab_size, temperature, gen, device)
+    step, reset = make_step(REFERENCE_POINT, model, cache, model.config.vocab_size, temperature, gen, device,
+                            capture=capture)
 
     def read() -> float:
         step()
@@ -380,6 +398,7 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
     """
     from omegaconf import OmegaConf
 
+    from specbatch.profiler.roofline import roofline_ratios
     from specbatch.sim.profile import ProfileError, check_monotone, monotone_violations
 
     max_passes = max(int(passes), int(max_passes or passes))
@@ -412,6 +431,7 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
         meta = json.loads(json.dumps(metas[-1]))
         meta.pop("schema_version", None)
         meta["device"]["loadavg_start"] = metas[0]["device"].get("loadavg_start")
+        meta["roofline_ratio"] = roofline_ratios(merged, meta)
         if "reference" in meta["timing"]:
             meta["timing"]["reference"]["typical_s"] = typical
         meta["timing"].update(passes=len(metas), deadline_s=total, repairs=repaired,
@@ -506,6 +526,60 @@ def merge_passes(frames: list[pd.DataFrame], references: list | None = None) -> 
     return out
 
 
+def graphs_enabled(cfg, device: str) -> bool:
+    """``timing.graphs``: null/auto (default) = CUDA graphs on CUDA, eager on CPU; true / false to force."""
+    tm = cfg.get("timing") or {}
+    v = tm.get("graphs") if hasattr(tm, "get") else None
+    if v is None or str(v) == "auto":
+        return str(device).startswith("cuda")
+    return bool(v)
+
+
+def describe_attention(attention: str, models: dict, grid: Grid, dtype, device: str) -> dict:
+    """meta.json ``timing.attention``: the attention implementation, the mask each phase takes, and the SDPA
+    backend each phase of each model actually runs on, probed (:func:`specbatch.profiler.attention.probe_backend`)
+    with one eager forward at batch 1: decode and verify (γ = 4, or the largest γ) at the grid's shortest
+    context, prefill at its shortest prompt."""
+    import torch
+
+    from specbatch.profiler import attention as A
+    from specbatch.profiler import models as M
+
+    info = {"implementation": attention}
+    if attention == "eager":
+        return {**info, "backend": "eager: matmul + softmax with an explicit mask (no SDPA)"}
+    if attention == A.NAME:
+        info["paths"] = {"decode": A.PATHS["none"], "verify": A.PATHS["lower_right"], "prefill": A.PATHS["causal"]}
+        info["builds_4d_mask"] = not A.builds_no_mask(attention)
+    else:
+        info["paths"] = "transformers sdpa: a 4-D boolean mask for multi-token steps over a non-empty cache"
+    ctx, plen = min(grid.contexts), min(grid.prefill_lengths)
+    gamma = 4 if 4 in grid.gammas else max(1, max(grid.gammas))
+    backend = {}
+    for role, model in models.items():
+        per = {}
+        for phase, context, tokens in (("decode", ctx, 1), ("verify", ctx, gamma + 1), ("prefill", 0, plen)):
+            try:
+                cache = M.make_cache("prealloc", model.config, 1, context, tokens, dtype, device)
+                ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
+                pos = torch.arange(context, context + tokens, device=device)[None]
+
+                def run(cache=cache, ids=ids, pos=pos):
+                    with torch.inference_mode():
+                        M.forward(model, cache, input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1)
+
+                per[phase] = A.probe_backend(run, lambda cache=cache, context=context: M.set_cache_length(cache, context))
+            except Exception as e:  # noqa: BLE001 (an OOM or a context beyond the model: say so, do not fail)
+                per[phase] = f"probe failed: {type(e).__name__}: {str(e)[:120]}"
+        backend[role] = per
+    info["backend"] = backend
+    info["probe"] = (f"batch 1, context {ctx}, γ {gamma}, prompt {plen}: one eager forward per phase under "
+                     "torch.nn.attention.sdpa_kernel([b]) for each enabled backend b in the order flash, efficient, "
+                     "cudnn, math; the first that runs without error")
+    info["device"] = "cuda" if str(device).startswith("cuda") else "cpu"
+    return info
+
+
 def _specbatch_version() -> str:
     try:
         import specbatch
@@ -571,10 +645,14 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def make_step(p, model, cache, vocab, temperature, gen, device):
+def make_step(p, model, cache, vocab, temperature, gen, device, capture=None):
     """``(step, reset)`` closures for the profile point ``p`` = ``(model, phase, batch, tokens, context)`` on
     ``cache`` (holding ``context`` positions per sequence): ``step`` is exactly what the sweep times for that
-    row of ``steps.csv``; ``reset`` restores the cache length (untimed)."""
+    row of ``steps.csv``; ``reset`` restores the cache length (untimed).
+
+    ``capture`` (a :mod:`specbatch.profiler.graphs` capture policy, e.g. ``cuda_capture``): the decode / verify
+    forward is captured here, once, and every ``step`` replays it (:class:`~specbatch.profiler.graphs.GraphedModel`);
+    ``None``: eager forwards. Prefill is always eager."""
     import torch
 
     from specbatch.profiler import models as M
@@ -584,6 +662,10 @@ def make_step(p, model, cache, vocab, temperature, gen, device):
     if phase == "prefill":
         ids = torch.randint(0, vocab, (batch, tokens), device=device, generator=gen)
         return (lambda: M.prefill(model, cache, ids)), (lambda: M.rollback(cache, cache.get_seq_length() - base))
+    if capture is not None:
+        from specbatch.profiler.graphs import GraphedModel
+
+        model = GraphedModel(model, cache, batch, tokens, 1 if role == "draft" else 0, capture)
     if role == "draft":
         last = torch.randint(0, vocab, (batch,), device=device, generator=gen)
         return ((lambda: M.decode_one_token(model, cache, last, temperature)),
@@ -610,7 +692,9 @@ def _resume_rows(out: Path, meta: dict) -> list[dict]:
     for path, new in (("pair.target", meta["pair"]["target"]), ("pair.draft", meta["pair"]["draft"]),
                       ("dtype", meta["dtype"]), ("device.kind", meta["device"]["kind"]),
                       ("timing.cache", meta["timing"]["cache"]),
-                      ("timing.sdpa_backends", meta["timing"]["sdpa_backends"])):
+                      ("timing.sdpa_backends", meta["timing"]["sdpa_backends"]),
+                      ("timing.graphs", meta["timing"]["graphs"]),
+                      ("timing.attention.implementation", meta["timing"]["attention"]["implementation"])):
         cur = old
         for part in path.split("."):
             cur = cur.get(part) if isinstance(cur, dict) else None
