@@ -2,7 +2,9 @@
 network) from the collected table (:mod:`specbatch.dashboards.collect`).
 
 Layout: three dropdowns (workload, draft → target pair, profile) pick a *scenario*; each scenario's
-section holds, in order (element ids ``s<k>-<name>``):
+section opens with its conclusion (``<div class="conclusion">``, :mod:`specbatch.dashboards.conclusions`: per
+load the best policy and its gain over no speculation and over the best fixed γ, identical arms, the SLOs
+goodput is scored at, the profile's device and units), then holds, in order (element ids ``s<k>-<name>``):
 
 ``profile``   profile explorer: step time over batch per γ and context, verify cost relative to decode
 ``gamma``     γ* over batch × acceptance and over batch × context (quantitative model)
@@ -29,6 +31,7 @@ from plotly.offline import get_plotlyjs
 
 from specbatch.sim.profile import atomic_write_text, load_profile
 
+from . import conclusions as C
 from . import figures as F
 
 FIGURES = ("profile", "gamma", "lt", "speedup", "cdf", "timeline", "table")
@@ -43,6 +46,11 @@ h1{font-size:1.5em;margin:18px 0 4px} h2{font-size:1.15em;margin:26px 0 6px;bord
 .controls label{margin-right:18px;font-weight:600} .controls select{margin-left:6px;font-size:1em;max-width:420px}
 .fig{background:#fff;border:1px solid #e3e3e3;border-radius:6px;margin:12px 0;padding:4px}
 .note{color:#a33;padding:6px 0} .grid{display:grid;grid-template-columns:1fr 1fr;gap:12px}
+.conclusion{background:#fff;border:1px solid #cfd8e3;border-left:4px solid #3b6fb6;border-radius:6px;margin:12px 0;
+ padding:4px 14px 8px} .conclusion h3{margin:8px 0 4px;font-size:1.05em} .conclusion li{margin:2px 0}
+.conclusion table.best{border-collapse:collapse;margin:6px 0;font-size:.92em}
+.conclusion table.best td,.conclusion table.best th{border:1px solid #dde3ea;padding:3px 8px;text-align:left}
+.conclusion table.best th{background:#e8eef7} .conclusion p{margin:5px 0}
 @media (max-width:1200px){.grid{grid-template-columns:1fr}}
 """
 
@@ -77,13 +85,31 @@ def scenario_settings(df: pd.DataFrame) -> list[str]:
     return out
 
 
-def scenario_figures(df: pd.DataFrame) -> dict[str, go.Figure]:
+def _profile_of(df: pd.DataFrame):
+    pdir = df["profile_dir"].dropna()
+    return load_profile(pdir.iloc[0]) if len(pdir) else None
+
+
+def mark_twins(df: pd.DataFrame, series: pd.Series, twins: dict[str, list[str]]) -> pd.DataFrame:
+    """``df`` with each twin arm's ``policy_label`` naming the arm it is identical to: ``threshold (≡ adaptive)``."""
+    first_label = {}
+    for first, others in twins.items():
+        label = df.loc[(series == first).to_numpy(), "policy_label"].iloc[0]
+        first_label.update({o: label for o in others})
+    if not first_label:
+        return df
+    df = df.copy()
+    hit = series.isin(list(first_label)).to_numpy()
+    df.loc[hit, "policy_label"] = [f"{p} (≡ {first_label[s]})" for p, s in zip(df.loc[hit, "policy_label"], series[hit])]
+    return df
+
+
+def scenario_figures(df: pd.DataFrame, profile=None) -> dict[str, go.Figure]:
     """Every figure of one scenario's section (a part of the table sharing workload, pair and profile)."""
     settings = scenario_settings(df)
     figs: dict[str, go.Figure] = {}
-    pdir = df["profile_dir"].dropna()
-    if len(pdir):
-        profile = load_profile(pdir.iloc[0])
+    profile = profile if profile is not None else _profile_of(df)
+    if profile is not None:
         figs["profile"] = F.profile_explorer(profile)
         context, alpha = F.reference_point(df)
         r = df.iloc[0]
@@ -102,10 +128,27 @@ def _options(name: str, values: list[str]) -> str:
     return f'<label>{name}<select id="sel-{name}">{opts}</select></label>'
 
 
+def scenario_section(part: pd.DataFrame, slo: tuple[float, float] | None = None):
+    """One scenario's conclusion block (HTML) and figures: goodput rescored at the scenario's SLOs
+    (:func:`specbatch.dashboards.conclusions.scenario_slo`), identical arms named after their first."""
+    profile = _profile_of(part)
+    settings = scenario_settings(part)
+    chosen = C.scenario_slo(part, profile, slo)
+    part = C.rescore(part, chosen)
+    series = F.series_of(part, settings)
+    twins = C.identical_arms(part, series, settings)
+    words = f"{profile.name} {C.describe_profile(profile.meta)}" if profile is not None else None
+    block = C.conclusion_html(part, series, settings, twins, chosen, words)
+    return block, scenario_figures(mark_twins(part, series, twins), profile)
+
+
 def build_dashboard(table: pd.DataFrame, out_html: str | os.PathLike, title: str = "specbatch study",
-                    static: tuple[str, ...] = (), static_dir: str | os.PathLike | None = None) -> Path:
+                    static: tuple[str, ...] = (), static_dir: str | os.PathLike | None = None,
+                    slo: tuple[float, float] | None = None) -> Path:
     """Write the dashboard HTML for ``table`` to ``out_html`` and return its path. With ``static``
-    (e.g. ``("png", "svg")``) also export every figure to ``static_dir`` (default: beside the HTML)."""
+    (e.g. ``("png", "svg")``) also export every figure to ``static_dir`` (default: beside the HTML).
+    ``slo``: ``(ttft_s, tpot_s)`` to score goodput at, instead of each scenario's default
+    (:func:`specbatch.dashboards.conclusions.scenario_slo`)."""
     out_html = Path(out_html)
     counts = table["scenario"].value_counts()
     scenarios = sorted(dict.fromkeys(table["scenario"]), key=lambda sc: -counts[sc])  # the largest shows first
@@ -113,7 +156,7 @@ def build_dashboard(table: pd.DataFrame, out_html: str | os.PathLike, title: str
     sections, all_figs = [], {}
     for k, sc in enumerate(scenarios):
         part = table[table["scenario"] == sc].reset_index(drop=True)
-        figs = scenario_figures(part)
+        block, figs = scenario_section(part, slo)
         r = part.iloc[0]
         attrs = " ".join(f'data-{a}="{html.escape(str(r[a]), quote=True)}"' for a in ("workload", "pair", "profile"))
         divs = []
@@ -129,7 +172,7 @@ def build_dashboard(table: pd.DataFrame, out_html: str | os.PathLike, title: str
         sections.append(
             f'<section class="scenario" id="scenario-{k}" {attrs}><h2>{html.escape(sc)}</h2>'
             f'<p class="meta">{len(part)} runs · policies: {html.escape(", ".join(dict.fromkeys(part["policy_label"])))}'
-            f' · from {html.escape(", ".join(studies))}</p>{"".join(divs)}</section>')
+            f' · from {html.escape(", ".join(studies))}</p>{block}{"".join(divs)}</section>')
     controls = "".join(_options(n, list(dict.fromkeys(ordered[n].astype(str)))) for n in ("workload", "pair", "profile"))
     page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<style>{CSS}</style><script type="text/javascript">{get_plotlyjs()}</script></head><body>'

@@ -25,11 +25,20 @@ def _parser() -> argparse.ArgumentParser:
                                                  "(needs specbatch[export] and Chrome/Chromium)")
     p.add_argument("--static-dir", default=None, help="folder for the static figures (default: beside the HTML)")
     p.add_argument("--no-html", action="store_true", help="only write the table")
+    p.add_argument("--slo-ttft", type=float, default=None,
+                   help="score goodput at this TTFT SLO (s) with --slo-tpot; default: the runs' own if they set slo.*, "
+                        "else derived from the profile (a multiple of the median prompt's prefill)")
+    p.add_argument("--slo-tpot", type=float, default=None,
+                   help="score goodput at this TPOT SLO (s) with --slo-ttft; default: the runs' own if they set "
+                        "slo.*, else derived from the profile (a multiple of the no-speculation TPOT at batch 1)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    p = _parser()
+    a = p.parse_args(argv)
+    if (a.slo_ttft is None) != (a.slo_tpot is None) or any(v is not None and not v > 0 for v in (a.slo_ttft, a.slo_tpot)):
+        p.error("--slo-ttft and --slo-tpot go together, as positive seconds")
     try:
         table = collect(a.paths)
     except FileNotFoundError as e:
@@ -46,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_html:
         static = tuple(f.strip() for f in a.static.split(",") if f.strip())
         title = a.title or f"specbatch study: {', '.join(Path(p).name for p in a.paths)}"
-        html = build_dashboard(table, out, title=title, static=static, static_dir=a.static_dir)
+        slo = (a.slo_ttft, a.slo_tpot) if a.slo_ttft is not None else None
+        html = build_dashboard(table, out, title=title, static=static, static_dir=a.static_dir, slo=slo)
         print(f"dashboard: {html}")
     return 0
 

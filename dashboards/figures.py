@@ -17,6 +17,8 @@ from specbatch.sim.acceptance import AcceptanceModel
 from specbatch.sim.cost_model import CostModel
 from specbatch.sim.profile import Profile
 
+from .conclusions import describe_profile, x_load
+
 TEMPLATE = "plotly_white"
 ALPHAS = np.round(np.arange(0.30, 0.951, 0.05), 2)
 #: y-metrics of the latency–throughput figure: (summary column, label).
@@ -79,7 +81,8 @@ def profile_explorer(profile: Profile) -> go.Figure:
     fig.update_yaxes(type="log", title_text="step time (ms)", row=1, col=1)
     fig.update_yaxes(title_text="T_verify(b, γ) / T_decode(b)", row=1, col=2)
     fig.update_layout(template=TEMPLATE, height=460, margin=dict(t=90),
-                      title=f"Profile {profile.name}: step times (context dropdown, tokens)",
+                      title=dict(text=f"Profile {profile.name}: step times (context dropdown, tokens)<br><sup>"
+                                      f"{describe_profile(profile.meta)}</sup>"),
                       updatemenus=[_dropdown(_visibility_buttons([str(c) for c in contexts], group, "context "))])
     return fig
 
@@ -138,24 +141,31 @@ def series_of(df: pd.DataFrame, setting_cols: list[str]) -> pd.Series:
     return df["policy_label"] + " · " + extra
 
 
-def _x_load(df: pd.DataFrame) -> pd.Series:
-    return df["load"].where(df["load"].notna(), df["arrival_rate_req_s"])
-
-
 def latency_throughput(df: pd.DataFrame, setting_cols: list[str]) -> go.Figure:
     """One curve per policy over the load levels: throughput (x) against a latency metric (dropdown)."""
-    d = df.assign(series=series_of(df, setting_cols), x_load=_x_load(df)).sort_values(["series", "x_load"])
+    d = df.assign(series=series_of(df, setting_cols), x_load=x_load(df)).sort_values(["series", "x_load"])
     fig = go.Figure()
     names = list(dict.fromkeys(d["series"]))
+    fraction = bool(df["load"].notna().all())
+    # every policy runs the same load levels: one curve (none's, else the first) carries the load labels
+    labelled = "none" if "none" in names else (names[0] if names else None)
     for s in names:
         r = d[d["series"] == s]
-        fig.add_trace(go.Scatter(x=r["throughput_tok_s"], y=r[LT_METRICS[0][0]], mode="lines+markers", name=s,
-                                 text=[f"load {v:.3g}" for v in r["x_load"]],
-                                 hovertemplate="%{text}<br>%{x:.1f} tok/s<br>%{y:.3g}"))
+        twin = "(≡ " in s  # identical to another arm (build.py names it so): dotted, open markers, on top
+        fig.add_trace(go.Scatter(x=r["throughput_tok_s"], y=r[LT_METRICS[0][0]],
+                                 mode="lines+markers+text" if s == labelled else "lines+markers", name=s,
+                                 text=[f"load {v:.3g}" if fraction else f"{v:.3g} req/s" for v in r["x_load"]],
+                                 textposition="top left", textfont=dict(size=11),
+                                 customdata=[f"load {v:.3g}" if fraction else f"{v:.3g} req/s" for v in r["x_load"]],
+                                 line=dict(dash="dot") if twin else None,
+                                 marker=dict(symbol="circle-open", size=11) if twin else None,
+                                 hovertemplate="%{customdata}<br>%{x:.3g} tok/s<br>%{y:.3g}"))
     buttons = [dict(label=label, method="update",
                     args=[{"y": [d[d["series"] == s][col].tolist() for s in names]}, {"yaxis.title.text": label}])
                for col, label in LT_METRICS]
-    fig.update_layout(template=TEMPLATE, height=450, margin=dict(t=90), title="Latency–throughput per policy",
+    fig.update_layout(template=TEMPLATE, height=450, margin=dict(t=90),
+                      title=f"Latency–throughput per policy (the {labelled} curve's points labelled with their "
+                            + ("load)" if fraction else "arrival rate)"),
                       xaxis_title="throughput (output tokens/s)", yaxis_title=LT_METRICS[0][1],
                       updatemenus=[_dropdown(buttons)])
     return fig
@@ -164,7 +174,7 @@ def latency_throughput(df: pd.DataFrame, setting_cols: list[str]) -> go.Figure:
 def speedup(df: pd.DataFrame, setting_cols: list[str]) -> go.Figure:
     """Speedup over no speculation at each load level: none's metric / policy's (lower-is-better metrics)
     or policy's / none's (throughput, goodput), matched on load and any other swept setting."""
-    d = df.assign(x_load=_x_load(df))
+    d = df.assign(x_load=x_load(df))
     key = ["x_load", *setting_cols]
     base = d[d["policy"] == "none"].drop_duplicates(key).set_index(key)
     others = d[d["policy"] != "none"].copy()
@@ -212,7 +222,7 @@ def _ecdf(x: np.ndarray, points: int = 300) -> tuple[np.ndarray, np.ndarray]:
 
 def latency_cdf(df: pd.DataFrame, setting_cols: list[str], column: str = "latency_s") -> go.Figure:
     """Empirical CDF of per-request end-to-end latency per policy, one load level at a time (dropdown)."""
-    d = df.assign(series=series_of(df, setting_cols), x_load=_x_load(df)).sort_values(["x_load", "series"])
+    d = df.assign(series=series_of(df, setting_cols), x_load=x_load(df)).sort_values(["x_load", "series"])
     loads = list(dict.fromkeys(d["x_load"]))
     fig = go.Figure()
     group = []
@@ -239,7 +249,7 @@ def _downsample(it: pd.DataFrame, max_points: int) -> pd.DataFrame:
 def timeline(df: pd.DataFrame, setting_cols: list[str], max_points: int = 1500) -> go.Figure:
     """One run's timeline (dropdown over runs): batch size, γ, queue length and KV use over time, one line
     per replica. Long runs are thinned to ``max_points`` iterations per replica."""
-    d = df.assign(series=series_of(df, setting_cols), x_load=_x_load(df)).sort_values(["x_load", "series"])
+    d = df.assign(series=series_of(df, setting_cols), x_load=x_load(df)).sort_values(["x_load", "series"])
     fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.04,
                         subplot_titles=("running batch (sequences)", "γ", "queue (requests)", "KV use (fraction)"))
     runs, group = [], []
@@ -267,17 +277,17 @@ def timeline(df: pd.DataFrame, setting_cols: list[str], max_points: int = 1500) 
     return fig
 
 
-TABLE_COLUMNS = [("policy_label", "policy", None), ("x_load", "load", ".3g"), ("arrival_rate_req_s", "rate (req/s)", ".3f"),
-                 ("throughput_tok_s", "throughput (tok/s)", ".1f"), ("goodput_req_s", "goodput (req/s)", ".3f"),
+TABLE_COLUMNS = [("policy_label", "policy", None), ("x_load", "load", ".3g"), ("arrival_rate_req_s", "rate (req/s)", ".3g"),
+                 ("throughput_tok_s", "throughput (tok/s)", ".3g"), ("goodput_req_s", "goodput (req/s)", ".3g"),
                  ("slo_attainment", "SLO met", ".1%"), ("ttft_p50", "TTFT p50 (s)", ".2f"), ("ttft_p99", "TTFT p99 (s)", ".2f"),
                  ("tpot_p50", "TPOT p50 (ms)", None), ("latency_p50", "latency p50 (s)", ".2f"),
                  ("latency_p99", "latency p99 (s)", ".2f"), ("mean_batch", "mean batch", ".1f"),
-                 ("mean_gamma", "mean γ", ".2f"), ("preemptions", "preemptions", None), ("job", "job", None)]
+                 ("mean_gamma", "mean γ", ".2f"), ("preemptions", "preemptions", None)]
 
 
 def summary_table(df: pd.DataFrame, setting_cols: list[str]) -> go.Figure:
     """The summary metrics of every run of the scenario."""
-    d = df.assign(x_load=_x_load(df), policy_label=series_of(df, setting_cols)).sort_values(["x_load", "policy_label"])
+    d = df.assign(x_load=x_load(df), policy_label=series_of(df, setting_cols)).sort_values(["x_load", "policy_label"])
     cols, header = [], []
     for col, label, fmt in TABLE_COLUMNS:
         if col not in d:
@@ -289,8 +299,11 @@ def summary_table(df: pd.DataFrame, setting_cols: list[str]) -> go.Figure:
             v = v.map(lambda x, f=fmt: "" if pd.isna(x) else format(x, f))
         cols.append(v.astype(str).tolist())
         header.append(label)
+    # the policy column as wide as its longest name needs (names are never cut off); the rest share the width
+    longest = max([len(header[0]), *map(len, cols[0])]) if cols else 10
+    widths = [max(1.0, longest / 9)] + [1.0] * (len(cols) - 1)
     fig = go.Figure(go.Table(header=dict(values=header, fill_color="#e8eef7", align="left"),
-                             cells=dict(values=cols, align="left", height=24)))
+                             cells=dict(values=cols, align="left", height=24), columnwidth=widths))
     fig.update_layout(height=90 + 26 * max(1, len(d)), margin=dict(l=10, r=10, t=40, b=10), title="Summary metrics")
     return fig
 
