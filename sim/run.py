@@ -26,7 +26,7 @@ from specbatch import profiles_dir, traces_dir
 
 from . import workload as wl
 from .acceptance import AcceptanceModel
-from .capacity import estimate_capacity
+from .capacity import estimate_capacity, rate_for_load
 from .cluster import ClusterConfig, SimResult, simulate
 from .cost_model import CostModel
 from .metrics import summarize
@@ -186,7 +186,7 @@ def apply_rate(cfg: DictConfig, w: wl.Workload, cost: CostModel, cluster: Cluste
     elif c.get("load") is not None:
         if not float(c.load) > 0:
             raise ConfigError(f"workload.load is {c.load}; expected a positive fraction of capacity")
-        w = wl.set_rate(w, float(c.load) * info["capacity_req_s"])
+        w = wl.set_rate(w, rate_for_load(cost, w, cluster, float(c.load)))
     elif cfg.workload.kind == "synthetic":
         raise ConfigError("a synthetic workload needs workload.rate or workload.load")
     return w, info

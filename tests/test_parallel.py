@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -135,3 +136,96 @@ def test_worker_hands_rows_over_as_a_file_or_itself(cost, tmp_path):
     assert busy == busy2 and set(state) == set(RequestTable.STATE)
     np.testing.assert_array_equal(state["finished"], state2["finished"])
     assert not np.isnan(state["finished"]).any()
+
+
+# --- workers die with their parent, and the spool folders go (issue #26, item 9) ------------------------------
+
+KILL_SCRIPT = """
+import sys, warnings
+sys.path.insert(0, {tests!r})
+from conftest import linear_step, write_formula_profile
+from specbatch.sim.acceptance import AcceptanceModel
+from specbatch.sim.cluster import ClusterConfig, simulate
+from specbatch.sim.cost_model import CostModel
+from specbatch.sim.policies import make_policy
+from specbatch.sim.profile import load_profile
+from specbatch.sim.workload import synthetic
+from pathlib import Path
+warnings.simplefilter("ignore")
+p = write_formula_profile(Path({tmp!r}) / "p", verify=linear_step(0.010, 0.0005, knee=64),
+                          draft=linear_step(0.001, 0.00002), contexts=(128, 512))
+cost = CostModel(load_profile(p), max_batch=8)
+w = synthetic(400_000, rate=400.0, prompt_lognormal=(300, 0.9), output_lognormal=(60, 0.8), seed=5)
+print("start", flush=True)
+simulate(w, cost, make_policy("fixed", gamma=3), AcceptanceModel(alpha=0.7), ClusterConfig(replicas=4, workers=2,
+         max_batch=8, fast_forward=False), seed=1)
+print("finished", flush=True)
+"""
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out |= {int(x) for x in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = [ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:")]
+    except OSError:
+        return False
+    return bool(state) and "Z" not in state[0].split()[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc to find the workers")
+@pytest.mark.parametrize("sig", ["TERM", "KILL"])
+def test_killing_the_parent_ends_its_workers_and_removes_the_spool_folders(tmp_path, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    spool_bases = [Path("/dev/shm"), tmp_path / "tmp"]
+    (tmp_path / "tmp").mkdir()
+    before = {p for b in spool_bases if b.is_dir() for p in b.glob("specbatch-rows-*")}
+    kids: set[int] = set()
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        assert proc.stdout.readline().strip() == "start"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # two workers and the resource tracker, and the spool folders
+            kids |= _children(proc.pid)
+            spools = {p for b in spool_bases if b.is_dir() for p in b.glob("specbatch-rows-*")} - before
+            if len(kids) >= 3 and spools:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the run did not start its workers (children {kids})")
+        time.sleep(2.0)  # the workers import and start simulating
+        assert proc.poll() is None, "the run ended before it could be killed: make it longer"
+        kids |= _children(proc.pid)
+        proc.send_signal(getattr(signal, f"SIG{sig}"))
+        proc.wait(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (any(_alive(k) for k in kids) or any(p.exists() for p in spools)):
+            time.sleep(0.2)
+        assert [k for k in kids if _alive(k)] == [], "worker or resource-tracker processes outlived their parent"
+        assert [p for p in spools if p.exists()] == [], "spool folders left behind"
+        if sig == "TERM":
+            assert proc.returncode == 128 + signal.SIGTERM  # SystemExit(143) after cleaning up, no traceback
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for k in kids | _children(proc.pid):  # a failing run's orphans
+            try:
+                os.kill(k, signal.SIGKILL)
+            except OSError:
+                pass
