@@ -158,21 +158,25 @@ def fresh_profile(path: Path, target: str, draft: str, clock: str, grid: dict, m
 
 
 def trace_slice(requests: int, *, start: int = 0, prompt_div: float = 16.0, output_div: float = 8.0,
-                max_prompt: int = 96, max_output: int = 48):
-    """The first ``requests`` of the shipped Azure conversation trace from row ``start`` (arrival pattern kept),
-    lengths divided by ``prompt_div``/``output_div`` and capped so that small models can serve them."""
+                max_prompt: int = 96, max_output: int = 48, workload: str = "azure_conv"):
+    """The first ``requests`` of a trace from row ``start`` (arrival pattern kept), lengths divided by
+    ``prompt_div``/``output_div`` and capped so that small models can serve them. ``workload``: a workload preset
+    of ``specbatch-sim`` (``conf/workload/<name>.yaml``; default the Azure conversation trace) or a trace file,
+    read with the simulator's loader and schema (:func:`specbatch.sim.run.preset_workload`; ``first_n`` lifted)."""
     from dataclasses import replace
 
-    from specbatch.sim import workload as wl
-    from specbatch import traces_dir
+    from specbatch.sim.run import preset_workload
 
-    w = wl.load_trace(traces_dir() / "azure" / "AzureLLMInferenceTrace_conv.csv",
-                      {"arrival": "TIMESTAMP", "prompt": "ContextTokens", "output": "GeneratedTokens"}, "datetime")
+    w = preset_workload(workload, ["workload.first_n=null"])  # a trace preset: every row
+    if start < 0 or start + requests > len(w):
+        raise ValueError(f"--trace-start {start} + --requests {requests} runs past the {len(w)} requests of "
+                         f"workload {workload!r}")
     w = w.take(np.arange(start, start + requests))
     arr = w.arrival_s - w.arrival_s[0]
     p = np.clip(np.round(w.prompt_tokens / prompt_div), 4, max_prompt).astype(np.int64)
     o = np.clip(np.round(w.output_tokens / output_div), 2, max_output).astype(np.int64)
-    return replace(w, arrival_s=arr, prompt_tokens=p, output_tokens=o, name=f"azure_conv[{start}:{start + requests}]")
+    label = Path(workload).stem
+    return replace(w, arrival_s=arr, prompt_tokens=p, output_tokens=o, name=f"{label}[{start}:{start + requests}]")
 
 
 def frozen_policy(name: str, cost, acceptance, context):
@@ -190,7 +194,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              policies=tuple(POLICIES), max_batch: int = REDUCED["max_batch"], max_prompt: int = REDUCED["max_prompt"],
              max_output: int = REDUCED["max_output"], max_gamma: int = REDUCED["max_gamma"], grid: dict | None = None,
              alpha: float = 0.7, clock: str = "cpu", threads: int = 1, device: str = "cpu", seed: int = 0,
-             trace_start: int = 0, out: Path | str = "fidelity-out", profile: str | None = None,
+             trace_start: int = 0, workload: str = "azure_conv", out: Path | str = "fidelity-out", profile: str | None = None,
              max_age_h: float = 12.0, repeats: int = REDUCED["repeats"], variants=None, draft_sync: bool = False,
              attention: str | None = None, prefill: str = "sequential", log=print) -> dict:
     """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report.
@@ -225,7 +229,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     load_start = loadavg()
     prof_dir = Path(profile) if profile else out / "profile"
     acc = AcceptanceModel(alpha=alpha, max_gamma=max_gamma)
-    base = trace_slice(requests, start=trace_start, max_prompt=max_prompt, max_output=max_output)
+    base = trace_slice(requests, start=trace_start, max_prompt=max_prompt, max_output=max_output, workload=workload)
     max_len = max(max_prompt + max_output + max_gamma + 4, 64)
     setup, cases, calibrations = {}, [], []
 
@@ -549,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=REDUCED["repeats"],
                     help="rounds: each calibrates once and runs every case once (≥ 2: also reports run-to-run noise)")
     ap.add_argument("--profile", default=None, help="reuse this profile folder instead of profiling")
+    ap.add_argument("--workload", default="azure_conv",
+                    help="a specbatch-sim workload preset (conf/workload/<name>.yaml) or a trace file, read with the "
+                         "simulator's loader (default %(default)s)")
     ap.add_argument("--trace-start", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="fidelity-out")
@@ -559,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         report = validate(pair=a.pair, requests=a.requests, loads=tuple(a.loads), policies=tuple(a.policies),
                           max_batch=a.max_batch, max_prompt=a.max_prompt, max_output=a.max_output, alpha=a.alpha,
                           clock=clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
-                          profile=a.profile, repeats=a.repeats, trace_start=a.trace_start,
+                          profile=a.profile, repeats=a.repeats, trace_start=a.trace_start, workload=a.workload,
                           draft_sync=a.draft_sync, attention=a.attention, prefill=a.prefill)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)

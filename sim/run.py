@@ -26,39 +26,13 @@ from specbatch import profiles_dir, traces_dir
 
 from . import workload as wl
 from .acceptance import AcceptanceModel
-from .capacity import estimate_capacity, rate_for_load
+from .config import ConfigError, WorkloadConfigError, checked, cluster_config, config_number, one_line
+from .capacity import estimate_capacity
 from .cluster import ClusterConfig, SimResult, simulate
 from .cost_model import CostModel
 from .metrics import summarize
 from .policies import Policy, make_policy
 from .profile import Profile, ProfileError, atomic_write, atomic_write_text, load_profile
-
-
-class ConfigError(ValueError):
-    """A config value is missing or out of range; the message names the key."""
-
-
-def config_number(value, key: str, kind=float, minimum: float | None = None, strict: bool = False,
-                  maximum: float | None = None) -> float | int:
-    """``value`` (config key ``key``) as ``kind`` (float or int) within the bounds, else a :class:`ConfigError`
-    naming the key, the value and what was expected. ``strict`` makes ``minimum`` exclusive."""
-    lo = "" if minimum is None else (f" > {minimum:g}" if strict else f" ≥ {minimum:g}")
-    hi = "" if maximum is None else f" ≤ {maximum:g}"
-    expected = f"{'an integer' if kind is int else 'a number'}{lo}{' and' if lo and hi else ''}{hi}"
-    try:
-        if isinstance(value, bool) or value is None:
-            raise ValueError
-        v = float(value)
-        if kind is int:
-            if v != int(v):
-                raise ValueError
-            v = int(v)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{key} is {value!r}; expected {expected}") from None
-    if v != v or (minimum is not None and (v <= minimum if strict else v < minimum)) or \
-            (maximum is not None and v > maximum):
-        raise ConfigError(f"{key} is {value!r}; expected {expected}")
-    return v
 
 
 def resolve_path(path: str, what: str) -> Path:
@@ -98,12 +72,10 @@ def resolve_profile(name: str) -> Path:
 
 
 def build_acceptance(cfg: DictConfig, profile: Profile, max_gamma: int, w: wl.Workload) -> AcceptanceModel:
+    """The acceptance model of a checked config (:func:`specbatch.sim.config.checked`)."""
     a = cfg.acceptance
     class_alpha = {}
-    if a.get("concentration") is not None:
-        config_number(a.concentration, "acceptance.concentration", minimum=0.0, strict=True)
-    config_number(a.get("drift_per_hour", 0.0), "acceptance.drift_per_hour")
-    for cname, alpha in (a.get("class_alpha") or {}).items():
+    for cname, alpha in a.class_alpha.items():
         if cname not in w.class_names:
             raise ConfigError(f"acceptance.class_alpha: class {cname!r} not in the workload's classes "
                               f"{list(w.class_names)} (set workload.class_column)")
@@ -115,13 +87,7 @@ def build_acceptance(cfg: DictConfig, profile: Profile, max_gamma: int, w: wl.Wo
                 raise ConfigError(f"acceptance.source=profile but {profile.path} has no acceptance.csv")
             return AcceptanceModel(positions=pos, concentration=a.concentration, class_alpha=class_alpha,
                                    drift_per_hour=a.drift_per_hour, max_gamma=max_gamma)
-        if a.source != "scalar":
-            raise ConfigError(f"acceptance.source is {a.source!r}; expected 'scalar' or 'profile'")
-        try:
-            alpha = config_number(a.alpha, "acceptance.alpha", minimum=0.0, maximum=1.0)
-        except ConfigError:
-            raise ConfigError(f"acceptance.alpha is {a.alpha!r}; expected a probability in [0, 1]") from None
-        return AcceptanceModel(alpha=alpha, concentration=a.concentration, class_alpha=class_alpha,
+        return AcceptanceModel(alpha=float(a.alpha), concentration=a.concentration, class_alpha=class_alpha,
                                drift_per_hour=a.drift_per_hour, max_gamma=max_gamma)
     except ValueError as e:
         if isinstance(e, ConfigError):
@@ -130,30 +96,50 @@ def build_acceptance(cfg: DictConfig, profile: Profile, max_gamma: int, w: wl.Wo
 
 
 def load_workload(cfg: DictConfig) -> wl.Workload:
-    """The workload before any rate/load rescaling (which needs the cost model)."""
+    """The workload of a checked config before any rate/load rescaling (which needs the cost model)."""
     c = cfg.workload
     if c.kind == "trace":
         w = wl.load_trace(resolve_path(c.path, "workload.path"), dict(c.columns), c.time_unit, c.format,
-                          c.on_bad_rows, c.sort, c.get("class_column"))
-        if c.get("start_s") is not None or c.get("end_s") is not None:
-            w = wl.window(w, c.get("start_s"), c.get("end_s"))
-        if c.get("first_n") is not None:
+                          c.on_bad_rows, c.sort, c.class_column)
+        if c.start_s is not None or c.end_s is not None:
+            w = wl.window(w, c.start_s, c.end_s)
+        if c.first_n is not None:
             w = wl.first_n(w, int(c.first_n))
-    elif c.kind == "synthetic":
+    else:
         lengths_from = None
         lc = c.lengths
         if lc.source == "trace":
             lengths_from = wl.load_trace(resolve_path(lc.path, "workload.lengths.path"), dict(lc.columns), lc.time_unit)
-        elif lc.source != "lognormal":
-            raise ConfigError(f"workload.lengths.source is {lc.source!r}; expected 'trace' or 'lognormal'")
         w = wl.synthetic(int(c.n), 1.0, c.process, float(c.cv), lengths_from,
                          (lc.prompt_median, lc.prompt_sigma), (lc.output_median, lc.output_sigma),
                          seed=int(cfg.seed), name=f"synthetic-{c.process}")
-        if c.get("classes"):
+        if c.classes:
             w = assign_classes(w, dict(c.classes), int(cfg.seed))
-    else:
-        raise ConfigError(f"workload.kind is {c.kind!r}; expected 'trace' or 'synthetic'")
-    return wl.cap_lengths(w, c.get("max_prompt"), c.get("max_output"))
+    return wl.cap_lengths(w, c.max_prompt, c.max_output)
+
+
+def preset_workload(spec: str, overrides: list[str] = ()) -> wl.Workload:
+    """The workload of a workload preset (``conf/workload/<spec>.yaml``) or of a trace file (``spec`` a path, read
+    as ``workload=trace workload.path=<spec>``), loaded as ``specbatch-sim`` loads it (:func:`load_workload`, the
+    same schema and checks); ``overrides`` are hydra overrides of ``workload.*`` (e.g. ``workload.first_n=null``).
+    No rate or load is applied."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from specbatch import conf_dir
+
+    preset = (conf_dir() / "workload" / f"{spec}.yaml").is_file()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="specbatch.conf", version_base=None):
+            cfg = compose(config_name="config", overrides=[f"workload={spec if preset else 'trace'}", *overrides])
+    except Exception as e:  # hydra's composition errors: a bad override
+        raise ConfigError(one_line(str(e))) from None
+    finally:
+        GlobalHydra.instance().clear()
+    if not preset:
+        OmegaConf.update(cfg, "workload.path", str(spec), merge=False)
+    return load_workload(checked(cfg))
 
 
 def assign_classes(w: wl.Workload, classes: dict, seed: int) -> wl.Workload:
@@ -174,21 +160,15 @@ def apply_rate(cfg: DictConfig, w: wl.Workload, cost: CostModel, cluster: Cluste
     """Apply ``time_scale``, then ``rate`` or ``load`` (a fraction of the estimated capacity)."""
     c = cfg.workload
     info = {}
-    if c.get("time_scale") is not None:
+    if c.time_scale is not None:
         w = wl.scale_time(w, float(c.time_scale))
-    if c.get("rate") is not None and c.get("load") is not None:
-        raise ConfigError("workload.rate and workload.load are both set; set one of them (the other to null)")
-    if c.get("load") is not None or cfg.workload.kind == "synthetic":
+    if c.load is not None or c.kind == "synthetic":
         cap = estimate_capacity(cost, w, cluster)
         info["capacity_req_s"] = cap
-    if c.get("rate") is not None:
-        w = wl.set_rate(w, float(c.rate))
-    elif c.get("load") is not None:
-        if not float(c.load) > 0:
-            raise ConfigError(f"workload.load is {c.load}; expected a positive fraction of capacity")
-        w = wl.set_rate(w, rate_for_load(cost, w, cluster, float(c.load)))
-    elif cfg.workload.kind == "synthetic":
-        raise ConfigError("a synthetic workload needs workload.rate or workload.load")
+    if c.rate is not None:
+        w = wl.set_rate(w, float(c.rate), "workload.rate")
+    elif c.load is not None:
+        w = wl.set_rate(w, float(c.load) * info["capacity_req_s"], "workload.load")
     return w, info
 
 
@@ -204,21 +184,7 @@ class Run:
 
 
 def build_cluster(cfg: DictConfig) -> ClusterConfig:
-    c = cfg.cluster
-    if c.get("kv_capacity_tokens") is not None:
-        config_number(c.kv_capacity_tokens, "cluster.kv_capacity_tokens", int, minimum=2)
-    if not isinstance(c.get("watermark"), (int, float)) or isinstance(c.get("watermark"), bool):
-        raise ConfigError(f"cluster.watermark is {c.get('watermark')!r}; expected a fraction in [0, 1)")
-    cl = ClusterConfig(replicas=c.replicas, router=c.router, max_batch=c.max_batch, mode=c.mode,
-                       kv_capacity_tokens=c.kv_capacity_tokens, watermark=c.watermark,
-                       fast_forward=c.get("fast_forward", True), workers=c.get("workers", 1),
-                       draft_sync=c.get("draft_sync", False), attention=c.get("attention", "paged"),
-                       prefill=c.get("prefill", "sequential"))
-    try:
-        cl.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return cl
+    return cluster_config(cfg.cluster)
 
 
 def check_policy_params(name: str, params: dict, max_gamma: int) -> None:
@@ -237,11 +203,11 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> Run:
     """Simulate the configured run; write its outputs to ``out_dir`` when given.
 
     Every config value is checked before the (possibly long) simulation starts: a bad one raises
-    :class:`ConfigError` naming its key."""
-    max_gamma = config_number(cfg.max_gamma, "max_gamma", int, minimum=0)
-    seed = config_number(cfg.seed, "seed", int, minimum=0)
-    slo_ttft = config_number(cfg.slo.ttft_s, "slo.ttft_s", minimum=0.0, strict=True)
-    slo_tpot = config_number(cfg.slo.tpot_s, "slo.tpot_s", minimum=0.0, strict=True)
+    :class:`ConfigError` naming its key (:func:`specbatch.sim.config.checked`); missing keys take the schema's
+    defaults, and the outputs' ``config.yaml`` holds the full checked config."""
+    cfg = checked(cfg)
+    max_gamma, seed = int(cfg.max_gamma), int(cfg.seed)
+    slo_ttft, slo_tpot = float(cfg.slo.ttft_s), float(cfg.slo.tpot_s)
     cluster = build_cluster(cfg)
     profile = load_profile(resolve_profile(cfg.profile))
     with warnings.catch_warnings(record=True) as caught:
@@ -276,12 +242,25 @@ def _atomic_parquet(df, path: Path) -> None:
     atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
+def finite_json(obj):
+    """``obj`` with every NaN or infinite float as None (JSON null): the outputs are strict JSON."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def _json(obj) -> str:
     def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
+        if isinstance(o, np.ndarray):
+            return finite_json(o.tolist())
         raise TypeError(f"not JSON serialisable: {type(o)}")
-    return json.dumps(obj, indent=2, default=default, allow_nan=True) + "\n"
+    return json.dumps(finite_json(obj), indent=2, default=default, allow_nan=False) + "\n"
 
 
 OUTPUT_FILES = ("requests.parquet", "iterations.parquet", "policy.json", "workload.json", "config.yaml", "summary.json")
@@ -296,7 +275,7 @@ def write_outputs(r: Run, cfg: DictConfig, out: Path) -> None:
         for stale in out.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
     _atomic_parquet(r.result.requests, out / "requests.parquet")
-    if cfg.get("save_iterations", True):
+    if cfg.save_iterations:
         _atomic_parquet(r.result.iterations, out / "iterations.parquet")
     atomic_write_text(out / "policy.json", _json(r.result.policy))
     atomic_write_text(out / "workload.json", _json({**r.workload.describe(), "notes": list(r.workload.notes)}))
@@ -304,4 +283,5 @@ def write_outputs(r: Run, cfg: DictConfig, out: Path) -> None:
     atomic_write_text(out / "summary.json", _json(r.summary))
 
 
-__all__ = ["run", "Run", "ConfigError", "ProfileError", "resolve_profile", "load_workload", "write_outputs"]
+__all__ = ["run", "Run", "ConfigError", "ProfileError", "resolve_profile", "load_workload", "preset_workload",
+           "write_outputs", "config_number", "WorkloadConfigError"]

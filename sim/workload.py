@@ -21,6 +21,13 @@ import numpy as np
 import pandas as pd
 
 TIME_UNITS = ("s", "ms", "datetime")
+#: ``time_unit`` values a trace may be loaded with: ``auto`` decides between the others from the column.
+TIME_UNIT_CHOICES = (*TIME_UNITS, "auto")
+#: Compressed traces (suffix → pandas' compression name); the format is read from the suffix before it.
+COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip", ".zst": "zstd"}
+FORMATS_HELP = ("supported formats: csv (a header row), jsonl (.jsonl/.ndjson/.json: one JSON object per line), "
+                "parquet; optionally compressed (" + ", ".join(COMPRESSION) + ")")
+ECHO_CHARS = 200  # longest text of a file's content quoted in a message
 
 
 class WorkloadError(ValueError):
@@ -77,7 +84,7 @@ COLUMN_KEYS = ("arrival", "prompt", "output")
 _TOKEN_REASONS = ("", "empty", "not a number", "NaN or infinite", "negative", "zero", "not an integer",
                   f"larger than {MAX_TOKENS:,} tokens")
 _TIME_REASONS = ("", "empty", "not a number", "NaN or infinite", "negative")
-_DATETIME_REASONS = ("", "empty", "not a date-time")
+_DATETIME_REASONS = ("", "empty", "not a date-time", "a number, not a date-time string")
 _NAN_WORDS = ("nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity", "na", "n/a", "null", "none")
 
 
@@ -85,22 +92,67 @@ class SkippedRowsWarning(UserWarning):
     """``on_bad_rows=skip`` dropped rows from a trace; the message (and ``Workload.notes``) says how many and why."""
 
 
+def _compression(path: Path) -> str | None:
+    return COMPRESSION.get(path.suffix.lower())
+
+
 def _detect_format(path: Path, fmt: str) -> str:
     if fmt == "auto":
-        suffix = "".join(path.suffixes[-2:]).lower()
-        return "parquet" if suffix.endswith(".parquet") else "jsonl" if suffix.endswith((".jsonl", ".ndjson")) else "csv"
+        stem = Path(path.stem) if _compression(path) else path
+        suffix = stem.suffix.lower()
+        return ("parquet" if suffix == ".parquet" else "jsonl" if suffix in (".jsonl", ".ndjson", ".json")
+                else "csv")
     if fmt not in ("csv", "jsonl", "parquet"):
         raise WorkloadError(f"{path}: unknown format {fmt!r}; expected csv, jsonl, parquet or auto")
     return fmt
 
 
+def _open(path: Path, mode: str = "rb", **kw):
+    """The file, decompressed if its suffix names a compression (as pandas reads it)."""
+    comp = _compression(path)
+    if comp is None:
+        return open(path, mode, **kw)
+    import io
+
+    if comp == "gzip":
+        import gzip
+        raw = gzip.open(path, "rb")
+    elif comp == "bz2":
+        import bz2
+        raw = bz2.open(path, "rb")
+    elif comp == "xz":
+        import lzma
+        raw = lzma.open(path, "rb")
+    elif comp == "zip":
+        import zipfile
+        z = zipfile.ZipFile(path)
+        names = [n for n in z.namelist() if not n.endswith("/")]
+        if len(names) != 1:
+            raise WorkloadError(f"{path}: a zip archive with {len(names)} files; expected exactly one trace file in it")
+        raw = z.open(names[0])
+    else:
+        try:
+            import zstandard
+        except ImportError:
+            raise WorkloadError(f"{path}: zstd-compressed, and the zstandard package is not installed "
+                                "(pip install zstandard, or decompress the file)") from None
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+    return raw if "b" in mode else io.TextIOWrapper(raw, **kw)
+
+
+def _echo(text) -> str:
+    """``text`` quoted, cut to :data:`ECHO_CHARS` characters."""
+    t = repr(text)
+    return t if len(t) <= ECHO_CHARS else t[:ECHO_CHARS] + f"... ({len(t):,} characters)"
+
+
 def _locate_bad_utf8(path: Path) -> str:
     """Where the first byte that is not UTF-8 lies: 'line L (data row R), byte B', for the error message."""
-    with open(path, "rb") as f:
+    with _open(path, "rb") as f:
         head = f.read(4)
         if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
             return "the file starts with a UTF-16 byte-order mark (it is UTF-16, not UTF-8)"
-        f.seek(0)
+    with _open(path, "rb") as f:
         offset = 0
         for lineno, line in enumerate(f, 1):
             try:
@@ -121,7 +173,7 @@ def _csv_head(path: Path) -> tuple[list[str], list[str]]:
     module reads them."""
     rows: list[list[str]] = []
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with _open(path, "rt", encoding="utf-8-sig", newline="") as f:
             for row in csv.reader(f):
                 if any(c.strip() for c in row):
                     rows.append(row)
@@ -135,7 +187,7 @@ def _csv_head(path: Path) -> tuple[list[str], list[str]]:
     return rows[0], rows[1]
 
 
-def _check_columns(path: Path, have: list[str], want: list[str]) -> None:
+def _check_columns(path: Path, have: list[str], want: list[str], fmt: str = "") -> None:
     if not have:
         raise WorkloadError(f"{path}: file is empty; expected a header row with columns {want}")
     missing = [c for c in want if c not in have]
@@ -146,7 +198,9 @@ def _check_columns(path: Path, have: list[str], want: list[str]) -> None:
             hint = f" (the header has {spaced}: names with surrounding spaces; remove the spaces)"
         elif len(have) == 1 and any(sep in have[0] for sep in ("\t", ";", "|")):
             hint = " (the header looks tab-, semicolon- or bar-separated; specbatch reads comma-separated CSV)"
-        raise WorkloadError(f"{path}: missing column(s) {missing}; the file has {have}{hint}. "
+        if fmt == "csv" and (Path(path.stem) if _compression(path) else path).suffix.lower() != ".csv":
+            hint += f" (read as CSV by its suffix; {FORMATS_HELP}: set workload.format)"
+        raise WorkloadError(f"{path}: missing column(s) {missing}; the file has {_echo(have)}{hint}. "
                             "Set workload.columns to map arrival/prompt/output to the file's column names")
     for c in dict.fromkeys(want):
         if have.count(c) > 1:
@@ -156,7 +210,7 @@ def _check_columns(path: Path, have: list[str], want: list[str]) -> None:
 
 
 def _locate_bad_json(path: Path, want: list[str]) -> str:
-    with open(path, encoding="utf-8") as f:
+    with _open(path, "rt", encoding="utf-8") as f:
         row = 0
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -165,9 +219,13 @@ def _locate_bad_json(path: Path, want: list[str]) -> str:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
+                if lineno == 1 and line.lstrip().startswith("["):
+                    return (f"it starts with '[': a JSON array, not JSON lines; expected one JSON object per line "
+                            f"with keys {want}")
                 return f"line {lineno} (row {row}) is not valid JSON ({e.msg} at column {e.colno})"
             if not isinstance(obj, dict):
-                return f"line {lineno} (row {row}) is {type(obj).__name__}; expected a JSON object with keys {want}"
+                return (f"line {lineno} (row {row}) is {type(obj).__name__}; expected a JSON object with keys {want} "
+                        "on each line")
     return "not valid JSON lines"
 
 
@@ -216,22 +274,26 @@ def _chunks(path: Path, fmt: str, usecols: list[str], dtypes: dict | None):
     parser converts numbers directly (fast; raises ValueError on a non-numeric cell)."""
     if fmt == "csv":
         have, first = _csv_head(path)
-        _check_columns(path, have, usecols)
+        _check_columns(path, have, usecols, fmt)
         if len(first) > len(have) and any(c.strip() for c in first[len(have):]):
             raise _too_many_fields(path, f"row 1 has {len(first)} fields but the header has {len(have)}")
         yield from _csv_chunks(path, have, first, usecols, dtypes)
     elif fmt == "jsonl":
-        if path.stat().st_size == 0 or not path.read_bytes()[:1 << 16].strip():
+        with _open(path, "rb") as f:
+            head = f.read(1 << 16).lstrip()
+        if not head:
             raise WorkloadError(f"{path}: file is empty; expected one JSON object per line with keys {usecols}")
+        if not head.startswith(b"{"):
+            raise WorkloadError(f"{path}: cannot be read as JSON lines ({_locate_bad_json(path, usecols)})")
         first = True
         try:
             reader = pd.read_json(path, lines=True, dtype=False, chunksize=CHUNK_ROWS, encoding="utf-8")
             for df in reader:
                 if first:
-                    _check_columns(path, list(df.columns), usecols)
+                    _check_columns(path, [str(c) for c in df.columns], usecols)
                     first = False
                 yield df.reindex(columns=usecols)
-        except (ValueError, TypeError) as e:  # pandas raises TypeError for a line that is not an object
+        except (ValueError, TypeError, AttributeError) as e:  # pandas: TypeError/AttributeError for a non-object line
             if isinstance(e, (WorkloadError, UnicodeDecodeError)):
                 raise
             raise WorkloadError(f"{path}: cannot be read as JSON lines ({_locate_bad_json(path, usecols)})") from None
@@ -243,7 +305,7 @@ def _chunks(path: Path, fmt: str, usecols: list[str], dtypes: dict | None):
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
             raise WorkloadError(f"{path}: cannot be read as parquet ({str(e).splitlines()[0]})") from None
-        _check_columns(path, pf.schema_arrow.names, usecols)
+        _check_columns(path, pf.schema_arrow.names, usecols, fmt)
         for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=usecols):
             yield batch.to_pandas()
 
@@ -254,6 +316,7 @@ def _text(s: pd.Series) -> pd.Series:
 
 def _token_codes(s: pd.Series, typed: bool) -> tuple[np.ndarray, np.ndarray]:
     """(values as int64 with bad entries set to 1, reason codes into _TOKEN_REASONS)."""
+    s = _no_booleans(s)
     v = pd.to_numeric(s, errors="coerce").to_numpy(dtype=float) if not typed else s.to_numpy(dtype=float)
     nan = np.isnan(v)
     code = np.zeros(len(v), np.uint8)
@@ -275,6 +338,25 @@ def _token_codes(s: pd.Series, typed: bool) -> tuple[np.ndarray, np.ndarray]:
     return out, code
 
 
+def _no_booleans(s: pd.Series) -> pd.Series:
+    """``s`` with JSON/Parquet booleans as text ('True'), so that they read as "not a number", never as 1."""
+    if pd.api.types.is_bool_dtype(s.dtype):
+        return s.astype(str)
+    if s.dtype == object:
+        isbool = s.map(lambda x: isinstance(x, (bool, np.bool_))).to_numpy(dtype=bool)
+        if isbool.any():
+            s = s.copy()
+            s[isbool] = s[isbool].astype(str)
+    return s
+
+
+def _numbers_in(s: pd.Series) -> np.ndarray:
+    """Which entries of ``s`` are numbers (or text that reads as one)."""
+    if pd.api.types.is_datetime64_any_dtype(s.dtype):
+        return np.zeros(len(s), bool)
+    return pd.to_numeric(_no_booleans(s), errors="coerce").notna().to_numpy()
+
+
 def _time_codes(s: pd.Series, unit: str, typed: bool) -> tuple[np.ndarray, np.ndarray]:
     """(float seconds, or int64 ns since the epoch for date-times; reason codes)."""
     if unit == "datetime":
@@ -282,11 +364,12 @@ def _time_codes(s: pd.Series, unit: str, typed: bool) -> tuple[np.ndarray, np.nd
             ts = pd.to_datetime(s, errors="coerce", format="mixed", utc=True)
         except (ValueError, TypeError, OverflowError):  # pandas raises on some mixes even with coerce
             ts = pd.Series([pd.to_datetime(x, errors="coerce", utc=True) for x in s], index=s.index)
-        bad = ts.isna().to_numpy()
+        numeric = _numbers_in(s)
+        bad = ts.isna().to_numpy() | numeric  # a number is never a date-time (pandas reads it as ns, "2023" as a year)
         code = np.zeros(len(s), np.uint8)
         if bad.any():
             empty = (s.isna() | (_text(s) == "")).to_numpy()
-            code[bad] = np.where(empty[bad], 1, 2)
+            code[bad] = np.where(numeric[bad], 3, np.where(empty[bad], 1, 2))
         ns = ts.to_numpy(dtype="datetime64[ns]").astype(np.int64)
         return np.where(bad, 0, ns), code
     v, code = _token_codes(s, typed)  # reuse the number checks; remap the token-only ones
@@ -339,8 +422,8 @@ def load_trace(path: str | os.PathLike, columns: dict | None = None, time_unit: 
     if unknown:
         raise WorkloadError(f"{path}: workload.columns has unknown key(s) {unknown}; expected keys {list(COLUMN_KEYS)}")
     columns = {"arrival": "arrival", "prompt": "prompt", "output": "output", **(columns or {})}
-    if time_unit not in TIME_UNITS:
-        raise WorkloadError(f"{path}: time_unit {time_unit!r}; expected one of {list(TIME_UNITS)}")
+    if time_unit not in TIME_UNIT_CHOICES:
+        raise WorkloadError(f"{path}: time_unit {time_unit!r}; expected one of {list(TIME_UNITS)} or 'auto'")
     if on_bad_rows not in ("error", "skip"):
         raise WorkloadError(f"{path}: on_bad_rows {on_bad_rows!r}; expected 'error' or 'skip'")
     if not path.is_file():
@@ -351,12 +434,13 @@ def load_trace(path: str | os.PathLike, columns: dict | None = None, time_unit: 
     if len(usecols) < 3 + bool(class_column):
         raise WorkloadError(f"{path}: workload.columns maps two keys to one column ({columns}); "
                             "expected distinct columns for arrival, prompt and output")
-    typed = None
-    if fmt == "csv":  # fast path: let the C parser convert numbers; fall back to text on anything odd
-        typed = {cp: "float64", co: "float64", ca: str if time_unit == "datetime" else "float64"}
-        if class_column:
-            typed[class_column] = str
     try:
+        time_unit, unit_note = _resolve_time_unit(path, fmt, usecols, ca, time_unit)
+        typed = None
+        if fmt == "csv":  # fast path: let the C parser convert numbers; fall back to text on anything odd
+            typed = {cp: "float64", co: "float64", ca: str if time_unit == "datetime" else "float64"}
+            if class_column:
+                typed[class_column] = str
         try:
             parsed = _parse(path, fmt, usecols, typed, ca, cp, co, class_column, time_unit, on_bad_rows)
         except _Fallback:
@@ -372,7 +456,7 @@ def load_trace(path: str | os.PathLike, columns: dict | None = None, time_unit: 
     t, p, o, classes, bad, keep, n_rows = parsed
     if n_rows == 0:
         raise WorkloadError(f"{path}: no data rows (only a header)")
-    notes = []
+    notes = [unit_note] if unit_note else []
     rows = None  # original 0-based row index of each kept request, when rows were dropped
     if keep is not None:
         n_bad = int((~keep).sum())
@@ -384,13 +468,14 @@ def load_trace(path: str | os.PathLike, columns: dict | None = None, time_unit: 
                 for c in sorted(b.count):
                     row, raw = b.first[c]
                     detail.append(f"column '{col}' was {b.reasons[c]} in {b.count[c]} row(s) (first: row {row}, {_raw(raw)!r})")
-        notes = [f"skipped {n_bad} of {n_rows} row(s); {n_rows - n_bad} left"] + notes + detail
+        notes = ([unit_note] if unit_note else []) + [f"skipped {n_bad} of {n_rows} row(s); {n_rows - n_bad} left"] \
+            + notes[bool(unit_note):] + detail
         if not keep.any():
             raise WorkloadError(f"{path}: every row was bad; nothing left to replay ({'; '.join(detail)})")
         rows = np.flatnonzero(keep)
         t, p, o = t[keep], p[keep], o[keep]
         classes = classes[keep] if classes is not None else None
-        warnings.warn(f"{path}: " + "; ".join(notes), SkippedRowsWarning, stacklevel=2)
+        warnings.warn(f"{path}: " + "; ".join(notes[bool(unit_note):]), SkippedRowsWarning, stacklevel=2)
     if time_unit == "datetime":
         t = (t - t.min()) / 1e9
     if not sort:
@@ -410,6 +495,66 @@ def load_trace(path: str | os.PathLike, columns: dict | None = None, time_unit: 
         rc, class_names = codes.astype(np.int64), tuple(str(u) for u in uniques)
     return Workload(arrival_s=t - t[0], prompt_tokens=p, output_tokens=o, name=name or path.stem,
                     request_class=rc, class_names=class_names, notes=tuple(notes))
+
+
+EPOCH_S = (1e9, 1e10)  # Unix time in seconds: 2001-09-09 .. 2286-11-20
+EPOCH_MS = (1e12, 1e13)  # the same span in milliseconds
+
+
+def _resolve_time_unit(path: Path, fmt: str, usecols: list[str], ca: str, time_unit: str) -> tuple[str, str]:
+    """(the unit to read the arrival column with, a note saying what was decided, or "").
+
+    A Parquet timestamp column is read as date-times whatever ``time_unit`` says (its raw integers are
+    microseconds or nanoseconds, never seconds). ``auto`` takes date-time strings as date-times and numbers
+    as seconds or milliseconds when their size says so (Unix times: 1e9-1e10 s, 1e12-1e13 ms); otherwise it
+    refuses to guess."""
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+        except (pa.ArrowException, OSError) as e:
+            raise WorkloadError(f"{path}: cannot be read as parquet ({str(e).splitlines()[0]})") from None
+        _check_columns(path, names, usecols, fmt)
+        typ = pf.schema_arrow.field(ca).type
+        if pa.types.is_timestamp(typ) or pa.types.is_date(typ):
+            if time_unit in ("datetime",):
+                return "datetime", ""
+            return "datetime", (f"time_unit={time_unit}: column '{ca}' is a Parquet {typ} column, read as "
+                                "date-times")
+        if time_unit != "auto":
+            return time_unit, ""
+        sample = next(pf.iter_batches(batch_size=1000, columns=[ca])).to_pandas()[ca] if pf.metadata.num_rows \
+            else pd.Series([], dtype=object)
+    elif time_unit != "auto":
+        return time_unit, ""
+    else:
+        sample = pd.Series([], dtype=object)
+        for df in _chunks(path, fmt, usecols, None):
+            sample = df[ca].head(1000)
+            break
+    s = sample[sample.notna() & (_text(sample) != "")]
+    if not len(s):
+        return "s", ""  # no arrival to read: the row checks report the empty values
+    numeric = _numbers_in(s)
+    if not numeric.any():
+        return "datetime", f"time_unit=auto: column '{ca}' holds date-time strings; read as date-times"
+    if not numeric.all():
+        i, j = int(np.flatnonzero(numeric)[0]), int(np.flatnonzero(~numeric)[0])
+        raise WorkloadError(f"{path}: column '{ca}' mixes numbers ({_echo(_raw(s.iloc[i]))}) and text "
+                            f"({_echo(_raw(s.iloc[j]))}); time_unit=auto cannot tell how to read it: fix the column "
+                            "or set workload.time_unit=s, ms or datetime")
+    v = pd.to_numeric(_no_booleans(s), errors="coerce").to_numpy(dtype=float)
+    lo, hi = float(np.min(v)), float(np.max(v))
+    if EPOCH_S[0] <= lo and hi < EPOCH_S[1]:
+        return "s", f"time_unit=auto: column '{ca}' holds Unix times in seconds ({lo:.10g}..); read as seconds"
+    if EPOCH_MS[0] <= lo and hi < EPOCH_MS[1]:
+        return "ms", f"time_unit=auto: column '{ca}' holds Unix times in milliseconds ({lo:.13g}..); read as ms"
+    raise WorkloadError(f"{path}: column '{ca}' holds numbers ({lo:g} to {hi:g} in the first {len(v)} rows), "
+                        "which time_unit=auto cannot tell as seconds or milliseconds; set workload.time_unit=s or "
+                        "workload.time_unit=ms")
 
 
 class _Fallback(Exception):
@@ -440,6 +585,10 @@ def _parse(path, fmt, usecols, typed, ca, cp, co, class_column, time_unit, on_ba
                                           else (co, co_[i], _TOKEN_REASONS))
                     what = ("a date-time" if time_unit == "datetime" else "a finite, non-negative time") \
                         if col == ca else "a positive integer token count"
+                    if col == ca and time_unit == "datetime" and code == 3:
+                        raise WorkloadError(f"{path}: row {offset + i + 1}, column '{col}': {_raw(df[col].iloc[i])!r} "
+                                            "is a number, but time_unit=datetime reads date-time strings; for "
+                                            "numeric times set workload.time_unit=s or workload.time_unit=ms")
                     raise WorkloadError(f"{path}: row {offset + i + 1}, column '{col}': {_raw(df[col].iloc[i])!r} "
                                         f"is {reasons[code]}; expected {what} (set workload.on_bad_rows=skip to drop such rows)")
                 for col, code in ((ca, ct), (cp, cp_), (co, co_)):
@@ -547,12 +696,17 @@ def scale_time(w: Workload, factor: float) -> Workload:
     return replace(w, arrival_s=w.arrival_s / factor)
 
 
-def set_rate(w: Workload, rate: float) -> Workload:
-    """Rescale arrival times so the mean rate over the trace is ``rate`` requests/second."""
+def set_rate(w: Workload, rate: float, key: str = "workload.rate") -> Workload:
+    """Rescale arrival times so the mean rate over the trace is ``rate`` requests/second.
+
+    A workload whose arrivals all fall at one instant (one request, or a single burst) has no rate to rescale:
+    a :class:`WorkloadError` naming ``key`` (the config key that asked for the rate) says so."""
     if not rate > 0:
         raise WorkloadError(f"workload rate is {rate}; expected a positive rate in requests/second")
     if len(w) < 2 or w.duration_s == 0:
-        return w
+        what = "a single request" if len(w) < 2 else f"{len(w)} requests that all arrive at the same instant"
+        raise WorkloadError(f"{key} is set but the workload ({w.name}) is {what}: it has no arrival rate to "
+                            f"rescale; set {key}=null to replay the arrivals as they are")
     return scale_time(w, rate / w.rate)
 
 
