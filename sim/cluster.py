@@ -261,6 +261,77 @@ def _group_worker(reqs, route, indices, seeds, cost, policy, acceptance, cluster
     return reqs.state(), rows, busy, [(w.category, str(w.message)) for w in caught]
 
 
+def _remove_spools(spools: list[str]) -> None:
+    for folder in spools:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _worker_init(parent: int, spools: list[str]) -> None:
+    """Initializer of a group worker: it must not outlive the process that started it (``parent``).
+
+    On Linux the kernel sends the worker SIGTERM when the parent dies, however it dies (``kill -9``
+    included: PR_SET_PDEATHSIG); elsewhere, and for a parent that died before that was set, a daemon thread
+    polls the parent's pid once a second. Either way the worker removes the spool folders (the parent
+    could not, if it was killed) and exits at once. A SIGTERM while the parent lives (the parent ending
+    its workers) just exits: the parent removes the folders."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
+
+    def leave(*_):
+        if orphaned():
+            _remove_spools(spools)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while not orphaned():
+            time.sleep(1.0)
+        _remove_spools(spools)
+        os._exit(1)
+
+    if orphaned():
+        leave()
+    threading.Thread(target=watch, name="specbatch-parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _terminate_raises_system_exit():
+    """While the body runs, SIGTERM raises :class:`SystemExit` in the main thread (so ``finally`` blocks and
+    context managers run: the workers are ended and the spool folders removed) — unless the program has set
+    its own SIGTERM handler or this is not the main thread, where nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _spool_folders(stack: contextlib.ExitStack) -> list[str]:
     """Fresh temporary folders, removed when ``stack`` closes, for workers' iteration rows: one in
     ``/dev/shm`` (memory) where there is one, then one in the default temporary folder."""
@@ -269,7 +340,8 @@ def _spool_folders(stack: contextlib.ExitStack) -> list[str]:
         if base is not None and not (os.path.isdir(base) and os.access(base, os.W_OK)):
             continue
         try:
-            out.append(stack.enter_context(tempfile.TemporaryDirectory(prefix="specbatch-rows-", dir=base)))
+            out.append(stack.enter_context(tempfile.TemporaryDirectory(prefix="specbatch-rows-", dir=base,
+                                                                       ignore_cleanup_errors=True)))
         except OSError:
             continue
     return out
@@ -291,9 +363,28 @@ def _simulate_groups(reqs: RequestTable, route: np.ndarray, groups: list[np.ndar
     runs = []
     seen: set[str] = set()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_terminate_raises_system_exit())
         spools = _spool_folders(stack)
-        pool = stack.enter_context(ProcessPoolExecutor(max_workers=len(groups),
-                                                       mp_context=multiprocessing.get_context("spawn")))
+        before = set(multiprocessing.active_children())
+        pool = ProcessPoolExecutor(max_workers=len(groups), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(os.getpid(), spools))
+
+        def end_pool(exc_type, exc, tb):
+            if exc_type is None:
+                pool.shutdown(wait=True)
+                return
+            # Failing or interrupted (SIGTERM, Ctrl-C, a worker's error): end the workers now rather than
+            # waiting for their groups to finish; the spool folders go when the stack closes.
+            workers = [p for p in multiprocessing.active_children() if p not in before]
+            for w in workers:
+                w.terminate()
+            for w in workers:
+                w.join(5)
+                if w.is_alive():
+                    w.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+        stack.push(end_pool)
         futures = [pool.submit(_group_worker, *args, spools) for _, args in jobs]
         for (ids, _), fut in zip(jobs, futures):
             state, rows, group_busy, caught = fut.result()
@@ -309,7 +400,6 @@ def _simulate_groups(reqs: RequestTable, route: np.ndarray, groups: list[np.ndar
                     if issubclass(category, ExtrapolationWarning):
                         cost.warned = True
                     warnings.warn(message, category, stacklevel=3)
-        pool.shutdown()
         frame = merge_sorted_rows(runs)
     return frame, busy
 

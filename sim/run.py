@@ -27,7 +27,7 @@ from specbatch import profiles_dir, traces_dir
 from . import workload as wl
 from .acceptance import AcceptanceModel
 from .config import ConfigError, WorkloadConfigError, checked, cluster_config, config_number, one_line
-from .capacity import estimate_capacity
+from .capacity import estimate_capacity, rate_for_load
 from .cluster import ClusterConfig, SimResult, simulate
 from .cost_model import CostModel
 from .metrics import summarize
@@ -168,7 +168,7 @@ def apply_rate(cfg: DictConfig, w: wl.Workload, cost: CostModel, cluster: Cluste
     if c.rate is not None:
         w = wl.set_rate(w, float(c.rate), "workload.rate")
     elif c.load is not None:
-        w = wl.set_rate(w, float(c.load) * info["capacity_req_s"], "workload.load")
+        w = wl.set_rate(w, rate_for_load(cost, w, cluster, float(c.load)), "workload.load")
     return w, info
 
 
