@@ -1,9 +1,10 @@
 """A real serving engine: batched speculative decoding with the preset models, in real time.
 
 It replays a :class:`specbatch.sim.workload.Workload` on the local device (CPU here, CUDA where present) with the
-*simulator's* scheduler: the engine drives a :class:`specbatch.sim.replica.Replica` (its admission, preemption,
-acceptance sampling and bookkeeping methods) without SimPy, and replaces each simulated duration by the
-real work on the models. The iteration semantics are therefore exactly those of ``sim/replica.py``:
+*simulator's* scheduler, :class:`specbatch.sim.scheduler.Scheduler` (admission, preemption, γ choice,
+acceptance draws, bookkeeping and the iteration record), in place of the simulated clock and cost model the
+real work on the models. The iteration semantics are therefore those of the simulator's continuous batching
+(:mod:`specbatch.sim.replica`):
 
 1. requests whose arrival time has passed (wall clock since the start) join the queue;
 2. FCFS admission up to ``max_batch`` and the KV capacity (tokens, same watermark rule);
@@ -22,7 +23,7 @@ Both run the same model and sampling work, so a step costs the same in either mo
 
 KV cache: one pre-allocated buffer per layer of ``max_batch`` slots × ``max_len`` positions (a subclass of
 the profiler's :class:`~specbatch.profiler.models.PreallocLayer`). The running batch occupies slots ``0..b-1``; a
-request leaving frees its slot by moving the last slot's sequence into it. Sequences have different
+request leaving frees its slot by moving the last slot's sequence into it (:class:`_Slots`). Sequences have different
 lengths (mixed contexts): each step writes every sequence's new K/V at its own positions (one scatter per
 layer) and attends over ``max(length) + new`` positions with a per-sequence boolean mask, i.e. attention
 is padded to the longest sequence of the batch (:attr:`Engine.attention`, the simulator's
@@ -56,7 +57,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import simpy
 import torch
 from transformers.cache_utils import Cache
 
@@ -67,7 +67,7 @@ from specbatch.sim.cluster import SimResult, charged_context, request_table
 from specbatch.sim.cost_model import CostModel
 from specbatch.sim.policies import Policy
 from specbatch.sim.iterations import IterationLog
-from specbatch.sim.replica import PREFILL, Replica, _Running
+from specbatch.sim.scheduler import PREFILL, Scheduler
 from specbatch.sim.workload import Workload
 
 ACCEPTANCE_MODES = ("synthetic", "real")
@@ -249,14 +249,85 @@ def batched_forward(model, slots: SlotCache, tokens: torch.Tensor, lengths: torc
 # --- the engine -------------------------------------------------------------------------------------------
 
 
-class _NoCost:
-    """Stands in for the cost model inside the driven Replica: the engine's prefill takes real time."""
+class _Slots:
+    """The running sequences' places in the engine's KV slots, their token ids and their last tokens.
 
-    def __init__(self, max_gamma: int):
-        self.max_gamma = max_gamma
+    The running batch occupies slots ``0..b-1``; a sequence leaving frees its slot by moving the last
+    slot's sequence into it. ``history``: token ids per request id (prompt, random ids drawn from ``rng``,
+    then the generated tokens); ``last_tok[s]``: slot s's newest token, not yet in its KV cache."""
 
-    def prefill(self, *_args) -> float:
-        return 0.0
+    def __init__(self, engine: "Engine", reqs, rng: np.random.Generator, uses_draft: bool):
+        self.engine, self.reqs, self.rng, self.uses_draft = engine, reqs, rng, uses_draft
+        self.history: dict[int, list[int]] = {}
+        self.slot_of: dict[int, int] = {}
+        self.slot_rid: list[int] = []  # slot -> request id
+        self.last_tok = torch.zeros(engine.cfg.max_batch, dtype=torch.long, device=engine.device)
+
+    def open(self, rids: list[int]) -> tuple[list[int], list[list[int]]]:
+        """Give each of ``rids`` the next free slot; return the slots and the token histories to prefill."""
+        new_slots, hists = [], []
+        for rid in rids:
+            h = self.history.get(rid)
+            if h is None:
+                h = self.history[rid] = self.rng.integers(0, self.engine.vocab, int(self.reqs.prompt[rid])).tolist()
+            self.slot_of[rid] = len(self.slot_rid)
+            new_slots.append(len(self.slot_rid))
+            self.slot_rid.append(rid)
+            hists.append(h)
+        return new_slots, hists
+
+    def free(self, ids) -> None:
+        """Free the slots of request ``ids`` (``None``: none)."""
+        if ids is None:
+            return
+        eng = self.engine
+        for rid in np.asarray(ids).tolist():
+            s = self.slot_of.pop(rid)
+            end = len(self.slot_rid) - 1
+            moved = self.slot_rid.pop()
+            if s != end:
+                n = len(self.history[moved])
+                eng.tcache.move(end, s, n)
+                if self.uses_draft:
+                    eng.dcache.move(end, s, n)
+                self.last_tok[s] = self.last_tok[end]
+                self.slot_rid[s] = moved
+                self.slot_of[moved] = s
+
+    def forget(self, ids: list[int]) -> None:
+        """Free preempted requests' slots; their histories keep the prompt and the tokens counted as
+        generated, which re-admission prefills."""
+        r = self.reqs
+        for rid in ids:
+            self.history[rid] = self.history[rid][:int(r.prompt[rid] + r.generated[rid])]
+        self.free(ids)
+
+
+class _ReplayClock:
+    """The engine's clock from the start of a replay (seconds): ``read`` (a :func:`make_clock` clock) less
+    its reading at the start, plus the idle time jumped over (``cpu`` clock), less the time spent aside."""
+
+    def __init__(self, read: Callable[[], float], kind: str):
+        self.read, self.kind = read, kind
+        self.skipped = 0.0
+        self.origin = read()
+
+    def now(self) -> float:
+        return self.read() - self.origin + self.skipped
+
+    def idle_until(self, t: float) -> None:
+        """Wait until ``t``: sleep (``wall``), or jump over the gap (``cpu``: its clock does not run idle)."""
+        if self.kind == "wall":
+            time.sleep(max(0.0, t - self.now()))
+        else:
+            self.skipped += max(0.0, t - self.now())
+
+    def aside(self, fn: Callable[[], float]) -> float:
+        """``fn()``, its time taken out of this clock."""
+        t = self.read()
+        out = fn()
+        self.skipped -= self.read() - t
+        return out
 
 
 @dataclass
@@ -326,7 +397,6 @@ class Engine:
         ``draft_sync``: at γ = 0 the draft also runs on ``last``, so its KV cache stays in step."""
         temp, gen = self.cfg.temperature, self.gen
         b = last.shape[0]
-        rows = torch.arange(b, device=last.device)
         drafts, qs = [], []
         tok = last
         for k in range(gamma):
@@ -339,31 +409,8 @@ class Engine:
         d = torch.stack(drafts, 1) if gamma else last.new_empty((b, 0))
         ids = torch.cat([last[:, None], d], 1)
         logits = batched_forward(self.target, self.tcache, ids, lengths, True).float()  # (b, γ+1, V)
-        if temp <= 0:
-            target_tok = logits.argmax(-1)
-            n_acc = (target_tok[:, :gamma] == d).int().cumprod(1).sum(1)
-            if synthetic_acc is not None:
-                n_acc = synthetic_acc
-            next_tok = target_tok[rows, n_acc]
-        else:
-            p = torch.softmax(logits / temp, -1)
-            if gamma:
-                qp = torch.stack(qs, 1)
-                p_tok = p[:, :gamma].gather(-1, d[..., None])[..., 0]
-                q_tok = qp.gather(-1, d[..., None])[..., 0]
-                u = torch.rand(b, gamma, device=last.device, generator=gen)
-                n_acc = (u * q_tok <= p_tok).int().cumprod(1).sum(1)
-                if synthetic_acc is not None:
-                    n_acc = synthetic_acc
-                q_pad = torch.cat([qp, torch.zeros_like(qp[:, :1])], 1)
-                residual = (p - q_pad).clamp_min(0)[rows, n_acc]
-                residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-20)
-                # a synthetic "rejection" may hit an all-zero residual (draft = target there): use p instead
-                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, n_acc])
-            else:
-                n_acc = torch.zeros(b, dtype=torch.long, device=last.device)
-                residual = p[:, 0]
-            next_tok = torch.multinomial(residual, 1, generator=gen)[:, 0]
+        n_acc, next_tok = M.speculative_sample(logits, d, torch.stack(qs, 1) if gamma and temp > 0 else None, temp,
+                                               gen, synthetic_acc)
         return n_acc, ids, next_tok
 
     def warm_up(self, gamma: int = 2, prompt: int = 16) -> None:
@@ -379,6 +426,85 @@ class Engine:
         for g in (0, gamma):
             self.spec_step(last, lengths, g, None)
 
+    def _iteration(self, sched: Scheduler, slots: "_Slots", clock: "_ReplayClock",
+                   t0: float) -> tuple[float, float, float]:
+        """One iteration from ``t0``: admit and prefill, one speculative step, leave, record. Returns the
+        seconds of prefill forwards, of the step's model work, and the iteration's end."""
+        admitted = sched.admit()
+        fwd = model_s = 0.0
+        t1 = t0
+        if admitted:
+            fwd = self._prefill_admitted(slots, admitted, clock.read)
+            t1 = clock.now()
+            if sched.join(admitted, t0, t1):
+                slots.free(sched.finish(t1))
+        gamma = tokens = accepted = n = 0
+        preempted: list[int] = []
+        ctx_mean = ctx_max = 0.0
+        if len(sched.batch):
+            gamma, view, preempted = sched.choose_gamma(t1)
+            if preempted:  # their generated tokens are recomputed at re-admission
+                slots.forget(preempted)
+            n, ctx_mean, ctx_max = view.batch, view.context, view.step_context  # (padded: the longest)
+            model_s, tokens, accepted = self._step(sched, slots, view, gamma, clock)
+            slots.free(sched.finish(clock.now()))
+        t2 = clock.now()
+        sched.kv_tokens = sched.batch_tokens()
+        sched.record(t0, batch=n, gamma=gamma, prefill_s=t1 - t0, step_s=t2 - t1, tokens=tokens + len(admitted),
+                     accepted=accepted, admitted=len(admitted), preempted=len(preempted), context=ctx_mean,
+                     context_max=ctx_max)
+        return fwd, model_s, t2
+
+    def _prefill_admitted(self, slots: "_Slots", admitted: list[int], clock: Callable[[], float]) -> float:
+        """Prefill the admitted requests' histories into new slots (one forward each, or with
+        ``prefill="batched"`` one per model for all); return the seconds of the forwards."""
+        temp, gen, dev, draft = self.cfg.temperature, self.gen, self.device, slots.uses_draft
+        new_slots, hists = slots.open(admitted)
+        if self.cfg.prefill == "batched" and len(admitted) > 1:
+            toks, fwd = prefill_into_slots(self.target, self.tcache, new_slots, hists, temp, gen, dev, clock)
+            if draft:
+                fwd += prefill_into_slots(self.draft, self.dcache, new_slots, hists, temp, gen, dev, clock)[1]
+        else:
+            toks, fwd = [], 0.0
+            for s, h in zip(new_slots, hists):
+                tok, f = prefill_into_slot(self.target, self.tcache, s, h, temp, gen, dev, clock)
+                fwd += f
+                if draft:
+                    fwd += prefill_into_slot(self.draft, self.dcache, s, h, temp, gen, dev, clock)[1]
+                toks.append(tok)
+        for s, h, tok in zip(new_slots, hists, toks):
+            slots.last_tok[s] = tok
+            h.append(tok)
+        return fwd
+
+    def _step(self, sched: Scheduler, slots: "_Slots", view, gamma: int, clock: "_ReplayClock") -> tuple[float, int, int]:
+        """The speculative step of the running batch at ``gamma`` on the models, committed to ``sched``;
+        returns the seconds of model work, the tokens gained and the draft tokens accepted."""
+        b, device, synthetic = sched.batch, self.device, self.cfg.acceptance == "synthetic"
+        n, rid_rows = len(b), b.ids.tolist()
+        rows = [slots.slot_of[r] for r in rid_rows]  # slot of each batch row
+        # cached positions per slot = context - 1 (the last token is not yet in the cache)
+        lengths = torch.empty(n, dtype=torch.long)
+        lengths[rows] = torch.as_tensor(b.contexts - 1)
+        acc = sched.speculate(gamma) if synthetic else None
+        syn = None
+        if synthetic and gamma:
+            syn = torch.empty(n, dtype=torch.long)
+            syn[rows] = torch.as_tensor(acc)
+            syn = syn.to(device)
+        tm = clock.read()
+        n_acc, ids_t, next_tok = self.spec_step(slots.last_tok[:n], lengths.to(device), gamma, syn,
+                                                self.cfg.draft_sync and slots.uses_draft)
+        model_s = clock.read() - tm
+        n_acc_l, ids_l, next_l = n_acc.tolist(), ids_t.tolist(), next_tok.tolist()
+        if not synthetic:
+            acc = np.array([n_acc_l[s] for s in rows], np.int64)
+        slots.last_tok[:n] = next_tok
+        gain, tokens, accepted = sched.advance(view, gamma, acc)
+        for rid, s, g in zip(rid_rows, rows, gain.tolist()):
+            slots.history[rid].extend((ids_l[s][1:1 + n_acc_l[s]] + [next_l[s]])[:g])
+        return model_s, tokens, accepted
+
     # -- serving loop ------------------------------------------------------------------------------------------
 
     def run(self, workload: Workload, cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
@@ -390,7 +516,7 @@ class Engine:
         ``probe``: a reference measurement run before every ``probe_every``-th iteration, its time taken out of
         the engine's clock (the replay does not see it); what it returns is kept in :attr:`probes` — e.g. the
         seconds a fixed profiler step takes, the machine's speed during the run."""
-        cfg, device = self.cfg, self.device
+        cfg = self.cfg
         if len(workload) == 0:
             raise ValueError("the workload has no requests")
         need = int((workload.prompt_tokens + workload.output_tokens).max()) + cost.max_gamma + 2
@@ -405,157 +531,34 @@ class Engine:
         policy.setup(cost, acceptance, reference_context)
         capacity = self.capacity
         log = IterationLog()
-        rep = Replica(simpy.Environment(), 0, reqs, _NoCost(cost.max_gamma), policy, acceptance,
-                      np.random.default_rng(seeds[2]), log, max_batch=cfg.max_batch, kv_capacity_tokens=capacity,
-                      watermark=cfg.watermark, attention=self.attention)  # policies see the step's context
+        sched = Scheduler(0, reqs, policy, np.random.default_rng(seeds[2]), log, max_batch=cfg.max_batch,
+                          kv_capacity_tokens=capacity, max_gamma=cost.max_gamma, watermark=cfg.watermark,
+                          attention=self.attention)  # policies see the step's context
         reqs.rejected[:] = (reqs.prompt + reqs.output) > capacity
-        uses_draft = policy.uses_draft
-        rng = np.random.default_rng([seed, 7])
-        history = {}  # request id -> token ids (prompt + generated), for prefill and recompute
-        slot_of: dict[int, int] = {}
-        slot_rid: list[int] = []  # slot -> request id
-        last_tok = torch.zeros(cfg.max_batch, dtype=torch.long, device=device)
-        synthetic = cfg.acceptance == "synthetic"
-        b = rep.batch
-        diag: list[tuple[float, float]] = []  # per iteration: prefill forwards, speculative step (model work)
+        slots = _Slots(self, reqs, np.random.default_rng([seed, 7]), policy.uses_draft)
         if cfg.warmup:
             self.warm_up(cost.max_gamma, int(workload.prompt_tokens.max()))
-
-        def free(ids) -> None:
-            for rid in np.asarray(ids).tolist():
-                s = slot_of.pop(rid)
-                end = len(slot_rid) - 1
-                moved = slot_rid.pop()
-                if s != end:
-                    n = len(history[moved])
-                    self.tcache.move(end, s, n)
-                    if uses_draft:
-                        self.dcache.move(end, s, n)
-                    last_tok[s] = last_tok[end]
-                    slot_rid[s] = moved
-                    slot_of[moved] = s
-
+        clock = _ReplayClock(make_clock(cfg.clock, self.device), cfg.clock)
         arrivals = reqs.arrival.tolist()
         order = [i for i in range(reqs.n) if not reqs.rejected[i]]
-        nxt = 0
-        clock = make_clock(cfg.clock, device)
-        skipped = [0.0]  # cpu clock: idle time jumped over (the clock does not run while nothing runs)
-        t_origin = clock()
-
-        def now() -> float:
-            return clock() - t_origin + skipped[0]
-
-        def idle_until(t_arrival: float) -> None:
-            if cfg.clock == "wall":
-                time.sleep(max(0.0, t_arrival - now()))
-            else:
-                skipped[0] += max(0.0, t_arrival - now())
-
-        probes, n_iter = [], 0
-        while nxt < len(order) or rep.outstanding:
-            t = now()
+        nxt = busy = 0
+        probes, diag = [], []  # diag, per iteration: prefill forwards, speculative step (model work)
+        while nxt < len(order) or sched.outstanding:
+            t = clock.now()
             while nxt < len(order) and arrivals[order[nxt]] <= t:
-                rep.submit(order[nxt])
+                sched.submit(order[nxt])
                 nxt += 1
-            if not len(b) and not rep.waiting:
-                idle_until(arrivals[order[nxt]])
+            if not len(sched.batch) and not sched.waiting:
+                clock.idle_until(arrivals[order[nxt]])
                 continue
-            if probe is not None and n_iter % probe_every == 0:
-                t_probe = clock()
-                probes.append(probe())
-                skipped[0] -= clock() - t_probe  # the probe's time is not the engine's
-            n_iter += 1
+            if probe is not None and len(diag) % probe_every == 0:
+                probes.append(clock.aside(probe))
             if time_limit_s is not None and t > time_limit_s:
                 raise TimeoutError(f"engine run exceeded {time_limit_s} s")
-            t0 = now()
-            fwd = model_s = 0.0
-            admitted = rep._admit()
-            if admitted:
-                hists, new_slots = [], []
-                for rid in admitted:
-                    h = history.get(rid)
-                    if h is None:
-                        h = history[rid] = rng.integers(0, self.vocab, int(reqs.prompt[rid])).tolist()
-                    s = len(slot_rid)
-                    slot_rid.append(rid)
-                    slot_of[rid] = s
-                    hists.append(h)
-                    new_slots.append(s)
-                if cfg.prefill == "batched" and len(admitted) > 1:  # one forward per model for all of them
-                    toks, f = prefill_into_slots(self.target, self.tcache, new_slots, hists, cfg.temperature,
-                                                 self.gen, device, clock)
-                    fwd += f
-                    if uses_draft:
-                        fwd += prefill_into_slots(self.draft, self.dcache, new_slots, hists, cfg.temperature,
-                                                  self.gen, device, clock)[1]
-                else:
-                    toks = []
-                    for s, h in zip(new_slots, hists):
-                        tok, f = prefill_into_slot(self.target, self.tcache, s, h, cfg.temperature, self.gen,
-                                                   device, clock)
-                        fwd += f
-                        if uses_draft:
-                            fwd += prefill_into_slot(self.draft, self.dcache, s, h, cfg.temperature, self.gen,
-                                                     device, clock)[1]
-                        toks.append(tok)
-                for s, h, tok in zip(new_slots, hists, toks):
-                    last_tok[s] = tok
-                    h.append(tok)
-                ids = np.asarray(admitted, np.int64)
-                fresh = ids[np.isnan(reqs.first_token[ids])]
-                rep._prefill(admitted, t0)
-                t1 = now()
-                reqs.first_token[fresh] = t1
-                first_done = b.finished()
-                if first_done is not None:
-                    free(rep._leave(b.take(first_done), t1))
-            else:
-                t1 = t0
-            gamma = preempted = tokens = accepted = n = 0
-            ctx_mean = ctx_max = 0.0
-            if len(b):
-                gamma, view, preempted = rep._pick_gamma(t1)
-                if preempted:  # the victims left the batch: drop their slots and generated-but-cached tokens
-                    gone = [rid for rid in slot_rid if rid not in set(b.ids.tolist())]
-                    for rid in gone:
-                        history[rid] = history[rid][:int(reqs.prompt[rid] + reqs.generated[rid])]
-                    free(gone)
-                n, ctx_mean, ctx_max = view.batch, view.context, max(b.s[:, _Running.CTX].tolist())
-                rid_rows = b.ids.tolist()
-                slots = [slot_of[r] for r in rid_rows]
-                # cached positions per slot = context - 1 (the last token is not yet in the cache)
-                lengths = torch.empty(n, dtype=torch.long)
-                ctx = b.s[:, _Running.CTX]
-                lengths[slots] = torch.as_tensor(ctx - 1)
-                acc_rows, gain = rep._speculate(gamma) if synthetic else (None, None)
-                syn = None
-                if synthetic and gamma:
-                    syn = torch.empty(n, dtype=torch.long)
-                    syn[slots] = torch.as_tensor(acc_rows)
-                    syn = syn.to(device)
-                tm = clock()
-                n_acc, ids_t, next_tok = self.spec_step(last_tok[:n], lengths.to(device), gamma, syn,
-                                                        cfg.draft_sync and uses_draft)
-                model_s = clock() - tm
-                n_acc_l, ids_l, next_l = n_acc.tolist(), ids_t.tolist(), next_tok.tolist()
-                if not synthetic:
-                    acc_rows = np.array([n_acc_l[s] for s in slots], np.int64)
-                    gain = np.minimum(acc_rows + 1, b.s[:, _Running.LEFT])
-                for rid, s, g in zip(rid_rows, slots, gain.tolist()):
-                    a = n_acc_l[s]
-                    history[rid].extend((ids_l[s][1:1 + a] + [next_l[s]])[:g])
-                last_tok[:n] = next_tok
-                tokens, accepted = rep._advance(gamma, acc_rows, gain)
-                rep.policy.observe(view, gamma, acc_rows)
-                done = b.finished()
-                if done is not None:
-                    free(rep._leave(b.take(done), now()))
-            t2 = now()
-            rep.busy_s += t2 - t0
-            rep.kv_tokens = int(b.s[:, _Running.CTX].sum())
-            log.add(t0, 0, n, gamma, t1 - t0, t2 - t1, tokens + len(admitted), accepted, len(admitted), preempted,
-                    len(rep.waiting), rep.kv_tokens, ctx_mean, ctx_max)
+            t0 = clock.now()
+            fwd, model_s, t2 = self._iteration(sched, slots, clock, t0)
             diag.append((fwd, model_s))
+            busy += t2 - t0
 
         iters = log.frame()
         fin = reqs.finished[~reqs.rejected]
@@ -566,6 +569,6 @@ class Engine:
         #: what ``probe`` returned, in order (empty without a probe)
         self.probes = probes
         #: token ids per request id: prompt (random ids) + the generated tokens
-        self.tokens = history
-        return SimResult(requests=reqs.frame(), iterations=iters, busy_s=[rep.busy_s], makespan_s=makespan,
+        self.tokens = slots.history
+        return SimResult(requests=reqs.frame(), iterations=iters, busy_s=[busy], makespan_s=makespan,
                          kv_capacity_tokens=capacity, policy=policy.describe())

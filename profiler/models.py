@@ -285,6 +285,44 @@ def decode_one_token(model, cache, tokens: torch.Tensor, temperature: float = 1.
     return torch.multinomial(probs, 1)[:, 0]
 
 
+def speculative_sample(logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
+                       temperature: float = 1.0, generator: torch.Generator | None = None,
+                       accepted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative-sampling test of ``draft_tokens`` (batch, gamma) against the target's ``logits``
+    (batch, gamma+1, vocab; float), the draft's distributions ``draft_probs`` (batch, gamma, vocab) unused when
+    greedy (``temperature <= 0``: accept while the target's argmax agrees, then take its argmax).
+    Otherwise draft token j is accepted while u·q ≤ p (u < min(1, p/q)); the next token is drawn from the
+    residual (p − q)+ at the first rejection, or from p after all gamma (the bonus token).
+    ``accepted`` (batch,): counts that replace the test's outcome (the test still runs and draws); a residual
+    that is then all zero (draft = target there) gives way to p.
+    Returns ``(n_accepted (batch,), next_token (batch,))``."""
+    b, gamma = draft_tokens.shape
+    rows = torch.arange(b, device=logits.device)
+    if temperature <= 0:
+        target_tok = logits.argmax(-1)  # (b, gamma+1)
+        n_acc = (target_tok[:, :gamma] == draft_tokens).int().cumprod(1).sum(1)
+        if accepted is not None:
+            n_acc = accepted
+        return n_acc, target_tok[rows, n_acc]
+    p = torch.softmax(logits / temperature, -1)
+    if gamma == 0:
+        n_acc = torch.zeros(b, dtype=torch.long, device=logits.device)
+        residual = p[:, 0]
+    else:
+        p_tok = p[:, :gamma].gather(-1, draft_tokens[..., None])[..., 0]
+        q_tok = draft_probs.gather(-1, draft_tokens[..., None])[..., 0]
+        u = torch.rand(b, gamma, device=logits.device, generator=generator)
+        n_acc = (u * q_tok <= p_tok).int().cumprod(1).sum(1)  # u < min(1, p/q)
+        if accepted is not None:
+            n_acc = accepted
+        q_pad = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)
+        residual = (p - q_pad).clamp_min(0)[rows, n_acc]  # at n_acc == gamma q_pad is 0: the bonus token
+        residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-20)
+        if accepted is not None:
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[rows, n_acc])
+    return n_acc, torch.multinomial(residual, 1, generator=generator)[:, 0]
+
+
 @torch.inference_mode()
 def verify(model, cache, last_token: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
            temperature: float = 1.0, generator: torch.Generator | None = None):
@@ -301,28 +339,7 @@ def verify(model, cache, last_token: torch.Tensor, draft_tokens: torch.Tensor, d
     start = cache.get_seq_length()
     ids = torch.cat([last_token[:, None], draft_tokens], 1)
     out = forward(model, cache, input_ids=ids, position_ids=_positions(b, start, gamma + 1, ids.device), use_cache=True)
-    logits = out.logits.float()  # (b, gamma+1, vocab)
-    rows = torch.arange(b, device=ids.device)
-    if temperature <= 0:
-        target_tok = logits.argmax(-1)  # (b, gamma+1)
-        match = (target_tok[:, :gamma] == draft_tokens).int()
-        n_acc = match.cumprod(1).sum(1)
-        next_tok = target_tok[rows, n_acc]
-    else:
-        p = torch.softmax(logits / temperature, -1)
-        if gamma > 0:
-            p_tok = p[:, :gamma].gather(-1, draft_tokens[..., None])[..., 0]
-            q_tok = draft_probs.gather(-1, draft_tokens[..., None])[..., 0]
-            u = torch.rand(b, gamma, device=ids.device, generator=generator)
-            accept = (u * q_tok <= p_tok).int()  # u < min(1, p/q)
-            n_acc = accept.cumprod(1).sum(1)
-            q_pad = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)
-            residual = (p - q_pad).clamp_min(0)[rows, n_acc]  # at n_acc == gamma q_pad is 0: the bonus token
-            residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-20)
-        else:
-            n_acc = torch.zeros(b, dtype=torch.long, device=ids.device)
-            residual = p[:, 0]
-        next_tok = torch.multinomial(residual, 1, generator=generator)[:, 0]
+    n_acc, next_tok = speculative_sample(out.logits.float(), draft_tokens, draft_probs, temperature, generator)
     # rollback of rejected positions: keep last_token + the longest accepted prefix in the shared buffer
     keep = 1 + int(n_acc.max())
     rollback(cache, gamma + 1 - keep)

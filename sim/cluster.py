@@ -38,7 +38,7 @@ from .acceptance import AcceptanceModel
 from .cost_model import CostModel, ExtrapolationWarning
 from .profile import ProfileError
 from .policies import Policy
-from .events import URGENT, at_time
+from .simpy_adapter import URGENT, at_time
 from .iterations import IterationLog, iterations_frame, merge_sorted_rows
 from .replica import ATTENTION, PREFILL, Replica
 from .requests import RequestTable

@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import math
 from array import array
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 ITERATION_COLUMNS = ("start_s", "replica", "batch", "gamma", "prefill_s", "step_s", "tokens", "accepted", "admitted",
                      "preempted", "queue", "kv_tokens", "context", "context_max")
+
+
+class IterationRow(NamedTuple):
+    """One iteration of one replica: the fields of :data:`ITERATION_COLUMNS`, in that order."""
+
+    start_s: float  # when the iteration started (s)
+    replica: int
+    batch: int  # sequences in the step (0: no step, only prefill)
+    gamma: int  # draft tokens proposed per sequence
+    prefill_s: float  # seconds of prefill before the step
+    step_s: float  # seconds of the step
+    tokens: int  # tokens produced: the step's, after the output caps, + one per admitted request
+    accepted: int  # draft tokens accepted
+    admitted: int  # requests prefilled
+    preempted: int  # requests preempted
+    queue: int  # requests waiting after the iteration
+    kv_tokens: int  # KV tokens held after the iteration
+    context: float  # the batch's mean context (tokens) at the step
+    context_max: float  # the longest sequence's context (tokens) under padded attention; NaN under paged
 
 
 INT_COLUMNS = ("replica", "batch", "gamma", "tokens", "accepted", "admitted", "preempted", "queue", "kv_tokens")
@@ -48,9 +68,9 @@ class IterationLog:
         self._bumps: list[int] = []  # pending rows from which the queue is one longer ...
         self._unbumps: list[int] = []  # ... until (exclusive) these rows
 
-    def add(self, *values: float) -> None:
+    def add(self, row: IterationRow) -> None:
         """Append one row."""
-        for f, v in zip(self._appenders, values):
+        for f, v in zip(self._appenders, row):
             f(v)
 
     def add_plan(self, replica: int, n: int, gamma: int, prefill_s: float, admitted: int, queue0: int, ctx0: int,

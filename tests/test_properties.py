@@ -214,7 +214,7 @@ def test_fast_forward_is_exactly_one_event_per_iteration(sc):
 def test_shared_threshold_counts_equal_the_per_position_comparison(levels, seed, gamma):
     """With thresholds shared by every request, the stream's precomputed gain (1 + accepted) capped at γ + 1
     is 1 + #{j < γ : U < t_j} exactly — including draws equal to a threshold (negative levels pick a drawn U)."""
-    from specbatch.sim.replica import UniformStream
+    from specbatch.sim.scheduler import UniformStream
     draws = np.random.default_rng(seed).random(300)
     thr = np.sort([draws[int(-v)] if v < 0 else v for v in levels])[::-1]  # non-increasing, some equal to a U
     stream = UniformStream(np.random.default_rng(seed), block=128, thresholds=thr)
