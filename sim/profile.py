@@ -185,6 +185,12 @@ def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:
             raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected a positive, finite time "
                              "in seconds (status=ok rows need all three times)")
         df[col] = v.astype(float)
+    disordered = ok & ((df["p10_s"] > df["median_s"]) | (df["median_s"] > df["p90_s"])).to_numpy()
+    if disordered.any():
+        i = int(np.flatnonzero(disordered)[0])
+        r = df.iloc[i]
+        raise _err(path, f"{_row(i)}: p10_s {float(r['p10_s']):g}, median_s {float(r['median_s']):g}, p90_s {float(r['p90_s']):g}; "
+                         "expected p10_s ≤ median_s ≤ p90_s")
     dup = df.duplicated(["model", "phase", "batch", "tokens", "context"], keep=False)
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])

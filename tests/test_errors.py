@@ -277,7 +277,8 @@ def _scale(factor, **where):
         m = np.ones(len(df), bool)
         for k, v in where.items():
             m &= (df[k] == v).to_numpy()
-        df.loc[m, "median_s"] = df.loc[m, "median_s"] * factor
+        for col in ("median_s", "p10_s", "p90_s"):  # a consistent row: p10 ≤ median ≤ p90 still holds
+            df.loc[m, col] = df.loc[m, col] * factor
         return df
     return f
 
@@ -293,7 +294,7 @@ PROFILE_CASES = [
     ("meta-not-object", dict(write_meta=b"[1, 2]"), "meta.json", ["expected a JSON object"]),
     ("meta-latin1", dict(write_meta='{"dtype": "é"}'.encode("latin-1")), "meta.json", ["not UTF-8 text", "line 1"]),
     ("kv-bytes-zero", dict(meta=lambda m: m["models"]["draft"].update(kv_bytes_per_token=0)), "meta.json",
-     ["'models.draft.kv_bytes_per_token' is 0", "positive number"]),
+     ["'models.draft.kv_bytes_per_token' is 0", "positive, finite number"]),
     ("device-not-object", dict(meta=_set("device", "cpu")), "meta.json", ["key 'device' is 'cpu'"]),
     ("steps-empty", dict(write_steps=b""), "steps.csv", ["file is empty"]),
     ("steps-header-only", dict(write_steps=b"model,phase,batch,tokens,context,median_s,p10_s,p90_s,samples,status\n"),
@@ -307,6 +308,8 @@ PROFILE_CASES = [
      "steps.csv", ["column 'p10_s': -0.5"]),
     ("steps-nan-time", dict(steps=lambda d: d.assign(median_s=d["median_s"].where(d.index != 5, np.nan))),
      "steps.csv", ["column 'median_s': nan"]),
+    ("steps-p10-above-median", dict(steps=lambda d: d.assign(p10_s=d["p10_s"].where(d.index != 5, d["median_s"] * 2))),
+     "steps.csv", [f"row 6 (line {STEP_LINE}): p10_s", "expected p10_s ≤ median_s ≤ p90_s"]),
     ("steps-batch-zero", dict(steps=lambda d: d.assign(batch=d["batch"].where(d.index != 5, 0))),
      "steps.csv", ["column 'batch': 0", "positive integer"]),
     ("steps-batch-text", dict(steps=lambda d: d.assign(batch=d["batch"].astype(str).where(d.index != 5, "eight"))),
