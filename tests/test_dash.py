@@ -1,6 +1,7 @@
 """specbatch-dash: the collected table (one row per run, swept overrides as columns) and the dashboard,
 opened in real headless Chromium: no JavaScript errors, no network requests, every figure holds data,
-and the workload selector switches scenarios. Static export through kaleido."""
+and the workload selector switches scenarios. Static export through kaleido. The tests on the study's runs
+(three simulator runs first) are marked slow; the conclusion block's logic is also tested on a made-up table."""
 from __future__ import annotations
 
 import json
@@ -55,6 +56,7 @@ def study(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_collected_table(study, tmp_path):
     df = collect([study / "mr", study / "single"])
     assert len(df) == 7 and df["run_dir"].is_unique
@@ -89,6 +91,7 @@ def dashboard(study, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_dashboard_is_self_contained(dashboard):
     text = dashboard.read_text()
     # (booleans, not `in` asserts: a failing `in` would print megabytes of page)
@@ -98,6 +101,7 @@ def test_dashboard_is_self_contained(dashboard):
     assert ids == sorted(f"s{k}-{f}" for k in (0, 1) for f in FIGURES)
 
 
+@pytest.mark.slow
 def test_dashboard_in_chromium(dashboard):
     _need_browser()
     from specbatch.dashboards.browser import FIGURE_STATS_JS, Page
@@ -142,6 +146,7 @@ def test_dashboard_in_chromium(dashboard):
         assert page.errors == [], page.errors
 
 
+@pytest.mark.slow
 def test_static_export(study, tmp_path):
     _need_browser()
     pytest.importorskip("kaleido") if os.environ.get("CI") != "true" else __import__("kaleido")
@@ -214,6 +219,7 @@ def test_describe_profile_names_the_device_and_units():
     assert describe_profile(made).startswith("analytical (not measured), device 'test': seconds per step")
 
 
+@pytest.mark.slow
 def test_goodput_is_rescored_at_the_scenarios_slo(study):
     """With the runs' own SLO the rescored goodput is the runs' summary (the same rule as sim.metrics); by
     default the SLO comes from the profile; a run that set slo.* keeps its own; the CLI's --slo-* win."""
@@ -240,6 +246,7 @@ def test_goodput_is_rescored_at_the_scenarios_slo(study):
                                                              False)
 
 
+@pytest.mark.slow
 def test_dashboard_cli_slo_options(study, tmp_path):
     out = tmp_path / "d.html"
     assert dash_main([str(study / "mr"), "-o", str(out), "--slo-ttft", "1", "--slo-tpot", "0.05"]) == 0
@@ -249,10 +256,10 @@ def test_dashboard_cli_slo_options(study, tmp_path):
         dash_main([str(study / "mr"), "-o", str(out), "--slo-ttft", "1"])
 
 
-def test_summary_table_has_no_job_column_and_whole_names(study):
+def test_summary_table_has_no_job_column_and_whole_names():
     from specbatch.dashboards.figures import summary_table
 
-    df = collect([study / "mr"]).assign(policy_label=lambda d: d["policy_label"] + " with a rather long name")
+    df = _made_up_table().assign(job=range(12), policy_label=lambda d: d["policy_label"] + " with a rather long name")
     t = summary_table(df, []).data[0]
     assert "job" not in t.header.values and t.header.values[0] == "policy"
     longest = max(map(len, t.cells.values[0]))

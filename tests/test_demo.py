@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from specbatch.dashboards import demo
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_runs_from_the_repository_root(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)  # where `make demo` runs it
     out = tmp_path / "demo"

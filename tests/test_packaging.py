@@ -10,6 +10,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"conf": "specbatch/conf", "traces": "specbatch/traces", "sim": "specbatch/sim",
             "profiler": "specbatch/profiler", "fidelity": "specbatch/fidelity", "dashboards": "specbatch/dashboards",
@@ -24,6 +26,7 @@ def _project_files() -> list[str]:
     return [f for f in out.splitlines() if (ROOT / f).is_file()]
 
 
+@pytest.mark.slow  # builds the wheel in an isolated environment: 20-30 s
 def test_wheel_builds_without_warnings_and_ships_every_data_file(tmp_path):
     src = tmp_path / "src"
     files = _project_files()
