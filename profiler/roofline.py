@@ -11,6 +11,7 @@ Same output format as a measured profile, with ``source: analytical``. Public sp
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,12 +260,14 @@ def measure_host(device: str, dtype, *, copy_bytes: int = 1 << 27, n: int = 1024
                       f"{str(dtype).replace('torch.', '')} ({torch.get_num_threads()} torch threads)"}
 
 
+@functools.cache
 def device_roofline(device: str, dtype) -> dict:
     """The bandwidth and peak the roofline bound of a profile uses (meta.json ``device.roofline``).
 
     CUDA: the public spec of a known GPU (:data:`GPU_SPECS`: dense bf16 tensor FLOP/s, HBM bandwidth; H100 SXM
     3.35 TB/s, H200 4.8 TB/s, 989 TFLOP/s both), with the on-the-spot measurement recorded beside it; an unknown
-    GPU uses the measurement. CPU: the measurement (:func:`measure_host`)."""
+    GPU uses the measurement. CPU: the measurement (:func:`measure_host`). Measured once per process (the passes
+    and repair sweeps of a run share it)."""
     import torch
 
     measured = measure_host(device, dtype)

@@ -112,6 +112,10 @@ def _activation_bytes(cfg, batch: int, tokens: int, dtype_bytes: int, with_logit
     return batch * (logit_tokens * vocab * 4 * 3 + tokens * ffn * dtype_bytes * 4 + tokens * cfg.hidden_size * 16)
 
 
+class NoPointMeasured(RuntimeError):
+    """A sweep ended (its deadline spent) before any point was measured."""
+
+
 def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool = True,
                 points: set[tuple] | None = None) -> Path:
     """Profile ``cfg.pair`` on ``cfg.device`` over ``grid``; write and return the profile folder.
@@ -146,13 +150,13 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     if graphs and str(cfg.cache) != "prealloc":
         raise ValueError(f"timing.graphs=true needs cache=prealloc (cache={cfg.cache}: a growing cache changes "
                          "addresses and shapes at every step); set timing.graphs=false")
-    capture = capture_for(device, graphs)
+    capture = capture_for(device, graphs) if graphs else None  # None: plain eager steps, as without graphs
     target, tinfo = M.load_model(str(cfg.pair.target), dtype, device, seed=int(cfg.seed), attention=attention)
     draft, dinfo = M.load_model(str(cfg.pair.draft), dtype, device, seed=int(cfg.seed) + 1, attention=attention)
     for info, m in ((tinfo, target), (dinfo, draft)):
         info["kv_bytes_per_token"] = M.kv_bytes_per_token(m.config, dtype)
     models = {"target": target, "draft": draft}
-    roof_device = device_roofline(device, dtype)
+    roof_device = device_roofline(device, dtype)  # (measured once per process and device)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
 
     if device.startswith("cuda"):
@@ -184,7 +188,8 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
             "method": ("cuda_events+synchronize" if device.startswith("cuda") else "time.perf_counter")
             + ("; decode and verify forwards replayed from CUDA graphs captured once per point" if graphs else ""),
             "graphs": graphs,
-            "attention": describe_attention(attention, models, grid, dtype, device),
+            "attention": describe_attention(attention, models, grid, dtype, device,
+                                            key=(str(cfg.pair.target), str(cfg.pair.draft))),
             "cache": _cache_description(str(cfg.cache)),
             "warmup": int(tm.warmup), "min_samples": int(tm.min_samples), "max_samples": int(tm.max_samples),
             "floor_samples": int(tm.floor_samples), "rel_precision": float(tm.rel_precision),
@@ -322,7 +327,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     meta["timing"]["points_skipped_beyond_max_context"] = len(skipped_ctx)
     meta["device"]["loadavg_end"] = loadavg()
     if not rows:
-        raise RuntimeError(f"{out}: no point could be measured (deadline {deadline}s too short?)")
+        raise NoPointMeasured(f"{out}: no point could be measured (deadline {deadline}s too short?)")
     meta["roofline_ratio"] = roofline_ratios(pd.DataFrame(rows, columns=STEP_COLUMNS), meta)
     write_profile_meta(out, meta)
     load_profile(out)  # the folder we leave behind must be valid
@@ -471,7 +476,10 @@ def run_passes(cfg, *, out_dir: str | os.PathLike, grid: Grid, passes: int, max_
             for s in range(REPAIR_SWEEPS):
                 if spent():
                     break
-                sweep(f"repair{len(repaired)}_{s}", points=points)
+                try:
+                    sweep(f"repair{len(repaired)}_{s}", points=points)
+                except NoPointMeasured:  # the deadline ran out while this sweep built its models
+                    break
             repaired.append({"points": sorted(list(p) for p in points), "violations": len(found)})
         elif len(metas) < max_passes:
             metas.append(sweep(f"pass{len(metas)}"))
@@ -535,11 +543,15 @@ def graphs_enabled(cfg, device: str) -> bool:
     return bool(v)
 
 
-def describe_attention(attention: str, models: dict, grid: Grid, dtype, device: str) -> dict:
+_PROBED: dict[tuple, dict] = {}  # describe_attention's results in this process (passes share them)
+
+
+def describe_attention(attention: str, models: dict, grid: Grid, dtype, device: str, key=None) -> dict:
     """meta.json ``timing.attention``: the attention implementation, the mask each phase takes, and the SDPA
     backend each phase of each model actually runs on, probed (:func:`specbatch.profiler.attention.probe_backend`)
     with one eager forward at batch 1: decode and verify (γ = 4, or the largest γ) at the grid's shortest
-    context, prefill at its shortest prompt."""
+    context, prefill at its shortest prompt. ``key`` (e.g. the pair's names): reuse the result of an earlier
+    call with the same key and settings in this process (the passes and repair sweeps of one run)."""
     import torch
 
     from specbatch.profiler import attention as A
@@ -555,6 +567,9 @@ def describe_attention(attention: str, models: dict, grid: Grid, dtype, device: 
         info["paths"] = "transformers sdpa: a 4-D boolean mask for multi-token steps over a non-empty cache"
     ctx, plen = min(grid.contexts), min(grid.prefill_lengths)
     gamma = 4 if 4 in grid.gammas else max(1, max(grid.gammas))
+    memo = None if key is None else (key, attention, str(dtype), str(device), ctx, gamma, plen)
+    if memo in _PROBED:
+        return json.loads(json.dumps(_PROBED[memo]))
     backend = {}
     for role, model in models.items():
         per = {}
@@ -577,7 +592,9 @@ def describe_attention(attention: str, models: dict, grid: Grid, dtype, device: 
                      "torch.nn.attention.sdpa_kernel([b]) for each enabled backend b in the order flash, efficient, "
                      "cudnn, math; the first that runs without error")
     info["device"] = "cuda" if str(device).startswith("cuda") else "cpu"
-    return info
+    if memo is not None:
+        _PROBED[memo] = info
+    return json.loads(json.dumps(info))
 
 
 def _specbatch_version() -> str:

@@ -377,15 +377,16 @@ def test_passes_from_the_cli_merge_and_share_the_deadline(tmp_path, monkeypatch)
         seen.append(cfg.timing.deadline_s)
         return real(cfg, **kw)
 
-    import specbatch.sim.profile
-    real_check, checks = sim.profile.monotone_violations, []
+    import specbatch.sim.profile as sim_profile
+
+    real_check, checks = sim_profile.monotone_violations, []
 
     def first_check_disputes_rows_0_and_1(profile):  # so that a repair round always runs
         checks.append(profile)
         return [(0, 1, "made up: rows 0 and 1")] if len(checks) == 1 else real_check(profile)
 
     monkeypatch.setattr(sweep, "run_profile", spy)
-    monkeypatch.setattr(sim.profile, "monotone_violations", first_check_disputes_rows_0_and_1)
+    monkeypatch.setattr(sim_profile, "monotone_violations", first_check_disputes_rows_0_and_1)
     out = cli.run(make_cfg(tmp_path, "timing.passes=2", "timing.deadline_s=600", "grid.batches=[1,2]",
                            "grid.gammas=[0,2]", "grid.contexts=[16]", "grid.prefill_lengths=[8]"))
     # half of the total, then all that is left after a first pass of a few seconds, then repair sweeps of the
