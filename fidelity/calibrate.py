@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from specbatch.sim.cost_model import CostModel
 from specbatch.sim.policies import Policy
 
 # the engine-side terms, in the order the report's variants add them (:class:`EngineCostModel`'s ``fixes``)
@@ -70,72 +71,111 @@ class Overheads:
         return dict(self.__dict__)
 
 
-def _cost_class():
-    from specbatch.sim.cost_model import CostModel
+class EngineCostModel:
+    """A :class:`CostModel` (``base``, the profile's) plus the engine-side terms of ``overheads`` named in
+    ``fixes`` (see the module docstring), wherever the simulator and the policies price a step or a
+    prefill: :meth:`iteration` and its list and array forms, :meth:`prefill`, :meth:`prefill_batch`,
+    :meth:`iteration_table`. The single model steps (:meth:`target_verify`, :meth:`draft_decode`) and the
+    profile's facts are ``base``'s, unscaled."""
 
-    class EngineCostModel(CostModel):
-        """The profile's cost model plus the engine-side terms of :class:`Overheads` (see module docstring)."""
+    def __init__(self, base: CostModel, overheads: Overheads, fixes=FIXES):
+        self.base, self.overheads, self.fixes = base, overheads, tuple(fixes)
+        self.profile, self.contexts = base.profile, base.contexts
+        self.max_batch, self.max_gamma = base.max_batch, base.max_gamma
 
-        def __init__(self, profile, overheads: Overheads, fixes=FIXES, **kw):
-            self.overheads, self.fixes = overheads, tuple(fixes)
-            super().__init__(profile, **kw)
+    # -- the base model's facts and single steps ----------------------------------------------------------
 
-        def _terms(self, batch: int, gamma: int) -> list[float]:
-            """Seconds added to one iteration, in the order they are added."""
-            o, terms = self.overheads, []
-            if "step" in self.fixes:
-                # a draft_sync γ = 0 step also runs one draft forward
-                terms.append(o.verify_s + gamma * o.draft_s if gamma else o.decode_s + self.draft_sync * o.sync_s)
-            if "sched" in self.fixes:
-                terms.append(o.sched_base_s + o.sched_per_seq_s * batch
-                             + (o.sched_spec_s + o.sched_per_gamma_s * gamma if gamma else 0.0))
-            return terms
+    @property
+    def draft_sync(self) -> bool:
+        return self.base.draft_sync
 
-        def _scale(self) -> float:
-            """Factor on the profile's times: 1 / speed with the ``speed`` term."""
-            return 1.0 / self.overheads.speed if "speed" in self.fixes else 1.0
+    @property
+    def warned(self) -> bool:
+        """Whether the base model has issued its extrapolation warning (set by the cluster's workers too)."""
+        return self.base.warned
 
-        def iteration(self, batch: int, gamma: int, context: float) -> float:
-            t = super().iteration(batch, gamma, context) * self._scale()
-            for term in self._terms(batch, gamma):
-                t = t + term
-            return t
+    @warned.setter
+    def warned(self, value: bool) -> None:
+        self.base.warned = value
 
-        def iteration_list(self, batch: int, gamma: int, contexts):
-            k = self._scale()
-            t = [x * k for x in super().iteration_list(batch, gamma, contexts)]
-            for term in self._terms(batch, gamma):
-                t = [x + term for x in t]
-            return t
+    def has_prefill(self, model: str = "target") -> bool:
+        return self.base.has_prefill(model)
 
-        def iteration_many(self, batch: int, gamma: int, contexts):
-            t = super().iteration_many(batch, gamma, contexts) * self._scale()
-            for term in self._terms(batch, gamma):
-                t = t + term
-            return t
+    def has_prefill_batches(self, model: str = "target") -> bool:
+        return self.base.has_prefill_batches(model)
 
-        def _prefill_terms(self, model: str, prompts: int = 1) -> float:
-            """Seconds added to one prefill forward of ``prompts`` admitted prompts on ``model``: per prompt,
-            its prefill and admission-step terms; per forward, the forward's set-up (batched prefill)."""
-            o, t = self.overheads, 0.0
-            draft = model == "draft"
-            if "step" in self.fixes:
-                t = t + prompts * (o.admit_step_draft_s if draft else o.admit_step_s)
-            if "prefill" in self.fixes:
-                t = t + prompts * (o.prefill_draft_s if draft else o.prefill_s)
-                t = t + (o.prefill_forward_draft_s if draft else o.prefill_forward_s)
-            return t
+    def target_verify(self, batch: int, gamma: int, context: float) -> float:
+        return self.base.target_verify(batch, gamma, context)
 
-        def prefill(self, prompt_tokens: float, model: str = "target") -> float:
-            return super().prefill(prompt_tokens, model) * self._scale() + self._prefill_terms(model)
+    def draft_decode(self, batch: int, context: float) -> float:
+        return self.base.draft_decode(batch, context)
 
-        def prefill_batch(self, prompts, model: str = "target", attention: str = "paged") -> float:
-            if len(prompts) == 1:
-                return self.prefill(prompts[0], model)
-            return (super().prefill_batch(prompts, model, attention) * self._scale()
-                    + self._prefill_terms(model, len(prompts)))
+    def with_draft_sync(self) -> "EngineCostModel":
+        """The same terms on ``base.with_draft_sync()`` (a γ = 0 step also runs one draft decode)."""
+        return self if self.draft_sync else EngineCostModel(self.base.with_draft_sync(), self.overheads, self.fixes)
 
-    return EngineCostModel
+    # -- the engine-side terms ---------------------------------------------------------------------------
+
+    def _terms(self, batch: int, gamma: int) -> list[float]:
+        """Seconds added to one iteration, in the order they are added."""
+        o, terms = self.overheads, []
+        if "step" in self.fixes:
+            # a draft_sync γ = 0 step also runs one draft forward
+            terms.append(o.verify_s + gamma * o.draft_s if gamma else o.decode_s + self.draft_sync * o.sync_s)
+        if "sched" in self.fixes:
+            terms.append(o.sched_base_s + o.sched_per_seq_s * batch
+                         + (o.sched_spec_s + o.sched_per_gamma_s * gamma if gamma else 0.0))
+        return terms
+
+    def _scale(self) -> float:
+        """Factor on the profile's times: 1 / speed with the ``speed`` term."""
+        return 1.0 / self.overheads.speed if "speed" in self.fixes else 1.0
+
+    def _prefill_terms(self, model: str, prompts: int = 1) -> float:
+        """Seconds added to one prefill forward of ``prompts`` admitted prompts on ``model``: per prompt,
+        its prefill and admission-step terms; per forward, the forward's set-up (batched prefill)."""
+        o, t = self.overheads, 0.0
+        draft = model == "draft"
+        if "step" in self.fixes:
+            t = t + prompts * (o.admit_step_draft_s if draft else o.admit_step_s)
+        if "prefill" in self.fixes:
+            t = t + prompts * (o.prefill_draft_s if draft else o.prefill_s)
+            t = t + (o.prefill_forward_draft_s if draft else o.prefill_forward_s)
+        return t
+
+    # -- the priced queries (each adds the terms in one order, so the three iteration forms agree bit for bit)
+
+    def iteration(self, batch: int, gamma: int, context: float) -> float:
+        t = self.base.iteration(batch, gamma, context) * self._scale()
+        for term in self._terms(batch, gamma):
+            t = t + term
+        return t
+
+    def iteration_list(self, batch: int, gamma: int, contexts) -> list[float]:
+        k = self._scale()
+        t = [x * k for x in self.base.iteration_list(batch, gamma, contexts)]
+        for term in self._terms(batch, gamma):
+            t = [x + term for x in t]
+        return t
+
+    def iteration_many(self, batch: int, gamma: int, contexts) -> np.ndarray:
+        t = self.base.iteration_many(batch, gamma, contexts) * self._scale()
+        for term in self._terms(batch, gamma):
+            t = t + term
+        return t
+
+    def iteration_table(self, context, batches: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`CostModel.iteration_table` priced by this model's :meth:`iteration`."""
+        return CostModel.iteration_table(self, context, batches)
+
+    def prefill(self, prompt_tokens: float, model: str = "target") -> float:
+        return self.base.prefill(prompt_tokens, model) * self._scale() + self._prefill_terms(model)
+
+    def prefill_batch(self, prompts, model: str = "target", attention: str = "paged") -> float:
+        if len(prompts) == 1:
+            return self.prefill(prompts[0], model)
+        return self.base.prefill_batch(prompts, model, attention) * self._scale() + self._prefill_terms(model,
+                                                                                                        len(prompts))
 
 
 class ConstantGamma(Policy):
@@ -151,12 +191,12 @@ class ConstantGamma(Policy):
         return self.gamma
 
 
-def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int, max_gamma: int):
-    from specbatch.sim.cost_model import CostModel
-
-    if overheads is None or not fixes:
-        return CostModel(profile, max_batch=max_batch, max_gamma=max_gamma)
-    return _cost_class()(profile, overheads, fixes, max_batch=max_batch, max_gamma=max_gamma)
+def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int,
+              max_gamma: int) -> CostModel | EngineCostModel:
+    """The simulator's cost model for ``profile``: with ``overheads`` and some ``fixes``, the
+    :class:`EngineCostModel` adding those terms, else the plain :class:`CostModel`."""
+    base = CostModel(profile, max_batch=max_batch, max_gamma=max_gamma)
+    return base if overheads is None or not fixes else EngineCostModel(base, overheads, fixes)
 
 
 def profiler_steps(engine, batch: int, gamma: int, context: int, caches: dict | None = None) -> list:

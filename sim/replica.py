@@ -1,5 +1,9 @@
 """One serving replica: a SimPy process that batches requests and decodes speculatively.
 
+The scheduling rules and state are :class:`specbatch.sim.scheduler.Scheduler`'s; the replica prices each
+iteration with the cost model, waits for it on the simulated clock and plans quiet stretches ahead
+(fast-forward). SimPy's internals are reached only through :mod:`specbatch.sim.simpy_adapter`.
+
 Continuous batching (Orca/vLLM, iteration level). Each iteration, at simulated time t0:
 
 1. **Admit** waiting requests first-come-first-served while the running batch has fewer than

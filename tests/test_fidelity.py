@@ -200,6 +200,26 @@ def test_engine_cost_model_adds_its_terms_to_every_query_form(formula_profile):
                                                       + o.admit_step_draft_s)
 
 
+def test_engine_cost_model_holds_a_cost_model(formula_profile):
+    """Composition: the base model's single steps and facts pass through unscaled, its extrapolation flag is
+    shared, and the wrapper pickles (cluster.workers > 1 sends it to worker processes) with its terms."""
+    import pickle
+
+    from specbatch.sim.cost_model import CostModel
+    from specbatch.sim.profile import load_profile
+
+    base = CostModel(load_profile(formula_profile), max_batch=8, max_gamma=4)
+    cost = C.EngineCostModel(base, C.Overheads(sched_base_s=0.001, verify_s=0.002, speed=0.5), C.FIXES)
+    assert cost.base is base and (cost.max_batch, cost.max_gamma, cost.profile) == (8, 4, base.profile)
+    assert cost.target_verify(4, 2, 300.0) == base.target_verify(4, 2, 300.0)
+    assert cost.draft_decode(4, 300.0) == base.draft_decode(4, 300.0)
+    cost.warned = True
+    assert base.warned
+    again = pickle.loads(pickle.dumps(cost))
+    assert again.iteration(5, 3, 400.0) == cost.iteration(5, 3, 400.0) != base.iteration(5, 3, 400.0)
+    assert cost.with_draft_sync().base.draft_sync and not base.draft_sync
+
+
 def test_model_over_engine_is_one_for_the_simulator_against_its_own_cost_model(tmp_path):
     """A simulated run compared with the cost model that timed it: every step and prefill agrees (ratio 1);
     against the same model at half the speed, the model is twice as slow (ratio 2)."""
