@@ -1,15 +1,20 @@
-"""How much traffic a cluster takes without speculation: ``workload.load`` as a replica's busy fraction.
+"""How much traffic a cluster takes without speculation: the meaning of ``workload.load``.
 
-``workload.load`` = ρ asks for the arrival rate at which a replica serving the workload **without
-speculation** is busy (running iterations) a fraction ρ of the time: :func:`rate_for_load`. A
-speculating policy serves the same traffic in fewer, dearer iterations, so it is usually less busy at
-the same load. :func:`estimate_capacity` is the saturation rate (ρ → 1), reported as ``capacity_req_s``.
+``workload.load`` = ρ sets the arrival rate to ρ × :func:`estimate_capacity`, the **saturation rate**: the
+rate at which a replica serving the workload without speculation runs every step at its largest batch and
+can take no more (ρ ≥ 1 is overload: the queue grows). ρ is *not* the busy fraction. With continuous
+batching a replica is busy whenever one request runs, so it is busy most of the time long before its
+throughput saturates (on the shipped CPU profile and the Azure conversation trace, ρ = 0.3 keeps a replica
+about 80 % busy at a mean batch of a few sequences); a busy-fraction knob would squeeze the whole range of
+batch sizes, where the best γ changes, into busy fractions between 0.95 and 1. :func:`predicted_busy`
+gives the busy fraction the model expects at a rate; ``summary.json`` reports the measured one
+(``busy_fraction_mean``), and ``benchmarks/capacity_check.py`` prints both against ρ.
 
 The model (per replica; a state-free router splits the arrivals evenly):
 
 * **Unservable requests are left out.** A request whose prompt + output exceeds a replica's KV capacity
-  is rejected at arrival and costs nothing; the rate is set so that the *servable* requests make the
-  load, i.e. the total rate is the servable rate over the servable fraction.
+  is rejected at arrival and costs nothing; rates count all requests, so the total rate is the servable
+  rate over the servable fraction.
 * **Prefill**: each servable request costs its batch-1 prefill ``T_prefill(prompt)`` (mean P̄ over the
   requests), one forward per request (``cluster.prefill=batched`` is priced the same, an upper bound).
 * **Decode**: a request is in the batch for (output − 1) iterations. With n requests in the batch an
@@ -18,21 +23,16 @@ The model (per replica; a state-free router splits the arrivals evenly):
   weighted by its iterations in the batch; ``padded``, the expected longest of n such contexts drawn
   with the same weights. Requests beyond ``B`` = min(``max_batch``, KV capacity / mean request
   footprint) wait in a queue.
-* **Batch size at load**: the number in the system n is a birth–death chain (continuous batching is
-  processor sharing, whose distribution does not depend on the output-length distribution): arrivals
-  at rate λ; departures at rate s · min(n, B) / (T(min(n, B)) · (Ō − 1)), Ō − 1 the mean iterations per
-  request and s the fraction of busy time spent decoding rather than prefilling, s = 1 − λP̄ / U.
-  The replica is busy whenever n ≥ 1, so U = 1 − π(0); λ is found by bisection so that U = ρ.
+* **Saturation**: every step at batch B, so a request costs P̄ + (Ō − 1) · T(B) / B of replica time
+  (Ō − 1 the mean iterations per request): the saturation rate is its inverse.
+* **Busy fraction at a rate** (:func:`predicted_busy`): the number in the system n is a birth–death
+  chain (continuous batching is processor sharing, whose distribution does not depend on the
+  output-length distribution): arrivals at rate λ; departures at rate s · min(n, B) / (T(min(n, B)) ·
+  (Ō − 1)), s = 1 − λP̄ / U the fraction of busy time spent decoding rather than prefilling; the replica
+  is busy whenever n ≥ 1, so U = 1 − π(0). It assumes Poisson-like arrivals: a bursty trace runs bigger
+  batches in its bursts, so it is less busy than predicted.
 
-At low load this is U ≈ λ · (P̄ + (Ō − 1) · T(1)): every request runs alone. As ρ → 1 it tends to the
-saturation rate 1 / (P̄ + (Ō − 1) · T(B) / B), every step at the largest batch — but when steps cost
-nearly the same at any batch size, a replica is busy almost all the time long before its batches fill,
-so busy fractions near 1 no longer tell rates apart: above ρ = 0.95 (:data:`BUSY_KNEE`) the rate rises
-linearly to the saturation rate at ρ = 1, and for ρ ≥ 1 it is ρ times the saturation rate (overload:
-the queue grows). It assumes Poisson-like arrivals: a bursty trace runs bigger batches in its bursts (so less
-busy) and, replayed over a finite window, can end with a backlog that stretches the makespan; static
-batching (``cluster.mode=static``) is priced as continuous. ``benchmarks/capacity_check.py`` prints
-load asked against busy fraction measured on the shipped Azure traces.
+Static batching (``cluster.mode=static``) is priced as continuous.
 """
 from __future__ import annotations
 
@@ -44,12 +44,6 @@ from .cluster import ClusterConfig, kv_capacity_tokens
 from .cost_model import CostModel
 from .policies import NoSpeculation
 from .workload import Workload
-
-
-# Above this busy fraction load no longer separates arrival rates well (a replica whose steps cost nearly the
-# same at any batch size is busy almost all the time long before its batches fill): from here the rate rises
-# linearly to the saturation rate at load 1.
-BUSY_KNEE = 0.95
 
 
 class _Replica:
@@ -90,17 +84,6 @@ class _Replica:
         """Servable requests/second at which the replica is always busy (every step at the largest batch)."""
         return 1.0 / (self.prefill + self.steps / self.per_step[-1])
 
-    def rate_at_busy(self, u: float) -> float:
-        """The servable arrival rate at which the busy fraction is ``u`` (< 1), by bisection."""
-        lo, hi = 0.0, self.saturation_rate()
-        for _ in range(80):
-            mid = (lo + hi) / 2
-            if self.busy(mid) < u:
-                lo = mid
-            else:
-                hi = mid
-        return (lo + hi) / 2
-
     def busy(self, lam: float) -> float:
         """Busy fraction U at servable arrival rate ``lam`` (the fixed point of U = 1 − π(0; s(U)))."""
         if self.steps == 0:
@@ -139,19 +122,15 @@ def estimate_capacity(cost: CostModel, w: Workload, cluster: ClusterConfig) -> f
 
 
 def rate_for_load(cost: CostModel, w: Workload, cluster: ClusterConfig, load: float) -> float:
-    """The arrival rate (requests/second, unservable ones included) at which a replica serving ``w``
-    without speculation is busy a fraction ``load`` of the time (module docstring); ``load`` ≥ 1 gives
-    ``load`` times :func:`estimate_capacity`."""
+    """The arrival rate (requests/second, unservable ones included) for ``workload.load`` = ``load``:
+    ``load`` × :func:`estimate_capacity`."""
     if not load > 0:
         raise ValueError(f"load is {load}; expected a positive fraction")
+    return load * estimate_capacity(cost, w, cluster)
+
+
+def predicted_busy(cost: CostModel, w: Workload, cluster: ClusterConfig, rate: float) -> float:
+    """The busy fraction the model (module docstring) expects of a replica serving ``w`` without speculation
+    when the cluster receives ``rate`` requests/second (unservable ones included)."""
     rep = _Replica(cost, w, cluster)
-    sat = rep.saturation_rate()
-    if load >= 1:
-        lam = load * sat
-    else:
-        knee = rep.rate_at_busy(BUSY_KNEE)
-        if load <= BUSY_KNEE:
-            lam = rep.rate_at_busy(load)
-        else:  # busy all but a sliver of the time: rise linearly to the saturation rate at load 1
-            lam = knee + (sat - knee) * (load - BUSY_KNEE) / (1 - BUSY_KNEE)
-    return cluster.replicas * lam / rep.servable_fraction
+    return rep.busy(rate * rep.servable_fraction / cluster.replicas)
