@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="fidelity-out")
     a = ap.parse_args(argv)
-    __import__("specbatch.profiler.cli").profiler.cli.require_profile_extra("specbatch-validate")  # core install: one line
+    from specbatch.profiler.cli import require_profile_extra
+    require_profile_extra("specbatch-validate")  # the core install (no torch): one line naming the extra
     clock = a.clock or ("wall" if a.device.startswith("cuda") else "cpu")
     try:
         report = validate(pair=a.pair, requests=a.requests, loads=tuple(a.loads), policies=tuple(a.policies),
