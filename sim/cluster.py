@@ -62,7 +62,10 @@ class ClusterConfig:
     workers: int = 1  # processes simulating disjoint replica groups (state-free routers); identical results
     draft_sync: bool = False  # γ = 0 iterations also run a draft decode when the policy drafts (as vLLM does)
     attention: str = "paged"  # a step's context: the batch's mean ("paged") or its longest sequence's ("padded")
-    prefill: str = "sequential"  # an iteration's admitted prompts: one forward each, or "batched" in one forward
+    prefill: str = "sequential"  # an iteration's admitted prompts: one forward each, or "batched" in one forward,
+    #                              or "chunked": split into chunks mixed with the verify step under a token budget
+    max_num_batched_tokens: int = 2048  # chunked: tokens per forward, verify b·(γ+1) first (vLLM's name and default)
+    long_prefill_token_threshold: int | None = None  # chunked: most prompt tokens one request gets per forward
 
     def validate(self) -> None:
         if isinstance(self.replicas, bool) or not isinstance(self.replicas, (int, np.integer)) or self.replicas < 1:
@@ -88,6 +91,7 @@ class ClusterConfig:
             raise ValueError(f"cluster.attention is {self.attention!r}; expected one of {list(ATTENTION)}")
         if self.prefill not in PREFILL:
             raise ValueError(f"cluster.prefill is {self.prefill!r}; expected one of {list(PREFILL)}")
+        self._validate_chunked()
         if isinstance(self.workers, bool) or not isinstance(self.workers, (int, np.integer)) or self.workers < 1:
             raise ValueError(f"cluster.workers is {self.workers!r}; expected an integer ≥ 1")
         if self.workers > 1 and self.replicas > 1 and self.router not in STATE_FREE_ROUTERS:
@@ -95,13 +99,30 @@ class ClusterConfig:
                              f"state, so all replicas must share one process: use workers: 1, or a router from "
                              f"{list(STATE_FREE_ROUTERS)}")
 
+    def _validate_chunked(self) -> None:
+        """The chunked-prefill keys: a token budget of at least one token per running sequence (as vLLM
+        requires max_num_batched_tokens ≥ max_num_seqs), a threshold of at least one token, or null."""
+        budget, cap = self.max_num_batched_tokens, self.long_prefill_token_threshold
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+            raise ValueError(f"cluster.max_num_batched_tokens is {budget!r}; expected an integer ≥ 1 (tokens per forward)")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1):
+            raise ValueError(f"cluster.long_prefill_token_threshold is {cap!r}; expected an integer ≥ 1 (tokens) or null")
+        if self.prefill == "chunked":
+            if self.mode != "continuous":
+                raise ValueError(f"cluster.prefill is 'chunked' but cluster.mode is {self.mode!r}; chunked prefill "
+                                 "needs cluster.mode=continuous")
+            if isinstance(self.max_batch, (int, np.integer)) and budget < self.max_batch:
+                raise ValueError(f"cluster.max_num_batched_tokens is {budget}, below cluster.max_batch "
+                                 f"{self.max_batch}; every running sequence needs at least one token per forward")
+
 
 def kv_capacity_tokens(cost: CostModel, policy: Policy, cfg: ClusterConfig) -> int:
-    """Tokens of context one replica can hold: KV memory / (target + draft KV bytes per token)."""
+    """Tokens of context one replica can hold: KV memory / (target + drafter KV bytes per token; the drafter's
+    is the draft model's, one EAGLE layer's, or 0 for ngram: :meth:`Drafter.kv_bytes_per_token`)."""
     if cfg.kv_capacity_tokens is not None:
         return int(cfg.kv_capacity_tokens)
     p = cost.profile
-    per_token = p.kv_bytes_per_token("target") + (p.kv_bytes_per_token("draft") if policy.uses_draft else 0)
+    per_token = p.kv_bytes_per_token("target") + (cost.drafter.kv_bytes_per_token(p) if policy.uses_draft else 0)
     return int(p.kv_cache_bytes // per_token)
 
 
@@ -153,8 +174,10 @@ def charged_context(workload: Workload, attention: str = "paged", max_batch: int
 
 def charged_cost(cost: CostModel, policy: Policy, cluster: ClusterConfig) -> CostModel:
     """The cost model :func:`simulate` charges ``policy``'s iterations with: with ``cluster.draft_sync``, a
-    drafting policy's γ = 0 iterations also cost one draft decode (:meth:`CostModel.with_draft_sync`)."""
-    return cost.with_draft_sync() if cluster.draft_sync and policy.uses_draft else cost
+    drafting policy's γ = 0 iterations also cost one draft decode (:meth:`CostModel.with_draft_sync`) — for
+    drafters that keep KV (draft_model, eagle); an ngram proposer has none to keep in step."""
+    sync = cluster.draft_sync and policy.uses_draft and cost.drafter.per_token
+    return cost.with_draft_sync() if sync else cost
 
 
 def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: AcceptanceModel,
@@ -169,12 +192,17 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     if len(workload) == 0:
         raise ValueError("the workload has no requests")
     cost = charged_cost(cost, policy, cluster)
+    if cost.drafter.partial and cluster.prefill == "chunked":
+        raise ValueError("drafter.kind=ngram with cluster.prefill=chunked is not modelled (a mixed forward is priced "
+                         "at full proposals); use cluster.prefill=sequential or batched")
     if cluster.prefill == "batched":
-        for model in ("target", "draft") if policy.uses_draft else ("target",):
+        for model in ("target", "draft") if policy.uses_draft and cost.drafter.prefill else ("target",):
             if not cost.has_prefill_batches(model):
                 raise ProfileError(f"{cost.profile.path}/steps.csv: cluster.prefill=batched needs ok prefill rows for "
                                    f"model={model} at two or more batch sizes and prompt lengths (profile with "
                                    "grid.prefill_batches), or cluster.prefill=sequential")
+    if cluster.prefill == "chunked":
+        check_chunked_cost(cost, policy)
     seeds = np.random.SeedSequence(seed).spawn(cluster.replicas + 2)
     reqs = request_table(workload, acceptance, cost.max_gamma, seeds[0])
     if reference_context is None:
@@ -200,6 +228,23 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     makespan = float(np.nanmax(fin)) if len(fin) else 0.0
     return SimResult(requests=reqs.frame(), iterations=iterations, busy_s=busy,
                      makespan_s=makespan, kv_capacity_tokens=capacity, policy=policy.describe())
+
+
+def check_chunked_cost(cost: CostModel, policy: Policy) -> None:
+    """``cluster.prefill=chunked`` prices mixed iterations with :meth:`CostModel.mixed_iteration`: the cost
+    model must have it, and the profile prefill rows at two or more lengths for the target (and the draft
+    when ``policy`` drafts); else a :class:`ProfileError` naming the file and the rows."""
+    if not hasattr(cost, "mixed_iteration"):
+        raise ProfileError(f"{cost.profile.path}: cluster.prefill=chunked needs a cost model with mixed_iteration "
+                           f"({type(cost).__name__} has none); use cluster.prefill=sequential")
+    drafter = getattr(cost, "drafter", None)
+    if policy.uses_draft and drafter is not None and getattr(drafter, "partial", False):
+        raise ProfileError(f"{cost.profile.path}: cluster.prefill=chunked does not price a partial proposer's "
+                           "steps yet (the drafter proposes for only some sequences); use cluster.prefill=sequential "
+                           "or batched with this drafter")
+    prefills = policy.uses_draft and getattr(drafter, "prefill", True)
+    for model in ("target", "draft") if prefills else ("target",):
+        cost.mixed_rule(model)
 
 
 def static_routes(rejected: np.ndarray, router: str, replicas: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -229,7 +274,8 @@ def _simulate_group(reqs: RequestTable, route: np.ndarray | None, indices: list[
     replicas = {i: Replica(env, i, reqs, cost, copy.deepcopy(policy), acceptance, np.random.default_rng(seeds[i]), log,
                            max_batch=cluster.max_batch, kv_capacity_tokens=capacity, watermark=cluster.watermark,
                            mode=cluster.mode, fast_forward=cluster.fast_forward, attention=cluster.attention,
-                           prefill=cluster.prefill)
+                           prefill=cluster.prefill, token_budget=cluster.max_num_batched_tokens,
+                           chunk_cap=cluster.long_prefill_token_threshold)
                 for i in indices}
     env.process(_arrivals(env, reqs, replicas, cluster.router, route))
     env.run()

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy.interpolate import RegularGridInterpolator
 
+from .drafters import DRAFT_MODEL, Drafter
 from .profile import Profile, ProfileError, check_monotone
 
 
@@ -139,8 +140,11 @@ class CostModel:
     γ = 0 is a plain target decode. See :meth:`with_draft_sync`.
     """
 
-    def __init__(self, profile: Profile, max_batch: int = 256, max_gamma: int = 8):
+    def __init__(self, profile: Profile, max_batch: int = 256, max_gamma: int = 8, drafter: Drafter | None = None):
         self.profile = profile
+        self.drafter = drafter = DRAFT_MODEL if drafter is None else drafter
+        drafter.check_profile(profile)
+        dm = drafter.rows  # the steps.csv model pricing the draft step and the draft prefill
         self.max_batch = int(max_batch)
         self.max_gamma = int(max_gamma)
         self.warned = False  # True once this model has issued its (single) extrapolation warning
@@ -149,11 +153,11 @@ class CostModel:
         path = profile.path
         tgt = steps[(steps["model"] == "target") & steps["phase"].isin(["decode", "verify"])]
         tgt = tgt.drop_duplicates(["batch", "tokens", "context"], keep="last")
-        drf = steps[(steps["model"] == "draft") & (steps["phase"] == "decode") & (steps["tokens"] == 1)]
+        drf = steps[(steps["model"] == dm) & (steps["phase"] == "decode") & (steps["tokens"] == 1)]
         if tgt.empty or (tgt["tokens"] == 1).sum() == 0:
             raise ProfileError(f"{path}/steps.csv: no ok target decode rows (model=target, phase=decode, tokens=1)")
         if drf.empty:
-            raise ProfileError(f"{path}/steps.csv: no ok draft decode rows (model=draft, phase=decode, tokens=1)")
+            raise ProfileError(f"{path}/steps.csv: no ok draft decode rows (model={dm}, phase=decode, tokens=1)")
         self._check_oom_only(profile)
         check_monotone(profile)
         bad = profile.steps[profile.steps["status"] != "ok"]
@@ -161,8 +165,8 @@ class CostModel:
             tgt, ["tokens", "batch", "context"], "target verify", path,
             bad[(bad["model"] == "target") & bad["phase"].isin(["decode", "verify"])])
         self.draft_axes, draft_grid = _grid(
-            drf, ["batch", "context"], "draft decode", path,
-            bad[(bad["model"] == "draft") & (bad["phase"] == "decode") & (bad["tokens"] == 1)])
+            drf, ["batch", "context"], f"{dm} decode", path,
+            bad[(bad["model"] == dm) & (bad["phase"] == "decode") & (bad["tokens"] == 1)])
         self.draft_grid = draft_grid
         self.contexts = self.verify_axes[2]
 
@@ -178,10 +182,45 @@ class CostModel:
         self._draft_tab = [dt[i].tolist() for i in range(len(b))]
         # Whole iterations, γ·T_draft + T_verify at each context grid point (interpolation is linear, so
         # interpolating the sum is the sum of the interpolations inside the grid).
-        self._iter_tab = [[(vt[g, i] + g * dt[i]).tolist() for i in range(len(b))] for g in range(len(toks))]
-        self._prefill = {m: self._prefill_curve(steps, m) for m in ("target", "draft")}
-        self._prefill_grid = {m: self._prefill_surface(steps, m) for m in ("target", "draft")}
+        if drafter.per_token:
+            self._iter_tab = [[(vt[g, i] + g * dt[i]).tolist() for i in range(len(b))] for g in range(len(toks))]
+        else:
+            self._iter_tab = self._proposer_iter_tab(vt, dt)
+        # "draft" names the drafter's rows (model=draft, eagle; none for ngram, which prefills nothing)
+        rows = {"target": "target", "draft": dm if drafter.prefill else None}
+        self._prefill = {m: r and self._prefill_curve(steps, r) for m, r in rows.items()}
+        self._prefill_grid = {m: r and self._prefill_surface(steps, r) for m, r in rows.items()}
         self._check_ranges()
+
+    # -- drafters that propose once per iteration, possibly nothing (ngram; sim/drafters.py) ----------------
+
+    def _proposer_iter_tab(self, vt: np.ndarray, dt: np.ndarray) -> list:
+        """Expected iteration times [γ][b][context point] of a once-per-iteration, partial proposer: γ = 0 a
+        target decode; γ ≥ 1 one proposer call T_d(b, c) plus T_verify at γ·match_rate draft tokens per
+        sequence (linear between the verify rows at ⌊x⌋ and ⌈x⌉ draft tokens)."""
+        p = self.drafter.match_rate
+        out = [vt[0].tolist()]
+        for g in range(1, vt.shape[0]):
+            x = g * p
+            i = int(np.floor(x))
+            f = x - i
+            v = vt[i] if f == 0.0 else vt[i] + (vt[i + 1] - vt[i]) * f
+            out.append((v + dt).tolist())
+        return out
+
+    def iteration_matched(self, batch: int, gamma: int, matched: int, context: float) -> float:
+        """Seconds of one iteration of a partial proposer (ngram) at γ ≥ 1 in which ``matched`` of the
+        ``batch`` sequences proposed γ tokens and the others none: one proposer call T_d(b, c) plus
+        T_verify(b, x, c) at x = γ·matched/batch draft tokens per sequence, linear in x between the verify rows
+        at ⌊x⌋ and ⌈x⌉ draft tokens (sim/drafters.py). Used by the simulator for every such step."""
+        self._check_query(batch, gamma)
+        b = batch - 1
+        x = gamma * matched / batch
+        i = int(x)
+        v = self._interp_ctx(self._verify_tab[i][b], context)
+        if x != i:
+            v = v + (self._interp_ctx(self._verify_tab[i + 1][b], context) - v) * (x - i)
+        return self._interp_ctx(self._draft_tab[b], context) + v
 
     # -- construction helpers ---------------------------------------------------------------------------
 
@@ -416,6 +455,87 @@ class CostModel:
 
     def has_prefill(self, model: str = "target") -> bool:
         return self._prefill[model] is not None
+
+    # -- mixed iterations (cluster.prefill=chunked) ---------------------------------------------------------
+
+    def mixed_rule(self, model: str = "target") -> dict:
+        """The parameters of the mixed-iteration rule (:meth:`mixed_iteration`) for ``model``, from the
+        profile's batch-1 prefill rows: ``fixed_s`` = F, the prefill curve's value at zero tokens — the
+        straight line through the two shortest measured prompts, extended to 0 and clamped to
+        [0, T_prefill(shortest)] — i.e. the part of a forward that does not grow with its tokens (weights
+        streamed, launches); ``lengths``/``seconds``: the curve P(n) the rule reads, the point (0, F) and then
+        the measured (prompt length, seconds) pairs. A profile with fewer than two prefill lengths for
+        ``model`` is a :class:`ProfileError` naming the file and the rows missing."""
+        rule = getattr(self, "_mixed", {}).get(model)
+        if rule is not None:
+            return rule
+        curve = self._prefill[model]
+        if curve is None or len(curve[2]) < 2:
+            have = "none" if curve is None else f"only length {int(curve[2][0])}"
+            raise ProfileError(f"{self.profile.path}/steps.csv: cluster.prefill=chunked prices a prompt chunk from "
+                               f"the prefill curve and needs ok rows model={model}, phase=prefill, batch=1 at two or "
+                               f"more prompt lengths ({have} measured); profile more prefill lengths, or use "
+                               "cluster.prefill=sequential")
+        x, y = curve[2], curve[3]
+        fixed = y[0] - x[0] * (y[1] - y[0]) / (x[1] - x[0])
+        fixed = min(max(fixed, 0.0), y[0])
+        rule = {"model": model, "fixed_s": fixed, "lengths": [0.0] + list(x), "seconds": [fixed] + list(y)}
+        if not hasattr(self, "_mixed"):
+            self._mixed = {}
+        self._mixed[model] = rule
+        return rule
+
+    def prefill_curve_at(self, tokens: float, model: str = "target") -> float:
+        """P(n): the mixed rule's prefill curve (:meth:`mixed_rule`) at ``tokens`` ≥ 0, seconds: linear between
+        its points, and beyond the longest measured prompt along the last segment (slope ≥ 0)."""
+        rule = self.mixed_rule(model)
+        x, y = rule["lengths"], rule["seconds"]
+        if tokens <= x[-1]:
+            i = max(bisect.bisect_left(x, tokens), 1)
+            return y[i - 1] + (y[i] - y[i - 1]) * (tokens - x[i - 1]) / (x[i] - x[i - 1])
+        self._warn("prefill of %.0f > %.0f tokens", tokens, x[-1])
+        return y[-1] + max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) * (tokens - x[-1])
+
+    def chunk_seconds(self, chunks, model: str = "target") -> float:
+        """Σ over ``chunks`` = [(prefix, tokens), ...] of P(prefix + tokens) − P(prefix) (never below 0): what
+        prefilling each chunk adds to a forward that is paid for anyway. A chunk at prefix p attends over
+        p + tokens positions; the difference of the curve charges its linear layers and that attention.
+        Chunks that make up a whole prompt of N tokens sum to P(N) − F (the sum telescopes)."""
+        total = 0.0
+        for prefix, tokens in chunks:
+            total += max(self.prefill_curve_at(prefix + tokens, model) - self.prefill_curve_at(prefix, model), 0.0)
+        return total
+
+    def mixed_iteration(self, batch: int, gamma: int, context: float, chunks, draft: bool = True) -> tuple[float, float]:
+        """One forward that verifies the running batch and prefills prompt chunks (chunked prefill, vLLM V1 /
+        SGLang). Returns ``(extra_s, step_s)``: ``step_s`` = :meth:`iteration` (b, γ, c) (0 when ``batch`` is 0),
+        ``extra_s`` what the chunks add; the iteration takes ``extra_s + step_s`` seconds.
+
+        The composition rule, per model m (the target; the draft too when ``draft``):
+
+            extra_m = F_m + Σ_chunks [P_m(p + n) − P_m(p)] − min(F_m, S_m)
+
+        with P_m and F_m from :meth:`mixed_rule`, and S_m the part of the iteration that model m runs anyway:
+        the target's verify T_verify(b, γ, c); the draft's one decode step T_draft(b, c) when it runs (γ ≥ 1,
+        or γ = 0 under draft_sync), else 0. Assumptions: (1) a forward costs a fixed part F (weights streamed
+        once, launches) plus terms that grow with its tokens, so the chunks' tokens add their growth terms
+        (linear layers in proportion to their tokens, attention over their own prefix) and the fixed part is
+        paid once, by the decode/verify part, which is charged at its own context c as before; (2) the parts
+        add: near the memory/compute knee, where a forward's time is the larger of the two rather than
+        their sum, the rule errs by up to min(F, S) in either direction; (3) prefill rows at batch 1 describe
+        a chunk (several chunks in one forward add up). With no running batch the iteration is a prefill-only
+        forward of the chunks, F + Σ ΔP. No measured mixed forward checks this rule yet."""
+        step = self.iteration(batch, gamma, context) if batch else 0.0
+        if not chunks:
+            return 0.0, step
+        shared = self.target_verify(batch, gamma, context) if batch else 0.0
+        rule = self.mixed_rule("target")
+        extra = rule["fixed_s"] + self.chunk_seconds(chunks, "target") - min(rule["fixed_s"], shared)
+        if draft:
+            rule = self.mixed_rule("draft")
+            shared = self.draft_decode(batch, context) if batch and (gamma or self.draft_sync) else 0.0
+            extra += rule["fixed_s"] + self.chunk_seconds(chunks, "draft") - min(rule["fixed_s"], shared)
+        return extra, step
 
     # -- vectorised views (for tables and the quantitative model) ------------------------------------------
 

@@ -35,6 +35,13 @@ class BatchView:
     step_context: float  # KV length the step is charged at (tokens): ``context`` under paged attention,
     #                      the longest sequence's under padded (``cluster.attention``); what a
     #                      context-dependent choice should read (see Policy.steady_gamma)
+    prefill_waiting_tokens: int = 0  # prompt tokens still to prefill on this replica (tokens): the queue's
+    #                                  prompts, plus under cluster.prefill=chunked what the requests being
+    #                                  prefilled have left. A policy whose γ reads it (or token_budget) must
+    #                                  return None from steady_gamma
+    token_budget: int | None = None  # tokens one forward may hold (cluster.max_num_batched_tokens) under
+    #                                  cluster.prefill=chunked, else None: γ takes b·(γ+1) of it, the prompts
+    #                                  waiting get what is left, and γ is capped at token_budget // b − 1
 
 
 class Policy:

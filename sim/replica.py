@@ -91,7 +91,8 @@ class Replica:
     def __init__(self, env: simpy.Environment, index: int, reqs: RequestTable, cost: CostModel, policy: Policy,
                  acceptance: AcceptanceModel, rng: np.random.Generator, log: IterationLog, *, max_batch: int,
                  kv_capacity_tokens: int, watermark: float = 0.01, mode: str = "continuous",
-                 fast_forward: bool = False, attention: str = "paged", prefill: str = "sequential"):
+                 fast_forward: bool = False, attention: str = "paged", prefill: str = "sequential",
+                 token_budget: int = 2048, chunk_cap: int | None = None):
         if mode not in ("continuous", "static"):
             raise ValueError(f"cluster.mode is {mode!r}; expected 'continuous' or 'static'")
         if prefill not in PREFILL:
@@ -100,16 +101,24 @@ class Replica:
                                max_gamma=cost.max_gamma, watermark=watermark, attention=attention)
         self.env, self.index, self.reqs, self.cost = env, index, reqs, cost
         self.policy, self.acceptance, self.log = policy, acceptance, log
+        # A partial proposer (ngram, sim/drafters.py): its steps are charged for the sequences that matched.
+        self.match_rate = cost.drafter.match_rate if cost.drafter.partial else None
         self.busy_s = 0.0
         self.fast_forward = bool(fast_forward)
         self.attention = attention
         self.padded = attention == "padded"  # steps are charged at the longest sequence's context
         self.batched_prefill = prefill == "batched"  # an iteration's admissions share one prefill forward
+        self.chunked = prefill == "chunked"  # prompt chunks share the verify forward under a token budget
+        if self.chunked:
+            if mode != "continuous":
+                raise ValueError(f"cluster.prefill is 'chunked' but cluster.mode is {mode!r}; expected 'continuous'")
+            self.sched.enable_chunked(token_budget, chunk_cap)
         self._ones = np.ones(self.sched.max_batch, np.int64)  # for row sums of a plan's (k, batch) token counts
         self._prefill_times: dict[int, tuple[float, float]] = {}  # context -> (target, draft) prefill seconds
         self._plan: _Plan | None = None  # the fast-forward plan being waited on
         self._wake: simpy.Event | None = None
-        self.process = env.process(self._run_static() if mode == "static" else self._run_continuous())
+        self.process = env.process(self._run_static() if mode == "static" else
+                                   self._run_chunked() if self.chunked else self._run_continuous())
 
     # -- entry ----------------------------------------------------------------------------------------------
 
@@ -160,7 +169,8 @@ class Replica:
     def _prefill_seconds(self, rids: list[int]) -> float:
         """Seconds to prefill ``rids``' contexts on the target (and the draft when the policy uses one): one
         after another, or with ``prefill="batched"`` (and more than one) together in one forward per model."""
-        r, cost, draft, known = self.reqs, self.cost, self.policy.uses_draft, self._prefill_times
+        r, cost, known = self.reqs, self.cost, self._prefill_times
+        draft = self.policy.uses_draft and cost.drafter.prefill  # (ngram prefills nothing)
         contexts = [int(r.prompt[rid]) + int(r.generated[rid]) for rid in rids]
         if self.batched_prefill and len(rids) > 1:
             total = cost.prefill_batch(contexts, "target", self.attention)
@@ -206,7 +216,8 @@ class Replica:
                 n, ctx_mean = view.batch, view.context
                 if self.padded:
                     ctx_max = view.step_context
-                step_s = cost.iteration(n, gamma, view.step_context)
+                step_s = cost.iteration(n, gamma, view.step_context) if not gamma or self.match_rate is None \
+                    else cost.iteration_matched(n, gamma, sched.peek_matched(1, self.match_rate)[0], view.step_context)
                 acc = sched.speculate(gamma)
             duration = prefill_s + step_s
             yield env.timeout(duration)
@@ -217,6 +228,54 @@ class Replica:
             sched.kv_tokens = sched.batch_tokens()
             sched.record(t0, batch=n, gamma=gamma, prefill_s=prefill_s, step_s=step_s, tokens=tokens + len(admitted),
                          accepted=accepted, admitted=len(admitted), preempted=len(preempted), context=ctx_mean,
+                         context_max=ctx_max)
+
+    # -- chunked prefill (continuous batching, cluster.prefill=chunked) ------------------------------------
+
+    def _run_chunked(self):
+        """Continuous batching with chunked prefill (:meth:`Scheduler.schedule_chunks` has the rules): each
+        iteration is one forward of the running batch's verify step and the prompt chunks, priced by
+        :meth:`CostModel.mixed_iteration` (recorded as ``prefill_s`` = what the chunks add, ``step_s`` = the
+        speculative iteration). While no prompt is being prefilled and the queue's head cannot be admitted,
+        the iterations are today's and fast-forward plans them as in :meth:`_run_continuous`."""
+        env, cost, sched = self.env, self.cost, self.sched
+        b = sched.batch
+        draft = self.policy.uses_draft and getattr(getattr(cost, "drafter", None), "prefill", True)  # (ngram: none)
+        while True:
+            if not len(b) and not sched.waiting and not sched.prefilling:
+                yield self._sleep_until_work()
+            t0 = env.now
+            if self.fast_forward and len(b) and not sched.prefilling and not sched.head_admissible():
+                plan = self._make_plan(t0, 0.0, 0)
+                if plan is not None:
+                    yield from self._follow(plan)
+                    continue
+            gamma = tokens = accepted = n = 0
+            preempted = ()
+            ctx_mean = step_context = 0.0
+            ctx_max = 0.0 if self.padded else math.nan
+            if len(b):
+                gamma, view, preempted = sched.choose_gamma_chunked(t0)
+                n, ctx_mean, step_context = view.batch, view.context, view.step_context
+                if self.padded:
+                    ctx_max = step_context
+                acc = sched.speculate(gamma)
+            chunks, admitted = sched.schedule_chunks(n * (gamma + 1), t0)
+            if not n and not chunks:  # nothing can run (cannot happen: an empty replica admits its head)
+                yield self._sleep_until_work()
+                continue
+            prefill_s, step_s = cost.mixed_iteration(n, gamma, step_context, [(p, k) for _, p, k in chunks], draft)
+            duration = prefill_s + step_s
+            yield env.timeout(duration)
+            self.busy_s += duration
+            if n:
+                _, tokens, accepted = sched.advance(view, gamma, acc)
+            joined, _ = sched.commit_chunks(chunks, env.now)
+            if n or joined:
+                sched.finish(env.now)
+            sched.kv_tokens = sched.batch_tokens() + sched.prefill_held
+            sched.record(t0, batch=n, gamma=gamma, prefill_s=prefill_s, step_s=step_s, tokens=tokens + joined,
+                         accepted=accepted, admitted=admitted, preempted=len(preempted), context=ctx_mean,
                          context_max=ctx_max)
 
     # -- fast-forward (continuous batching) ------------------------------------------------------------
@@ -232,6 +291,8 @@ class Replica:
         if steady is None:
             return None
         gamma, limit = min(int(steady[0]), sched.max_gamma), steady[1]
+        if self.chunked:  # the verify tokens b·(γ+1) must fit in the token budget
+            gamma = min(gamma, sched.token_budget // n - 1)
         slack = sched.capacity - ctx0 - n * (gamma + 1)  # KV tokens the batch may still grow by
         if gamma < 0 or slack < 0:
             return None  # choose_gamma reports the bad γ / preempts
@@ -253,9 +314,14 @@ class Replica:
             tot = np.arange(n, n * (k + 1), n)
         rows, maxes = self._plan_rows(min(first + 1, k), n, ctx0, max0, slack, limit, cum, tot, s)
         p = _Plan()
-        if rows <= 12:  # up to about a dozen iterations Python floats beat numpy's per-call overheads
+        matched = gamma and self.match_rate is not None  # a partial proposer: one step at a time, as stepping
+        if rows <= 12 or matched:  # up to about a dozen iterations Python floats beat numpy's per-call overheads
             contexts = [ctx0 / n] + [(ctx0 + g) / n for g in tot[:rows - 1].tolist()]
-            steps = self.cost.iteration_list(n, gamma, maxes or contexts)
+            if matched:
+                it = self.cost.iteration_matched
+                steps = [it(n, gamma, m, c) for m, c in zip(sched.peek_matched(rows, self.match_rate), maxes or contexts)]
+            else:
+                steps = self.cost.iteration_list(n, gamma, maxes or contexts)
             times = [t0, t0 + (prefill_s + steps[0])]
             for step in steps[1:]:  # running sums, as SimPy's clock
                 times.append(times[-1] + step)
@@ -385,7 +451,8 @@ class Replica:
             if len(b):
                 view = BatchView(ts, self.index, b0, ctx_mean, b.ids, ctx_max if self.padded else ctx_mean)
                 gamma = sched.gamma_for(view)
-                step_s = cost.iteration(b0, gamma, view.step_context)
+                step_s = cost.iteration(b0, gamma, view.step_context) if not gamma or self.match_rate is None \
+                    else cost.iteration_matched(b0, gamma, sched.peek_matched(1, self.match_rate)[0], view.step_context)
                 acc = sched.speculate(gamma)
             pre = prefill_s if first else 0.0
             yield env.timeout(pre + step_s)

@@ -38,7 +38,8 @@ from .requests import RequestTable
 # context, or its longest sequence's
 STEP_CONTEXT = {"paged": "context", "padded": "context_max"}
 ATTENTION = tuple(STEP_CONTEXT)
-PREFILL = ("sequential", "batched")  # cluster.prefill: an iteration's admitted prompts one by one, or together
+PREFILL = ("sequential", "batched", "chunked")  # cluster.prefill: an iteration's admitted prompts one by one,
+#   together, or in chunks mixed with the verify step under a token budget (Scheduler.schedule_chunks)
 
 
 class UniformStream:
@@ -188,6 +189,11 @@ class Scheduler:
         self.uniforms = UniformStream(rng, thresholds=None if shared is None else shared[:max_gamma])
         self.outstanding = self.queued_tokens = self.kv_tokens = 0
         self.n_iter = self.gamma_total = 0
+        # chunked prefill (enable_chunked): off unless a token budget is set
+        self.token_budget: int | None = None
+        self.chunk_cap: int | None = None
+        self.prefilling: list[list] = []  # [rid, tokens prefilled, tokens to prefill], admission order
+        self.prefill_held = self.prefill_left = self.prefill_reserved = 0
 
     # -- the queue --------------------------------------------------------------------------------------
 
@@ -266,7 +272,8 @@ class Scheduler:
         """:meth:`view` and the batch's KV tokens (Σ context)."""
         ctxs = self.batch.s[:, RunningBatch.CTX].tolist()
         used, n = sum(ctxs), len(ctxs)
-        return BatchView(now, self.index, n, used / n, self.batch.ids, max(ctxs) if self.padded else used / n), used
+        return BatchView(now, self.index, n, used / n, self.batch.ids, max(ctxs) if self.padded else used / n,
+                         self.queued_tokens + self.prefill_left), used
 
     def gamma_for(self, view: BatchView) -> int:
         """The policy's γ for ``view``, capped at ``max_gamma``."""
@@ -306,6 +313,13 @@ class Scheduler:
         cum += 1
         np.add.accumulate(cum, axis=0, out=cum)  # (the ufunc itself: np.cumsum's wrapper costs more)
         return cum
+
+    def peek_matched(self, k: int, match_rate: float) -> list[int]:
+        """Sequences whose proposer matches in each of the next k iterations under a partial proposer (an
+        n-gram drafter, :mod:`specbatch.sim.drafters`): draw j·batch + i matches when it is below
+        ``match_rate``, the same draw that :meth:`peek_cum` reads for its acceptance. Not consumed."""
+        n = len(self.batch)
+        return (self.uniforms.peek(k * n).reshape(k, n) < match_rate).sum(axis=1).tolist()
 
     def speculate(self, gamma: int) -> np.ndarray:
         """Draw one iteration's accepted draft tokens per sequence at speculation length ``gamma``."""
@@ -365,6 +379,153 @@ class Scheduler:
     def batch_tokens(self) -> int:
         """KV tokens the running batch holds (Σ context)."""
         return sum(self.batch.s[:, RunningBatch.CTX].tolist())
+
+    # -- chunked prefill (cluster.prefill=chunked) -----------------------------------------------------------
+    #
+    # vLLM V1's and SGLang's default schedule. Each iteration the running batch is scheduled first: its
+    # b·(γ+1) verify tokens come out of the token budget (γ capped at budget // b − 1). The budget left goes
+    # to prompt chunks first come, first served: first the requests being prefilled (admission order), then
+    # the queue's head while the batch (running + being prefilled) has fewer than max_batch sequences and the
+    # KV cache would hold the request's whole context (+ 1) below the watermark, counting the running batch's
+    # KV and the whole contexts of the requests being prefilled (the rule of :meth:`admit`). A request gets
+    # min(tokens left to prefill, long_prefill_token_threshold, budget left, KV room) tokens; it holds KV for
+    # the tokens prefilled so far; at the end of the iteration of its last chunk it gets its token (its first,
+    # the TTFT, unless it is resuming) and joins the running batch for the next iteration. Preemption: when the
+    # KV cache cannot hold the verify step, the newest request being prefilled goes back to the head of the
+    # queue (its KV freed, its chunks recomputed), then the running batch's newest as in :meth:`choose_gamma`.
+
+    def enable_chunked(self, token_budget: int, chunk_cap: int | None) -> None:
+        """Schedule prompts in chunks under ``token_budget`` tokens per forward, at most ``chunk_cap`` tokens per
+        request per forward (``None``: no cap)."""
+        self.token_budget, self.chunk_cap = int(token_budget), None if chunk_cap is None else int(chunk_cap)
+
+    def prefill_waiting(self) -> int:
+        """Prompt tokens still to prefill: the queue's prompts plus what the requests being prefilled have left."""
+        return self.queued_tokens + self.prefill_left
+
+    def head_admissible(self) -> bool:
+        """Whether chunked admission would take the queue's head now (slots and KV; the budget aside)."""
+        if not self.waiting or len(self.batch) + len(self.prefilling) >= self.max_batch:
+            return False
+        if not len(self.batch) and not self.prefilling:
+            return True
+        return self.batch_tokens() + self.prefill_reserved + self.head_need() <= self.admit_limit
+
+    def view_chunked(self, now: float) -> tuple[BatchView, int]:
+        """:meth:`_view` with the prefill waiting and the token budget filled in."""
+        view, used = self._view(now)
+        view.token_budget = self.token_budget
+        return view, used
+
+    def choose_gamma_chunked(self, now: float) -> tuple[int, BatchView, list[int]]:
+        """:meth:`choose_gamma` under chunked prefill: γ capped at token_budget // b − 1, and the KV tokens held
+        by requests being prefilled counted; the newest of those is preempted before any running sequence."""
+        preempted: list[int] = []
+        while True:
+            view, used = self.view_chunked(now)
+            n = view.batch
+            gamma = min(self.gamma_for(view), self.token_budget // n - 1)
+            if used + self.prefill_held + n * (gamma + 1) <= self.capacity:
+                return gamma, view, preempted
+            if self.prefilling:
+                victim = self.drop_prefilling()
+            elif n == 1:
+                return max(0, min(gamma, self.capacity - used - 1)), view, preempted
+            else:
+                victim = int(self.leave(self.batch.take_last(), None)[0])
+                self.waiting.appendleft(victim)
+                self.queued_tokens += int(self.reqs.prompt[victim])
+            self.reqs.preemptions[victim] += 1
+            preempted.append(victim)
+
+    def drop_prefilling(self) -> int:
+        """Preempt the newest request being prefilled: its KV freed, back to the head of the queue."""
+        rid, done, total = self.prefilling.pop()
+        self.prefill_held -= done
+        self.prefill_left -= total - done
+        self.prefill_reserved -= total + 1
+        self.waiting.appendleft(rid)
+        self.queued_tokens += int(self.reqs.prompt[rid])
+        return rid
+
+    def schedule_chunks(self, verify_tokens: int, now: float) -> tuple[list[tuple[int, int, int]], int]:
+        """The prompt chunks of this iteration, after the running batch's ``verify_tokens`` (b·(γ+1), which
+        also grow its KV): [(rid, tokens already prefilled, chunk tokens), ...] in order, and how many requests
+        were admitted (taken from the queue; a fresh one is stamped admitted at ``now``)."""
+        left = self.token_budget - verify_tokens
+        cap = self.chunk_cap
+        running = self.batch_tokens()
+        room = self.capacity - running - verify_tokens - self.prefill_held  # KV tokens free for chunks
+        chunks: list[tuple[int, int, int]] = []
+        for rid, done, total in self.prefilling:
+            if left <= 0:
+                return chunks, 0
+            k = min(total - done, left, room)
+            if cap is not None:
+                k = min(k, cap)
+            if done + k == total and k == room:  # the token its last chunk produces needs a slot too
+                k -= 1
+            if k <= 0:
+                continue
+            chunks.append((rid, done, k))
+            left -= k
+            room -= k + (done + k == total)
+        r, admitted = self.reqs, 0
+        while self.waiting and left > 0 and len(self.batch) + len(self.prefilling) < self.max_batch:
+            rid = self.waiting[0]
+            total = int(r.prompt[rid] + r.generated[rid])
+            alone = not len(self.batch) and not self.prefilling
+            if running + self.prefill_reserved + total + 1 > self.admit_limit and not alone:
+                break
+            k = min(total, left, room)
+            if cap is not None:
+                k = min(k, cap)
+            if k == total and k == room:
+                k -= 1
+            if k <= 0:
+                break
+            self.waiting.popleft()
+            self.queued_tokens -= int(r.prompt[rid])
+            self.prefilling.append([rid, 0, total])
+            self.prefill_left += total
+            self.prefill_reserved += total + 1
+            if math.isnan(r.first_token[rid]):
+                r.admitted[rid] = now
+            admitted += 1
+            chunks.append((rid, 0, k))
+            left -= k
+            room -= k + (k == total)
+        return chunks, admitted
+
+    def commit_chunks(self, chunks: list[tuple[int, int, int]], now: float) -> tuple[int, bool]:
+        """Apply this iteration's ``chunks`` (ended at ``now``): progress and held KV; the requests whose
+        prompt is done join the running batch with the token the last chunk produced. Returns (how many
+        joined, whether one of them is done with that token)."""
+        if not chunks:
+            return 0, False
+        joined = []
+        by_rid = {rid: k for rid, _, k in chunks}
+        keep = []
+        for entry in self.prefilling:
+            k = by_rid.get(entry[0])
+            if k:
+                entry[1] += k
+                self.prefill_held += k
+                self.prefill_left -= k
+            if entry[1] == entry[2]:
+                joined.append(entry[0])
+                self.prefill_held -= entry[2]
+                self.prefill_reserved -= entry[2] + 1
+            else:
+                keep.append(entry)
+        self.prefilling = keep
+        if not joined:
+            return 0, False
+        r = self.reqs
+        stamped = r.admitted[joined].copy()  # admitted at their first chunk (schedule_chunks), not now
+        done = self.join(joined, now, now)
+        r.admitted[joined] = stamped
+        return len(joined), done
 
     # -- the record -------------------------------------------------------------------------------------
 
