@@ -12,6 +12,9 @@ positions 1..k-1 were; the iteration accepts the prefix before the first rejecti
 * Request classes — ``class_alpha`` maps class index → mean α for that class (replacing the global mean),
   e.g. code requests accept more than chat.
 * Drift — ``drift_per_hour`` shifts every request's α linearly with its arrival time (clipped to [0, 1]).
+* Partial proposals — ``match_rate`` p (an n-gram drafter, :mod:`specbatch.sim.drafters`): a sequence proposes
+  in an iteration with probability p, else nothing; only a proposal can be accepted, so
+  P(accepted ≥ j) = p · Π_{i≤j} α_ij. With one uniform U per request per iteration: matched iff U < p.
 
 Sampling is vectorised: one ``(batch, γ)`` uniform draw per iteration from the replica's own generator.
 """
@@ -25,7 +28,7 @@ class AcceptanceModel:
 
     def __init__(self, alpha: float | None = None, positions: np.ndarray | None = None,
                  concentration: float | None = None, class_alpha: dict[int, float] | None = None,
-                 drift_per_hour: float = 0.0, max_gamma: int = 8):
+                 drift_per_hour: float = 0.0, max_gamma: int = 8, match_rate: float = 1.0):
         if positions is None:
             if alpha is None:
                 raise ValueError("acceptance needs alpha (a scalar) or positions (per-position rates)")
@@ -45,6 +48,9 @@ class AcceptanceModel:
         self.class_alpha = dict(class_alpha or {})
         self.drift_per_hour = float(drift_per_hour)
         self.max_gamma = max_gamma
+        if not 0 < match_rate <= 1:
+            raise ValueError(f"drafter.match_rate is {match_rate}; expected a probability in (0, 1]")
+        self.match_rate = float(match_rate)
 
     def request_scale(self, n: int, rng: np.random.Generator, request_class: np.ndarray | None = None,
                       arrival_s: np.ndarray | None = None) -> np.ndarray:
@@ -76,24 +82,33 @@ class AcceptanceModel:
         """Matrix ``(len(scale), k)``: P(at least j draft tokens accepted) = Π_{i≤j} α_i for j = 1..k.
 
         One uniform U per request per iteration then gives accepted = #{j ≤ γ : U < thresholds[j]},
-        which has exactly the first-rejection distribution (P(accepted ≥ j) = Π_{i≤j} α_i)."""
-        return np.cumprod(np.minimum(1.0, scale[:, None] * self.rates(k)[None, :]), axis=1)
+        which has exactly the first-rejection distribution (P(accepted ≥ j) = Π_{i≤j} α_i); with
+        ``match_rate`` p < 1 every entry is multiplied by p."""
+        thr = np.cumprod(np.minimum(1.0, scale[:, None] * self.rates(k)[None, :]), axis=1)
+        return thr if self.match_rate == 1.0 else thr * self.match_rate
 
     def probabilities(self, scale: np.ndarray, gamma: int) -> np.ndarray:
         """Matrix ``(len(scale), γ)`` of conditional acceptance probabilities."""
         return np.minimum(1.0, scale[:, None] * self.rates(gamma)[None, :])
 
     def sample(self, scale: np.ndarray, gamma: int, rng: np.random.Generator) -> np.ndarray:
-        """Accepted draft tokens per request (0..γ) for one iteration; ``scale`` from :meth:`request_scale`."""
+        """Accepted draft tokens per request (0..γ) for one iteration; ``scale`` from :meth:`request_scale`.
+        With ``match_rate`` < 1 one more uniform per request decides the match (unmatched: 0)."""
         if gamma == 0:
             return np.zeros(len(scale), dtype=np.int64)
         rejected = rng.random((len(scale), gamma)) >= self.probabilities(scale, gamma)
         first = rejected.argmax(axis=1)
-        return np.where(rejected.any(axis=1), first, gamma).astype(np.int64)
+        acc = np.where(rejected.any(axis=1), first, gamma).astype(np.int64)
+        if self.match_rate != 1.0:
+            acc[rng.random(len(scale)) >= self.match_rate] = 0
+        return acc
 
     def expected_tokens(self, gamma: int, scale: float = 1.0) -> float:
-        """E[tokens gained per iteration] = 1 + Σ_{k=1..γ} Π_{j≤k} α_j (ignoring the request's end)."""
+        """E[tokens gained per iteration] = 1 + p·Σ_{k=1..γ} Π_{j≤k} α_j (ignoring the request's end; p the
+        ``match_rate``, 1 for model drafters)."""
         p = np.minimum(1.0, scale * self.rates(gamma))
+        if self.match_rate != 1.0:
+            return float(1.0 + self.match_rate * np.cumprod(p).sum())
         return float(1.0 + np.cumprod(p).sum())
 
 

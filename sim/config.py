@@ -114,6 +114,18 @@ class Acceptance:
     drift_per_hour: Any = 0.0  # linear drift of alpha with arrival time (per hour)
 
 
+@dataclass
+class Drafter:
+    """``drafter.*``: what proposes draft tokens (sim/drafters.py). Each kind's documented defaults are in
+    ``conf/drafter/<kind>.yaml``; these schema defaults are ``draft_model``'s."""
+
+    kind: Any = "draft_model"  # draft_model | eagle | ngram
+    positions: Any = None     # per-position acceptance rates of the drafter; null: the acceptance group's
+    match_rate: Any = 1.0     # ngram: probability that a sequence's lookup finds a match in an iteration
+    prompt_lookup_min: Any = None  # ngram: smallest n-gram window (tokens)
+    prompt_lookup_max: Any = None  # ngram: largest n-gram window (tokens)
+
+
 # The cluster keys and their defaults are ClusterConfig's (sim/cluster.py): one place for both.
 Cluster = dataclasses.make_dataclass(
     "Cluster", [(f.name, Any, field(default=f.default)) for f in dataclasses.fields(ClusterConfig)])
@@ -131,6 +143,7 @@ class SimConfig:
     policy: Any = MISSING     # a policy (conf/policy/<name>.yaml): name + the policy's parameters
     cluster: Cluster = field(default_factory=Cluster)
     acceptance: Acceptance = field(default_factory=Acceptance)
+    drafter: Drafter = field(default_factory=Drafter)
     profile: Any = "default"  # "default", a name under traces/profiles/, or a folder path
     max_gamma: Any = 8        # largest speculation length any policy may pick
     seed: Any = 0
@@ -249,7 +262,7 @@ def _dataclass_fields_resolved(cls):
         f.type = hints[f.name]
 
 
-for _cls in (WorkloadBase, TraceWorkload, Lengths, SyntheticWorkload, Acceptance, SLO, SimConfig):
+for _cls in (WorkloadBase, TraceWorkload, Lengths, SyntheticWorkload, Acceptance, Drafter, SLO, SimConfig):
     _dataclass_fields_resolved(_cls)
 
 
@@ -318,6 +331,7 @@ def _check(c: DictConfig) -> None:
     _bool(c.save_iterations, "save_iterations")
     _bool(c.print_summary, "print_summary")
     _check_acceptance(c.acceptance)
+    drafter_config(c.drafter, c.acceptance)
     cluster_config(c.cluster)
     if c.workload.kind == "trace":
         _check_trace(c.workload)
@@ -341,6 +355,37 @@ def _probability(value, key) -> float:
         return config_number(value, key, minimum=0.0, maximum=1.0)
     except ConfigError:
         raise ConfigError(f"{key} is {value!r}; expected a probability in [0, 1]") from None
+
+
+def drafter_config(d, acceptance=None):
+    """``drafter.*`` as a checked :class:`specbatch.sim.drafters.Drafter`; with ``acceptance``, also refuses
+    ``acceptance.source=profile`` beside drafter positions (the profile's acceptance.csv is the draft model's)."""
+    from .drafters import DRAFTER_KINDS, Drafter as DrafterSpec
+
+    _choice(d.kind, "drafter.kind", DRAFTER_KINDS)
+    positions = d.positions
+    if positions is not None:
+        if isinstance(positions, (int, float)) and not isinstance(positions, bool):
+            positions = [positions]
+        positions = OmegaConf.to_container(positions) if isinstance(positions, (DictConfig,)) or \
+            OmegaConf.is_list(positions) else positions
+        if not isinstance(positions, (list, tuple)) or not positions:
+            raise ConfigError(f"drafter.positions is {d.positions!r}; expected a list of probabilities in [0, 1] or null")
+        positions = tuple(_probability(a, f"drafter.positions[{i}]") for i, a in enumerate(positions))
+    match = config_number(d.match_rate, "drafter.match_rate", minimum=0.0, strict=True, maximum=1.0)
+    lo = _optional(d.prompt_lookup_min, "drafter.prompt_lookup_min",
+                   lambda v: config_number(v, "drafter.prompt_lookup_min", int, minimum=1), "an integer ≥ 1")
+    hi = _optional(d.prompt_lookup_max, "drafter.prompt_lookup_max",
+                   lambda v: config_number(v, "drafter.prompt_lookup_max", int, minimum=1), "an integer ≥ 1")
+    if acceptance is not None and positions is not None and acceptance.source == "profile":
+        raise ConfigError(f"acceptance.source is 'profile' but drafter.positions is {list(positions)}: the profile's "
+                          "acceptance.csv measures the draft model; set drafter.positions=null to use it, or "
+                          "acceptance.source=scalar")
+    try:
+        return DrafterSpec(kind=d.kind, positions=positions, match_rate=match, prompt_lookup_min=lo,
+                           prompt_lookup_max=hi)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_acceptance(a) -> None:

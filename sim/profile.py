@@ -6,13 +6,20 @@ A profile is a folder ``traces/profiles/<name>/`` holding
     ``schema_version`` (int, :data:`SCHEMA_VERSION`), ``source`` (``measured`` | ``analytical``),
     ``device`` ({name, kind (cuda|cpu), memory_bytes, kv_cache_bytes, threads}), ``dtype``,
     ``libraries`` ({torch, transformers, ...}), ``date`` (ISO 8601), ``models`` ({target, draft}: each
-    {name, config, parameters, kv_bytes_per_token}), ``timing`` ({method, cache, warmup, ...}).
+    {name, config, parameters, kv_bytes_per_token}; optionally ``eagle`` (kv_bytes_per_token: one decoder
+    layer's KV at the target's shape) and ``ngram`` (kv_bytes_per_token 0; ``prompt_lookup_min``,
+    ``prompt_lookup_max``)), ``timing`` ({method, cache, warmup, ...}).
 ``steps.csv``
     one row per measured point, columns :data:`STEP_COLUMNS`:
-    ``model`` (target|draft), ``phase`` (decode|verify|prefill), ``batch`` (sequences),
+    ``model`` (target|draft|eagle|ngram), ``phase`` (decode|verify|prefill), ``batch`` (sequences),
     ``tokens`` (new tokens per sequence: 1 for decode, γ+1 for verify, the prompt length for prefill),
     ``context`` (KV-cache length in tokens before the step), ``median_s``, ``p10_s``, ``p90_s`` (seconds),
     ``samples`` (timed repeats), ``status`` (ok|oom|error).
+    Drafter rows (optional): ``eagle`` decode rows (batch, tokens=1, context) time one EAGLE head step (one
+    decoder layer at the target's width, the fusion layer and the target's LM head), its prefill rows (batch
+    1, tokens = prompt length, context 0) the head's prefill over the prompt's hidden states; ``ngram`` decode
+    rows (batch, tokens=1, context) are the CPU seconds to propose for ``batch`` sequences of ``context``
+    tokens by prompt lookup (no prefill rows).
 ``acceptance.csv`` (optional)
     columns :data:`ACCEPTANCE_COLUMNS`: ``position`` (1-based draft position), ``alpha`` (probability that
     the draft token at that position is accepted given all earlier ones were), ``samples``. The dataset and
@@ -37,7 +44,9 @@ import pandas as pd
 SCHEMA_VERSION = 1
 STEP_COLUMNS = ["model", "phase", "batch", "tokens", "context", "median_s", "p10_s", "p90_s", "samples", "status"]
 ACCEPTANCE_COLUMNS = ["position", "alpha", "samples"]
-MODELS = ("target", "draft")
+MODELS = ("target", "draft", "eagle", "ngram")
+# meta.json ``models`` entries every profile has; ``eagle`` and ``ngram`` (drafter rows) are optional
+REQUIRED_MODELS = ("target", "draft")
 PHASES = ("decode", "verify", "prefill")
 STATUSES = ("ok", "oom", "error")
 META_REQUIRED = ["schema_version", "source", "device", "dtype", "date", "models", "timing"]
@@ -77,8 +86,14 @@ class Profile:
         return self.steps[self.steps["status"] == "ok"]
 
     def kv_bytes_per_token(self, model: str) -> int:
-        """Bytes of KV cache one token occupies in ``model`` (target or draft)."""
+        """Bytes of KV cache one token occupies in ``model`` (target, draft, eagle or ngram)."""
         return int(self.meta["models"][model]["kv_bytes_per_token"])
+
+    def has_model(self, model: str) -> bool:
+        """Whether ``meta.json`` describes ``model`` and ``steps.csv`` has ``ok`` decode rows for it."""
+        s = self.ok_steps
+        return isinstance(self.meta["models"].get(model), dict) and bool(
+            ((s["model"] == model) & (s["phase"] == "decode")).any())
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -138,7 +153,7 @@ def _check_meta(path: Path, meta: dict) -> None:
                          f"{SCHEMA_VERSION} (the integer {SCHEMA_VERSION}); re-profile or convert the profile")
     if meta["source"] not in ("measured", "analytical"):
         raise _err(path, f"key 'source' is {meta['source']!r}; expected 'measured' or 'analytical'")
-    for m in MODELS:
+    for m in REQUIRED_MODELS:
         model = meta["models"].get(m) if isinstance(meta["models"], dict) else None
         if not isinstance(model, dict):
             raise _err(path, f"key 'models.{m}' is missing; expected a dict with 'kv_bytes_per_token'")
@@ -146,6 +161,7 @@ def _check_meta(path: Path, meta: dict) -> None:
         if not _positive_finite(kv):
             raise _err(path, f"key 'models.{m}.kv_bytes_per_token' is {_json_show(kv)}; expected a positive, "
                              "finite number")
+    _check_drafter_meta(path, meta["models"])
     dev = meta["device"]
     if not isinstance(dev, dict):
         raise _err(path, f"key 'device' is {dev!r}; expected an object with 'kv_cache_bytes'")
@@ -153,6 +169,22 @@ def _check_meta(path: Path, meta: dict) -> None:
     if not _positive_finite(kvc):
         raise _err(path, f"key 'device.kv_cache_bytes' is {_json_show(kvc)}; expected a positive, finite number "
                          "of bytes")
+
+
+def _check_drafter_meta(path: Path, models: dict) -> None:
+    """The optional drafter entries: ``models.eagle.kv_bytes_per_token`` positive (one decoder layer's KV),
+    ``models.ngram.kv_bytes_per_token`` 0 or more (prompt lookup keeps no KV), both finite."""
+    for m, low in (("eagle", "a positive"), ("ngram", "a non-negative")):
+        model = models.get(m)
+        if model is None:
+            continue
+        if not isinstance(model, dict):
+            raise _err(path, f"key 'models.{m}' is {_json_show(model)}; expected a dict with 'kv_bytes_per_token'")
+        kv = model.get("kv_bytes_per_token")
+        ok = _positive_finite(kv) if m == "eagle" else (
+            isinstance(kv, (int, float)) and not isinstance(kv, bool) and math.isfinite(kv) and kv >= 0)
+        if not ok:
+            raise _err(path, f"key 'models.{m}.kv_bytes_per_token' is {_json_show(kv)}; expected {low}, finite number")
 
 
 def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:
@@ -293,6 +325,9 @@ def monotone_violations(profile: Profile, tolerance: float = MONOTONE_TOLERANCE)
         ("draft decode", s[(s["model"] == "draft") & (s["phase"] == "decode")]),
         ("target prefill", s[(s["model"] == "target") & (s["phase"] == "prefill")]),
         ("draft prefill", s[(s["model"] == "draft") & (s["phase"] == "prefill")]),
+        ("eagle decode", s[(s["model"] == "eagle") & (s["phase"] == "decode")]),
+        ("eagle prefill", s[(s["model"] == "eagle") & (s["phase"] == "prefill")]),
+        ("ngram decode", s[(s["model"] == "ngram") & (s["phase"] == "decode")]),
     ]
     axes = ("batch", "tokens", "context")
     found = []

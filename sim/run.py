@@ -26,7 +26,7 @@ from specbatch import profiles_dir, traces_dir
 
 from . import workload as wl
 from .acceptance import AcceptanceModel
-from .config import ConfigError, WorkloadConfigError, checked, cluster_config, config_number, one_line
+from .config import ConfigError, WorkloadConfigError, checked, cluster_config, config_number, drafter_config, one_line
 from .capacity import estimate_capacity, rate_for_load
 from .cluster import ClusterConfig, SimResult, simulate
 from .cost_model import CostModel
@@ -72,8 +72,11 @@ def resolve_profile(name: str) -> Path:
 
 
 def build_acceptance(cfg: DictConfig, profile: Profile, max_gamma: int, w: wl.Workload) -> AcceptanceModel:
-    """The acceptance model of a checked config (:func:`specbatch.sim.config.checked`)."""
+    """The acceptance model of a checked config (:func:`specbatch.sim.config.checked`): the ``acceptance``
+    group, with the drafter's per-position rates (``drafter.positions``) in place of ``acceptance.alpha`` when
+    set, and its ``match_rate``."""
     a = cfg.acceptance
+    drafter = drafter_config(cfg.drafter)
     class_alpha = {}
     for cname, alpha in a.class_alpha.items():
         if cname not in w.class_names:
@@ -81,6 +84,10 @@ def build_acceptance(cfg: DictConfig, profile: Profile, max_gamma: int, w: wl.Wo
                               f"{list(w.class_names)} (set workload.class_column)")
         class_alpha[w.class_names.index(cname)] = float(alpha)
     try:
+        if drafter.positions is not None:
+            return AcceptanceModel(positions=list(drafter.positions), concentration=a.concentration,
+                                   class_alpha=class_alpha, drift_per_hour=a.drift_per_hour, max_gamma=max_gamma,
+                                   match_rate=drafter.match_rate)
         if a.source == "profile":
             pos = profile.per_position_alpha
             if pos is None:
@@ -210,9 +217,11 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> Run:
     slo_ttft, slo_tpot = float(cfg.slo.ttft_s), float(cfg.slo.tpot_s)
     cluster = build_cluster(cfg)
     profile = load_profile(resolve_profile(cfg.profile))
+    drafter = drafter_config(cfg.drafter)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cost = CostModel(profile, max_batch=cluster.max_batch, max_gamma=max_gamma)
+        check_lookup_window(drafter, profile)
+        cost = CostModel(profile, max_batch=cluster.max_batch, max_gamma=max_gamma, drafter=drafter)
         w = load_workload(cfg)
         w, rate_info = apply_rate(cfg, w, cost, cluster)
         acceptance = build_acceptance(cfg, profile, max_gamma, w)
@@ -222,7 +231,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> Run:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         check_policy_params(cfg.policy.name, params, max_gamma)
-        for model in ("target", "draft") if policy.uses_draft else ("target",):
+        for model in ("target", "draft") if policy.uses_draft and drafter.prefill else ("target",):
             if not cost.has_prefill(model):
                 raise ProfileError(f"{profile.path}/steps.csv: no ok prefill rows for model={model} at batch 1; "
                                    f"policy {cfg.policy.name!r} needs the {model} prefill time")
@@ -236,6 +245,19 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> Run:
     if out_dir is not None:
         write_outputs(r, cfg, Path(out_dir))
     return r
+
+
+def check_lookup_window(drafter, profile: Profile) -> None:
+    """Warn when an ngram drafter's n-gram window differs from the one the profile's ngram rows were timed with
+    (``meta.json`` ``models.ngram.prompt_lookup_min``/``prompt_lookup_max``): the proposer's CPU time depends on it."""
+    if drafter.kind != "ngram" or not isinstance(profile.meta["models"].get("ngram"), dict):
+        return
+    timed = profile.meta["models"]["ngram"]
+    for key in ("prompt_lookup_min", "prompt_lookup_max"):
+        ours, theirs = getattr(drafter, key), timed.get(key)
+        if ours is not None and theirs is not None and ours != theirs:
+            warnings.warn(f"drafter.{key} is {ours} but {profile.path}/meta.json times the ngram proposer with "
+                          f"{key}={theirs}; its CPU time is charged as measured", UserWarning, stacklevel=2)
 
 
 def _atomic_parquet(df, path: Path) -> None:
