@@ -195,9 +195,6 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
     if cost.drafter.partial and cluster.prefill == "chunked":
         raise ValueError("drafter.kind=ngram with cluster.prefill=chunked is not modelled (a mixed forward is priced "
                          "at full proposals); use cluster.prefill=sequential or batched")
-    if cost.drafter.partial and cluster.prefill == "chunked":
-        raise ValueError("drafter.kind=ngram with cluster.prefill=chunked is not modelled (a mixed forward is priced "
-                         "at full proposals); use cluster.prefill=sequential or batched")
     if cluster.prefill == "batched":
         for model in ("target", "draft") if policy.uses_draft and cost.drafter.prefill else ("target",):
             if not cost.has_prefill_batches(model):

@@ -38,7 +38,6 @@ import pandas as pd
 from scipy.interpolate import RegularGridInterpolator
 
 from .drafters import DRAFT_MODEL, Drafter
-from .drafters import DRAFT_MODEL, Drafter
 from .profile import Profile, ProfileError, check_monotone
 
 
@@ -192,36 +191,6 @@ class CostModel:
         self._prefill = {m: r and self._prefill_curve(steps, r) for m, r in rows.items()}
         self._prefill_grid = {m: r and self._prefill_surface(steps, r) for m, r in rows.items()}
         self._check_ranges()
-
-    # -- drafters that propose once per iteration, possibly nothing (ngram; sim/drafters.py) ----------------
-
-    def _proposer_iter_tab(self, vt: np.ndarray, dt: np.ndarray) -> list:
-        """Expected iteration times [γ][b][context point] of a once-per-iteration, partial proposer: γ = 0 a
-        target decode; γ ≥ 1 one proposer call T_d(b, c) plus T_verify at γ·match_rate draft tokens per
-        sequence (linear between the verify rows at ⌊x⌋ and ⌈x⌉ draft tokens)."""
-        p = self.drafter.match_rate
-        out = [vt[0].tolist()]
-        for g in range(1, vt.shape[0]):
-            x = g * p
-            i = int(np.floor(x))
-            f = x - i
-            v = vt[i] if f == 0.0 else vt[i] + (vt[i + 1] - vt[i]) * f
-            out.append((v + dt).tolist())
-        return out
-
-    def iteration_matched(self, batch: int, gamma: int, matched: int, context: float) -> float:
-        """Seconds of one iteration of a partial proposer (ngram) at γ ≥ 1 in which ``matched`` of the
-        ``batch`` sequences proposed γ tokens and the others none: one proposer call T_d(b, c) plus
-        T_verify(b, x, c) at x = γ·matched/batch draft tokens per sequence, linear in x between the verify rows
-        at ⌊x⌋ and ⌈x⌉ draft tokens (sim/drafters.py). Used by the simulator for every such step."""
-        self._check_query(batch, gamma)
-        b = batch - 1
-        x = gamma * matched / batch
-        i = int(x)
-        v = self._interp_ctx(self._verify_tab[i][b], context)
-        if x != i:
-            v = v + (self._interp_ctx(self._verify_tab[i + 1][b], context) - v) * (x - i)
-        return self._interp_ctx(self._draft_tab[b], context) + v
 
     # -- drafters that propose once per iteration, possibly nothing (ngram; sim/drafters.py) ----------------
 

@@ -103,8 +103,6 @@ class Replica:
         self.policy, self.acceptance, self.log = policy, acceptance, log
         # A partial proposer (ngram, sim/drafters.py): its steps are charged for the sequences that matched.
         self.match_rate = cost.drafter.match_rate if cost.drafter.partial else None
-        # A partial proposer (ngram, sim/drafters.py): its steps are charged for the sequences that matched.
-        self.match_rate = cost.drafter.match_rate if cost.drafter.partial else None
         self.busy_s = 0.0
         self.fast_forward = bool(fast_forward)
         self.attention = attention

@@ -321,13 +321,6 @@ class Scheduler:
         n = len(self.batch)
         return (self.uniforms.peek(k * n).reshape(k, n) < match_rate).sum(axis=1).tolist()
 
-    def peek_matched(self, k: int, match_rate: float) -> list[int]:
-        """Sequences whose proposer matches in each of the next k iterations under a partial proposer (an
-        n-gram drafter, :mod:`specbatch.sim.drafters`): draw j·batch + i matches when it is below
-        ``match_rate``, the same draw that :meth:`peek_cum` reads for its acceptance. Not consumed."""
-        n = len(self.batch)
-        return (self.uniforms.peek(k * n).reshape(k, n) < match_rate).sum(axis=1).tolist()
-
     def speculate(self, gamma: int) -> np.ndarray:
         """Draw one iteration's accepted draft tokens per sequence at speculation length ``gamma``."""
         if gamma == 0:
