@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from specbatch.profiler import drafters as D
 from specbatch.sim.profile import STEP_COLUMNS, load_profile, write_profile_meta, write_steps
 
 KEY = ["model", "phase", "batch", "tokens", "context"]
@@ -156,6 +157,14 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     for info, m in ((tinfo, target), (dinfo, draft)):
         info["kv_bytes_per_token"] = M.kv_bytes_per_token(m.config, dtype)
     models = {"target": target, "draft": draft}
+    drafters = drafters_of(cfg)
+    runners, extra_models = dict(models), {}  # runners: what each row's model column runs on (ngram: nothing)
+    if "eagle" in drafters:
+        head, einfo = D.load_eagle_head(target.config, dtype, device, seed=int(cfg.seed) + 2, attention=attention)
+        einfo["kv_bytes_per_token"] = D.eagle_kv_bytes_per_token(target.config, dtype)
+        runners["eagle"], extra_models["eagle"] = head, einfo
+    if "ngram" in drafters:
+        extra_models["ngram"] = ngram_info(cfg, grid)
     roof_device = device_roofline(device, dtype)  # (measured once per process and device)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
 
@@ -183,7 +192,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
         "libraries": {"torch": torch.__version__, "transformers": transformers.__version__,
                       "python": sys.version.split()[0], "specbatch": _specbatch_version()},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "models": {"target": tinfo, "draft": dinfo},
+        "models": {"target": tinfo, "draft": dinfo, **extra_models},
         "timing": {
             "method": ("cuda_events+synchronize" if device.startswith("cuda") else "time.perf_counter")
             + ("; decode and verify forwards replayed from CUDA graphs captured once per point" if graphs else ""),
@@ -201,12 +210,19 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                         + ("; with graphs, a decode/verify forward is the copy of the step's token ids and "
                            "positions into the graph's static inputs and one replay (sampling, acceptance and "
                            "rollback eager, as in serving engines); prefill is eager" if graphs else ""),
+            **({"included_drafters": "eagle decode: one head step (embedding + fusion of the token and a target "
+                                     "hidden state, one decoder layer over the head's own KV cache, norm, LM head) "
+                                     "+ sampling; eagle prefill: the head over the prompt's tokens and target "
+                                     "hidden states into an empty cache, last-token logits; ngram decode: CPU time "
+                                     "of the prompt lookup for the batch (no model work)"}
+               if len(drafters) > 1 else {}),
             "sdpa_force_gqa": os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"),
             "sdpa_backends": M.attention_backends(device) or None,
             "host_memory": host_memory,
             "grid": grid.as_dict(),
             "conventions": "target γ=0 is written as phase=decode tokens=1; γ>=1 as phase=verify tokens=γ+1; "
                            "draft rows are phase=decode tokens=1; prefill rows have context=0",
+            "drafters": drafters,
             "complete": False,
         },
     }
@@ -230,11 +246,12 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
 
     timer = make_timer(device)
     gmax = max(grid.gammas)
-    plan = _plan(grid, models)
+    plan = _plan(grid, models, drafters)
     if points is not None:
         plan = [p for p in plan if p in points]
-    skipped_ctx = [p for p in plan if _too_long(models[p[0]], p)]
-    plan = [p for p in plan if not _too_long(models[p[0]], p)]
+    # (the EAGLE head and n-gram lookup draft for the target: they reach as far as it does)
+    skipped_ctx = [p for p in plan if _too_long(models[p[0] if p[0] == "draft" else "target"], p)]
+    plan = [p for p in plan if p not in skipped_ctx]
     todo = [p for p in plan if tuple(_key(p)) not in done]
     from tqdm.auto import tqdm
 
@@ -250,7 +267,22 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     for p in todo:  # group points sharing one cache: (model, kind, batch, context)
         groups.setdefault((p[0], p[1] == "prefill", p[2], p[4] if p[1] != "prefill" else p[3]), []).append(p)
     for (role, is_prefill, batch, ctx_or_len), pts in groups.items():
-        model = models[role]
+        if deadline is not None and time.perf_counter() - t_start > deadline:
+            timed_out = True
+            break
+        if role == "ngram":  # CPU work on token ids: no model, no cache, no device time
+            for p in pts:
+                stats = measure_ngram(p, meta["models"]["ngram"], tm, int(cfg.seed), deadline, t_start)
+                if stats is None:
+                    timed_out = True
+                    break
+                rows.append(_row(p, stats, "ok"))
+                write_steps(out, rows)
+                bar.update(1)
+            if timed_out:
+                break
+            continue
+        model = runners[role]
         ceil_key = (role, ctx_or_len, "prefill" if is_prefill else "step")  # per context, or per prompt length
         if batch > oom_ceiling.get(ceil_key, 1 << 30):
             skipped_oom += len(pts)
@@ -615,18 +647,22 @@ def _cache_description(kind: str) -> str:
     raise ValueError(f"cache={kind!r}; expected 'prealloc' or 'dynamic'")
 
 
-def _plan(grid: Grid, models) -> list[tuple]:
-    """Points as ``(model, phase, batch, tokens, context)`` in sweep order."""
+def _plan(grid: Grid, models, drafters=("draft",)) -> list[tuple]:
+    """Points as ``(model, phase, batch, tokens, context)`` in sweep order. ``drafters`` beyond ``draft``:
+    ``eagle`` decode points on the draft decode's batch × context grid and prefill points on its prefill grid;
+    ``ngram`` decode points on the same batch × context grid."""
     pts = []
     for c in grid.contexts:
         for b in grid.batches:
-            pts.append(("draft", "decode", b, 1, c))
+            for role in drafters:
+                pts.append((role, "decode", b, 1, c))
             for g in grid.gammas:
                 pts.append(("target", "decode" if g == 0 else "verify", b, g + 1, c))
     for length in grid.prefill_lengths:
         for b in grid.prefill_batches:
-            for role in ("draft", "target"):
-                pts.append((role, "prefill", b, length, 0))
+            for role in ("draft", "eagle", "target"):
+                if role in drafters or role == "target":
+                    pts.append((role, "prefill", b, length, 0))
     # group points sharing a cache together: draft first, then target, per (context, batch)
     # prefill first (cheap, and every deadline-bounded profile then has it), then by context and batch
     return sorted(pts, key=lambda p: (p[1] != "prefill", p[4] if p[1] != "prefill" else p[3], p[2], p[0] == "target"))
@@ -676,6 +712,8 @@ def make_step(p, model, cache, vocab, temperature, gen, device, capture=None):
 
     role, phase, batch, tokens, context = p
     base = cache.get_seq_length()
+    if role == "eagle":
+        return _eagle_step(p, model, cache, vocab, temperature, gen, device, capture)
     if phase == "prefill":
         ids = torch.randint(0, vocab, (batch, tokens), device=device, generator=gen)
         return (lambda: M.prefill(model, cache, ids)), (lambda: M.rollback(cache, cache.get_seq_length() - base))
@@ -693,6 +731,94 @@ def make_step(p, model, cache, vocab, temperature, gen, device, capture=None):
     dprobs = torch.softmax(torch.randn(batch, gamma, vocab, device=device, generator=gen), -1) if gamma else None
     return ((lambda: M.verify(model, cache, last, dtok, dprobs, temperature, gen)),
             (lambda: M.rollback(cache, cache.get_seq_length() - base)))
+
+
+def _eagle_step(p, head, cache, vocab, temperature, gen, device, capture=None):
+    """:func:`make_step` for an ``eagle`` row: decode = one head step (:func:`~specbatch.profiler.drafters.
+    eagle_decode_one_token`: fusion, layer, LM head, sampling; CUDA graphs as for a draft decode), prefill = the
+    head over the prompt's tokens and (random) target hidden states (:func:`~specbatch.profiler.drafters.eagle_prefill`)."""
+    import torch
+
+    from specbatch.profiler import drafters as D
+    from specbatch.profiler import models as M
+
+    _, phase, batch, tokens, _ = p
+    base = cache.get_seq_length()
+    width = head.config.hidden_size
+    dtype = head.fc.weight.dtype
+    reset = (lambda: M.rollback(cache, cache.get_seq_length() - base))
+    if phase == "prefill":
+        ids = torch.randint(0, vocab, (batch, tokens), device=device, generator=gen)
+        hidden = torch.randn(batch, tokens, width, device=device, generator=gen).to(dtype)
+        return (lambda: D.eagle_prefill(head, cache, ids, hidden)), reset
+    if capture is not None:
+        head = D.GraphedEagle(head, cache, batch, 1, capture)
+    last = torch.randint(0, vocab, (batch,), device=device, generator=gen)
+    hidden = torch.randn(batch, width, device=device, generator=gen).to(dtype)
+    return (lambda: D.eagle_decode_one_token(head, cache, last, hidden, temperature)), reset
+
+
+def drafters_of(cfg) -> list[str]:
+    """``cfg.drafters`` (default ``[draft]``, the profiles written before drafter kinds): the drafters whose
+    rows the sweep writes beside the target's, in :data:`specbatch.profiler.drafters.KINDS` order; ``draft`` is
+    always among them (a profile needs the draft model's rows)."""
+    from specbatch.profiler.drafters import KINDS
+
+    v = cfg.get("drafters") if hasattr(cfg, "get") else None
+    names = ["draft"] if v is None else ([str(v)] if isinstance(v, str) else [str(x) for x in v])
+    bad = [x for x in names if x not in KINDS]
+    if bad or "draft" not in names:
+        raise ValueError(f"drafters={names}; expected a list of {list(KINDS)} that includes draft "
+                         "(e.g. drafters=[draft,eagle,ngram])")
+    return [k for k in KINDS if k in names]
+
+
+def ngram_info(cfg, grid: Grid) -> dict:
+    """meta.json ``models.ngram``: the lookup's settings (``ngram.prompt_lookup_min/max``, vLLM's names and
+    defaults), the proposals timed per row (γ_max of the grid) and the synthetic sequences."""
+    from specbatch.profiler import drafters as D
+
+    ng = cfg.get("ngram") if hasattr(cfg, "get") else None
+    ng = ng or {}
+    lo = int(ng.get("prompt_lookup_min") or D.PROMPT_LOOKUP_MIN)
+    hi = int(ng.get("prompt_lookup_max") or max(lo, D.PROMPT_LOOKUP_MAX))
+    if not 1 <= lo <= hi:
+        raise ValueError(f"ngram.prompt_lookup_min={lo}, prompt_lookup_max={hi}; expected 1 <= min <= max")
+    gmax = max(grid.gammas)
+    return {"name": "ngram", "kv_bytes_per_token": 0, "parameters": 0, "weight_bytes": 0,
+            "prompt_lookup_min": lo, "prompt_lookup_max": hi,
+            "config": {"prompt_lookup_min": lo, "prompt_lookup_max": hi, "proposed_tokens": gmax},
+            "method": "prompt lookup (profiler/drafters.py ngram_propose): for n from prompt_lookup_max down to "
+                      "prompt_lookup_min the sequence's last n tokens are searched for earlier in it (numpy "
+                      "sliding windows); the tokens after the earliest occurrence of the longest n are proposed "
+                      f"(up to γ_max = {gmax}); one CPU loop over the batch",
+            "timed": "decode rows: CPU seconds (time.perf_counter, no device time) to propose for batch "
+                     "sequences of context tokens each",
+            "sequences": "synthetic (drafters.synthetic_sequences): random tokens from a 64-token vocabulary in "
+                         "16-token spans, each span after the first copying an earlier span of its sequence with "
+                         "probability 0.5, so some sequences end in a repeated span (a hit) and others not "
+                         "(a miss: every n is searched); seeded by (seed, batch, context)"}
+
+
+def measure_ngram(p, info: dict, tm, seed: int, deadline: float | None, t_start: float):
+    """Time one ``ngram`` decode point with :func:`~specbatch.profiler.timing.measure` on the CPU timer;
+    ``None`` when the deadline is spent."""
+    from specbatch.profiler import drafters as D
+    from specbatch.profiler import timing
+
+    _, _, batch, _, context = p
+    budget = float(tm.point_budget_s)
+    if deadline is not None:
+        budget = deadline - (time.perf_counter() - t_start)
+        if budget <= 0:
+            return None
+        budget = min(budget, float(tm.point_budget_s))
+    seqs = D.synthetic_sequences(batch, context, seed=hash((seed, batch, context)) & 0xFFFFFFFF)
+    k, lo, hi = info["config"]["proposed_tokens"], info["prompt_lookup_min"], info["prompt_lookup_max"]
+    return timing.measure(lambda: D.ngram_propose_batch(seqs, k, lo, hi), timing.make_timer("cpu"),
+                          warmup=int(tm.warmup), min_samples=int(tm.min_samples), max_samples=int(tm.max_samples),
+                          rel_precision=float(tm.rel_precision), budget_s=budget,
+                          floor_samples=int(tm.floor_samples))
 
 
 def _resume_rows(out: Path, meta: dict) -> list[dict]:
