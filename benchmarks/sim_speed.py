@@ -12,6 +12,10 @@ times, interleaved with the baseline — the same run stepping one SimPy event p
 (``fast_forward=False``), whose results must be identical; medians are reported, with the ratio to the
 goal (10,000 simulated requests per wall-second) and the speed-up over the baseline.
 
+Part 1b (chunked prefill, issue #24) times the same runs with ``cluster.prefill=chunked`` (budget 2048, vLLM's
+default) against ``cluster.prefill=sequential``, interleaved, and reports the medians and their ratio (goal:
+chunked ≤ 2× sequential; fast-forward applies only while no prompt is being chunked or admissible).
+
 Part 2 runs, in a fresh subprocess so its peak memory is its own, 1M requests with the conversation
 trace's (prompt, output) pairs resampled, Poisson arrivals at 0.8 of the capacity of 64 replicas,
 round-robin routing, γ = 4, and reports wall time and peak RSS. Goal: ≤ 120 s.
@@ -84,6 +88,29 @@ def part1(cost, repeats: int) -> None:
                   f"{float(r.iterations['batch'].mean()):10.1f} {len(w) / wall / 10_000:8.2f} {b:10.2f} {b / wall:8.2f}")
 
 
+def part1_chunked(cost, repeats: int) -> None:
+    w10k = first_n(conv_trace(), 10_000)
+    seq = ClusterConfig(replicas=1, max_batch=32)
+    chunked = ClusterConfig(replicas=1, max_batch=32, prefill="chunked", max_num_batched_tokens=2048)
+    cap = estimate_capacity(cost, w10k, seq)
+    print(f"\nchunked prefill (budget 2048) vs sequential prefill, same 10,000 requests; median of {repeats}")
+    print(f"{'load':>14} {'policy':>10} {'sequential s':>12} {'chunked s':>10} {'ratio':>6} {'iters seq':>10} "
+          f"{'iters chunked':>13}")
+    for label, w in (("trace rate", w10k), ("0.9 capacity", set_rate(w10k, 0.9 * cap)),
+                     ("0.5 capacity", set_rate(w10k, 0.5 * cap))):
+        for policy in (("fixed", {"gamma": 4}), ("adaptive", {})):
+            walls, base = [], []
+            for _ in range(repeats):  # interleaved
+                tb, rb = timed(w, cost, policy, seq)
+                base.append(tb)
+                t, r = timed(w, cost, policy, chunked)
+                walls.append(t)
+            wall, b = statistics.median(walls), statistics.median(base)
+            name = policy[0] + (f" {policy[1]['gamma']}" if policy[1] else "")
+            print(f"{label:>14} {name:>10} {b:12.2f} {wall:10.2f} {wall / b:6.2f} {len(rb.iterations):10d} "
+                  f"{len(r.iterations):13d}")
+
+
 def part2_child(n: int, profile: str, workers: int) -> None:
     cost = CostModel(load_profile(resolve_profile(profile)), max_batch=32)
     cluster = ClusterConfig(replicas=64, max_batch=32, workers=workers)
@@ -123,6 +150,7 @@ def main() -> None:
     ap.add_argument("--profile", default="default")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--only-chunked", action="store_true", help="only part 1b (chunked vs sequential prefill)")
     ap.add_argument("--large-requests", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="processes for part 2 (cluster.workers; default: this machine's CPUs)")
@@ -136,7 +164,11 @@ def main() -> None:
         return
     profile = load_profile(resolve_profile(a.profile))
     print(f"profile: {profile.name} ({profile.meta['device'].get('name')}); numpy {np.__version__}")
+    if a.only_chunked:
+        part1_chunked(CostModel(profile, max_batch=32), a.repeats)
+        return
     part1(CostModel(profile, max_batch=32), a.repeats)
+    part1_chunked(CostModel(profile, max_batch=32), a.repeats)
     if not a.skip_large:
         part2(a.large_requests, a.profile, a.workers, a.ratio_requests)
 

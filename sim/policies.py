@@ -251,6 +251,32 @@ class AdaptiveContext(Policy):
                 {str(int(c)): {int(b + 1): int(g) for b, g in enumerate(row)} for c, row in zip(self.contexts, self.table)}}
 
 
+def budget_seconds(cost: CostModel, batch: int, context: float, token_budget: int, prefill_waiting: int,
+                   max_gamma: int, draft: bool = True) -> np.ndarray:
+    """Seconds charged to each γ = 0..max_gamma of a batch of ``batch`` sequences under chunked prefill with
+    ``token_budget`` tokens per forward and ``prefill_waiting`` prompt tokens waiting (tokens): the mixed
+    iteration with the chunk the budget leaves, p(γ) = min(W, B − b·(γ+1)) tokens, plus what prefilling the
+    tokens γ displaces costs later, D(γ) = min(W, B − b) − p(γ), as chunk work in some later forward
+    (:meth:`CostModel.chunk_seconds` of D tokens: their growth terms, no fixed part). γ with b·(γ+1) > B
+    cannot run: infinite. The waiting prompts are priced as one chunk at prefix 0 (a policy does not see
+    how far each is prefilled)."""
+    draft = draft and getattr(getattr(cost, "drafter", None), "prefill", True)
+    free0 = min(prefill_waiting, max(0, token_budget - batch))
+    out = np.full(max_gamma + 1, np.inf)
+    for g in range(max_gamma + 1):
+        if batch * (g + 1) > token_budget:
+            break
+        p = min(prefill_waiting, token_budget - batch * (g + 1))
+        extra, step = cost.mixed_iteration(batch, g, context, [(0, p)] if p > 0 else [], draft)
+        owed = free0 - p
+        if owed > 0:
+            owed_s = cost.chunk_seconds([(0, owed)], "target") + (cost.chunk_seconds([(0, owed)], "draft") if draft else 0.0)
+        else:
+            owed_s = 0.0
+        out[g] = extra + step + owed_s
+    return out
+
+
 @register
 class Goodput(Policy):
     """SmartSpec-style goodput control: each iteration pick the γ maximising predicted goodput
@@ -268,6 +294,12 @@ class Goodput(Policy):
 
     When γ = 0 is chosen nothing is learnt, so every ``explore_every`` consecutive γ = 0 iterations one runs
     at γ = 1 (0 = never) — this lets it notice acceptance drifting up.
+
+    Under ``cluster.prefill=chunked`` (``BatchView.token_budget`` set) T becomes :func:`budget_seconds`: the
+    mixed iteration with the prompt chunk the budget leaves after b·(γ+1) verify tokens, plus the later cost
+    of the prefill tokens γ displaces (``prefill_waiting_tokens`` it takes budget from), and γ above
+    budget // b − 1 is never chosen. The other policies ignore the budget (the scheduler caps their γ at
+    budget // b − 1); ``adaptive``'s table is built without it.
     """
 
     name = "goodput"
@@ -322,6 +354,9 @@ class Goodput(Policy):
         pw = (a[:, None] ** self._powers[None, : self.gmax + 1]).sum(axis=0)
         e = np.cumsum(pw)
         t = np.array([self.cost.iteration(view.batch, g, view.step_context) for g in range(self.gmax + 1)])
+        if view.token_budget is not None:  # chunked prefill: price the prefill each γ displaces
+            t = budget_seconds(self.cost, view.batch, view.step_context, view.token_budget,
+                               view.prefill_waiting_tokens, self.gmax)
         return e / t
 
     def choose(self, view: BatchView) -> int:

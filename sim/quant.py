@@ -101,6 +101,27 @@ def optimal_gamma(cost: CostModel, alpha: Alpha, batch: int, context: float, max
     return int(np.argmax(e / t))
 
 
+def budget_curve(cost: CostModel, alpha: Alpha, batch: int, context: float, token_budget: int,
+                 prefill_waiting: int = 0, max_gamma: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`point_curve` under chunked prefill with ``token_budget`` tokens per forward
+    (``max_num_batched_tokens``) and ``prefill_waiting`` prompt tokens queued: T per γ is
+    :func:`specbatch.sim.policies.budget_seconds` (the mixed iteration plus the later cost of the prefill γ
+    displaces; infinite where b·(γ+1) > budget). With nothing waiting the budget only caps γ at budget // b − 1."""
+    from .policies import budget_seconds
+
+    gs = _gammas(cost, max_gamma)
+    e = np.array([expected_tokens(alpha, g) for g in gs])
+    return e, budget_seconds(cost, int(batch), float(context), int(token_budget), int(prefill_waiting), max(gs))
+
+
+def optimal_gamma_budget(cost: CostModel, alpha: Alpha, batch: int, context: float, token_budget: int,
+                         prefill_waiting: int = 0, max_gamma: int | None = None) -> int:
+    """γ* under a token budget (:func:`budget_curve`); ties go to the smaller γ. γ* now depends on the queue
+    (``prefill_waiting``) as well as on the batch: each γ takes b·(γ+1) tokens from the waiting prompts."""
+    e, t = budget_curve(cost, alpha, batch, context, token_budget, prefill_waiting, max_gamma)
+    return int(np.argmax(e / t))
+
+
 def optimal_gamma_over_batches(cost: CostModel, alpha: Alpha, context: float, batches: Iterable[int] | None = None,
                                max_gamma: int | None = None) -> np.ndarray:
     """γ*(b) for each batch size in ``batches`` (default 1..cost.max_batch) at one context and α."""

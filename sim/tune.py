@@ -48,19 +48,31 @@ from .acceptance import AcceptanceModel
 from .cost_model import CostModel, ExtrapolationWarning
 from .policies import table_to_ranges
 from .profile import ProfileError, atomic_write_text, load_profile
-from .quant import optimal_gamma_over_batches, point_curve, report
+from .quant import budget_curve, optimal_gamma_budget, optimal_gamma_over_batches, point_curve, report
 
 
 def ranges_with_speedup(cost: CostModel, acceptance: AcceptanceModel, context: float,
-                        max_gamma: int | None = None) -> tuple[np.ndarray, list[dict]]:
+                        max_gamma: int | None = None, token_budget: int | None = None,
+                        prefill_waiting: int = 0) -> tuple[np.ndarray, list[dict]]:
     """(γ*(b) for b = 1..max_batch, the ranges with predicted speedup min/max/mean over each range).
-    The speedup is over serving without speculation (a plain target decode per iteration)."""
-    table = optimal_gamma_over_batches(cost, acceptance, context, max_gamma=max_gamma)
+    The speedup is over serving without speculation (a plain target decode per iteration). With
+    ``token_budget`` (chunked prefill, tokens per forward) γ*(b) and the speedups are :func:`budget_curve`'s,
+    with ``prefill_waiting`` prompt tokens queued."""
+    if token_budget is None:
+        table = optimal_gamma_over_batches(cost, acceptance, context, max_gamma=max_gamma)
+    else:
+        table = np.array([optimal_gamma_budget(cost, acceptance, b, context, token_budget, prefill_waiting, max_gamma)
+                          for b in range(1, cost.max_batch + 1)], dtype=np.int64)
     speed = []
     for b in range(1, cost.max_batch + 1):
-        e, t = point_curve(cost, acceptance, b, context, max_gamma)
+        if token_budget is None:
+            e, t = point_curve(cost, acceptance, b, context, max_gamma)
+        else:
+            e, t = budget_curve(cost, acceptance, b, context, token_budget, prefill_waiting, max_gamma)
         g = table[b - 1]
         plain = cost.target_verify(b, 0, context)  # no speculation at all (no draft step, even with draft_sync)
+        if token_budget is not None:  # under the budget: γ = 0 at the same budget and queue
+            plain = t[0]
         speed.append((e[g] / t[g]) / (e[0] / plain))
     out = []
     for lo, hi, g in table_to_ranges(table):
@@ -131,7 +143,8 @@ def extrapolations(cost: CostModel, context: float) -> list[str]:
 
 def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "scalar", context: float = 1024.0,
          max_batch: int | None = None, max_gamma: int | None = None,
-         draft_sync: bool = False) -> tuple[dict, CostModel, AcceptanceModel]:
+         draft_sync: bool = False, token_budget: int | None = None,
+         prefill_waiting: int = 0) -> tuple[dict, CostModel, AcceptanceModel]:
     """Build the export (the ``tune.json`` dict) for a profile folder; see the module docstring.
     ``max_batch``/``max_gamma`` ``None``: the profile's largest measured batch size / γ."""
     if not context > 0:
@@ -140,6 +153,10 @@ def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "
         raise ValueError(f"--max-batch is {max_batch}; expected an integer ≥ 1")
     if max_gamma is not None and max_gamma < 0:
         raise ValueError(f"--max-gamma is {max_gamma}; expected an integer ≥ 0")
+    if token_budget is not None and token_budget < 1:
+        raise ValueError(f"--max-num-batched-tokens is {token_budget}; expected an integer ≥ 1 (tokens per forward)")
+    if prefill_waiting < 0:
+        raise ValueError(f"--prefill-waiting is {prefill_waiting}; expected an integer ≥ 0 (prompt tokens)")
     profile = load_profile(profile_dir)
     measured_batch, measured_gamma = measured_range(profile)
     max_batch = measured_batch if max_batch is None else max_batch
@@ -162,12 +179,16 @@ def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "
         raise ValueError(f"--acceptance is {acceptance_source!r}; expected 'scalar' or 'profile'")
     with warnings.catch_warnings():  # said once per axis in "extrapolated", not once per cost model
         warnings.simplefilter("ignore", ExtrapolationWarning)
-        table, ranges = ranges_with_speedup(cost, acc, context)
+        table, ranges = ranges_with_speedup(cost, acc, context, token_budget=token_budget,
+                                            prefill_waiting=prefill_waiting)
     out = {
         "profile": profile.name, "device": profile.meta.get("device", {}).get("name"),
         "acceptance": {"source": acceptance_source, "alpha_mean": acc.mean_alpha,
                        "positions": [float(x) for x in acc.rates(max(1, max_gamma))]},
-        "context_tokens": float(context), "max_batch": max_batch, "max_gamma": max_gamma, "draft_sync": draft_sync,
+        "context_tokens": float(context), **({} if token_budget is None else
+                                             {"max_num_batched_tokens": token_budget,
+                                              "prefill_waiting_tokens": prefill_waiting}),
+        "max_batch": max_batch, "max_gamma": max_gamma, "draft_sync": draft_sync,
         "extrapolated": extrapolations(cost, context), "table": {str(b + 1): int(g) for b, g in enumerate(table)},
         "ranges": ranges, "vllm": vllm_config(ranges), "sglang": sglang_config(ranges),
     }
@@ -198,6 +219,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest speculation length considered (default: the profile's largest measured γ)")
     p.add_argument("--draft-sync", action="store_true",
                    help="γ = 0 still runs one draft step (vLLM keeps its drafter's KV cache in step so)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="chunked prefill's token budget per forward (vLLM's name): γ*(b) ≤ budget/b − 1, and with "
+                        "--prefill-waiting each γ pays for the prompt tokens it displaces (default: no budget)")
+    p.add_argument("--prefill-waiting", type=int, default=0,
+                   help="prompt tokens queued when pricing γ under --max-num-batched-tokens (default 0)")
     p.add_argument("--out", default=None,
                    help="folder to write tune.json, vllm.json, sglang.json into ('-': none). Default: tune/ with "
                         "--print ranges; with another --print, nothing is written unless --out is given. A line "
@@ -213,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result, cost, acc = tune(str(resolve_profile(args.profile)), args.alpha, args.acceptance, args.context,
-                                 args.max_batch, args.max_gamma, args.draft_sync)
+                                 args.max_batch, args.max_gamma, args.draft_sync,
+                                 args.max_num_batched_tokens, args.prefill_waiting)
     except (ConfigError, ProfileError, ValueError) as e:
         print(f"specbatch-tune: error: {e}", file=sys.stderr)
         return 2

@@ -106,7 +106,11 @@ def scenarios(draw):
                    max_batch=draw(st.integers(1, MAX_BATCH)), mode=draw(st.sampled_from(["continuous", "static"])),
                    kv_capacity_tokens=kv, watermark=draw(st.sampled_from([0.0, 0.01, 0.1])),
                    attention=draw(st.sampled_from(["paged", "padded"])),
-                   prefill=draw(st.sampled_from(["sequential", "batched"])))
+                   prefill=draw(st.sampled_from(["sequential", "batched", "chunked"])),
+                   max_num_batched_tokens=draw(st.sampled_from([MAX_BATCH, 64, 2048])),
+                   long_prefill_token_threshold=draw(st.sampled_from([None, 50])))
+    if cluster["prefill"] == "chunked":  # continuous batching only
+        cluster["mode"] = "continuous"
     if draw(st.integers(0, 2)) == 0:  # memory pressure: near-simultaneous arrivals, full batches, tight KV -> preemption
         w = Workload(w.arrival_s * 0.01, w.prompt_tokens, w.output_tokens)
         cluster.update(mode="continuous", max_batch=draw(st.integers(4, MAX_BATCH)), replicas=draw(st.integers(1, 2)),

@@ -193,8 +193,8 @@ def test_batched_prefill_needs_prefill_rows_at_several_batch_sizes(constant_cost
                                            r"model=target at two or more batch sizes"):
         simulate(w, constant_cost, make_policy("none"), AcceptanceModel(alpha=0.5),
                  ClusterConfig(max_batch=8, prefill="batched"))
-    with pytest.raises(ValueError, match=r"cluster.prefill is 'chunked'; expected one of \['sequential', 'batched'\]"):
-        ClusterConfig(prefill="chunked").validate()
+    with pytest.raises(ValueError, match=r"cluster.prefill is 'bogus'; expected one of \['sequential', 'batched', 'chunked'\]"):
+        ClusterConfig(prefill="bogus").validate()
 
 
 def test_attention_must_be_paged_or_padded():
