@@ -88,7 +88,9 @@ def _gammas(cost: CostModel, max_gamma: int | None) -> range:
 
 def point_curve(cost: CostModel, alpha: Alpha, batch: int, context: float,
                 max_gamma: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(E per γ [tokens], T per γ [seconds]) at one (batch, context) for γ = 0..max_gamma."""
+    """(E per γ [tokens], T per γ [seconds]) at one (batch, context) for γ = 0..max_gamma. A plain α under a
+    partial proposer (ngram) is read as its proposals' rates, with the cost model's drafter's match rate."""
+    alpha = for_drafter(cost, alpha)
     gs = _gammas(cost, max_gamma)
     e = np.array([expected_tokens(alpha, g) for g in gs])
     t = np.array([iteration_time(cost, batch, g, context) for g in gs])
@@ -187,7 +189,7 @@ def report(cost: CostModel, alpha: Alpha, context: float, batches: Iterable[int]
     batches = default_batches(cost) if batches is None else list(batches)
     contexts = default_contexts(cost) if contexts is None else list(contexts)
     lines = [f"profile {cost.profile.name}: acceptance α = {alpha_label(alpha):.3f} (mean over positions), "
-             f"context {context:.0f} tokens",
+             f"context {context:.0f} tokens" + drafter_note(cost),
              "",
              "Verification cost T_verify(b, γ, c) / T_verify(b, 0, c): ≈ 1 memory-bound, ≈ γ+1 compute-bound",
              f"{'batch':>6} {'γ=1':>6} {'γ=2':>6} {'γ=4':>6}  {'γ*':>3} {'E[tok]':>7} {'T(γ*) ms':>9} "
@@ -210,6 +212,70 @@ def report(cost: CostModel, alpha: Alpha, context: float, batches: Iterable[int]
     for b in batches:
         lines.append(f"{b:>6} " + " ".join(f"{optimal_gamma(cost, alpha, b, c, max_gamma):>6d}" for c in contexts))
     return "\n".join(lines)
+
+
+# --- drafters (sim/drafters.py) --------------------------------------------------------------------------------
+
+
+def for_drafter(cost: CostModel, alpha: Alpha) -> Alpha:
+    """``alpha`` as the acceptance of ``cost``'s drafter: unchanged for the model drafters (and for an
+    :class:`AcceptanceModel`, which carries its own match rate); a plain α or per-position vector under a
+    partial proposer becomes an :class:`AcceptanceModel` with the drafter's ``match_rate``."""
+    p = cost.drafter.match_rate
+    if p == 1.0 or isinstance(alpha, AcceptanceModel):
+        return alpha
+    a = np.asarray(alpha, dtype=float)
+    if a.ndim == 0:
+        return AcceptanceModel(alpha=float(a), match_rate=p, max_gamma=cost.max_gamma)
+    return AcceptanceModel(positions=a, match_rate=p, max_gamma=cost.max_gamma)
+
+
+def drafter_note(cost: CostModel) -> str:
+    """``", drafter <kind>"`` (with the match rate of a partial proposer) for a report's first line; empty for
+    the default draft model."""
+    d = cost.drafter
+    if d.kind == "draft_model":
+        return ""
+    return f", drafter {d.kind}" + (f" (match rate {d.match_rate:g})" if d.partial else "")
+
+
+#: Columns of :func:`gamma_star_by_drafter`'s table.
+DRAFTER_COLUMNS = ["drafter", "batch", "context", "alpha", "gamma_star", "tokens_per_iter", "iteration_s",
+                   "throughput_tok_s", "speedup"]
+
+
+def gamma_star_by_drafter(profile, kinds: Iterable[str] = ("draft_model", "eagle", "ngram"), context: float = 1024.0,
+                          batches: Iterable[int] | None = None, max_batch: int = 32, max_gamma: int = 8,
+                          alpha: float | None = None) -> pd.DataFrame:
+    """γ*(b) per drafter kind the profile has rows for (:meth:`Drafter.check_profile`; others are left out), each
+    with its documented defaults (``conf/drafter/<kind>.yaml``): its costs, its per-position α (``alpha``, or
+    0.7 for ``draft_model`` when it has none) and its match rate. Columns :data:`DRAFTER_COLUMNS`; ``speedup``
+    is over no speculation (γ = 0)."""
+    import warnings
+
+    from .cost_model import ExtrapolationWarning
+    from .drafters import make_drafter
+    from .profile import ProfileError
+
+    rows = []
+    for kind in kinds:
+        d = make_drafter(kind)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExtrapolationWarning)
+                cost = CostModel(profile, max_batch=max_batch, max_gamma=max_gamma, drafter=d)
+        except ProfileError:
+            continue
+        pos = [alpha] if alpha is not None else (list(d.positions) if d.positions is not None else [0.7])
+        acc = AcceptanceModel(positions=np.asarray(pos, float), match_rate=d.match_rate, max_gamma=max_gamma)
+        for b in (default_batches(cost) if batches is None else batches):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExtrapolationWarning)
+                e, t = point_curve(cost, acc, int(b), float(context), max_gamma)
+            rate = e / t
+            g = int(np.argmax(rate))
+            rows.append((kind, int(b), float(context), alpha_label(acc), g, e[g], t[g], b * rate[g], rate[g] / rate[0]))
+    return pd.DataFrame(rows, columns=DRAFTER_COLUMNS)
 
 
 def gamma_star_falls(table: np.ndarray) -> bool:

@@ -1,6 +1,7 @@
 """``specbatch-tune``: export the batch → γ table of a profile and acceptance model for a serving engine.
 
     specbatch-tune --profile <folder|name|default> [--alpha 0.7 | --acceptance profile] [--context 1024]
+                   [--drafter draft_model|eagle|ngram]
                    [--max-batch B] [--max-gamma G] [--draft-sync] [--out tune/] [--print json|vllm|sglang|report]
 
 It computes γ*(b) = argmax_γ b·E(α, γ) / T(b, γ, c) for b = 1..max_batch at the given context (tokens)
@@ -47,6 +48,7 @@ import numpy as np
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel, ExtrapolationWarning
 from .policies import table_to_ranges
+from .drafters import DRAFTER_KINDS, make_drafter
 from .profile import ProfileError, atomic_write_text, load_profile
 from .quant import budget_curve, optimal_gamma_budget, optimal_gamma_over_batches, point_curve, report
 
@@ -109,11 +111,12 @@ def gamma_for_batch(vllm: dict, batch: int) -> int:
     raise ValueError(f"batch {batch} not covered by num_speculative_tokens_per_batch_size")
 
 
-def measured_range(profile) -> tuple[int, int]:
-    """(largest batch size, largest γ) the profile measures for both the target's steps and the draft's decode."""
+def measured_range(profile, draft: str = "draft") -> tuple[int, int]:
+    """(largest batch size, largest γ) the profile measures for both the target's steps and the drafter's decode
+    (``draft``: the steps.csv model of the drafter, :attr:`Drafter.rows`)."""
     s = profile.ok_steps
     tgt = s[(s["model"] == "target") & s["phase"].isin(["decode", "verify"])]
-    drf = s[(s["model"] == "draft") & (s["phase"] == "decode")]
+    drf = s[(s["model"] == draft) & (s["phase"] == "decode")]
     if tgt.empty or drf.empty:
         raise ProfileError(f"{profile.path}/steps.csv: no ok target decode/verify or draft decode rows")
     return int(min(tgt["batch"].max(), drf["batch"].max())), int(tgt["tokens"].max()) - 1
@@ -144,8 +147,10 @@ def extrapolations(cost: CostModel, context: float) -> list[str]:
 def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "scalar", context: float = 1024.0,
          max_batch: int | None = None, max_gamma: int | None = None,
          draft_sync: bool = False, token_budget: int | None = None,
-         prefill_waiting: int = 0) -> tuple[dict, CostModel, AcceptanceModel]:
+         prefill_waiting: int = 0, drafter: str = "draft_model") -> tuple[dict, CostModel, AcceptanceModel]:
     """Build the export (the ``tune.json`` dict) for a profile folder; see the module docstring.
+    ``drafter``: the drafter kind (its costs, KV-free or not, and its documented acceptance defaults when
+    ``alpha`` is ``None``; :func:`tune_acceptance`).
     ``max_batch``/``max_gamma`` ``None``: the profile's largest measured batch size / γ."""
     if not context > 0:
         raise ValueError(f"--context is {context}; expected a positive number of tokens")
@@ -158,31 +163,23 @@ def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "
     if prefill_waiting < 0:
         raise ValueError(f"--prefill-waiting is {prefill_waiting}; expected an integer ≥ 0 (prompt tokens)")
     profile = load_profile(profile_dir)
-    measured_batch, measured_gamma = measured_range(profile)
+    d = make_drafter(drafter)
+    d.check_profile(profile)
+    measured_batch, measured_gamma = measured_range(profile, d.rows)
     max_batch = measured_batch if max_batch is None else max_batch
     max_gamma = measured_gamma if max_gamma is None else max_gamma
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cost = CostModel(profile, max_batch=max_batch, max_gamma=max_gamma)
-    if draft_sync:
+        cost = CostModel(profile, max_batch=max_batch, max_gamma=max_gamma, drafter=d)
+    if draft_sync and d.per_token:  # (an ngram proposer keeps no KV in step)
         cost = cost.with_draft_sync()
-    if acceptance_source == "profile":
-        pos = profile.per_position_alpha
-        if pos is None:
-            raise ValueError(f"--acceptance profile: {profile.path} has no acceptance.csv; pass --alpha instead")
-        acc = AcceptanceModel(positions=pos, max_gamma=max_gamma)
-    elif acceptance_source == "scalar":
-        if alpha is None or not 0 <= alpha <= 1:
-            raise ValueError(f"--alpha is {alpha}; expected a probability in [0, 1]")
-        acc = AcceptanceModel(alpha=alpha, max_gamma=max_gamma)
-    else:
-        raise ValueError(f"--acceptance is {acceptance_source!r}; expected 'scalar' or 'profile'")
+    acc = tune_acceptance(profile, d, alpha, acceptance_source, max_gamma)
     with warnings.catch_warnings():  # said once per axis in "extrapolated", not once per cost model
         warnings.simplefilter("ignore", ExtrapolationWarning)
         table, ranges = ranges_with_speedup(cost, acc, context, token_budget=token_budget,
                                             prefill_waiting=prefill_waiting)
     out = {
-        "profile": profile.name, "device": profile.meta.get("device", {}).get("name"),
+        "profile": profile.name, "device": profile.meta.get("device", {}).get("name"), "drafter": d.describe(),
         "acceptance": {"source": acceptance_source, "alpha_mean": acc.mean_alpha,
                        "positions": [float(x) for x in acc.rates(max(1, max_gamma))]},
         "context_tokens": float(context), **({} if token_budget is None else
@@ -195,9 +192,34 @@ def tune(profile_dir: str, alpha: float | None = 0.7, acceptance_source: str = "
     return out, cost, acc
 
 
+def tune_acceptance(profile, drafter, alpha: float | None, source: str, max_gamma: int) -> AcceptanceModel:
+    """The acceptance model ``specbatch-tune`` prices γ with: ``source="profile"`` the draft model's
+    acceptance.csv (draft_model only); ``"scalar"`` ``alpha``, or when ``alpha`` is ``None`` the drafter's
+    documented per-position rates (``conf/drafter/<kind>.yaml``; 0.7 for draft_model); with the drafter's
+    match rate."""
+    if source == "profile":
+        if drafter.kind != "draft_model":
+            raise ValueError(f"--acceptance profile reads the draft model's acceptance.csv, not the {drafter.kind} "
+                             "drafter's; pass --alpha, or leave it out for the drafter's documented rates")
+        pos = profile.per_position_alpha
+        if pos is None:
+            raise ValueError(f"--acceptance profile: {profile.path} has no acceptance.csv; pass --alpha instead")
+        return AcceptanceModel(positions=pos, max_gamma=max_gamma)
+    if source != "scalar":
+        raise ValueError(f"--acceptance is {source!r}; expected 'scalar' or 'profile'")
+    if alpha is None and drafter.positions is not None:
+        return AcceptanceModel(positions=list(drafter.positions), max_gamma=max_gamma, match_rate=drafter.match_rate)
+    alpha = 0.7 if alpha is None else alpha
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha is {alpha}; expected a probability in [0, 1]")
+    return AcceptanceModel(alpha=alpha, max_gamma=max_gamma, match_rate=drafter.match_rate)
+
+
 def format_ranges(result: dict) -> str:
+    d = result.get("drafter") or {"kind": "draft_model"}
     lines = [f"profile {result['profile']}  α(mean) = {result['acceptance']['alpha_mean']:.3f}  "
-             f"context {result['context_tokens']:.0f} tokens",
+             f"context {result['context_tokens']:.0f} tokens"
+             + ("" if d["kind"] == "draft_model" else f"  drafter {d['kind']}"),
              f"{'batch':>11} {'γ':>3} {'predicted speedup (min / mean / max)':>38}"]
     for r in result["ranges"]:
         lines.append(f"{r['min_batch']:>5}–{r['max_batch']:<5} {r['gamma']:>3} "
@@ -209,7 +231,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specbatch-tune", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="default", help="profile folder, shipped profile name, or 'default'")
-    p.add_argument("--alpha", type=float, default=0.7, help="scalar acceptance rate (with --acceptance scalar)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="scalar acceptance rate (with --acceptance scalar; default: the drafter's documented rates, "
+                        "conf/drafter/<kind>.yaml, 0.7 for draft_model)")
+    p.add_argument("--drafter", choices=list(DRAFTER_KINDS), default="draft_model",
+                   help="what drafts: draft_model (model=draft rows), eagle (model=eagle rows) or ngram (prompt "
+                        "lookup, model=ngram rows); see sim/drafters.py")
     p.add_argument("--acceptance", choices=["scalar", "profile"], default="scalar",
                    help="scalar: --alpha; profile: per-position rates from the profile's acceptance.csv")
     p.add_argument("--context", type=float, default=1024.0, help="reference mean context in tokens (default 1024)")
@@ -240,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result, cost, acc = tune(str(resolve_profile(args.profile)), args.alpha, args.acceptance, args.context,
                                  args.max_batch, args.max_gamma, args.draft_sync,
-                                 args.max_num_batched_tokens, args.prefill_waiting)
+                                 args.max_num_batched_tokens, args.prefill_waiting, drafter=args.drafter)
     except (ConfigError, ProfileError, ValueError) as e:
         print(f"specbatch-tune: error: {e}", file=sys.stderr)
         return 2

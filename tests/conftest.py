@@ -53,6 +53,43 @@ def write_formula_profile(folder: Path, verify, draft, prefill=lambda n: 1e-3 * 
     return folder
 
 
+def add_drafter_rows(folder: Path, eagle=None, ngram=None, *, eagle_prefill: float = 0.02, kv_eagle=10,
+                     lookup=(1, 4)) -> Path:
+    """Append drafter rows to a formula profile: ``eagle(b, 1, c)`` decode rows at the target decode rows' grid
+    and prefill rows at the target prefill rows' (batch, length) points, ``eagle_prefill`` × the target's time,
+    and/or ``ngram(b, 1, c)`` decode rows (CPU seconds per proposal call); with ``models.eagle`` (``kv_eagle``
+    bytes per token) / ``models.ngram`` (0 bytes, the lookup window) in meta.json."""
+    import json
+
+    import pandas as pd
+
+    steps = pd.read_csv(folder / "steps.csv")
+    tgt = steps[(steps["model"] == "target") & (steps["tokens"] == 1) & (steps["phase"] == "decode")]
+    pre = steps[(steps["model"] == "target") & (steps["phase"] == "prefill")]
+    rows = []
+    for name, f in (("eagle", eagle), ("ngram", ngram)):
+        if f is None:
+            continue
+        for b, c in zip(tgt["batch"], tgt["context"]):
+            v = f(int(b), 1, int(c))
+            rows.append(dict(model=name, phase="decode", batch=int(b), tokens=1, context=int(c), median_s=v, p10_s=v,
+                             p90_s=v, samples=5, status="ok"))
+    if eagle is not None:
+        for b, n, t in zip(pre["batch"], pre["tokens"], pre["median_s"]):
+            v = eagle_prefill * float(t)
+            rows.append(dict(model="eagle", phase="prefill", batch=int(b), tokens=int(n), context=0, median_s=v,
+                             p10_s=v, p90_s=v, samples=5, status="ok"))
+    write_steps(folder, pd.concat([steps, pd.DataFrame(rows)], ignore_index=True))
+    meta = json.loads((folder / "meta.json").read_text())
+    if eagle is not None:
+        meta["models"]["eagle"] = {"name": "e", "kv_bytes_per_token": kv_eagle}
+    if ngram is not None:
+        meta["models"]["ngram"] = {"name": "ngram", "kv_bytes_per_token": 0, "prompt_lookup_min": lookup[0],
+                                   "prompt_lookup_max": lookup[1]}
+    write_profile_meta(folder, meta)
+    return folder
+
+
 @pytest.fixture
 def formula_profile(tmp_path):
     """A profile where verify is memory-bound up to 64 tokens of work, then linear; draft is cheap."""

@@ -19,10 +19,11 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import linear_step, write_formula_profile
+from conftest import add_drafter_rows, linear_step, write_formula_profile
 from specbatch.sim.acceptance import AcceptanceModel
 from specbatch.sim.cluster import ROUTERS, ClusterConfig, simulate
 from specbatch.sim.cost_model import CostModel
+from specbatch.sim.drafters import make_drafter
 from specbatch.sim.metrics import summarize
 from specbatch.sim.policies import make_policy, policy_names
 from specbatch.sim.profile import load_profile
@@ -55,16 +56,24 @@ _COSTS: dict[str, CostModel] = {}
 _TMP = tempfile.TemporaryDirectory(prefix="specbatch-props-")
 
 
-def cost_model(shape: str) -> CostModel:
-    if shape not in _COSTS:
+# Drafter kinds (sim/drafters.py): each shape's profile also has eagle rows (half the draft's step) and ngram rows.
+DRAFTERS = ("draft_model", "eagle", "ngram")
+
+
+def cost_model(shape: str, drafter: str = "draft_model") -> CostModel:
+    if (shape, drafter) not in _COSTS:
         verify, draft, prefill, grid = SHAPES[shape]
         kw = dict(batches=(1, 2, 4, 8), max_tokens=5, contexts=(64, 512), prompts=(16, 128, 1024),
                   prefill_batches=(1, 2, 8), batched_prefill=lambda n, b: prefill(n) * (1 + (b - 1) / 3)) | grid
-        folder = write_formula_profile(Path(_TMP.name) / shape, verify, draft, prefill, **kw)
+        folder = Path(_TMP.name) / shape
+        if not (folder / "meta.json").exists():
+            write_formula_profile(folder, verify, draft, prefill, **kw)
+            add_drafter_rows(folder, eagle=lambda b, t, c: 0.5 * draft(b, t, c), ngram=linear_step(2e-4, 1e-5))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _COSTS[shape] = CostModel(load_profile(folder), max_batch=MAX_BATCH, max_gamma=MAX_GAMMA)
-    return _COSTS[shape]
+            _COSTS[shape, drafter] = CostModel(load_profile(folder), max_batch=MAX_BATCH, max_gamma=MAX_GAMMA,
+                                               drafter=make_drafter(drafter))
+    return _COSTS[shape, drafter]
 
 
 @st.composite
@@ -118,16 +127,23 @@ def scenarios(draw):
     alpha = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)))
     concentration = draw(st.one_of(st.none(), st.floats(0.5, 50.0)))
     return dict(workload=w, shape=draw(st.sampled_from(sorted(SHAPES))), policy=(name, params),
-                cluster=cluster, alpha=alpha, concentration=concentration, seed=draw(st.integers(0, 2**16)))
+                cluster=cluster, alpha=alpha, concentration=concentration, seed=draw(st.integers(0, 2**16)),
+                drafter=draw(st.sampled_from(DRAFTERS)))
 
 
 def run_scenario(sc: dict):
     name, params = sc["policy"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # extrapolation warnings (coarse grid, tiny KV) are expected here
-        return simulate(sc["workload"], cost_model(sc["shape"]), make_policy(name, **params),
-                        AcceptanceModel(alpha=sc["alpha"], concentration=sc["concentration"], max_gamma=MAX_GAMMA),
-                        ClusterConfig(**sc["cluster"]), seed=sc["seed"])
+        drafter = sc.get("drafter", "draft_model")
+        cluster = dict(sc["cluster"])
+        if drafter == "ngram" and cluster.get("prefill") == "chunked":
+            cluster["prefill"] = "sequential"  # (ngram under chunked prefill is refused)
+        match = make_drafter(drafter).match_rate
+        return simulate(sc["workload"], cost_model(sc["shape"], drafter), make_policy(name, **params),
+                        AcceptanceModel(alpha=sc["alpha"], concentration=sc["concentration"], max_gamma=MAX_GAMMA,
+                                        match_rate=match),
+                        ClusterConfig(**cluster), seed=sc["seed"])
 
 
 @SETTINGS
