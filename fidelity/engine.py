@@ -16,6 +16,16 @@ real work on the models. The iteration semantics are therefore those of the simu
    then each request gains 1 + accepted (capped by what it has left) and finished requests leave.
    The KV caches are rolled back per sequence to the accepted prefix.
 
+Drafter (``EngineConfig.drafter``, the simulator's ``drafter.kind``): ``draft_model`` (the pair's draft, as
+above), ``eagle`` (an EAGLE-style head built from the target's config with random weights,
+:mod:`specbatch.profiler.drafters`: each draft step fuses the last token's embedding with a hidden state, the
+target's from the last verify forward at first, then the head's own, and runs one decoder layer over the
+head's one-layer KV slots and the LM head; the target's prefill feeds the head's prefill) or ``ngram``
+(prompt lookup in the request's own token ids, on the CPU, for up to γ tokens; the verify forward takes
+1 + the most any row proposed, padded, so a row with no match verifies its 1 token; acceptance, synthetic or
+real, counts only proposed tokens). The drafter's work sits inside the step's clock interval as the draft
+model's does.
+
 Acceptance is ``synthetic`` (the simulator's seeded Bernoulli draws: same thresholds, same generator
 stream as :func:`specbatch.sim.cluster.simulate` with the same seed, as vLLM's synthetic rejection sampler) or
 ``real`` (the speculative-sampling test on the models' distributions at ``temperature``; greedy at 0).
@@ -72,6 +82,11 @@ from specbatch.sim.workload import Workload
 
 ACCEPTANCE_MODES = ("synthetic", "real")
 CLOCKS = ("wall", "cpu")
+#: what proposes the draft tokens (the simulator's ``drafter.kind``): the pair's draft model, an EAGLE head on
+#: the target's hidden states (:mod:`specbatch.profiler.drafters`), or n-gram lookup in the request's own tokens
+DRAFTERS = ("draft_model", "eagle", "ngram")
+#: the admission prefill modes the engine runs (of the simulator's ``cluster.prefill`` modes)
+ENGINE_PREFILL = tuple(m for m in PREFILL if m in ("sequential", "batched"))
 
 
 def make_clock(kind: str, device) -> Callable[[], float]:
@@ -208,7 +223,7 @@ def prefill_into_slot(model, slots: SlotCache, slot: int, ids: list[int], temper
 
 @torch.inference_mode()
 def prefill_into_slots(model, slots: SlotCache, slot_list: list[int], prompts: list[list[int]], temperature: float,
-                       gen: torch.Generator, device, clock=time.perf_counter) -> tuple[list[int], float]:
+                       gen: torch.Generator, device, clock=time.perf_counter, return_hidden: bool = False):
     """Prefill several sequences in one forward into ``slot_list``; return their next tokens and the seconds
     (on ``clock``) of the forward alone.
 
@@ -231,7 +246,30 @@ def prefill_into_slots(model, slots: SlotCache, slot_list: list[int], prompts: l
             dst.kbuf[slot, :, :len(ids)].copy_(src.kbuf[row, :, :len(ids)])
             dst.vbuf[slot, :, :len(ids)].copy_(src.vbuf[row, :, :len(ids)])
     tok, _ = _sample(logits, temperature, gen)
+    if return_hidden:  # (an EAGLE head's prefill reads the prompt's hidden states)
+        return [int(t) for t in tok.tolist()], fwd, hidden
     return [int(t) for t in tok.tolist()], fwd
+
+
+@torch.inference_mode()
+def head_prefill_into_slots(head, slots: SlotCache, slot_list: list[int], prompts: list[list[int]],
+                            hidden: torch.Tensor, device, clock=time.perf_counter) -> float:
+    """The EAGLE head's prefill of several sequences in one forward (right-padded as
+    :func:`prefill_into_slots`) over their tokens and the target's hidden states ``hidden`` (b, n, width) on a
+    fresh one-layer cache; each row's K/V is copied into its slot. Returns the seconds of the forward."""
+    from specbatch.profiler.drafters import eagle_prefill
+
+    b, n = len(prompts), max(len(ids) for ids in prompts)
+    tmp = _fresh_cache(head, slots, b, n, device)
+    x = torch.tensor([ids + [ids[-1]] * (n - len(ids)) for ids in prompts], device=device)
+    t0 = clock()
+    eagle_prefill(head, tmp, x, hidden[:, :n])
+    fwd = clock() - t0
+    for src, dst in zip(tmp.layers, slots.layers):
+        for row, (slot, ids) in enumerate(zip(slot_list, prompts)):
+            dst.kbuf[slot, :, :len(ids)].copy_(src.kbuf[row, :, :len(ids)])
+            dst.vbuf[slot, :, :len(ids)].copy_(src.vbuf[row, :, :len(ids)])
+    return fwd
 
 
 @torch.inference_mode()
@@ -288,8 +326,10 @@ class _Slots:
             if s != end:
                 n = len(self.history[moved])
                 eng.tcache.move(end, s, n)
-                if self.uses_draft:
+                if self.uses_draft and eng.dcache is not None:
                     eng.dcache.move(end, s, n)
+                if eng.hidden is not None:
+                    eng.hidden[s] = eng.hidden[end]
                 self.last_tok[s] = self.last_tok[end]
                 self.slot_rid[s] = moved
                 self.slot_of[moved] = s
@@ -347,6 +387,9 @@ class EngineConfig:
     warmup: bool = True  # run a few untimed steps first (allocator, first-call overheads)
     draft_sync: bool = False  # γ = 0 steps of a drafting policy also run the draft (see ClusterConfig.draft_sync)
     prefill: str = "sequential"  # an iteration's admissions: one forward each, or "batched" (ClusterConfig.prefill)
+    drafter: str = "draft_model"  # draft_model | eagle | ngram (DRAFTERS; the simulator's drafter.kind)
+    prompt_lookup_min: int = 5  # drafter=ngram: vLLM's names and defaults (profiler.drafters)
+    prompt_lookup_max: int = 5
     extra: dict = field(default_factory=dict)
 
 
@@ -362,8 +405,13 @@ class Engine:
         make_clock(cfg.clock, cfg.device)  # refuses an unknown clock, and cpu on CUDA
         if cfg.acceptance not in ACCEPTANCE_MODES:
             raise ValueError(f"acceptance={cfg.acceptance!r}; expected one of {ACCEPTANCE_MODES}")
-        if cfg.prefill not in PREFILL:
-            raise ValueError(f"prefill={cfg.prefill!r}; expected one of {list(PREFILL)}")
+        if cfg.prefill not in ENGINE_PREFILL:  # (the simulator's other modes, e.g. chunked, are not served here)
+            raise ValueError(f"prefill={cfg.prefill!r}; expected one of {list(ENGINE_PREFILL)}")
+        if cfg.drafter not in DRAFTERS:
+            raise ValueError(f"drafter={cfg.drafter!r}; expected one of {list(DRAFTERS)}")
+        if not 1 <= cfg.prompt_lookup_min <= cfg.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={cfg.prompt_lookup_min}, prompt_lookup_max={cfg.prompt_lookup_max}; "
+                             "expected 1 <= min <= max")
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         self.device = cfg.device
@@ -378,7 +426,20 @@ class Engine:
         self.vocab = min(self.target.config.vocab_size, self.draft.config.vocab_size)
         self.max_len = int(max_len)
         self.tcache = SlotCache(self.target.config, cfg.max_batch, self.max_len, self.dtype, self.device)
-        self.dcache = SlotCache(self.draft.config, cfg.max_batch, self.max_len, self.dtype, self.device)
+        #: drafter=eagle: the EAGLE head (random weights, built from the target's config) and, per slot, the
+        #: target's hidden state for the slot's last token (the head's input at the next draft step)
+        self.head = self.hidden = None
+        if cfg.drafter == "eagle":
+            from specbatch.profiler.drafters import load_eagle_head
+
+            self.head, _ = load_eagle_head(self.target.config, self.dtype, self.device, seed=cfg.seed + 2)
+            self.hidden = torch.zeros(cfg.max_batch, self.target.config.hidden_size, dtype=self.dtype,
+                                      device=self.device)
+        # the drafter's KV slots: the draft model's, the head's (one layer), none for n-gram lookup
+        dcfg = {"draft_model": self.draft.config, "eagle": getattr(self.head, "config", None)}.get(cfg.drafter)
+        self.dcache = SlotCache(dcfg, cfg.max_batch, self.max_len, self.dtype, self.device) if dcfg else None
+        #: drafter=ngram: tokens proposed per batch row in the last step (n-gram lookup may find fewer than γ)
+        self.proposed: torch.Tensor | None = None
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
 
     @property
@@ -390,11 +451,17 @@ class Engine:
 
     @torch.inference_mode()
     def spec_step(self, last: torch.Tensor, lengths: torch.Tensor, gamma: int, synthetic_acc: torch.Tensor | None,
-                  draft_sync: bool = False):
+                  draft_sync: bool = False, histories: list | None = None):
         """γ draft decodes + one verify for slots ``0..b-1``: ``last`` (b,) tokens not yet cached,
         ``lengths`` (b,) cached positions. Returns ``(n_accepted (b,), new_tokens (b, γ+1), next_token (b,))``;
         ``synthetic_acc`` (b,) overrides the acceptance decision (the models still do all the work).
-        ``draft_sync``: at γ = 0 the draft also runs on ``last``, so its KV cache stays in step."""
+        ``draft_sync``: at γ = 0 the draft also runs on ``last``, so its KV cache stays in step.
+        ``drafter`` eagle / ngram: :meth:`_eagle_step` / :meth:`_ngram_step` (``histories``: each row's token ids,
+        ``last`` included, as int64 arrays)."""
+        if self.cfg.drafter == "eagle":
+            return self._eagle_step(last, lengths, gamma, synthetic_acc)
+        if self.cfg.drafter == "ngram":
+            return self._ngram_step(last, lengths, gamma, synthetic_acc, histories)
         temp, gen = self.cfg.temperature, self.gen
         b = last.shape[0]
         drafts, qs = [], []
@@ -413,18 +480,103 @@ class Engine:
                                                gen, synthetic_acc)
         return n_acc, ids, next_tok
 
+    def _verify(self, last: torch.Tensor, lengths: torch.Tensor, d: torch.Tensor):
+        """The target's forward of ``[last, d]`` per slot: logits (b, w+1, V) as floats and, with an EAGLE head,
+        the hidden states (b, w+1, hidden) it reads (the decoder, then the LM head on every position: the same
+        work as :func:`batched_forward` with all logits)."""
+        ids = torch.cat([last[:, None], d], 1)
+        if self.head is None:
+            return ids, batched_forward(self.target, self.tcache, ids, lengths, True).float(), None
+        b, t = ids.shape
+        positions = lengths[:, None] + torch.arange(t, device=ids.device)[None, :]
+        span = int(lengths.max()) + t
+        self.tcache.set_step(0, b, positions, span)
+        hidden = M.forward(self.target.get_decoder(), self.tcache.cache, input_ids=ids, position_ids=positions,
+                           attention_mask=_mask(lengths, t, span), use_cache=True).last_hidden_state
+        return ids, self.target.get_output_embeddings()(hidden).float(), hidden
+
+    def _eagle_step(self, last, lengths, gamma: int, synthetic_acc):
+        """γ EAGLE head steps + one verify: head step k reads the token sampled last and a hidden state (the
+        target's for the slot's last token at k = 0, the head's own output after), writes its one-layer KV at
+        ``lengths + k``; the verify's hidden state at each row's accepted position is kept for the next step."""
+        from specbatch.profiler.drafters import eagle_forward
+
+        temp, gen, b = self.cfg.temperature, self.gen, last.shape[0]
+        drafts, qs = [], []
+        tok, hid = last, self.hidden[:b]
+        for k in range(gamma):
+            pos = (lengths + k)[:, None]
+            span = int(lengths.max()) + k + 1
+            self.dcache.set_step(0, b, pos, span)
+            logits, out = eagle_forward(self.head, self.dcache.cache, tok[:, None], hid[:, None],
+                                        attention_mask=_mask(lengths + k, 1, span), position_ids=pos)
+            tok, q = _sample(logits[:, -1], temp, gen)
+            hid = out[:, -1]
+            drafts.append(tok)
+            qs.append(q)
+        d = torch.stack(drafts, 1) if gamma else last.new_empty((b, 0))
+        ids, logits, hidden = self._verify(last, lengths, d)
+        n_acc, next_tok = M.speculative_sample(logits, d, torch.stack(qs, 1) if gamma and temp > 0 else None, temp,
+                                               gen, synthetic_acc)
+        self.hidden[:b] = hidden[torch.arange(b, device=hidden.device), n_acc]
+        return n_acc, ids, next_tok
+
+    def _ngram_step(self, last, lengths, gamma: int, synthetic_acc, histories):
+        """N-gram lookup (:func:`specbatch.profiler.drafters.ngram_propose`, CPU) in each row's own tokens for
+        up to γ proposals, then one verify of 1 + the most any row proposed (rows with fewer are padded; a row
+        with none verifies its 1 token; no proposal anywhere: plain decode). Acceptance counts only proposed
+        tokens: synthetic counts are capped at each row's proposals, the real test accepts a proposal with the
+        target's probability of it (the proposer's distribution is a point mass) and never a padding token.
+        :attr:`proposed` keeps the proposals per row."""
+        from specbatch.profiler.drafters import ngram_propose_batch
+
+        cfg, temp, gen, b, dev = self.cfg, self.cfg.temperature, self.gen, last.shape[0], last.device
+        props = ngram_propose_batch(histories, gamma, cfg.prompt_lookup_min, cfg.prompt_lookup_max) if gamma \
+            else [np.zeros(0, np.int64)] * b
+        k = torch.tensor([len(x) for x in props], device=dev)
+        w = int(k.max()) if b else 0
+        d = last[:, None].repeat(1, w)  # padding: the row's last token (never accepted)
+        for i, x in enumerate(props):
+            if len(x):
+                d[i, :len(x)] = torch.as_tensor(x, device=dev)
+        self.proposed = k
+        ids, logits, _ = self._verify(last, lengths, d)
+        live = torch.arange(w, device=dev)[None, :] < k[:, None]
+        if synthetic_acc is not None:
+            n_acc = torch.minimum(synthetic_acc, k)
+        elif temp <= 0:
+            n_acc = ((logits[:, :w].argmax(-1) == d) & live).int().cumprod(1).sum(1)
+        else:
+            p_tok = torch.softmax(logits[:, :w] / temp, -1).gather(-1, d[..., None])[..., 0]
+            n_acc = ((torch.rand(b, w, device=dev, generator=gen) <= p_tok) & live).int().cumprod(1).sum(1)
+        q = None
+        if temp > 0 and w:
+            q = torch.zeros(b, w, logits.shape[-1], device=dev)
+            q.scatter_(2, d[..., None], live[..., None].float())
+        n_acc, next_tok = M.speculative_sample(logits, d, q, temp, gen, n_acc)
+        return n_acc, ids, next_tok
+
     def warm_up(self, gamma: int = 2, prompt: int = 16) -> None:
         """Untimed work at the largest shapes a run will use (first-call allocations, lazy inits, and the
         heap's high-water mark, see :mod:`specbatch.profiler.host_memory`): a prefill of ``prompt`` tokens on each model,
         then steps of the full batch at γ = 0 and ``gamma`` over the longest span the slots hold."""
         b = self.cfg.max_batch
-        for model, slots in ((self.target, self.tcache), (self.draft, self.dcache)):
+        pairs = ((self.target, self.tcache),) + (((self.draft, self.dcache),) if self.cfg.drafter == "draft_model"
+                                                  else ())
+        for model, slots in pairs:
             ids = torch.randint(0, self.vocab, (prompt,), generator=self.gen, device=self.device).tolist()
             prefill_into_slot(model, slots, 0, ids, self.cfg.temperature, self.gen, self.device)
+        if self.head is not None:
+            hist = [torch.randint(0, self.vocab, (prompt,), generator=self.gen, device=self.device).tolist()]
+            hidden = prefill_into_slots(self.target, self.tcache, [0], hist, self.cfg.temperature, self.gen,
+                                        self.device, return_hidden=True)[2]
+            head_prefill_into_slots(self.head, self.dcache, [0], hist, hidden, self.device)
         last = torch.zeros(b, dtype=torch.long, device=self.device)
         lengths = torch.full((b,), self.max_len - gamma - 1, device=self.device)
+        rng = np.random.default_rng(0)  # n-gram lookup over histories as long as the slots hold
+        hists = [rng.integers(0, 64, self.max_len - gamma).astype(np.int64) for _ in range(b)]
         for g in (0, gamma):
-            self.spec_step(last, lengths, g, None)
+            self.spec_step(last, lengths, g, None, histories=hists)
 
     def _iteration(self, sched: Scheduler, slots: "_Slots", clock: "_ReplayClock",
                    t0: float) -> tuple[float, float, float]:
@@ -460,6 +612,8 @@ class Engine:
         ``prefill="batched"`` one per model for all); return the seconds of the forwards."""
         temp, gen, dev, draft = self.cfg.temperature, self.gen, self.device, slots.uses_draft
         new_slots, hists = slots.open(admitted)
+        if self.cfg.drafter != "draft_model":
+            return self._prefill_admitted_drafter(slots, new_slots, hists, draft, clock)
         if self.cfg.prefill == "batched" and len(admitted) > 1:
             toks, fwd = prefill_into_slots(self.target, self.tcache, new_slots, hists, temp, gen, dev, clock)
             if draft:
@@ -472,6 +626,31 @@ class Engine:
                 if draft:
                     fwd += prefill_into_slot(self.draft, self.dcache, s, h, temp, gen, dev, clock)[1]
                 toks.append(tok)
+        for s, h, tok in zip(new_slots, hists, toks):
+            slots.last_tok[s] = tok
+            h.append(tok)
+        return fwd
+
+    def _prefill_admitted_drafter(self, slots: "_Slots", new_slots: list[int], hists: list[list[int]], draft: bool,
+                                  clock: Callable[[], float]) -> float:
+        """:meth:`_prefill_admitted` for drafter eagle / ngram: the target's prefill (one forward each, or one
+        for all with ``prefill="batched"``); with an EAGLE head (when the policy drafts) the head's prefill over
+        the prompt's hidden states too, and the last prompt position's hidden state kept for its first step.
+        N-gram lookup has no prefill."""
+        temp, gen, dev = self.cfg.temperature, self.gen, self.device
+        groups = [(new_slots, hists)] if self.cfg.prefill == "batched" and len(hists) > 1 else \
+            [([s], [h]) for s, h in zip(new_slots, hists)]
+        toks, fwd = [], 0.0
+        for g_slots, g_hists in groups:
+            t, f, hidden = prefill_into_slots(self.target, self.tcache, g_slots, g_hists, temp, gen, dev, clock,
+                                              return_hidden=True)
+            toks += t
+            fwd += f
+            if self.head is not None:
+                if draft:
+                    fwd += head_prefill_into_slots(self.head, self.dcache, g_slots, g_hists, hidden, dev, clock)
+                for row, (s, h) in enumerate(zip(g_slots, g_hists)):
+                    self.hidden[s] = hidden[row, len(h) - 1]
         for s, h, tok in zip(new_slots, hists, toks):
             slots.last_tok[s] = tok
             h.append(tok)
@@ -492,13 +671,17 @@ class Engine:
             syn = torch.empty(n, dtype=torch.long)
             syn[rows] = torch.as_tensor(acc)
             syn = syn.to(device)
+        ngram = self.cfg.drafter == "ngram" and gamma > 0
+        hists = [np.asarray(slots.history[slots.slot_rid[s]], np.int64) for s in range(n)] if ngram else None
         tm = clock.read()
         n_acc, ids_t, next_tok = self.spec_step(slots.last_tok[:n], lengths.to(device), gamma, syn,
-                                                self.cfg.draft_sync and slots.uses_draft)
+                                                self.cfg.draft_sync and slots.uses_draft, histories=hists)
         model_s = clock.read() - tm
         n_acc_l, ids_l, next_l = n_acc.tolist(), ids_t.tolist(), next_tok.tolist()
         if not synthetic:
             acc = np.array([n_acc_l[s] for s in rows], np.int64)
+        elif ngram:  # only proposed tokens can be accepted
+            acc = np.minimum(acc, self.proposed.cpu().numpy()[rows])
         slots.last_tok[:n] = next_tok
         gain, tokens, accepted = sched.advance(view, gamma, acc)
         for rid, s, g in zip(rid_rows, rows, gain.tolist()):

@@ -196,3 +196,71 @@ def test_draft_sync_runs_the_draft_at_gamma_zero(models, monkeypatch):
     calls.clear()
     eng.spec_step(last, lengths, 2, None, draft_sync=True)
     assert calls == [("draft", 1), ("draft", 1), ("target", 3)]  # γ ≥ 1: unchanged
+
+
+# --- drafter kinds (issue #25): an EAGLE head and n-gram lookup ------------------------------------------------
+
+
+@pytest.mark.parametrize("prefill", ["sequential", "batched"])
+def test_eagle_and_ngram_engines_serve_requests_and_greedy_matches_the_target(models, cost, prefill):
+    """Real greedy speculation with an EAGLE head (random weights) or n-gram lookup still emits exactly the
+    target's greedy continuation (only the target decides); the head keeps one layer of KV per slot."""
+    target, draft = models
+    w = _workload([5, 12, 9], [14, 9, 17], [0.0, 0.0, 0.001])
+    for kind in ("eagle", "ngram"):
+        cfg = E.EngineConfig(max_batch=4, acceptance="real", temperature=0.0, clock="cpu", warmup=True,
+                             prefill=prefill, drafter=kind, prompt_lookup_min=1, prompt_lookup_max=3)
+        eng = E.Engine("tiny-llama", "tiny-llama-draft", cfg, max_len=96, models=(target, draft))
+        if kind == "eagle":
+            assert len(eng.dcache.layers) == 1 and eng.head.config.hidden_size == target.config.hidden_size
+        else:
+            assert eng.dcache is None and eng.head is None
+        r = eng.run(w, cost, make_policy("fixed", gamma=3), AcceptanceModel(alpha=0.5, max_gamma=6))
+        req = r.requests
+        assert (req["generated_tokens"] == req["output_tokens"]).all(), kind
+        for rid in range(3):
+            p = int(w.prompt_tokens[rid])
+            toks = eng.tokens[rid]
+            assert toks[p:] == _greedy(target, toks[:p], int(w.output_tokens[rid])), (kind, rid)
+
+
+def test_ngram_synthetic_acceptance_counts_only_proposed_tokens(models, cost, monkeypatch):
+    """Synthetic acceptance with n-gram lookup: a row without a match verifies 1 token and accepts nothing;
+    with a match it accepts at most what was proposed (the simulator's draw capped)."""
+    from specbatch.profiler import drafters as D
+
+    target, draft = models
+    seen = []
+    real_propose = D.ngram_propose_batch
+
+    def spy(seqs, k, lo, hi):
+        out = real_propose(seqs, k, lo, hi)
+        seen.append([len(x) for x in out])
+        return out
+
+    monkeypatch.setattr(D, "ngram_propose_batch", spy)
+    cfg = E.EngineConfig(max_batch=4, acceptance="synthetic", clock="cpu", warmup=False, drafter="ngram",
+                         prompt_lookup_min=1, prompt_lookup_max=2)
+    eng = E.Engine("tiny-llama", "tiny-llama-draft", cfg, max_len=96, models=(target, draft))
+    w = _workload([6, 10, 8], [12, 15, 9])
+    r = eng.run(w, cost, make_policy("fixed", gamma=3), AcceptanceModel(alpha=0.9, max_gamma=6), seed=1)
+    it = r.iterations[r.iterations["batch"] > 0]
+    steps = it[it["gamma"] > 0]
+    assert len(seen) == len(steps)
+    for proposed, (_, row) in zip(seen, steps.iterrows()):
+        assert row["accepted"] <= sum(proposed)
+    assert (r.requests["generated_tokens"] == r.requests["output_tokens"]).all()
+    # a history with no repeat proposes nothing: that row accepts 0
+    lengths = torch.tensor([4])
+    hist = [np.array([1, 2, 3, 4, 5], np.int64)]
+    eng.tcache.set_step(0, 1, torch.arange(4)[None], 4)
+    n_acc, ids, _ = eng.spec_step(torch.tensor([5]), lengths, 3, torch.tensor([3]), histories=hist)
+    assert int(n_acc[0]) == 0 and ids.shape == (1, 1) and int(eng.proposed[0]) == 0
+    hist = [np.array([7, 8, 9, 7, 8], np.int64)]  # [7, 8] recurs: 9, 7, 8 proposed; the draw of 2 stands
+    n_acc, ids, _ = eng.spec_step(torch.tensor([8]), lengths, 3, torch.tensor([2]), histories=hist)
+    assert int(n_acc[0]) == 2 and ids[0].tolist() == [8, 9, 7, 8] and int(eng.proposed[0]) == 3
+
+
+def test_unknown_drafter_is_a_clear_error(models):
+    with pytest.raises(ValueError, match="drafter"):
+        E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(drafter="medusa"), max_len=64, models=models)
