@@ -111,7 +111,8 @@ def profiler_clock(clock: str):
 
 def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str = "cpu", threads: int = 1,
                  device: str = "cpu", point_budget_s: float = 0.1, seed: int = 0, passes: int = 3,
-                 max_passes: int = 4, repairs: int = 3, reference: bool = True, after_pass=None) -> Path:
+                 max_passes: int = 4, repairs: int = 3, reference: bool = True, after_pass=None,
+                 drafters: tuple = ("draft",)) -> Path:
     """Profile ``draft``/``target`` on this machine into ``out`` with the profiler's sweep.
 
     On a shared machine the speed drifts between points (other jobs come and go; a group of neighbouring
@@ -128,7 +129,7 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
 
     cfg = OmegaConf.create(dict(
         pair=dict(target=target, draft=draft, name=f"{draft}__{target}"), device=device, dtype="auto",
-        threads=threads, cache="prealloc", seed=seed, resume=False, memory_limit_bytes=None,
+        threads=threads, cache="prealloc", seed=seed, resume=False, memory_limit_bytes=None, drafters=list(drafters),
         note=f"specbatch-validate, clock={clock}, loadavg at start {loadavg()}",
         timing=dict(**PROFILE_TIMING, point_budget_s=point_budget_s, deadline_s=None, temperature=1.0,
                     reference=reference)))
@@ -196,7 +197,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              alpha: float = 0.7, clock: str = "cpu", threads: int = 1, device: str = "cpu", seed: int = 0,
              trace_start: int = 0, workload: str = "azure_conv", out: Path | str = "fidelity-out", profile: str | None = None,
              max_age_h: float = 12.0, repeats: int = REDUCED["repeats"], variants=None, draft_sync: bool = False,
-             attention: str | None = None, prefill: str = "sequential", log=print) -> dict:
+             attention: str | None = None, prefill: str = "sequential", drafter: str = "draft_model",
+             log=print) -> dict:
     """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report.
     ``attention``: how the simulator charges a step's context (``cluster.attention``; default the engine's,
     padded). ``prefill``: ``"batched"`` prefills an iteration's admissions in one forward per model, in the
@@ -214,6 +216,10 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
 
     variants = variants or VARIANTS
     attention = attention or Engine.attention
+    if drafter != "draft_model":  # the engine drafts with it; the simulator's cost model does not yet
+        log(f"warning: --drafter {drafter} runs in the engine only: the simulator variants still price a draft "
+            "model (fidelity.calibrate.make_cost builds CostModel without the simulator's drafter); the profile "
+            "gets the drafter's rows")
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +244,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         plain = make_cost(prof, None, (), max_batch, max_gamma)
         ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock,
                             threads=threads, device=device, seed=seed, dtype=str(prof.meta["dtype"]),
-                            draft_sync=draft_sync, prefill=prefill)
+                            draft_sync=draft_sync, prefill=prefill, drafter=drafter)
         engine = Engine(target, draft, ecfg, max_len=max_len)
         cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync,
                                 attention=attention, prefill=prefill)
@@ -281,7 +287,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         log(f"profiling {draft} / {target} on {device} (clock={clock}, {PROFILE_PASSES} passes), each followed "
             f"by an engine round; {repeats} rounds in all ...")
         profile_pair(prof_dir, target, draft, grid, clock=clock, threads=threads, device=device, seed=seed,
-                     passes=PROFILE_PASSES, after_pass=one_round)
+                     passes=PROFILE_PASSES, after_pass=one_round,
+                     drafters=("draft",) if drafter == "draft_model" else ("draft", drafter))
         for k in range(PROFILE_PASSES, int(repeats)):
             one_round(k)
     else:
@@ -363,6 +370,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     report = {
         "pair": {"target": target, "draft": draft}, "device": device, "clock": clock, "threads": threads,
         "draft_sync": draft_sync, "attention": attention, "prefill": prefill,
+        "drafter": {"engine": drafter, "simulator": "draft_model"},
         "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
         "profile": str(prof_dir), "calibration": cal, "probe_point": setup["probe"].point,
@@ -549,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="an iteration's admissions: one prefill forward each, or one forward for all of them, "
                          "in the engine and the simulator (cluster.prefill); batched profiles prefill at several "
                          "batch sizes")
+    ap.add_argument("--drafter", choices=("draft_model", "eagle", "ngram"), default="draft_model",
+                    help="what drafts in the engine: the pair's draft model, an EAGLE head built from the target "
+                         "(random weights) or n-gram lookup (specbatch.fidelity.engine); the simulator side is not "
+                         "wired yet (it still prices the draft model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=REDUCED["repeats"],
                     help="rounds: each calibrates once and runs every case once (≥ 2: also reports run-to-run noise)")
@@ -568,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_batch=a.max_batch, max_prompt=a.max_prompt, max_output=a.max_output, alpha=a.alpha,
                           clock=clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
                           profile=a.profile, repeats=a.repeats, trace_start=a.trace_start, workload=a.workload,
-                          draft_sync=a.draft_sync, attention=a.attention, prefill=a.prefill)
+                          draft_sync=a.draft_sync, attention=a.attention, prefill=a.prefill, drafter=a.drafter)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)
         return 2
