@@ -34,7 +34,7 @@ from specbatch.sim.profile import atomic_write_text, load_profile
 from . import conclusions as C
 from . import figures as F
 
-FIGURES = ("profile", "gamma", "lt", "speedup", "cdf", "timeline", "table")
+FIGURES = ("profile", "gamma", "drafters", "lt", "speedup", "cdf", "timeline", "table")  # (drafters: when profiled)
 _NOT_SETTINGS = ("sweep.policy", "sweep.workload.load", "sweep.workload.rate", "sweep.profile", "sweep.workload",
                  "sweep.print_summary", "sweep.save_iterations")
 
@@ -115,6 +115,10 @@ def scenario_figures(df: pd.DataFrame, profile=None) -> dict[str, go.Figure]:
         r = df.iloc[0]
         figs["gamma"] = F.gamma_star(profile, max_batch=int(r.get("cfg.cluster.max_batch", 64)),
                                      max_gamma=int(r.get("cfg.max_gamma", 8)), context=context, alpha=alpha)
+        drafters = F.gamma_star_by_drafter(profile, max_batch=int(r.get("cfg.cluster.max_batch", 64)),
+                                           max_gamma=int(r.get("cfg.max_gamma", 8)), context=context)
+        if drafters is not None:
+            figs["drafters"] = drafters
     figs["lt"] = F.latency_throughput(df, settings)
     figs["speedup"] = F.speedup(df, settings)
     figs["cdf"] = F.latency_cdf(df, settings)

@@ -129,6 +129,28 @@ def gamma_star(profile: Profile, *, max_batch: int, max_gamma: int, context: flo
     return fig
 
 
+def gamma_star_by_drafter(profile: Profile, *, max_batch: int, max_gamma: int, context: float) -> go.Figure | None:
+    """γ*(b) side by side for each drafter kind the profile has rows for (draft model, EAGLE head, n-gram
+    lookup), each with its own step costs and its documented acceptance defaults (conf/drafter/<kind>.yaml), at
+    the reference context; ``None`` when the profile has rows for the draft model only."""
+    from specbatch.sim.quant import gamma_star_by_drafter as table
+
+    t = table(profile, context=context, batches=range(1, max_batch + 1), max_batch=max_batch, max_gamma=max_gamma)
+    if t["drafter"].nunique() < 2:
+        return None
+    fig = go.Figure()
+    for kind, g in t.groupby("drafter", sort=False):
+        fig.add_trace(go.Scatter(x=g["batch"], y=g["gamma_star"], mode="lines+markers", name=kind, line_shape="hv",
+                                 customdata=g[["speedup", "alpha"]].to_numpy(),
+                                 hovertemplate="b=%{x}<br>γ*=%{y}<br>speedup %{customdata[0]:.2f}x"
+                                               "<br>α(mean)=%{customdata[1]:.2f}"))
+    fig.update_xaxes(title_text="batch (sequences)")
+    fig.update_yaxes(title_text="γ*", range=[-0.3, max_gamma + 0.3])
+    fig.update_layout(template=TEMPLATE, height=400,
+                      title=f"Optimal γ* per drafter (context {context:.0f} tokens, {profile.name})")
+    return fig
+
+
 # --- study results ---------------------------------------------------------------------------------------
 
 

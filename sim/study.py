@@ -50,7 +50,8 @@ METRICS = {"throughput_tok_s": True, "goodput_req_s": True, "goodput_tok_s": Tru
            "tpot_p50": False, "tpot_p99": False, "ttft_mean": False, "ttft_p99": False}
 #: Columns that identify a load level (the oracle is chosen within each); only those present are used.
 GROUP_KEYS = ["workload", "workload.load", "workload.rate", "cluster.max_batch", "cluster.replicas",
-              "cluster.max_num_batched_tokens"]  # (the budget: study `chunked`)
+              "cluster.max_num_batched_tokens",  # (the budget: study `chunked`)
+              "drafter"]  # (the drafter kind: study `drafters`)
 
 
 def study_names() -> list[str]:

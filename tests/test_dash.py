@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import linear_step, write_formula_profile
+from conftest import add_drafter_rows, linear_step, write_formula_profile
 from specbatch.dashboards.build import FIGURES, find_chromium
 from specbatch.dashboards.cli import main as dash_main
 from specbatch.dashboards.collect import collect, swept_keys
@@ -49,6 +49,7 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     prof = write_formula_profile(root / "formula", verify=linear_step(0.010, 0.0005, knee=64),
                                  draft=linear_step(0.001, 0.00002))
+    add_drafter_rows(prof, eagle=linear_step(0.0004, 0.00001), ngram=linear_step(0.0001, 0.000005))  # γ* per drafter
     _sim("-m", f"hydra.sweep.dir={root / 'mr' / 'a'}", f"profile={prof}", "policy=none,adaptive", "workload.load=0.5,0.9")
     _sim("-m", f"hydra.sweep.dir={root / 'mr' / 'b'}", f"profile={prof}", "policy=fixed", "policy.gamma=2",
          "workload.load=0.5,0.9")
@@ -96,7 +97,7 @@ def test_dashboard_is_self_contained(dashboard):
     text = dashboard.read_text()
     # (booleans, not `in` asserts: a failing `in` would print megabytes of page)
     assert not re.search(r"<script[^>]+src=", text), "the dashboard loads a script from elsewhere"
-    assert text.count("Plotly.newPlot") == 14 and len(text) > 3_000_000  # plotly.js itself is inline
+    assert text.count("Plotly.newPlot") == 16 and len(text) > 3_000_000  # plotly.js itself is inline
     ids = json.loads(text.split('id="specbatch-figures">')[1].split("</script>")[0])
     assert ids == sorted(f"s{k}-{f}" for k in (0, 1) for f in FIGURES)
 
