@@ -118,7 +118,7 @@ def _eagle_module():
     from transformers.masking_utils import create_causal_mask
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-    from specbatch.profiler.models import _cache_keyword
+    from specbatch.profiler.models import cache_keyword
 
     class EagleHead(torch.nn.Module):
         """The EAGLE head (module docstring). ``forward(input_ids, hidden, position_ids, cache, ...)``:
@@ -135,7 +135,7 @@ def _eagle_module():
             self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
             self.rotary_emb = LlamaRotaryEmbedding(config)
             self.lm_head = torch.nn.Linear(h, config.vocab_size, bias=False)
-            self._cache_kw = _cache_keyword(LlamaDecoderLayer)
+            self._cache_kw = cache_keyword(LlamaDecoderLayer)
 
         def forward(self, input_ids, hidden, position_ids, cache, attention_mask=None, logits_to_keep: int = 1):
             x = self.fc(torch.cat([self.embed_tokens(input_ids), hidden.to(self.fc.weight.dtype)], -1))
@@ -155,6 +155,8 @@ def load_eagle_head(target_cfg, dtype, device: str, seed: int = 0, attention: st
     meta.json ``models.eagle`` record (without ``kv_bytes_per_token``)."""
     import torch
 
+    from specbatch.profiler import attention as A
+
     cfg = eagle_config(target_cfg, attention)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -171,7 +173,7 @@ def load_eagle_head(target_cfg, dtype, device: str, seed: int = 0, attention: st
                        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
                        "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
                        "vocab_size": cfg.vocab_size, "fusion": [2 * cfg.hidden_size, cfg.hidden_size]},
-            "attention": cfg._attn_implementation, "parameters": total,
+            "attention": A.check(attention or A.DEFAULT), "parameters": total,
             "parameters_by_part": {k: int(v) for k, v in n.items()},
             "parameters_own": int(n["fusion"] + n["layer"] + n["norm"]),
             "parameters_note": "parameters: everything the head's step reads (embedding and LM head included); "

@@ -234,7 +234,7 @@ def rollback(cache, n: int) -> None:
 
 
 @functools.cache
-def _cache_keyword(model_class: type) -> str:
+def cache_keyword(model_class: type) -> str:
     """Keyword under which ``model_class.forward`` takes the KV cache: ``cache`` in recent transformers,
     ``past_key_values`` before. Passing the wrong one is not an error there (it lands in ``**kwargs``) but
     silently runs every step without the cache, so it is looked up, never assumed."""
@@ -248,7 +248,7 @@ def _cache_keyword(model_class: type) -> str:
 
 def forward(model, cache, **kwargs):
     """``model(**kwargs)`` with ``cache`` passed under the installed transformers' keyword."""
-    return model(**{_cache_keyword(type(model)): cache}, **kwargs)
+    return model(**{cache_keyword(type(model)): cache}, **kwargs)
 
 
 def _positions(batch: int, start: int, tokens: int, device) -> torch.Tensor:

@@ -104,9 +104,9 @@ def test_cache_keyword_follows_the_forward_signature():
     class Neither:
         def forward(self, input_ids=None, **kwargs): ...
 
-    assert M._cache_keyword(New) == "cache" and M._cache_keyword(Old) == "past_key_values"
+    assert M.cache_keyword(New) == "cache" and M.cache_keyword(Old) == "past_key_values"
     with pytest.raises(TypeError, match="Neither.forward takes neither"):
-        M._cache_keyword(Neither)
+        M.cache_keyword(Neither)
 
 
 def test_verify_greedy_accepts_target_tokens_and_rolls_back():
