@@ -501,10 +501,24 @@ class CostModel:
         prefilling each chunk adds to a forward that is paid for anyway. A chunk at prefix p attends over
         p + tokens positions; the difference of the curve charges its linear layers and that attention.
         Chunks that make up a whole prompt of N tokens sum to P(N) − F (the sum telescopes)."""
+        known = self._chunk_known(model)
         total = 0.0
-        for prefix, tokens in chunks:
-            total += max(self.prefill_curve_at(prefix + tokens, model) - self.prefill_curve_at(prefix, model), 0.0)
+        for chunk in chunks:
+            s = known.get(chunk)
+            if s is None:  # (chunks repeat: whole short prompts; the cost model computes each once)
+                prefix, tokens = chunk
+                s = known[chunk] = max(self.prefill_curve_at(prefix + tokens, model)
+                                       - self.prefill_curve_at(prefix, model), 0.0)
+            total += s
         return total
+
+    def _chunk_known(self, model: str) -> dict:
+        """(prefix, tokens) -> seconds of chunks priced so far for ``model`` (a cache)."""
+        caches = self.__dict__.setdefault("_chunk_cache", {})
+        known = caches.get(model)
+        if known is None:
+            known = caches[model] = {}
+        return known
 
     def mixed_iteration(self, batch: int, gamma: int, context: float, chunks, draft: bool = True) -> tuple[float, float]:
         """One forward that verifies the running batch and prefills prompt chunks (chunked prefill, vLLM V1 /
@@ -528,14 +542,35 @@ class CostModel:
         step = self.iteration(batch, gamma, context) if batch else 0.0
         if not chunks:
             return 0.0, step
-        shared = self.target_verify(batch, gamma, context) if batch else 0.0
-        rule = self.mixed_rule("target")
-        extra = rule["fixed_s"] + self.chunk_seconds(chunks, "target") - min(rule["fixed_s"], shared)
+        fixed, floor = self._mixed_fixed("target")
+        # min(F, S): S is never below the smallest value in the step tables (floor), so F ≤ floor means F
+        if not batch:
+            shared = 0.0
+        elif fixed <= floor:
+            shared = fixed
+        else:
+            shared = min(fixed, self.target_verify(batch, gamma, context))
+        extra = fixed + self.chunk_seconds(chunks, "target") - shared
         if draft:
-            rule = self.mixed_rule("draft")
-            shared = self.draft_decode(batch, context) if batch and (gamma or self.draft_sync) else 0.0
-            extra += rule["fixed_s"] + self.chunk_seconds(chunks, "draft") - min(rule["fixed_s"], shared)
+            fixed, floor = self._mixed_fixed("draft")
+            if not (batch and (gamma or self.draft_sync)):
+                shared = 0.0
+            elif fixed <= floor:
+                shared = fixed
+            else:
+                shared = min(fixed, self.draft_decode(batch, context))
+            extra += fixed + self.chunk_seconds(chunks, "draft") - shared
         return extra, step
+
+    def _mixed_fixed(self, model: str) -> tuple[float, float]:
+        """(F of ``model``'s mixed rule, the smallest step time its tables hold: target verify or draft decode)."""
+        fast = self.__dict__.setdefault("_mixed_fast", {})
+        got = fast.get(model)
+        if got is None:
+            tab = self._verify_tab if model == "target" else [self._draft_tab]
+            floor = min(min(min(row) for row in rows) for rows in tab)
+            got = fast[model] = (self.mixed_rule(model)["fixed_s"], floor)
+        return got
 
     # -- vectorised views (for tables and the quantitative model) ------------------------------------------
 

@@ -253,16 +253,24 @@ class AdaptiveContext(Policy):
 
 def budget_seconds(cost: CostModel, batch: int, context: float, token_budget: int, prefill_waiting: int,
                    max_gamma: int, draft: bool = True) -> np.ndarray:
-    """Seconds charged to each γ = 0..max_gamma of a batch of ``batch`` sequences under chunked prefill with
-    ``token_budget`` tokens per forward and ``prefill_waiting`` prompt tokens waiting (tokens): the mixed
-    iteration with the chunk the budget leaves, p(γ) = min(W, B − b·(γ+1)) tokens, plus what prefilling the
-    tokens γ displaces costs later, D(γ) = min(W, B − b) − p(γ), as chunk work in some later forward
-    (:meth:`CostModel.chunk_seconds` of D tokens: their growth terms, no fixed part). γ with b·(γ+1) > B
-    cannot run: infinite. The waiting prompts are priced as one chunk at prefix 0 (a policy does not see
-    how far each is prefilled)."""
+    """Seconds charged to the decode of each γ = 0..max_gamma for a batch of ``batch`` sequences under chunked
+    prefill with ``token_budget`` tokens per forward and ``prefill_waiting`` prompt tokens waiting (tokens):
+
+        T(γ) = T_iter(b, γ, c) + [X(γ) − X(0)],  X(γ) = extra(p(γ)) + L(D(γ))
+
+    where p(γ) = min(W, B − b·(γ+1)) is the chunk the budget leaves, extra(p) what it adds to this forward
+    (:meth:`CostModel.mixed_iteration`), D(γ) = min(W, B − b) − p(γ) the prompt tokens γ displaces, and
+    L(D) what prefilling them costs in a later forward (:meth:`CostModel.chunk_seconds`: their growth terms,
+    no fixed part; target, and draft when it prefills). X(0) is the prompt work every γ pays (now or later), so
+    the bracket is the prefill cost γ adds by displacing prompt tokens. Under the mixed rule a prompt's chunks
+    telescope, so the bracket is only the fixed parts shared differently (e.g. at γ = 0 the draft runs for the
+    chunk alone): the budget's main effect on throughput is the cap; displacing prompts costs their TTFT,
+    which this throughput price does not see. γ with b·(γ+1) > B cannot run: infinite. The waiting prompts are
+    priced as one chunk at prefix 0 (a policy does not see how far each is prefilled)."""
     draft = draft and getattr(getattr(cost, "drafter", None), "prefill", True)
     free0 = min(prefill_waiting, max(0, token_budget - batch))
     out = np.full(max_gamma + 1, np.inf)
+    base = None
     for g in range(max_gamma + 1):
         if batch * (g + 1) > token_budget:
             break
@@ -270,11 +278,14 @@ def budget_seconds(cost: CostModel, batch: int, context: float, token_budget: in
         extra, step = cost.mixed_iteration(batch, g, context, [(0, p)] if p > 0 else [], draft)
         owed = free0 - p
         if owed > 0:
-            owed_s = cost.chunk_seconds([(0, owed)], "target") + (cost.chunk_seconds([(0, owed)], "draft") if draft else 0.0)
-        else:
-            owed_s = 0.0
-        out[g] = extra + step + owed_s
+            extra += cost.chunk_seconds([(0, owed)], "target") + (cost.chunk_seconds([(0, owed)], "draft") if draft else 0.0)
+        if base is None:
+            base = extra
+        out[g] = step + (extra - base)
     return out
+
+
+BUDGET_PRICING = ("displaced", "work", "cap")  # goodput's policy.budget_pricing under chunked prefill
 
 
 @register
@@ -295,17 +306,22 @@ class Goodput(Policy):
     When γ = 0 is chosen nothing is learnt, so every ``explore_every`` consecutive γ = 0 iterations one runs
     at γ = 1 (0 = never) — this lets it notice acceptance drifting up.
 
-    Under ``cluster.prefill=chunked`` (``BatchView.token_budget`` set) T becomes :func:`budget_seconds`: the
-    mixed iteration with the prompt chunk the budget leaves after b·(γ+1) verify tokens, plus the later cost
-    of the prefill tokens γ displaces (``prefill_waiting_tokens`` it takes budget from), and γ above
-    budget // b − 1 is never chosen. The other policies ignore the budget (the scheduler caps their γ at
-    budget // b − 1); ``adaptive``'s table is built without it.
+    Under ``cluster.prefill=chunked`` (``BatchView.token_budget`` set) γ above budget // b − 1 is never chosen,
+    and ``budget_pricing`` says how the prompt tokens a γ displaces (``prefill_waiting_tokens`` it takes budget
+    from) are priced: ``displaced`` (default) T = :func:`budget_seconds`, the verify step plus the prefill cost
+    γ adds now and later over γ = 0's; ``cap`` plain T (only the cap); ``work`` G = (Σ E + p(γ)) / T_mixed,
+    prompt tokens counted like output tokens. The other policies ignore the budget (the scheduler caps their
+    γ at budget // b − 1); ``adaptive``'s table is built without it.
     """
 
     name = "goodput"
 
     def __init__(self, ema: float = 0.05, per_request: bool = True, prior_alpha: float | None = None,
-                 prior_weight: float = 4.0, explore_every: int = 50, max_gamma: int | None = None):
+                 prior_weight: float = 4.0, explore_every: int = 50, max_gamma: int | None = None,
+                 budget_pricing: str = "displaced"):
+        if budget_pricing not in BUDGET_PRICING:
+            raise ValueError(f"policy.budget_pricing is {budget_pricing!r}; expected one of {list(BUDGET_PRICING)}")
+        self.budget_pricing = budget_pricing
         self.ema = _check_prob(ema, "policy.ema")
         self.per_request = bool(per_request)
         self.prior_alpha = None if prior_alpha is None else _check_prob(prior_alpha, "policy.prior_alpha", lo_open=False)
@@ -355,9 +371,26 @@ class Goodput(Policy):
         e = np.cumsum(pw)
         t = np.array([self.cost.iteration(view.batch, g, view.step_context) for g in range(self.gmax + 1)])
         if view.token_budget is not None:  # chunked prefill: price the prefill each γ displaces
-            t = budget_seconds(self.cost, view.batch, view.step_context, view.token_budget,
-                               view.prefill_waiting_tokens, self.gmax)
+            return self._budget_goodput(view, e, t)
         return e / t
+
+    def _budget_goodput(self, view: BatchView, e: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Predicted goodput per γ under a token budget (``budget_pricing``, class docstring)."""
+        b, budget, waiting = view.batch, view.token_budget, view.prefill_waiting_tokens
+        how = getattr(self, "budget_pricing", "displaced")
+        if how == "displaced":
+            return e / budget_seconds(self.cost, b, view.step_context, budget, waiting, self.gmax)
+        out = np.zeros(len(e))
+        for g in range(len(e)):
+            if b * (g + 1) > budget:
+                break
+            if how == "cap":
+                out[g] = e[g] / t[g]
+                continue
+            p = min(waiting, budget - b * (g + 1))  # "work": prompt tokens count like output tokens
+            extra, step = self.cost.mixed_iteration(b, g, view.step_context, [(0, p)] if p > 0 else [], True)
+            out[g] = (e[g] + p) / (extra + step)
+        return out
 
     def choose(self, view: BatchView) -> int:
         g = int(np.argmax(self.predicted_goodput(view)))
@@ -386,7 +419,8 @@ class Goodput(Policy):
 
     def describe(self) -> dict:
         return {"name": self.name, "ema": self.ema, "per_request": self.per_request, "prior_alpha": self.prior_alpha,
-                "prior_weight": self.prior_weight, "explore_every": self.explore_every}
+                "prior_weight": self.prior_weight, "explore_every": self.explore_every,
+                **({} if self.budget_pricing == "displaced" else {"budget_pricing": self.budget_pricing})}
 
 
 def _parse_ranges(ranges, key: str = "policy.ranges") -> list[tuple[int, int]]:

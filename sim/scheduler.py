@@ -409,7 +409,8 @@ class Scheduler:
             return False
         if not len(self.batch) and not self.prefilling:
             return True
-        return self.batch_tokens() + self.prefill_reserved + self.head_need() <= self.admit_limit
+        # (kv_tokens = the batch's KV + prefill_held, as of the last iteration, which is now)
+        return self.kv_tokens - self.prefill_held + self.prefill_reserved + self.head_need() <= self.admit_limit
 
     def view_chunked(self, now: float) -> tuple[BatchView, int]:
         """:meth:`_view` with the prefill waiting and the token budget filled in."""
@@ -453,6 +454,8 @@ class Scheduler:
         also grow its KV): [(rid, tokens already prefilled, chunk tokens), ...] in order, and how many requests
         were admitted (taken from the queue; a fresh one is stamped admitted at ``now``)."""
         left = self.token_budget - verify_tokens
+        if left <= 0:
+            return [], 0
         cap = self.chunk_cap
         running = self.batch_tokens()
         room = self.capacity - running - verify_tokens - self.prefill_held  # KV tokens free for chunks
@@ -506,19 +509,22 @@ class Scheduler:
         joined = []
         by_rid = {rid: k for rid, _, k in chunks}
         keep = []
+        held = left = reserved = 0
         for entry in self.prefilling:
-            k = by_rid.get(entry[0])
-            if k:
-                entry[1] += k
-                self.prefill_held += k
-                self.prefill_left -= k
+            k = by_rid.get(entry[0], 0)
+            entry[1] += k
+            left += k
             if entry[1] == entry[2]:
                 joined.append(entry[0])
-                self.prefill_held -= entry[2]
-                self.prefill_reserved -= entry[2] + 1
+                held += k - entry[2]
+                reserved += entry[2] + 1
             else:
+                held += k
                 keep.append(entry)
         self.prefilling = keep
+        self.prefill_held += held
+        self.prefill_left -= left
+        self.prefill_reserved -= reserved
         if not joined:
             return 0, False
         r = self.reqs

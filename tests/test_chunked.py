@@ -110,12 +110,17 @@ def test_goodput_prices_the_prefill_a_gamma_displaces(cost):
     # Nothing waiting: the budget only caps γ (b = 4, budget 12: γ ≤ 2)
     t = budget_seconds(cost, 4, 128, 12, 0, 8)
     assert t[:3].tolist() == pytest.approx([cost.iteration(4, g, 128) for g in range(3)]) and np.isinf(t[3:]).all()
-    # A long queue: with a linear prefill curve every γ pays for the same min(W, B − b) prompt tokens, now or
-    # later: T(γ) = T_iter(γ) + (1 ms + 0.1 ms draft) × (256 − 4), the chunk's fixed parts shared with the verify
-    # and draft steps — except at γ = 0, where the draft runs only for the chunk and pays its F = 0.2 ms
+    # A long queue: with a linear prefill curve every γ pays for the same min(W, B − b) = 252 prompt tokens, now
+    # or later (X = 1.1 ms × 252 with the fixed parts shared) — except at γ = 0, where the draft runs for the
+    # chunk alone and pays its F = 0.2 ms: T(γ) = T_iter(γ) + X(γ) − X(0) = T_iter(γ) − 0.2 ms for γ ≥ 1
     t = budget_seconds(cost, 4, 128, 256, 10_000, 8)
-    assert t.tolist() == pytest.approx([cost.iteration(4, g, 128) + 0.252 + 0.0252 + (0.0002 if g == 0 else 0.0)
-                                        for g in range(9)])
+    assert t.tolist() == pytest.approx([cost.iteration(4, g, 128) - (0.0002 if g else 0.0) for g in range(9)])
+    for how in ("cap", "work"):
+        q = make_policy("goodput", budget_pricing=how)
+        q.setup(cost, AcceptanceModel(alpha=0.7), 128.0)
+        assert np.argmax(q.predicted_goodput(BatchView(0.0, 0, 4, 128.0, np.arange(4), 128.0, 100, 8))) <= 1
+    with pytest.raises(ValueError, match="policy.budget_pricing"):
+        make_policy("goodput", budget_pricing="x")
     p = make_policy("goodput")
     p.setup(cost, AcceptanceModel(alpha=0.7), 128.0)
     view = BatchView(0.0, 0, 4, 128.0, np.arange(4), 128.0, 0, 8)
