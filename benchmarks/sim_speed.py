@@ -94,21 +94,26 @@ def part1_chunked(cost, repeats: int) -> None:
     chunked = ClusterConfig(replicas=1, max_batch=32, prefill="chunked", max_num_batched_tokens=2048)
     cap = estimate_capacity(cost, w10k, seq)
     print(f"\nchunked prefill (budget 2048) vs sequential prefill, same 10,000 requests; median of {repeats}")
-    print(f"{'load':>14} {'policy':>10} {'sequential s':>12} {'chunked s':>10} {'ratio':>6} {'iters seq':>10} "
-          f"{'iters chunked':>13}")
+    print("wall and CPU seconds (CPU: this process's, less sensitive to other load on the machine)")
+    print(f"{'load':>14} {'policy':>10} {'seq wall':>9} {'chunked':>8} {'ratio':>6} {'seq CPU':>8} {'chunked':>8} "
+          f"{'ratio':>6} {'iters seq':>10} {'chunked':>8} {'stepped':>8}")
     for label, w in (("trace rate", w10k), ("0.9 capacity", set_rate(w10k, 0.9 * cap)),
                      ("0.5 capacity", set_rate(w10k, 0.5 * cap))):
         for policy in (("fixed", {"gamma": 4}), ("adaptive", {})):
-            walls, base = [], []
+            runs = {"seq": ([], []), "chunked": ([], [])}
             for _ in range(repeats):  # interleaved
-                tb, rb = timed(w, cost, policy, seq)
-                base.append(tb)
-                t, r = timed(w, cost, policy, chunked)
-                walls.append(t)
-            wall, b = statistics.median(walls), statistics.median(base)
+                for key, cl in (("seq", seq), ("chunked", chunked)):
+                    c = time.process_time()
+                    t, r = timed(w, cost, policy, cl)
+                    runs[key][0].append(t)
+                    runs[key][1].append(time.process_time() - c)
+                    runs[key] += (r,) if len(runs[key]) == 2 else ()
+            (sw, sc), (cw, cc) = [(statistics.median(runs[k][0]), statistics.median(runs[k][1])) for k in runs]
+            rs, rc = runs["seq"][2], runs["chunked"][2]
+            stepped = int((rc.iterations["prefill_s"] > 0).sum())  # iterations with a chunk: never fast-forwarded
             name = policy[0] + (f" {policy[1]['gamma']}" if policy[1] else "")
-            print(f"{label:>14} {name:>10} {b:12.2f} {wall:10.2f} {wall / b:6.2f} {len(rb.iterations):10d} "
-                  f"{len(r.iterations):13d}")
+            print(f"{label:>14} {name:>10} {sw:9.2f} {cw:8.2f} {cw / sw:6.2f} {sc:8.2f} {cc:8.2f} {cc / sc:6.2f} "
+                  f"{len(rs.iterations):10d} {len(rc.iterations):8d} {stepped:8d}")
 
 
 def part2_child(n: int, profile: str, workers: int) -> None:
