@@ -153,7 +153,7 @@ def run_roofline(cfg: DictConfig) -> Path:
 
 def print_sanity(out: Path) -> None:
     """Print the profile's attention, graphs and roofline-ratio block (meta.json) after a sweep."""
-    from specbatch.profiler.roofline import format_ratios
+    from specbatch.profiler.roofline import format_ratios, launch_bound_warnings
 
     meta = json.loads((Path(out) / "meta.json").read_text())
     t = meta.get("timing", {})
@@ -161,6 +161,8 @@ def print_sanity(out: Path) -> None:
     print(f"attention {att.get('implementation')}, SDPA backends {json.dumps(att.get('backend'))}; "
           f"CUDA graphs {t.get('graphs')}")
     print(format_ratios(meta.get("roofline_ratio") or {}))
+    for line in launch_bound_warnings(meta.get("roofline_ratio") or {}):
+        print(line, file=sys.stderr)
 
 
 def run(cfg: DictConfig) -> Path:

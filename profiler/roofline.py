@@ -330,6 +330,23 @@ def roofline_ratios(steps, meta: dict) -> dict:
     return out
 
 
+LAUNCH_BOUND_RATIO = 3.0  # batch-1 decode this far above its bound: launch-bound or misconfigured
+
+
+def launch_bound_warnings(block: dict) -> list[str]:
+    """One line per decode phase whose batch-1 time exceeds :data:`LAUNCH_BOUND_RATIO` × its roofline bound:
+    at batch 1 a decode step streams the weights once, so a step far slower than that pays for something a
+    serving engine does not (host-side kernel launches without CUDA graphs, a wrong dtype, a misread device)."""
+    out = []
+    for label in ("draft decode", "target decode"):
+        e = (block.get("phases") or {}).get(label, {}).get("batch1")
+        if e and e["ratio"] > LAUNCH_BOUND_RATIO:
+            out.append(f"warning: {label} at batch 1 takes {e['ratio']:.1f}x its roofline bound "
+                       f"({e['measured_s'] * 1e3:.3f} ms against {e['bound_s'] * 1e3:.3f} ms; more than "
+                       f"{LAUNCH_BOUND_RATIO:g}x): launch-bound or misconfigured measurement")
+    return out
+
+
 def format_ratios(block: dict) -> str:
     """The ``roofline_ratio`` block as a few printable lines."""
     if "phases" not in block:

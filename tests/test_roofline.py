@@ -63,3 +63,14 @@ def test_measure_host_is_positive():
 
     m = R.measure_host("cpu", torch.float32, copy_bytes=1 << 20, n=64, repeats=2)
     assert m["bandwidth_bytes_per_s"] > 0 and m["peak_flops"] > 0 and "measured" in m["source"]
+
+
+def test_launch_bound_warning_only_above_three_times_the_bound():
+    """Batch-1 decode 3.5x its bound warns (naming the phase and both times); 2.9x does not."""
+    def block(ratio):
+        e = {"batch": 1, "tokens": 1, "context": 16, "measured_s": ratio * 1e-3, "bound_s": 1e-3, "ratio": ratio}
+        return {"phases": {"target decode": {"batch1": e}, "draft decode": {"batch1": {**e, "ratio": 1.0}}}}
+    assert R.launch_bound_warnings(block(2.9)) == []
+    (line,) = R.launch_bound_warnings(block(3.5))
+    assert "target decode at batch 1 takes 3.5x its roofline bound" in line and "3.500 ms against 1.000 ms" in line
+    assert R.launch_bound_warnings({"note": "no device roofline figures"}) == []
