@@ -60,8 +60,7 @@ def sweep_vs_retiming(eng: Engine, repeats: int) -> pd.DataFrame:
     target, draft = (M.load_model(name, torch.float32, "cpu", seed=s)[0]
                      for name, s in ((R["pair"].split(":")[0], 0), (R["pair"].split(":")[1], 1)))
     models, gen, rows = {"target": target, "draft": draft}, torch.Generator().manual_seed(0), []
-    with V.profiler_clock("cpu"):  # the timer the validation's sweep uses: this process's CPU time
-        timer = timing.make_timer("cpu")
+    timer = timing.make_timer("cpu", "cpu")  # the timer the validation's sweep uses: this process's CPU time
     for _ in range(repeats):
         for b in R["grid"]["batches"]:
             for c in (32, 96):

@@ -43,7 +43,6 @@ is 0 (agree), 1 (disagree), 3 (inconclusive), 2 (bad input).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -78,37 +77,6 @@ REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, repeats=5, loads
                          prefill_lengths=[8, 32, 96], prefill_batches=[1]))
 
 
-# --- profiling with the engine's clock ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def profiler_clock(clock: str):
-    """Make :func:`specbatch.profiler.sweep.run_profile` time CPU steps with ``clock`` (``cpu``: process CPU time)."""
-    from specbatch.profiler import timing
-
-    if clock == "wall":
-        yield
-        return
-    orig = timing.make_timer
-
-    def make_timer(device):
-        if str(device).startswith("cuda"):
-            return orig(device)
-
-        def cpu_timer(step):
-            t0 = time.process_time()
-            step()
-            return time.process_time() - t0
-
-        return cpu_timer
-
-    timing.make_timer = make_timer
-    try:
-        yield
-    finally:
-        timing.make_timer = orig
-
-
 def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str = "cpu", threads: int = 1,
                  device: str = "cpu", point_budget_s: float = 0.1, seed: int = 0, passes: int = 3,
                  max_passes: int = 4, repairs: int = 3, reference: bool = True, after_pass=None,
@@ -125,21 +93,15 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
     from omegaconf import OmegaConf
 
     from specbatch.profiler.sweep import Grid, run_passes
-    from specbatch.sim.profile import write_profile_meta
 
     cfg = OmegaConf.create(dict(
         pair=dict(target=target, draft=draft, name=f"{draft}__{target}"), device=device, dtype="auto",
         threads=threads, cache="prealloc", seed=seed, resume=False, memory_limit_bytes=None, drafters=list(drafters),
         note=f"specbatch-validate, clock={clock}, loadavg at start {loadavg()}",
         timing=dict(**PROFILE_TIMING, point_budget_s=point_budget_s, deadline_s=None, temperature=1.0,
-                    reference=reference)))
-    with profiler_clock(clock):
-        run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max(passes, max_passes),
-                   repairs=repairs, progress=False, after_pass=after_pass)
-    meta = json.loads((out / "meta.json").read_text())
-    meta.pop("schema_version", None)
-    meta["timing"]["clock"] = clock
-    write_profile_meta(out, meta)
+                    reference=reference, clock=clock)))  # the engine's clock (timing.clock)
+    run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max(passes, max_passes),
+               repairs=repairs, progress=False, after_pass=after_pass)
     return out
 
 

@@ -132,7 +132,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     from specbatch.profiler.graphs import capture_for
     from specbatch.profiler.host_memory import keep_freed_memory
     from specbatch.profiler.roofline import device_roofline, roofline_ratios
-    from specbatch.profiler.timing import make_timer, measure
+    from specbatch.profiler.timing import make_timer, measure, resolve_clock
 
     t_start = time.perf_counter()
     load_start = loadavg()
@@ -179,6 +179,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     limit = int(limit) if limit is not None else None
     kv_cache_bytes = min(kv_free, limit) if limit is not None else kv_free
 
+    clock = resolve_clock(str(cfg.timing.get("clock", "auto")), device, torch.get_num_threads())
     meta = {
         "source": "measured",
         "pair": {"target": str(cfg.pair.target), "draft": str(cfg.pair.draft), "name": cfg.pair.get("name")},
@@ -194,7 +195,9 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "models": {"target": tinfo, "draft": dinfo, **extra_models},
         "timing": {
-            "method": ("cuda_events+synchronize" if device.startswith("cuda") else "time.perf_counter")
+            "clock": clock,
+            "method": ("cuda_events+synchronize" if device.startswith("cuda") else
+                       "time.process_time" if clock == "cpu" else "time.perf_counter")
             + ("; decode and verify forwards replayed from CUDA graphs captured once per point" if graphs else ""),
             "graphs": graphs,
             "attention": describe_attention(attention, models, grid, dtype, device,
@@ -244,7 +247,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     write_profile_meta(out, meta)
 
-    timer = make_timer(device)
+    timer = make_timer(device, meta["timing"]["clock"])
     gmax = max(grid.gammas)
     plan = _plan(grid, models, drafters)
     if points is not None:

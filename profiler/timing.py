@@ -1,6 +1,7 @@
 """Timing of one grid point: warm-up, then repeats until a relative precision or a time budget is reached.
 
-GPU: CUDA events around the step, synchronised after each repeat. CPU: ``time.perf_counter``.
+GPU: CUDA events around the step, synchronised after each repeat. CPU: ``time.perf_counter``, or the process's
+CPU time (``timing.clock``, :func:`resolve_clock`).
 All results are seconds per step.
 """
 from __future__ import annotations
@@ -36,8 +37,35 @@ def rel_se(x: np.ndarray) -> float:
     return 1.2533 * 1.4826 * mad / np.sqrt(len(x)) / med if med > 0 else float("inf")
 
 
-def make_timer(device: str) -> Callable[[Callable[[], None]], float]:
-    """A function ``timer(step) -> seconds`` that runs ``step`` once and times it on ``device``."""
+CLOCKS = ("auto", "wall", "cpu")  # timing.clock
+
+
+def resolve_clock(clock: str, device: str, threads: int) -> str:
+    """``timing.clock`` made concrete. ``auto``: the process's CPU time on a CPU with one torch thread (steps
+    then cost what they compute, whatever else the machine runs: a descheduled step is not charged for the
+    wait), else the wall clock (CUDA events on a GPU). ``cpu`` counts every thread's CPU time, so it needs
+    ``threads=1``; it cannot see GPU work."""
+    if clock not in CLOCKS:
+        raise ValueError(f"timing.clock={clock!r}; expected one of {list(CLOCKS)}")
+    cuda = str(device).startswith("cuda")
+    if clock == "auto":
+        return "cpu" if not cuda and threads == 1 else "wall"
+    if clock == "cpu" and (cuda or threads != 1):
+        raise ValueError(f"timing.clock=cpu with device={device!r}, threads={threads}: the CPU-time clock needs the "
+                         "CPU with threads=1 (it sums every thread's time and does not see GPU work)")
+    return clock
+
+
+def make_timer(device: str, clock: str = "wall") -> Callable[[Callable[[], None]], float]:
+    """A function ``timer(step) -> seconds`` that runs ``step`` once and times it on ``device``: CUDA events on a
+    GPU, else ``time.perf_counter`` (``clock="wall"``) or ``time.process_time`` (``clock="cpu"``)."""
+    if clock == "cpu":
+        def cpu_time_timer(step):
+            t0 = time.process_time()
+            step()
+            return time.process_time() - t0
+
+        return cpu_time_timer
     if str(device).startswith("cuda"):
         import torch
 

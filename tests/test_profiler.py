@@ -538,3 +538,20 @@ def test_run_profile_measures_only_the_points_asked_for(tmp_path):
     steps = load_profile(out).steps
     assert {tuple(r) for r in steps[sweep.KEY].itertuples(index=False)} == points
     assert (steps["status"] == "ok").all() and (steps["median_s"] > 0).all()
+
+
+def test_clock_auto_is_cpu_time_with_one_cpu_thread():
+    """timing.clock=auto: the process's CPU time on a CPU with one thread (a descheduled step is not charged for
+    the wait), the wall clock otherwise; cpu with two threads or on CUDA is refused naming the key."""
+    from specbatch.profiler.timing import make_timer, resolve_clock
+
+    assert resolve_clock("auto", "cpu", 1) == "cpu"
+    assert resolve_clock("auto", "cpu", 2) == "wall" and resolve_clock("auto", "cuda", 1) == "wall"
+    for device, threads in (("cpu", 2), ("cuda:0", 1)):
+        with pytest.raises(ValueError, match="timing.clock=cpu"):
+            resolve_clock("cpu", device, threads)
+    with pytest.raises(ValueError, match=r"timing.clock='gpu'; expected one of"):
+        resolve_clock("gpu", "cpu", 1)
+    import time
+    slept = make_timer("cpu", "cpu")(lambda: time.sleep(0.05))  # waiting costs no CPU time
+    assert slept < 0.02 and make_timer("cpu", "wall")(lambda: time.sleep(0.05)) >= 0.05
