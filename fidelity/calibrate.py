@@ -82,6 +82,7 @@ class EngineCostModel:
         self.base, self.overheads, self.fixes = base, overheads, tuple(fixes)
         self.profile, self.contexts = base.profile, base.contexts
         self.max_batch, self.max_gamma = base.max_batch, base.max_gamma
+        self.drafter = base.drafter  # (the engine-side terms are fitted on draft-model steps)
 
     # -- the base model's facts and single steps ----------------------------------------------------------
 
