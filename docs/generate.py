@@ -11,8 +11,9 @@ and is produced by the function registered here under NAME, from files committed
 
     python docs/generate.py             # rewrite every marked table from the result files
     python docs/generate.py --check     # exit 1 and name each marked table that differs (no rewrite)
-    python docs/generate.py --results   # first rerun the studies into docs/results/ (about 2 minutes on
+    python docs/generate.py --results   # first rerun the studies into docs/results/ (about 4 minutes on
                                         # 2 cores), then rewrite the tables
+    python docs/generate.py --results --study chunked   # one study only
 
 ``make docs`` runs the first form (``make docs DOCS_ARGS=--results`` the last). Rerun ``--results``
 whenever the simulator's behaviour changes (cost model, capacity estimate, policies): the committed
@@ -39,6 +40,7 @@ STUDIES = {
     "policies": ("policies", []),
     "classes": ("classes", []),
     "policies-padded": ("policies", ["cluster.attention=padded"]),
+    "chunked": ("chunked", []),
 }
 #: Columns kept in docs/results/<study>.csv (besides the swept keys and the arm).
 KEEP = ["arm", "policy_name", "gamma", "latency_mean", "latency_p50", "latency_p99", "ttft_mean", "tpot_mean",
@@ -52,8 +54,9 @@ MARKER = re.compile(r"(<!-- table:([a-z0-9-]+) -->\n)(.*?)(<!-- /table -->)", re
 
 # --------------------------------------------------------------------------------------------- result files
 
-def run_results() -> None:
-    """Rerun every study of :data:`STUDIES` and the γ* table; write docs/results/."""
+def run_results(only: list[str] | None = None) -> None:
+    """Rerun the studies of :data:`STUDIES` (``only`` those stems, when given) and the γ* table; write
+    docs/results/."""
     import warnings
 
     import pandas as pd
@@ -64,6 +67,8 @@ def run_results() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_gamma_star()
     for stem, (name, overrides) in STUDIES.items():
+        if only and stem not in only:
+            continue
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -258,6 +263,30 @@ def classes() -> str:
     return gap_table("classes", ["adaptive", "goodput", "ema_tiers", "none", "fixed-1", "fixed-4"])
 
 
+@table("chunked")
+def chunked() -> str:
+    """Per trace, token budget and load: the best fixed γ by mean latency, the adaptive policies' and no
+    speculation's gaps to it, and no speculation's TTFT and TPOT gaps to the best fixed γ by those metrics."""
+    from specbatch.sim.study import compare
+
+    t = read("chunked")
+    lat, ttft, tpot = (compare(t, m) for m in ("latency_mean", "ttft_mean", "tpot_mean"))
+    keys = ["workload", "cluster.max_num_batched_tokens", "workload.load"]
+    header = ["trace", "budget (tokens)", "load", "best fixed γ (latency)", "adaptive", "goodput", "none",
+              "none: TTFT", "best fixed γ (TPOT)", "none: TPOT"]
+    rows = []
+    for _, lv in t.drop_duplicates(keys)[keys].iterrows():
+        def at(c, arm):
+            return c[(c[keys] == lv[keys]).all(axis=1) & (c["arm"] == arm)].iloc[0]
+        wl = {"azure_conv": "conv", "azure_code": "code"}.get(str(lv["workload"]), str(lv["workload"]))
+        rows.append([wl, f"{int(lv['cluster.max_num_batched_tokens']):,}", f"{lv['workload.load']:.1f}",
+                     at(lat, "none")["oracle_arm"]] + [pct(float(at(lat, a)["gap_pct"])) for a in
+                                                       ("adaptive", "goodput", "none")] +
+                    [pct(float(at(ttft, "none")["gap_pct"])), at(tpot, "none")["oracle_arm"],
+                     pct(float(at(tpot, "none")["gap_pct"]))])
+    return md_table(header, rows)
+
+
 @table("h100-validation")
 def h100_validation() -> str:
     """The H100 validation (one round): paired error per case, from the committed report.json."""
@@ -308,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--check", action="store_true", help="exit 1 if a marked table differs; rewrite nothing")
     g.add_argument("--results", action="store_true", help="rerun the studies into docs/results/ first")
+    p.add_argument("--study", action="append", choices=sorted(STUDIES), help="with --results: only this study "
+                   "(repeatable)")
     args = p.parse_args(argv)
     if args.check:
         stale = stale_tables()
@@ -317,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             print("regenerate with: python docs/generate.py  (make docs)", file=sys.stderr)
         return 1 if stale else 0
     if args.results:
-        run_results()
+        run_results(args.study)
     cache: dict = {}
     for path in doc_files():
         text = path.read_text()
