@@ -1,7 +1,8 @@
 """Simulator cost in instructions executed: an A/B for hot-path changes that machine noise cannot blur.
 
     python benchmarks/sim_instructions.py                        # this checkout
-    python benchmarks/sim_instructions.py --against b492c10      # and another revision (temporary git worktree)
+    python benchmarks/sim_instructions.py --against 5d2c36d      # and another revision (temporary git worktree;
+                                                                 # one with the specbatch namespace)
     python benchmarks/sim_instructions.py --cases saturated      # one case only
 
 Wall-clock A/B runs of the simulator on a shared VM cannot resolve changes of a few per cent: paired runs
@@ -11,7 +12,8 @@ a repeated run gives the same count to within a few parts per million (the same 
 two folders differs by about 0.3 %, from the paths: smaller differences between revisions mean nothing). Each case runs under callgrind
 twice per revision — once up to the simulation (imports, trace, cost model, workloads) and once through
 it — and the difference is the simulation's own count, printed per simulated request. Every revision runs
-the same driver (this file) against its own ``sim`` package; a hash of both result tables shows whether
+the same driver (this file) against its own ``specbatch`` package tree (a plain install into a temporary
+folder); a hash of both result tables shows whether
 the revisions simulate the same thing. Instructions are not seconds (numpy's vectorised loops, memory and
 caches weigh differently), but for this interpreter-bound code the two move together.
 
@@ -57,7 +59,7 @@ def child(case: str) -> None:
     from specbatch.sim.profile import load_profile
     from specbatch.sim.run import resolve_profile
     from specbatch.sim.workload import first_n, set_rate
-    from sim_speed import cluster_workload, conv_trace  # this file's neighbour; `sim` comes from the revision
+    from sim_speed import cluster_workload, conv_trace  # this file's neighbour; specbatch comes from the revision
 
     cost = CostModel(load_profile(resolve_profile("default")), max_batch=32)
     conv = conv_trace()
@@ -76,12 +78,24 @@ def child(case: str) -> None:
     print(f"tables {digest.hexdigest()[:12]}")
 
 
+def package_tree(source: Path, into: Path) -> Path:
+    """A plain (non-editable) install of ``source``'s ``specbatch`` package into ``into``, to put first on
+    ``PYTHONPATH``: the folders map onto ``specbatch.*`` only through an install, and the editable install's
+    finder would otherwise serve this checkout's modules to every revision."""
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--target", str(into), str(source)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{source}: cannot install its package tree:\n{done.stderr[-2000:]}")
+    return into
+
+
 def count(source: Path, case: str) -> tuple[int, str]:
-    """Instructions executed by ``child(case)`` with ``source``'s packages first on the path, and its output."""
+    """Instructions executed by ``child(case)`` with the package tree ``source`` first on the path, and its
+    output."""
     env = {**os.environ, "PYTHONPATH": str(source), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(Path(__file__).resolve()),
-           "--child", case]
+           "--child", case]  # (this file's folder, benchmarks/, is first on sys.path: sim_speed comes from it)
     out = subprocess.run(cmd, cwd=source, env=env, capture_output=True, text=True)
     found = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
     if out.returncode or not found:
@@ -120,7 +134,8 @@ def main(argv=None) -> int:
                 return 2
             sources[a.against] = other
         try:
-            res = measure(sources, a.cases, a.jobs)
+            trees = {name: package_tree(src, Path(tmp) / f"pkg-{i}") for i, (name, src) in enumerate(sources.items())}
+            res = measure(trees, a.cases, a.jobs)
         finally:
             if a.against:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(sources[a.against])],

@@ -103,6 +103,7 @@ class Replica:
         self.policy, self.acceptance, self.log = policy, acceptance, log
         # A partial proposer (ngram, sim/drafters.py): its steps are charged for the sequences that matched.
         self.match_rate = cost.drafter.match_rate if cost.drafter.partial else None
+        self.draft_prefill = policy.uses_draft and cost.drafter.prefill  # the draft prefills too (ngram: none)
         self.busy_s = 0.0
         self.fast_forward = bool(fast_forward)
         self.attention = attention
@@ -169,16 +170,16 @@ class Replica:
     def _prefill_seconds(self, rids: list[int]) -> float:
         """Seconds to prefill ``rids``' contexts on the target (and the draft when the policy uses one): one
         after another, or with ``prefill="batched"`` (and more than one) together in one forward per model."""
-        r, cost, known = self.reqs, self.cost, self._prefill_times
-        draft = self.policy.uses_draft and cost.drafter.prefill  # (ngram prefills nothing)
-        contexts = [int(r.prompt[rid]) + int(r.generated[rid]) for rid in rids]
+        r, cost, known, draft = self.reqs, self.cost, self._prefill_times, self.draft_prefill
         if self.batched_prefill and len(rids) > 1:
+            contexts = [int(r.prompt[rid]) + int(r.generated[rid]) for rid in rids]
             total = cost.prefill_batch(contexts, "target", self.attention)
             if draft:
                 total += cost.prefill_batch(contexts, "draft", self.attention)
             return total
         total = 0.0
-        for ctx in contexts:
+        for rid in rids:
+            ctx = int(r.prompt[rid]) + int(r.generated[rid])
             times = known.get(ctx)
             if times is None:  # prompt lengths repeat: the cost model is asked once per length
                 times = known[ctx] = (cost.prefill(ctx, "target"), cost.prefill(ctx, "draft") if draft else 0.0)
@@ -192,17 +193,17 @@ class Replica:
     def _run_continuous(self):
         env, cost, sched = self.env, self.cost, self.sched
         b = sched.batch
-        while True:
-            if not len(b) and not sched.waiting:
+        while True:  # (len(b.s), not len(b): a builtin call, not RunningBatch.__len__, once per plan)
+            if not len(b.s) and not sched.waiting:
                 yield self._sleep_until_work()
             t0 = env.now
             admitted = sched.admit()
             prefill_s = 0.0
             if admitted:
-                prefill_s, done = self._prefill(admitted, t0)
-                if done:
+                prefill_s = self._prefill_seconds(admitted)
+                if sched.join(admitted, t0, t0 + prefill_s):  # one of them is done with its first token
                     sched.finish(t0 + prefill_s)
-            if len(b) and self.fast_forward:
+            if len(b.s) and self.fast_forward:
                 plan = self._make_plan(t0, prefill_s, len(admitted))
                 if plan is not None:
                     yield from self._follow(plan)
@@ -284,7 +285,8 @@ class Replica:
         """Plan the iterations from ``t0`` up to the first that changes the batch or γ, or ``None`` when this
         iteration must be stepped alone (a learning policy, or a preemption is due)."""
         sched = self.sched
-        s, n = sched.batch.s, len(sched.batch)
+        s = sched.batch.s
+        n = len(s)
         ctxs = s[:, CTX].tolist()
         ctx0, max0 = sum(ctxs), max(ctxs)
         steady = self.policy.steady_gamma(n, max0 if self.padded else ctx0 / n)  # the step's charged context
@@ -366,7 +368,7 @@ class Replica:
         elif rows > 1 and limit != np.inf and (ctx0 + int(tot[rows - 2])) / n >= limit:
             rows = int(np.searchsorted((ctx0 + tot[:rows - 1]) / n, limit, side="left")) + 1
         sched = self.sched
-        if rows > 1 and n < sched.max_batch:
+        if rows > 1 and n < sched.max_batch and sched.waiting:
             need = sched.head_need()
             if need is not None and ctx0 + int(tot[0]) + need <= sched.admit_limit:
                 rows = 1
@@ -396,25 +398,24 @@ class Replica:
 
     def _commit(self, p: _Plan, rows: int) -> None:
         """Apply the plan's first ``rows`` iterations: batch state, counters, busy time and the log."""
-        sched, n = self.sched, p.n
-        sched.advance_many(rows, p.gamma, p.cum[rows - 1] if p.gamma else rows)  # (gains before the output caps)
+        sched, gamma = self.sched, p.gamma
+        sched.advance_many(rows, gamma, p.cum[rows - 1] if gamma else rows)  # (gains before the output caps)
         steps = p.steps[:rows]
         busy = self.busy_s + (p.prefill_s + steps[0])
         for step in steps[1:]:  # in order, as one event per iteration would add them
             busy += step
         self.busy_s = busy
-        cut = 0
         if p.finishes and rows == len(p.steps):  # a finishing plan ends with ≥ 1 done
-            left = sched.batch.left.tolist()
-            cut = -sum(x for x in left if x <= 0)  # tokens the output caps cut off
-            sched.finish(self.env.now)
-            sched.kv_tokens = sched.batch_tokens()
+            cut = sched.finish_known(self.env.now)  # tokens the output caps cut off
+            kv = sched.kv_tokens = sum(sched.batch.s[:, CTX].tolist())  # (batch_tokens(), without the call)
         else:
-            sched.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
-        queued_from = [j for j in (bisect_left(p.ends, when) for when in p.submitted) if j < rows] \
-            if p.submitted else p.submitted
+            cut = 0
+            kv = sched.kv_tokens = p.ctx0 + int(p.tot[rows - 1])
+        submitted, ends = p.submitted, p.ends
+        queued_from = [j for j in (bisect_left(ends, when) for when in submitted) if j < rows] \
+            if submitted else submitted
         maxes = p.maxes[:rows] if p.maxes is not None else None
-        self.log.add_plan(self.index, n, p.gamma, p.prefill_s, p.admitted, p.queue0, p.ctx0, sched.kv_tokens, cut,
+        self.log.add_plan(self.index, p.n, gamma, p.prefill_s, p.admitted, p.queue0, p.ctx0, kv, cut,
                           p.times[:rows], steps, p.contexts[:rows], maxes, p.tot[:rows], queued_from)
 
     # -- static batching ---------------------------------------------------------------------------------

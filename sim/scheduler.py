@@ -214,12 +214,13 @@ class Scheduler:
     def admit(self) -> list[int]:
         """Take the requests continuous batching admits now (FCFS, ``max_batch``, the KV watermark)."""
         r, admitted = self.reqs, []
-        room = self.max_batch - len(self.batch)
+        running = len(self.batch.s)  # (the array's length: cheaper than RunningBatch.__len__ on the hot path)
+        room = self.max_batch - running
         used = self.kv_tokens
         while self.waiting and len(admitted) < room:
             rid = self.waiting[0]
             need = int(r.prompt[rid] + r.generated[rid]) + 1
-            if used + need > self.admit_limit and (len(self.batch) or admitted):
+            if used + need > self.admit_limit and (running or admitted):
                 break
             self.waiting.popleft()
             self.queued_tokens -= int(r.prompt[rid])
@@ -305,7 +306,7 @@ class Scheduler:
         """Tokens gained, 1 + accepted draft tokens, summed over the next k iterations at speculation length
         ``gamma`` ≥ 1: ``cum[j, i]`` for iterations 0..j (draw j·batch + i goes to sequence i), before the cap
         at the output length, without consuming the draws. A new array."""
-        n, stream = len(self.batch), self.uniforms
+        n, stream = len(self.batch.s), self.uniforms
         if stream.thresholds is not None:
             return np.add.accumulate(stream.peek_capped(k * n, gamma + 1).reshape(k, n), axis=0)
         u = stream.peek(k * n).reshape(k, n)
@@ -350,8 +351,12 @@ class Scheduler:
         s = self.batch.s
         s[:, RunningBatch.CTX] += gained
         s[:, RunningBatch.LEFT] -= gained
-        if gamma:
-            self.uniforms.skip(iterations * len(s))
+        if gamma:  # UniformStream.skip, without its two calls when the draws are in the buffer (a plan peeked them)
+            stream, used = self.uniforms, iterations * len(s)
+            if stream.pos + used <= len(stream.buf):
+                stream.pos += used
+            else:
+                stream.skip(used)
         self.n_iter += iterations
         self.gamma_total += iterations * gamma
 
@@ -359,6 +364,15 @@ class Scheduler:
         """Let go the sequences with no tokens left, finished at ``when``; their ids, or ``None`` if none."""
         done = self.batch.finished()
         return None if done is None else self.leave(self.batch.take(done), when)
+
+    def finish_known(self, when: float) -> int:
+        """:meth:`finish` for a caller that knows at least one sequence has no tokens left (a fast-forward plan
+        that ends with a finish): let them go, finished at ``when``, and return the tokens their output caps
+        cut off (Σ −LEFT over them)."""
+        batch = self.batch
+        rows = batch.take(batch.s[:, RunningBatch.LEFT] <= 0)
+        self.leave(rows, when)
+        return -sum(rows[:, RunningBatch.LEFT].tolist())
 
     def leave(self, rows: np.ndarray, when: float | None) -> np.ndarray:
         """Write back the state of ``rows`` (taken out of the batch); ``when`` = finish time (or ``None`` for a
