@@ -37,14 +37,16 @@ left() { echo $((BUDGET_S - (SECONDS - T0))); }
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   DTYPE=bfloat16; BUDGET_PT=0.25
+  THREAD_ARGS=()
 else
   DTYPE=float32; BUDGET_PT=0.05
+  THREAD_ARGS=(threads=1)  # one torch thread: timing.clock=auto takes the process's CPU time (steady on a busy machine)
 fi
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 PAIR_ARGS=("pair.target=$TARGET" "pair.draft=$DRAFT" "pair.name=${DRAFT}__${TARGET}" "device=$DEVICE" "dtype=$DTYPE"
            cache=prealloc progress=false resume=false "out_dir=$OUT/profiles" timing.warmup=1
            timing.min_samples=5 timing.max_samples=30 timing.floor_samples=3 timing.rel_precision=0.02
-           "timing.point_budget_s=$BUDGET_PT" timing.repairs=1)
+           "timing.point_budget_s=$BUDGET_PT" timing.repairs=1 "${THREAD_ARGS[@]}")
 
 echo "== 1. engine-style profile: graphs + $("$PY" -c 'from specbatch.profiler.attention import NAME; print(NAME)') (elapsed $((SECONDS - T0)) s)"
 timeout --signal=INT --kill-after=10 $((PROFILE_S + 60)) "$PY" -m specbatch.profiler.cli mode=profile "${PAIR_ARGS[@]}" \

@@ -318,8 +318,11 @@ def _worker_init(parent: int, spools: list[str]) -> None:
     On Linux the kernel sends the worker SIGTERM when the parent dies, however it dies (``kill -9``
     included: PR_SET_PDEATHSIG); elsewhere, and for a parent that died before that was set, a daemon thread
     polls the parent's pid once a second. Either way the worker removes the spool folders (the parent
-    could not, if it was killed) and exits at once. A SIGTERM while the parent lives (the parent ending
-    its workers) just exits: the parent removes the folders."""
+    could not, if it was killed) and exits at once. Every SIGTERM removes them: the kernel sends the signal
+    when the parent's *thread* that spawned the worker dies, and during a ``kill -9`` that thread can die
+    before the rest of the parent, so the worker may still see its parent alive (reparented to a sibling
+    thread); a SIGTERM from a living parent comes only when it is ending its workers on failure, and it
+    removes the folders too."""
     import signal
     import sys
     import threading
@@ -329,8 +332,7 @@ def _worker_init(parent: int, spools: list[str]) -> None:
         return os.getppid() != parent
 
     def leave(*_):
-        if orphaned():
-            _remove_spools(spools)
+        _remove_spools(spools)
         os._exit(1)
 
     signal.signal(signal.SIGTERM, leave)
