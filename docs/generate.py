@@ -41,6 +41,7 @@ STUDIES = {
     "classes": ("classes", []),
     "policies-padded": ("policies", ["cluster.attention=padded"]),
     "chunked": ("chunked", []),
+    "drafters": ("drafters", []),
 }
 #: Columns kept in docs/results/<study>.csv (besides the swept keys and the arm).
 KEEP = ["arm", "policy_name", "gamma", "latency_mean", "latency_p50", "latency_p99", "ttft_mean", "tpot_mean",
@@ -284,6 +285,27 @@ def chunked() -> str:
                                                        ("adaptive", "goodput", "none")] +
                     [pct(float(at(ttft, "none")["gap_pct"])), at(tpot, "none")["oracle_arm"],
                      pct(float(at(tpot, "none")["gap_pct"]))])
+    return md_table(header, rows)
+
+
+@table("drafters")
+def drafters() -> str:
+    """Per drafter kind and load: the best fixed γ by mean latency, its latency, and the gaps of `adaptive` and
+    no speculation to it, with adaptive's mean γ."""
+    from specbatch.sim.study import compare
+
+    t = read("drafters")
+    lat = compare(t, "latency_mean")
+    keys = ["drafter", "workload.load"]
+    header = ["drafter", "load", "best fixed γ", "its mean latency", "adaptive", "none", "adaptive's mean γ"]
+    rows = []
+    for _, lv in t.drop_duplicates(keys)[keys].iterrows():
+        at = lat[(lat[keys] == lv[keys]).all(axis=1)]
+        ad = at[at["arm"] == "adaptive"].iloc[0]
+        gam = t[(t[keys] == lv[keys]).all(axis=1) & (t["arm"] == "adaptive")]["mean_gamma"].median()
+        rows.append([str(lv["drafter"]), f"{lv['workload.load']:.1f}", ad["oracle_arm"],
+                     f"{ad['oracle_latency_mean']:,.0f} s", pct(float(ad["gap_pct"])),
+                     pct(float(at[at["arm"] == "none"]["gap_pct"].iloc[0])), f"{gam:.2f}"])
     return md_table(header, rows)
 
 
