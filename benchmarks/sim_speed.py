@@ -63,6 +63,11 @@ def timed(w, cost, policy, cluster, seed=0):
     return time.perf_counter() - t, r
 
 
+def load_levels(w, cap: float) -> tuple:
+    """(label, workload) at the trace's own rate and at 0.9 and 0.5 of the capacity ``cap`` (requests/s)."""
+    return (("trace rate", w), ("0.9 capacity", set_rate(w, 0.9 * cap)), ("0.5 capacity", set_rate(w, 0.5 * cap)))
+
+
 def part1(cost, repeats: int) -> None:
     w10k = first_n(conv_trace(), 10_000)
     fast, step = ClusterConfig(replicas=1, max_batch=32), ClusterConfig(replicas=1, max_batch=32, fast_forward=False)
@@ -71,8 +76,7 @@ def part1(cost, repeats: int) -> None:
     print("baseline: the same run stepping one SimPy event per iteration (cluster.fast_forward=false)")
     print(f"{'load':>14} {'policy':>10} {'wall s':>8} {'sim req/s':>10} {'iters':>8} {'mean batch':>10} "
           f"{'vs goal':>8} {'baseline s':>10} {'speed-up':>8}")
-    for label, w in (("trace rate", w10k), ("0.9 capacity", set_rate(w10k, 0.9 * cap)),
-                     ("0.5 capacity", set_rate(w10k, 0.5 * cap))):
+    for label, w in load_levels(w10k, cap):
         for policy in (("fixed", {"gamma": 4}), ("adaptive", {})):
             walls, base = [], []
             for _ in range(repeats):  # interleaved, so drifts in machine speed hit both alike
@@ -97,8 +101,7 @@ def part1_chunked(cost, repeats: int) -> None:
     print("wall and CPU seconds (CPU: this process's, less sensitive to other load on the machine)")
     print(f"{'load':>14} {'policy':>10} {'seq wall':>9} {'chunked':>8} {'ratio':>6} {'seq CPU':>8} {'chunked':>8} "
           f"{'ratio':>6} {'iters seq':>10} {'chunked':>8} {'stepped':>8}")
-    for label, w in (("trace rate", w10k), ("0.9 capacity", set_rate(w10k, 0.9 * cap)),
-                     ("0.5 capacity", set_rate(w10k, 0.5 * cap))):
+    for label, w in load_levels(w10k, cap):
         for policy in (("fixed", {"gamma": 4}), ("adaptive", {})):
             runs = {"seq": ([], []), "chunked": ([], [])}
             for _ in range(repeats):  # interleaved

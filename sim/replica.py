@@ -241,7 +241,6 @@ class Replica:
         the iterations are today's and fast-forward plans them as in :meth:`_run_continuous`."""
         env, cost, sched = self.env, self.cost, self.sched
         b = sched.batch
-        draft = self.policy.uses_draft and getattr(getattr(cost, "drafter", None), "prefill", True)  # (ngram: none)
         while True:
             if not len(b) and not sched.waiting and not sched.prefilling:
                 yield self._sleep_until_work()
@@ -265,7 +264,8 @@ class Replica:
             if not n and not chunks:  # nothing can run (cannot happen: an empty replica admits its head)
                 yield self._sleep_until_work()
                 continue
-            prefill_s, step_s = cost.mixed_iteration(n, gamma, step_context, [(p, k) for _, p, k in chunks], draft)
+            prefill_s, step_s = cost.mixed_iteration(n, gamma, step_context, [(p, k) for _, p, k in chunks],
+                                                     self.draft_prefill)
             duration = prefill_s + step_s
             yield env.timeout(duration)
             self.busy_s += duration
