@@ -398,6 +398,8 @@ class Engine:
 
     #: every sequence attends over the longest one's span (masked): the simulator's ``cluster.attention``
     attention = "padded"
+    #: its steps run eagerly (no CUDA graph replay yet): a profile it is validated against is taken eagerly too
+    graphs = False
 
     def __init__(self, target: str, draft: str, cfg: EngineConfig | None = None, max_len: int = 2048,
                  models: tuple | None = None):

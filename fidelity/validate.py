@@ -92,6 +92,7 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
     (``timing.reference``), so that the passes are merged at the machine's typical speed."""
     from omegaconf import OmegaConf
 
+    from specbatch.fidelity.engine import Engine
     from specbatch.profiler.sweep import Grid, run_passes
 
     cfg = OmegaConf.create(dict(
@@ -99,7 +100,8 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
         threads=threads, cache="prealloc", seed=seed, resume=False, memory_limit_bytes=None, drafters=list(drafters),
         note=f"specbatch-validate, clock={clock}, loadavg at start {loadavg()}",
         timing=dict(**PROFILE_TIMING, point_budget_s=point_budget_s, deadline_s=None, temperature=1.0,
-                    reference=reference, clock=clock)))  # the engine's clock (timing.clock)
+                    reference=reference, clock=clock,  # the engine's clock (timing.clock)
+                    graphs=Engine.graphs)))  # and its way of running a step: like is compared with like
     run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max(passes, max_passes),
                repairs=repairs, progress=False, after_pass=after_pass)
     return out
