@@ -16,7 +16,9 @@ The model (per replica; a state-free router splits the arrivals evenly):
   is rejected at arrival and costs nothing; rates count all requests, so the total rate is the servable
   rate over the servable fraction.
 * **Prefill**: each servable request costs its batch-1 prefill ``T_prefill(prompt)`` (mean P̄ over the
-  requests), one forward per request (``cluster.prefill=batched`` is priced the same, an upper bound).
+  requests), one forward per request (``cluster.prefill=batched`` is priced the same, an upper bound;
+  so is ``chunked``, whose chunks share a forward's fixed part with the verify step: a load then gives the
+  same arrival rate in every prefill mode and token budget, so that they are compared on the same traffic).
 * **Decode**: a request is in the batch for (output − 1) iterations. With n requests in the batch an
   iteration takes ``T(n) = T_verify(n, γ=0, c(n))``, at the context the replica charges: ``paged``, the
   mean over the batch of each request's mid-life context (prompt + half its output), each request
