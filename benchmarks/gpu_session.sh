@@ -8,8 +8,8 @@
 #      graphs and the engine attention (profiler/graphs.py, profiler/attention.py) on grid GRID (gpu_session),
 #      PASSES passes (3), at most PROFILE_S seconds a pair (75; about 20 s more to build the models);
 #   2. specbatch-validate --device cuda of VALIDATE_PAIR (the first pair), REPEATS rounds (2) of
-#      VALIDATE_REQUESTS requests (24), in the time left; it profiles the pair again, eagerly, as the engine
-#      runs its steps (Engine.graphs is false until the engine replays graphs);
+#      VALIDATE_REQUESTS requests (24), in the time left: the engine replays its steps from CUDA graphs
+#      (fidelity/graphs.py) and profiles the pair with graphs; if that leaves no report, once more eagerly;
 #   3. AB=1 only: the first pair the old way (transformers sdpa, explicit masks, eager) on a few points;
 #   4. the figures (benchmarks/gpu_figures.py): batch-1 decode against its HBM bound, verify(γ=4)/decode by
 #      batch, γ*(b) from the simulator's model, roofline ratios, probed SDPA backends, validation errors.
@@ -99,10 +99,18 @@ REST=$(( $(left) - RESERVE ))
 if [ "$REST" -ge 120 ]; then
   VD="${VALIDATE_PAIR%%:*}"; VT="${VALIDATE_PAIR#*:}"
   echo "== 2. validate $VD / $VT, $REPEATS rounds, $REST s (elapsed $((SECONDS - T0)) s)"
-  timeout --signal=INT --kill-after=10 "$REST" "$PY" -m specbatch.fidelity.validate --device "$DEVICE" \
-    --pair "$VT:$VD" --requests "$VALIDATE_REQUESTS" --repeats "$REPEATS" --out "$MEAS/validate" \
-    > "$MEAS/validate.txt" 2>&1 || echo "   (exited with $?; see $MEAS/validate.txt)"
-  tail -5 "$MEAS/validate.txt"
+  validate() {  # log [extra flags]: one validation into $MEAS/validate within the time left
+    local log=$1; shift
+    timeout --signal=INT --kill-after=10 "$(( $(left) - RESERVE ))" "$PY" -m specbatch.fidelity.validate \
+      --device "$DEVICE" --pair "$VT:$VD" --requests "$VALIDATE_REQUESTS" --repeats "$REPEATS" \
+      --out "$MEAS/validate" "$@" > "$log" 2>&1 || echo "   (exited with $?; see $log)"
+    tail -5 "$log"
+  }
+  validate "$MEAS/validate.txt"  # on CUDA the engine replays graphs and the profile is taken with graphs
+  if [ ! -f "$MEAS/validate/report.json" ] && [ "$DEVICE" = cuda ] && [ $(( $(left) - RESERVE )) -ge 120 ]; then
+    echo "   no report: once more with both eager (--no-graphs), $(( $(left) - RESERVE )) s"
+    validate "$MEAS/validate-eager.txt" --no-graphs
+  fi
 else
   echo "== 2. validate skipped ($REST s left)"
 fi

@@ -70,6 +70,7 @@ import pandas as pd
 import torch
 from transformers.cache_utils import Cache
 
+from specbatch.fidelity.graphs import StepGraphs
 from specbatch.profiler import models as M
 from specbatch.profiler.host_memory import keep_freed_memory
 from specbatch.sim.acceptance import AcceptanceModel
@@ -87,6 +88,15 @@ CLOCKS = ("wall", "cpu")
 DRAFTERS = ("draft_model", "eagle", "ngram")
 #: the admission prefill modes the engine runs (of the simulator's ``cluster.prefill`` modes)
 ENGINE_PREFILL = tuple(m for m in PREFILL if m in ("sequential", "batched"))
+
+
+def uses_graphs(cfg: "EngineConfig") -> bool:
+    """Whether an engine with ``cfg`` replays its batched forwards from CUDA graphs: ``cfg.graphs``, by
+    default (None) on CUDA. A profile it is validated against is taken the same way (``timing.graphs``)."""
+    on_cuda = str(cfg.device).startswith("cuda")
+    if cfg.graphs and not on_cuda:
+        raise ValueError(f"graphs=True needs a CUDA device (device={cfg.device!r})")
+    return on_cuda if cfg.graphs is None else bool(cfg.graphs)
 
 
 def make_clock(kind: str, device) -> Callable[[], float]:
@@ -273,11 +283,15 @@ def head_prefill_into_slots(head, slots: SlotCache, slot_list: list[int], prompt
 
 
 @torch.inference_mode()
-def batched_forward(model, slots: SlotCache, tokens: torch.Tensor, lengths: torch.Tensor, all_logits: bool):
-    """One forward of ``tokens`` (b, t) for slots ``0..b-1`` whose caches hold ``lengths`` (b,) positions."""
+def batched_forward(model, slots: SlotCache, tokens: torch.Tensor, lengths: torch.Tensor, all_logits: bool,
+                    span: int | None = None):
+    """One forward of ``tokens`` (b, t) for slots ``0..b-1`` whose caches hold ``lengths`` (b,) positions,
+    attending over ``span`` positions (default the longest sequence's, max(lengths) + t; a CUDA graph fixes a
+    larger one, :mod:`specbatch.fidelity.graphs`: the mask hides what lies past each sequence)."""
     b, t = tokens.shape
     positions = lengths[:, None] + torch.arange(t, device=tokens.device)[None, :]
-    span = int(lengths.max()) + t
+    if span is None:
+        span = int(lengths.max()) + t
     slots.set_step(0, b, positions, span)
     out = M.forward(model, slots.cache, input_ids=tokens, position_ids=positions,
                     attention_mask=_mask(lengths, t, span), use_cache=True, logits_to_keep=0 if all_logits else 1)
@@ -390,6 +404,7 @@ class EngineConfig:
     drafter: str = "draft_model"  # draft_model | eagle | ngram (DRAFTERS; the simulator's drafter.kind)
     prompt_lookup_min: int = 5  # drafter=ngram: vLLM's names and defaults (profiler.drafters)
     prompt_lookup_max: int = 5
+    graphs: bool | None = None  # replay the batched forwards from CUDA graphs (fidelity.graphs); None: on CUDA
     extra: dict = field(default_factory=dict)
 
 
@@ -398,8 +413,6 @@ class Engine:
 
     #: every sequence attends over the longest one's span (masked): the simulator's ``cluster.attention``
     attention = "padded"
-    #: its steps run eagerly (no CUDA graph replay yet): a profile it is validated against is taken eagerly too
-    graphs = False
 
     def __init__(self, target: str, draft: str, cfg: EngineConfig | None = None, max_len: int = 2048,
                  models: tuple | None = None):
@@ -443,6 +456,18 @@ class Engine:
         #: drafter=ngram: tokens proposed per batch row in the last step (n-gram lookup may find fewer than γ)
         self.proposed: torch.Tensor | None = None
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        #: the batched forwards' CUDA graphs (None: eager), see :meth:`forward`
+        self.step_graphs = None
+        if uses_graphs(cfg):
+            from specbatch.profiler.graphs import capture_for
+
+            self.step_graphs = StepGraphs(batched_forward, capture_for(self.device, True), self.max_len, self.device)
+
+    def forward(self, model, slots: SlotCache, tokens: torch.Tensor, lengths: torch.Tensor, all_logits: bool):
+        """:func:`batched_forward`, replayed from its CUDA graph when the engine has them (:attr:`step_graphs`)."""
+        if self.step_graphs is None:
+            return batched_forward(model, slots, tokens, lengths, all_logits)
+        return self.step_graphs.forward(model, slots, tokens, lengths, all_logits)
 
     @property
     def capacity(self) -> int:
@@ -469,15 +494,15 @@ class Engine:
         drafts, qs = [], []
         tok = last
         for k in range(gamma):
-            logits = batched_forward(self.draft, self.dcache, tok[:, None], lengths + k, False)[:, -1]
+            logits = self.forward(self.draft, self.dcache, tok[:, None], lengths + k, False)[:, -1]
             tok, q = _sample(logits, temp, gen)
             drafts.append(tok)
             qs.append(q)
         if not gamma and draft_sync:  # the draft sees the token the target decodes (vLLM's K = 0 path)
-            batched_forward(self.draft, self.dcache, tok[:, None], lengths, False)
+            self.forward(self.draft, self.dcache, tok[:, None], lengths, False)
         d = torch.stack(drafts, 1) if gamma else last.new_empty((b, 0))
         ids = torch.cat([last[:, None], d], 1)
-        logits = batched_forward(self.target, self.tcache, ids, lengths, True).float()  # (b, γ+1, V)
+        logits = self.forward(self.target, self.tcache, ids, lengths, True).float()  # (b, γ+1, V)
         n_acc, next_tok = M.speculative_sample(logits, d, torch.stack(qs, 1) if gamma and temp > 0 else None, temp,
                                                gen, synthetic_acc)
         return n_acc, ids, next_tok
@@ -488,7 +513,7 @@ class Engine:
         work as :func:`batched_forward` with all logits)."""
         ids = torch.cat([last[:, None], d], 1)
         if self.head is None:
-            return ids, batched_forward(self.target, self.tcache, ids, lengths, True).float(), None
+            return ids, self.forward(self.target, self.tcache, ids, lengths, True).float(), None
         b, t = ids.shape
         positions = lengths[:, None] + torch.arange(t, device=ids.device)[None, :]
         span = int(lengths.max()) + t
@@ -577,8 +602,22 @@ class Engine:
         lengths = torch.full((b,), self.max_len - gamma - 1, device=self.device)
         rng = np.random.default_rng(0)  # n-gram lookup over histories as long as the slots hold
         hists = [rng.integers(0, 64, self.max_len - gamma).astype(np.int64) for _ in range(b)]
+        if self.step_graphs is not None:
+            self.capture_graphs(gamma)
         for g in (0, gamma):
             self.spec_step(last, lengths, g, None, histories=hists)
+
+    def capture_graphs(self, gamma: int) -> int:
+        """Capture the batched forwards' graphs a run up to γ = ``gamma`` uses (every batch size; the target's
+        1..γ+1 new tokens, the draft model's 1) ahead of the timed run, as vLLM captures at start-up; return
+        how many were new. With an EAGLE head every step stays eager (its verify keeps the hidden states)."""
+        sg, batches = self.step_graphs, range(1, self.cfg.max_batch + 1)
+        if self.cfg.drafter == "eagle":
+            return 0
+        n = sg.capture_all(self.target, self.tcache, batches, range(1, gamma + 2), True)
+        if self.cfg.drafter == "draft_model":
+            n += sg.capture_all(self.draft, self.dcache, batches, (1,), False)
+        return n
 
     def _iteration(self, sched: Scheduler, slots: "_Slots", clock: "_ReplayClock",
                    t0: float) -> tuple[float, float, float]:

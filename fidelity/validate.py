@@ -80,7 +80,7 @@ REDUCED = dict(pair="tiny-llama:tiny-llama-draft", requests=40, repeats=5, loads
 def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str = "cpu", threads: int = 1,
                  device: str = "cpu", point_budget_s: float = 0.1, seed: int = 0, passes: int = 3,
                  max_passes: int = 4, repairs: int = 3, reference: bool = True, after_pass=None,
-                 drafters: tuple = ("draft",)) -> Path:
+                 drafters: tuple = ("draft",), graphs: bool = False) -> Path:
     """Profile ``draft``/``target`` on this machine into ``out`` with the profiler's sweep.
 
     On a shared machine the speed drifts between points (other jobs come and go; a group of neighbouring
@@ -92,7 +92,6 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
     (``timing.reference``), so that the passes are merged at the machine's typical speed."""
     from omegaconf import OmegaConf
 
-    from specbatch.fidelity.engine import Engine
     from specbatch.profiler.sweep import Grid, run_passes
 
     cfg = OmegaConf.create(dict(
@@ -101,7 +100,7 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
         note=f"specbatch-validate, clock={clock}, loadavg at start {loadavg()}",
         timing=dict(**PROFILE_TIMING, point_budget_s=point_budget_s, deadline_s=None, temperature=1.0,
                     reference=reference, clock=clock,  # the engine's clock (timing.clock)
-                    graphs=Engine.graphs)))  # and its way of running a step: like is compared with like
+                    graphs=graphs)))  # the engine's way of running a step (graphs or eager): like with like
     run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max(passes, max_passes),
                repairs=repairs, progress=False, after_pass=after_pass)
     return out
@@ -162,15 +161,17 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              trace_start: int = 0, workload: str = "azure_conv", out: Path | str = "fidelity-out", profile: str | None = None,
              max_age_h: float = 12.0, repeats: int = REDUCED["repeats"], variants=None, draft_sync: bool = False,
              attention: str | None = None, prefill: str = "sequential", drafter: str = "draft_model",
-             log=print) -> dict:
+             graphs: bool | None = None, log=print) -> dict:
     """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report.
     ``attention``: how the simulator charges a step's context (``cluster.attention``; default the engine's,
     padded). ``prefill``: ``"batched"`` prefills an iteration's admissions in one forward per model, in the
-    engine and the simulator (``cluster.prefill``), and profiles prefill at batch sizes up to ``max_batch``."""
+    engine and the simulator (``cluster.prefill``), and profiles prefill at batch sizes up to ``max_batch``.
+    ``graphs``: the engine replays its batched forwards from CUDA graphs and the profile is taken with graphs
+    (default: on CUDA; :func:`specbatch.fidelity.engine.uses_graphs`)."""
     import pandas as pd
     import torch
 
-    from specbatch.fidelity.engine import Engine, EngineConfig
+    from specbatch.fidelity.engine import Engine, EngineConfig, uses_graphs
     from specbatch.sim.acceptance import AcceptanceModel
     from specbatch.sim.capacity import estimate_capacity
     from specbatch.sim.cluster import ClusterConfig, charged_context, charged_cost, simulate
@@ -179,6 +180,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     from specbatch.sim.profile import ProfileWarning, load_profile
 
     variants = variants or VARIANTS
+    graphs = uses_graphs(EngineConfig(device=device, graphs=graphs))
     attention = attention or Engine.attention
     if drafter != "draft_model":  # the engine drafts with it; the simulator's cost model does not yet
         log(f"warning: --drafter {drafter} runs in the engine only: the simulator variants still price a draft "
@@ -208,7 +210,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         plain = make_cost(prof, None, (), max_batch, max_gamma)
         ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock,
                             threads=threads, device=device, seed=seed, dtype=str(prof.meta["dtype"]),
-                            draft_sync=draft_sync, prefill=prefill, drafter=drafter)
+                            draft_sync=draft_sync, prefill=prefill, drafter=drafter, graphs=graphs)
         engine = Engine(target, draft, ecfg, max_len=max_len)
         cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync,
                                 attention=attention, prefill=prefill)
@@ -252,7 +254,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             f"by an engine round; {repeats} rounds in all ...")
         profile_pair(prof_dir, target, draft, grid, clock=clock, threads=threads, device=device, seed=seed,
                      passes=PROFILE_PASSES, after_pass=one_round,
-                     drafters=("draft",) if drafter == "draft_model" else ("draft", drafter))
+                     drafters=("draft",) if drafter == "draft_model" else ("draft", drafter), graphs=graphs)
         for k in range(PROFILE_PASSES, int(repeats)):
             one_round(k)
     else:
@@ -334,6 +336,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     report = {
         "pair": {"target": target, "draft": draft}, "device": device, "clock": clock, "threads": threads,
         "draft_sync": draft_sync, "attention": attention, "prefill": prefill,
+        "graphs": {"enabled": graphs, "late_captures": setup["engine"].step_graphs.late_captures
+                   if setup["engine"].step_graphs is not None else 0},
         "drafter": {"engine": drafter, "simulator": "draft_model"},
         "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
@@ -526,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(random weights) or n-gram lookup (specbatch.fidelity.engine); the simulator side is not "
                          "wired yet (it still prices the draft model)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="the engine replays its batched forwards from CUDA graphs and the profile is taken with "
+                         "graphs (default: on CUDA); --no-graphs runs both eagerly")
     ap.add_argument("--repeats", type=int, default=REDUCED["repeats"],
                     help="rounds: each calibrates once and runs every case once (≥ 2: also reports run-to-run noise)")
     ap.add_argument("--profile", default=None, help="reuse this profile folder instead of profiling")
@@ -544,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                           max_batch=a.max_batch, max_prompt=a.max_prompt, max_output=a.max_output, alpha=a.alpha,
                           clock=clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
                           profile=a.profile, repeats=a.repeats, trace_start=a.trace_start, workload=a.workload,
-                          draft_sync=a.draft_sync, attention=a.attention, prefill=a.prefill, drafter=a.drafter)
+                          draft_sync=a.draft_sync, attention=a.attention, prefill=a.prefill, drafter=a.drafter,
+                          graphs=a.graphs)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)
         return 2
