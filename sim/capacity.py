@@ -123,12 +123,13 @@ def estimate_capacity(cost: CostModel, w: Workload, cluster: ClusterConfig) -> f
     return cluster.replicas * rep.saturation_rate() / rep.servable_fraction
 
 
-def rate_for_load(cost: CostModel, w: Workload, cluster: ClusterConfig, load: float) -> float:
+def rate_for_load(cost: CostModel, w: Workload, cluster: ClusterConfig, load: float,
+                  capacity: float | None = None) -> float:
     """The arrival rate (requests/second, unservable ones included) for ``workload.load`` = ``load``:
-    ``load`` × :func:`estimate_capacity`."""
+    ``load`` × :func:`estimate_capacity` (or × ``capacity``, that estimate when the caller has it already)."""
     if not load > 0:
         raise ValueError(f"load is {load}; expected a positive fraction")
-    return load * estimate_capacity(cost, w, cluster)
+    return load * (estimate_capacity(cost, w, cluster) if capacity is None else capacity)
 
 
 def predicted_busy(cost: CostModel, w: Workload, cluster: ClusterConfig, rate: float) -> float:

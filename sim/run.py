@@ -175,7 +175,7 @@ def apply_rate(cfg: DictConfig, w: wl.Workload, cost: CostModel, cluster: Cluste
     if c.rate is not None:
         w = wl.set_rate(w, float(c.rate), "workload.rate")
     elif c.load is not None:
-        w = wl.set_rate(w, rate_for_load(cost, w, cluster, float(c.load)), "workload.load")
+        w = wl.set_rate(w, rate_for_load(cost, w, cluster, float(c.load), capacity=cap), "workload.load")
     return w, info
 
 
