@@ -117,9 +117,7 @@ class Fixed(Policy):
     name = "fixed"
 
     def __init__(self, gamma: int = 4):
-        if not isinstance(gamma, (int, np.integer)) or gamma < 0:
-            raise ValueError(f"policy.gamma is {gamma!r}; expected an integer ≥ 0")
-        self.gamma = int(gamma)
+        self.gamma = _check_int(gamma, "policy.gamma")
 
     def choose(self, view: BatchView) -> int:
         return self.gamma
@@ -161,7 +159,7 @@ class Adaptive(Policy):
     name = "adaptive"
 
     def __init__(self, context: float | None = None, max_gamma: int | None = None):
-        self.context = context
+        self.context = None if context is None else _check_positive(context, "policy.context", "a token count")
         self.max_gamma = max_gamma
         self.table: np.ndarray | None = None
         self.contexts: list[float] | None = None  # the table's context per batch size (tokens)
@@ -195,6 +193,18 @@ def _check_int(value, key: str, lo: int = 0) -> int:
     return int(value)
 
 
+def _check_positive(value, key: str, what: str = "a number") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value > 0:
+        raise ValueError(f"{key} is {value!r}; expected {what} > 0")
+    return float(value)
+
+
+def _check_bool(value, key: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{key} is {value!r}; expected true or false")
+    return bool(value)
+
+
 def _check_prob(value, key: str, lo_open: bool = True) -> float:
     try:
         v = float(value)
@@ -221,9 +231,9 @@ class AdaptiveContext(Policy):
 
     def __init__(self, contexts: list[float] | None = None, max_gamma: int | None = None):
         if contexts is not None:
-            contexts = [float(c) for c in contexts]
-            if not contexts or any(not c > 0 for c in contexts):
+            if isinstance(contexts, (str, bytes)) or not hasattr(contexts, "__len__") or not len(contexts):
                 raise ValueError(f"policy.contexts is {contexts!r}; expected a list of positive token counts or null")
+            contexts = [_check_positive(c, f"policy.contexts[{i}]", "a token count") for i, c in enumerate(contexts)]
         self.contexts = sorted(contexts) if contexts is not None else None
         self.max_gamma = None if max_gamma is None else _check_int(max_gamma, "policy.max_gamma")
         self.table: np.ndarray | None = None
@@ -323,11 +333,9 @@ class Goodput(Policy):
             raise ValueError(f"policy.budget_pricing is {budget_pricing!r}; expected one of {list(BUDGET_PRICING)}")
         self.budget_pricing = budget_pricing
         self.ema = _check_prob(ema, "policy.ema")
-        self.per_request = bool(per_request)
+        self.per_request = _check_bool(per_request, "policy.per_request")
         self.prior_alpha = None if prior_alpha is None else _check_prob(prior_alpha, "policy.prior_alpha", lo_open=False)
-        if not float(prior_weight) > 0:
-            raise ValueError(f"policy.prior_weight is {prior_weight!r}; expected a positive number of pseudo-trials")
-        self.prior_weight = float(prior_weight)
+        self.prior_weight = _check_positive(prior_weight, "policy.prior_weight", "a number of pseudo-trials")
         self.explore_every = _check_int(explore_every, "policy.explore_every")
         self.max_gamma = None if max_gamma is None else _check_int(max_gamma, "policy.max_gamma")
 

@@ -250,3 +250,20 @@ def test_no_policy_looks_ahead(cost, name):
     assert a[cols].equals(b[cols])
     # The two runs do differ afterwards, so the comparison above is not vacuous.
     assert not runs[0][cols].equals(runs[1][cols])
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("goodput", {"per_request": "maybe"}, "policy.per_request is 'maybe'; expected true or false"),
+    ("goodput", {"prior_weight": "abc"}, "policy.prior_weight is 'abc'; expected a number of pseudo-trials > 0"),
+    ("goodput", {"prior_weight": 0}, "policy.prior_weight is 0; expected a number of pseudo-trials > 0"),
+    ("adaptive", {"context": "abc"}, "policy.context is 'abc'; expected a token count > 0"),
+    ("adaptive", {"context": -5}, "policy.context is -5; expected a token count > 0"),
+    ("adaptive_context", {"contexts": [100, "x"]}, r"policy.contexts\[1\] is 'x'; expected a token count > 0"),
+    ("adaptive_context", {"contexts": "512"}, "policy.contexts is '512'; expected a list of positive token counts"),
+    ("fixed", {"gamma": True}, "policy.gamma is True; expected an integer ≥ 0"),
+])
+def test_bad_policy_parameters_name_the_key(name, params, message):
+    """A parameter of the wrong kind is refused with the key and what was expected, never coerced
+    (``bool('maybe')`` is true, ``True`` is the integer 1)."""
+    with pytest.raises(ValueError, match=message):
+        make_policy(name, **params)
