@@ -29,6 +29,15 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
   the caches the step runs from). The simulator charges those two per admission with the prefill (it
   has no per-iteration admission cost), so its first token comes that much later than the engine's.
 
+**Drafters** (the engine's ``drafter``, the simulator's ``drafter.kind``): "draft" names the drafter's part
+throughout. With an EAGLE head the re-timed step is one head step (the profile's ``eagle`` decode row),
+``draft_s`` is per head step and ``prefill_draft_s`` / ``admit_step_draft_s`` per admission whose head is
+prefilled (the head over the target's prompt hidden states, beyond the profile's ``eagle`` prefill rows).
+With n-gram lookup the re-timed step is one lookup for the batch (an ``ngram`` row), a step is priced by
+the rows that proposed (the engine's ``matched``, :func:`model_step_times`), ``draft_s`` is per draft
+position of a speculating step (there is no draft forward) and the draft-prefill terms are 0 (nothing is
+prefilled for it).
+
 :mod:`specbatch.fidelity.validate` runs the calibrations between its engine runs and compares the simulator with
 and without each term (its ``variants``).
 """

@@ -9,6 +9,7 @@ and throughput, plus a self-contained dashboard overlaying the two latency CDFs 
     specbatch-validate                                # reduced: tiny pair, 2 loads x 3 policies
     specbatch-validate --pair llama-68m:tiny-llama-draft --requests 120 --out fidelity-out
     specbatch-validate --clock wall                   # wall clock (a quiet machine of your own)
+    specbatch-validate --drafter eagle                # an EAGLE head drafts (or ngram: prompt lookup), in both
 
 What the profile misses, measured on the engine and added to the simulator (the report's simulator
 variants), is :mod:`specbatch.fidelity.calibrate`; the errors, noise and agreement verdict are :mod:`specbatch.fidelity.agreement`.

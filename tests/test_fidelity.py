@@ -126,6 +126,9 @@ def test_cli_rejects_bad_input(capsys):
         V.main(["--policies", "magic"])
     assert V.main(["--pair", "tiny-llama", "--out", "/tmp/unused-specbatch-validate"]) == 2
     assert "error" in capsys.readouterr().err
+    assert V.main(["--drafter", "eagle", "--match-rate", "0.5", "--out", "/tmp/unused-specbatch-validate"]) == 2
+    err = capsys.readouterr().err
+    assert "drafter.match_rate is 0.5" in err and len(err.strip().splitlines()) == 1
 
 
 def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_profile):
@@ -634,6 +637,17 @@ def test_validation_dashboard_says_the_verdict(tmp_path):
     html = V.write_dashboard(cases, report, tmp_path / "d.html", "paired").read_text()
     assert "data-verdict='inconclusive'><b>Verdict: inconclusive:" in html and "All cases agree" not in html
     assert html.count("inconclusive (noise 20.0 %)") == 6 and html.count("<td>tolerance</td>") == 2
+    assert "drafter draft_model," in html  # (a report written before drafter kinds: the draft model)
+    report["drafter"] = V.validation_drafter("ngram", 0.7).describe()
+    html = V.write_dashboard(cases, report, tmp_path / "d.html", "paired").read_text()
+    assert "drafter ngram (match rate 0.7, window 5-5)," in html
+
+
+def test_report_states_the_drafter():
+    """format_report's first line names the drafter the engine and the simulator both ran."""
+    report = _made_up_report((("none", 0.02), ("fixed", -0.03)), 0.01)
+    report["drafter"] = V.validation_drafter("eagle").describe()
+    assert ", drafter eagle, clock" in V.format_report(report).splitlines()[0]
 
 
 def test_benchmark_summarizes_validations_it_did_not_run(tmp_path, capsys):
