@@ -462,9 +462,10 @@ class Engine:
         ``synthetic_acc`` (b,) overrides the acceptance decision (the models still do all the work).
         ``draft_sync``: at γ = 0 the draft also runs on ``last``, so its KV cache stays in step.
         ``drafter`` eagle / ngram: :meth:`_eagle_step` / :meth:`_ngram_step` (``histories``: each row's token ids,
-        ``last`` included, as int64 arrays; ``follow``: per row, whether it proposes γ tokens, else the lookup decides)."""
+        ``last`` included, as int64 arrays; ``follow``: per row, whether it proposes γ tokens, else the lookup
+        decides)."""
         if self.cfg.drafter == "eagle":
-            return self._eagle_step(last, lengths, gamma, synthetic_acc)
+            return self._eagle_step(last, lengths, gamma, synthetic_acc, draft_sync)
         if self.cfg.drafter == "ngram":
             return self._ngram_step(last, lengths, gamma, synthetic_acc, histories, follow)
         temp, gen = self.cfg.temperature, self.gen
@@ -500,10 +501,12 @@ class Engine:
                            attention_mask=_mask(lengths, t, span), use_cache=True).last_hidden_state
         return ids, self.target.get_output_embeddings()(hidden).float(), hidden
 
-    def _eagle_step(self, last, lengths, gamma: int, synthetic_acc):
+    def _eagle_step(self, last, lengths, gamma: int, synthetic_acc, draft_sync: bool = False):
         """γ EAGLE head steps + one verify: head step k reads the token sampled last and a hidden state (the
         target's for the slot's last token at k = 0, the head's own output after), writes its one-layer KV at
-        ``lengths + k``; the verify's hidden state at each row's accepted position is kept for the next step."""
+        ``lengths + k``; the verify's hidden state at each row's accepted position is kept for the next step.
+        ``draft_sync`` at γ = 0: one head forward on ``last`` (no sampling) keeps the head's KV in step, as the
+        draft model's (the simulator charges it one ``eagle`` decode row)."""
         from specbatch.profiler.drafters import eagle_forward
 
         temp, gen, b = self.cfg.temperature, self.gen, last.shape[0]
@@ -519,6 +522,11 @@ class Engine:
             hid = out[:, -1]
             drafts.append(tok)
             qs.append(q)
+        if not gamma and draft_sync:
+            span = int(lengths.max()) + 1
+            self.dcache.set_step(0, b, lengths[:, None], span)
+            eagle_forward(self.head, self.dcache.cache, last[:, None], hid[:, None],
+                          attention_mask=_mask(lengths, 1, span), position_ids=lengths[:, None])
         d = torch.stack(drafts, 1) if gamma else last.new_empty((b, 0))
         ids, logits, hidden = self._verify(last, lengths, d)
         n_acc, next_tok = M.speculative_sample(logits, d, torch.stack(qs, 1) if gamma and temp > 0 else None, temp,

@@ -286,6 +286,20 @@ def test_ngram_step_proposes_what_follow_says_else_what_the_lookup_finds(models,
     assert int(n_acc[0]) == 0 and ids.shape == (1, 1) and int(eng.proposed[0]) == 0
 
 
+def test_eagle_draft_sync_runs_the_head_at_gamma_zero(models):
+    """With draft_sync a γ = 0 step also runs the EAGLE head on the decoded token (writing its KV at that
+    position, as the simulator charges one eagle row for it); without, the head's cache is left as it was."""
+    target, draft = models
+    eng = E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(max_batch=2, clock="cpu", warmup=False,
+                                                                   drafter="eagle"), max_len=32, models=(target, draft))
+    lengths, last = torch.tensor([3, 5]), torch.tensor([1, 2])
+    k = eng.dcache.layers[0].kbuf
+    eng.spec_step(last, lengths, 0, None, draft_sync=False)
+    assert not k[0, :, 3].any() and not k[1, :, 5].any()
+    eng.spec_step(last, lengths, 0, None, draft_sync=True)
+    assert k[0, :, 3].abs().sum() > 0 and k[1, :, 5].abs().sum() > 0 and not k[0, :, 4].any()
+
+
 def test_unknown_drafter_is_a_clear_error(models):
     with pytest.raises(ValueError, match="drafter"):
         E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(drafter="medusa"), max_len=64, models=models)
