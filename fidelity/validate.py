@@ -436,7 +436,8 @@ def write_dashboard(cases: list[dict], report: dict, path: Path, variant: str) -
                 else "<td></td>" for m in METRICS) + "</tr>")
     head = "".join(f"<th>{m}</th>" for m in METRICS)
     info = (f"pair {report['pair']['draft']} / {report['pair']['target']} on {report['device']}, "
-            f"drafter {drafter_label(report['drafter']) if 'drafter' in report else 'draft_model'}, clock={report['clock']}, "
+            f"drafter {drafter_label(report['drafter']) if 'drafter' in report else 'draft_model'}, "
+            f"clock={report['clock']}, "
             f"threads={report['threads']}, loadavg {report['loadavg_start']} → {report['loadavg_end']}; "
             f"'{variant}': the simulator against the median over the engine's runs (plots: the first run); "
             "'paired': each run against the simulator at the speed its probe read, median over runs")

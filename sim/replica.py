@@ -169,7 +169,8 @@ class Replica:
         return total, self.sched.join(rids, t0, t0 + total)
 
     def _charged(self, matched: int, batch: int) -> int:
-        """A partial proposer's matched sequences as its step is charged (:func:`~specbatch.sim.drafters.charged_matched`)."""
+        """A partial proposer's matched sequences as its step is charged
+        (:func:`~specbatch.sim.drafters.charged_matched`)."""
         return charged_matched(matched, batch, self.padded)
 
     def _prefill_seconds(self, rids: list[int]) -> float:
