@@ -126,12 +126,14 @@ class EngineCostModel:
 
     # -- the engine-side terms ---------------------------------------------------------------------------
 
-    def _terms(self, batch: int, gamma: int) -> list[float]:
-        """Seconds added to one iteration, in the order they are added."""
+    def _terms(self, batch: int, gamma: int, width: float | None = None) -> list[float]:
+        """Seconds added to one iteration, in the order they are added. ``width``: the draft tokens per
+        sequence its verify took (default γ; a partial proposer's step whose rows proposed nothing is a decode)."""
         o, terms = self.overheads, []
+        width = gamma if width is None else width
         if "step" in self.fixes:
             # a draft_sync γ = 0 step also runs one draft forward
-            terms.append(o.verify_s + gamma * o.draft_s if gamma else o.decode_s + self.draft_sync * o.sync_s)
+            terms.append(o.verify_s + width * o.draft_s if width else o.decode_s + self.draft_sync * o.sync_s)
         if "sched" in self.fixes:
             terms.append(o.sched_base_s + o.sched_per_seq_s * batch
                          + (o.sched_spec_s + o.sched_per_gamma_s * gamma if gamma else 0.0))
@@ -175,9 +177,10 @@ class EngineCostModel:
         return t
 
     def iteration_matched(self, batch: int, gamma: int, matched: int, context: float) -> float:
-        """:meth:`CostModel.iteration_matched` (a partial proposer's step) with the terms of :meth:`iteration`."""
+        """:meth:`CostModel.iteration_matched` (a partial proposer's step) with the terms of :meth:`iteration`,
+        the step's at the draft tokens verified per sequence, γ·matched/batch (none matched: a decode's)."""
         t = self.base.iteration_matched(batch, gamma, matched, context) * self._scale()
-        for term in self._terms(batch, gamma):
+        for term in self._terms(batch, gamma, gamma * matched / batch):
             t = t + term
         return t
 
@@ -499,7 +502,7 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         """Calibration iterations with the profile's seconds, computed once: each step's
         (``profile_step_s``, rows that ran one; with the draft decode of a ``draft_sync`` row's γ = 0 step)
         and each fresh admission's prefill (``profile_prefill_s``); ``sync_step``: the γ = 0 steps that
-        ran a ``draft_sync`` draft forward."""
+        ran a ``draft_sync`` draft forward; ``width``: :func:`verify_width`."""
         it = it.copy()
         ran, adm = it["batch"] > 0, it["prompts"].notna()
         synced = it["draft_sync"].astype(bool) if "draft_sync" in it else pd.Series(False, index=it.index)
@@ -507,6 +510,7 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         it["profile_step_s"] = it["profile_prefill_s"] = np.nan
         for rows, c in ((ran & ~sync, cost), (ran & sync, cost.with_draft_sync())):
             it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows], attention=attention)
+        it["width"] = verify_width(cost, it, attention=attention)
         it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2, attention=attention, prefill=prefill)
                                             for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
         return it
@@ -520,7 +524,8 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         n_adm = dec["admitted"].to_numpy(float)
         admits = np.c_[n_adm, n_adm * (dec["models"].to_numpy() == 2)]  # per admission, per draft prefilled
         sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g, admits], (dec["step_s"] - dec["step_model_s"]).to_numpy())
-        step = lstsq(np.c_[g == 0, g > 0, g, dec["sync_step"], admits], dec["step_model_s"].to_numpy() - pred)
+        w = dec["width"].to_numpy(float)  # the draft tokens verified per sequence (γ but for a partial proposer)
+        step = lstsq(np.c_[w == 0, w > 0, w, dec["sync_step"], admits], dec["step_model_s"].to_numpy() - pred)
         admit = sched[4:] + step[4:]  # both parts of the step: its model work and the work around it
         adm = it[it["prompts"].notna()]
         models = adm["models"].to_numpy()
@@ -594,6 +599,22 @@ def model_step_times(cost, iterations, *, attention: str = "padded") -> np.ndarr
     return np.array([cost.iteration_matched(int(b), int(g), charged_matched(int(m), int(b), padded), float(c))
                      if g else cost.iteration(int(b), 0, float(c))
                      for b, g, c, m in zip(b_, g_, c_, iterations["matched"])])
+
+
+def verify_width(cost, iterations, *, attention: str = "padded") -> np.ndarray:
+    """Per row of an iteration table, the draft tokens per sequence its verify took, as the simulator charges
+    it: γ, but for a partial proposer (ngram) γ·m/b with m the rows charged as proposing
+    (:func:`specbatch.sim.drafters.charged_matched` of the table's ``matched`` under ``attention``; padded: γ
+    when any row proposed, 0 when none did). The ``step`` terms follow it (:meth:`EngineCostModel._terms`):
+    the engine's extra work in a step grows with the tokens it verifies."""
+    from specbatch.sim.drafters import charged_matched
+
+    g = iterations["gamma"].to_numpy(float)
+    if not cost.drafter.partial:
+        return g
+    padded = attention == "padded"
+    return np.array([gam * charged_matched(int(m), int(b), padded) / b if gam and b else 0.0
+                     for gam, b, m in zip(g, iterations["batch"], iterations["matched"])])
 
 
 def model_prefill_time(cost, prompts, drafts: bool, *, attention: str = "padded", prefill: str = "sequential") -> float:

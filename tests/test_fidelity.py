@@ -295,7 +295,8 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sy
         matched = np.where(g > 0, rng.integers(0, b + 1), 0) if partial else np.where(g > 0, b, 0)
         model = np.array([step(int(x), int(y), z, int(m)) / speed for x, y, z, m in zip(b, g, longest, matched)])
         k = truth.speed / speed
-        model += k * np.where(g > 0, truth.verify_s + g * truth.draft_s, truth.decode_s)
+        width = np.where(matched > 0, g, 0) if partial else g  # (padded: a step whose rows proposed nothing decodes)
+        model += k * np.where(width > 0, truth.verify_s + width * truth.draft_s, truth.decode_s)
         sched = k * (truth.sched_base_s + truth.sched_per_seq_s * b + (g > 0) * (truth.sched_spec_s
                                                                                + truth.sched_per_gamma_s * g))
         admitted = rng.integers(0, 3 if prefill == "sequential" else 5, n)
@@ -424,7 +425,7 @@ def test_make_cost_prices_the_simulators_drafter(tmp_path):
 
     prof = drafter_profile(tmp_path)
     o = C.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, sched_spec_s=0.0002, sched_per_gamma_s=0.00001,
-                    prefill_s=0.002, prefill_draft_s=0.0015, verify_s=0.001, draft_s=0.0007, speed=0.8)
+                    prefill_s=0.002, prefill_draft_s=0.0015, decode_s=0.0005, verify_s=0.001, draft_s=0.0007, speed=0.8)
     for kind in ("eagle", "ngram"):
         d = V.validation_drafter(kind)
         sim = CostModel(prof, max_batch=8, max_gamma=4, drafter=make_drafter(kind, positions=None))
@@ -439,8 +440,11 @@ def test_make_cost_prices_the_simulators_drafter(tmp_path):
     full = C.make_cost(prof, o, C.FIXES, 8, 4, drafter=V.validation_drafter("ngram"))
     # b = 8, γ = 4, 4 of 8 proposed: x = 2 -> verify of 3 tokens: 24 < 64 -> 0.010; lookup 0.0001 + 0.00004
     assert ngram.iteration_matched(8, 4, 4, 300.0) == pytest.approx(0.010 + 0.00014)
-    terms = o.verify_s + 4 * o.draft_s + o.sched_base_s + 8 * o.sched_per_seq_s + o.sched_spec_s + 4 * o.sched_per_gamma_s
-    assert full.iteration_matched(8, 4, 4, 300.0) == pytest.approx(0.01014 / 0.8 + terms)
+    sched = o.sched_base_s + 8 * o.sched_per_seq_s + o.sched_spec_s + 4 * o.sched_per_gamma_s  # (γ = 4 chosen)
+    # the step term at the 2 draft tokens per sequence verified; none proposed: a decode's
+    assert full.iteration_matched(8, 4, 4, 300.0) == pytest.approx(0.01014 / 0.8 + o.verify_s + 2 * o.draft_s + sched)
+    assert full.iteration_matched(8, 4, 0, 300.0) == pytest.approx(ngram.iteration_matched(8, 4, 0, 300.0) / 0.8
+                                                                   + o.decode_s + sched)
     assert V.validation_drafter("ngram").match_rate == 0.5 and V.validation_drafter("ngram", 0.8).match_rate == 0.8
     assert V.validation_drafter("eagle").positions is None  # the validation's alpha decides acceptance
     with pytest.raises(ValueError, match="match_rate"):
@@ -451,7 +455,8 @@ def test_make_cost_prices_the_simulators_drafter(tmp_path):
 def test_fit_overheads_recovers_known_terms_on_the_drafters_steps(tmp_path, kind):
     """Calibrations made up from known terms on an EAGLE head's or an n-gram proposer's steps (ngram: each
     step priced by the rows that proposed, padded: all of them when any did; no draft prefill) give the terms
-    back; without the engine's ``matched`` column an ngram calibration is refused in one line."""
+    back (ngram: a step whose rows proposed nothing carries a decode's term, not a verify's); without the
+    engine's ``matched`` column an ngram calibration is refused in one line."""
     prof = drafter_profile(tmp_path)
     cost = C.make_cost(prof, None, (), 8, 4, drafter=V.validation_drafter(kind))
     truth = TRUTH if kind == "eagle" else dataclasses.replace(TRUTH, prefill_draft_s=0.0, admit_step_draft_s=0.0)
