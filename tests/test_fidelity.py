@@ -648,6 +648,22 @@ def test_validation_dashboard_says_the_verdict(tmp_path):
     assert "drafter ngram (match rate 0.7, window 5-5)," in html
 
 
+def test_a_profile_without_the_drafters_rows_is_not_reused(tmp_path):
+    """A fresh profile of the pair is reused only when it has the rows of the validation's drafter."""
+    import datetime as dt
+
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "pair": {"target": "t", "draft": "d"},
+            "timing": {"complete": True, "clock": "cpu", "grid": {"g": 1}, "drafters": ["draft", "ngram"]}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    fresh = [V.fresh_profile(tmp_path, "t", "d", "cpu", {"g": 1}, 1.0, drafters) for drafters in
+             (("draft",), ("draft", "ngram"), ("draft", "eagle"))]
+    assert fresh == [True, True, False]
+    del meta["timing"]["drafters"]  # a profile written before drafter kinds: the draft model's rows only
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert V.fresh_profile(tmp_path, "t", "d", "cpu", {"g": 1}, 1.0)
+    assert not V.fresh_profile(tmp_path, "t", "d", "cpu", {"g": 1}, 1.0, ("draft", "ngram"))
+
+
 def test_report_states_the_drafter():
     """format_report's first line names the drafter the engine and the simulator both ran."""
     report = _made_up_report((("none", 0.02), ("fixed", -0.03)), 0.01)
