@@ -221,10 +221,6 @@ def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int,
     return base if overheads is None or not fixes else EngineCostModel(base, overheads, fixes)
 
 
-#: the profile's rows (``model``) that price each engine drafter's step (:data:`specbatch.sim.drafters.ROWS`)
-DRAFTER_ROWS = {"draft_model": "draft", "eagle": "eagle", "ngram": "ngram"}
-
-
 def step_models(engine) -> list[tuple[str, object]]:
     """``(role, model)`` of the models whose KV caches :func:`profiler_steps` steps: the target and the
     engine's drafter (the draft model, or the EAGLE head; none for n-gram lookup)."""
@@ -241,6 +237,7 @@ def profiler_steps(engine, batch: int, gamma: int, context: int, caches: dict | 
     (:func:`step_models`) holding ``context`` positions with room for γ + 1 more (fresh ones when None)."""
     from specbatch.profiler import models as M
     from specbatch.profiler.sweep import make_step, ngram_step
+    from specbatch.sim.drafters import ROWS  # the profile's rows that price each drafter's step
 
     dev, temp, gen = engine.device, engine.cfg.temperature, engine.gen
     if caches is None:
@@ -253,7 +250,7 @@ def profiler_steps(engine, batch: int, gamma: int, context: int, caches: dict | 
         steps.append(ngram_step(batch, context, window, engine.cfg.seed, proposed=gamma))
     elif gamma:
         role, model = step_models(engine)[1]
-        steps.append(make_step((DRAFTER_ROWS[engine.cfg.drafter], "decode", batch, 1, context), model, caches[role],
+        steps.append(make_step((ROWS[engine.cfg.drafter], "decode", batch, 1, context), model, caches[role],
                                engine.vocab, temp, gen, dev))
     return steps
 
@@ -435,7 +432,8 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
       runs carry;
     * ``sched_*``: step time outside the model calls, ``base + per_seq·b + [γ > 0]·(spec + per_gamma·γ)``;
     * ``decode_s``, ``verify_s``, ``draft_s``: the step's model work in the run minus the profile's
-      iteration at that speed, ``decode`` at γ = 0 and ``verify + γ·draft`` at γ > 0 (per-sequence lengths,
+      iteration at that speed, ``decode`` at γ = 0 and ``verify + γ·draft`` at γ > 0, γ the draft tokens the
+      step verified (:func:`verify_width`: an ngram step whose rows proposed nothing is a decode) (per-sequence lengths,
       mask, scatter, padding, caches cooled by the scheduler between steps — what a step costs inside a
       serving loop and not in the profiler's; a speculative step also samples the draft, draws the
       acceptance and builds the residual distribution, which a decode does not: on the tiny pair its

@@ -300,6 +300,31 @@ def test_eagle_draft_sync_runs_the_head_at_gamma_zero(models):
     assert k[0, :, 3].abs().sum() > 0 and k[1, :, 5].abs().sum() > 0 and not k[0, :, 4].any()
 
 
+def test_the_calibrations_profiler_steps_are_the_drafters(models, monkeypatch):
+    """fidelity.calibrate re-times the engine's own drafter: an EAGLE head step on a one-layer cache beside the
+    target's verify, one n-gram lookup for the batch proposing γ (no cache), and a draft decode by default."""
+    from specbatch.fidelity import calibrate as C
+    from specbatch.profiler import drafters as D
+
+    target, draft = models
+    calls = []
+    real = D.ngram_propose_batch
+    monkeypatch.setattr(D, "ngram_propose_batch", lambda seqs, k, lo, hi: calls.append((len(seqs), k)) or real(
+        seqs, k, lo, hi))
+    for kind in ("draft_model", "eagle", "ngram"):
+        eng = E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(max_batch=4, clock="cpu", warmup=False,
+                                                                       drafter=kind), max_len=64, models=models)
+        roles = [role for role, _ in C.step_models(eng)]
+        assert roles == (["target"] if kind == "ngram" else ["target", "draft"])
+        if kind == "eagle":
+            assert C.step_models(eng)[1][1] is eng.head
+        assert len(C.profiler_steps(eng, 2, 0, 16)) == 1  # γ = 0: the target's decode alone
+        times = C.retime(eng, 2, 3, 16, {r: M.make_cache("prealloc", m.config, 2, 16, 4, eng.dtype, "cpu")
+                                         for r, m in C.step_models(eng)}, time.process_time, repeats=1)
+        assert len(times) == 2 and times[0] > 0 and times[1] >= 0  # (a lookup may read 0 on a coarse clock)
+    assert calls == [(2, 3), (2, 3)]  # the ngram step: the warming call and the timed one
+
+
 def test_unknown_drafter_is_a_clear_error(models):
     with pytest.raises(ValueError, match="drafter"):
         E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(drafter="medusa"), max_len=64, models=models)
