@@ -116,8 +116,9 @@ def step_agreement(iterations, diagnostics, cost, *, attention: str = "padded") 
     the profile's prediction (:func:`model_step_times` under ``attention``) divided by the engine's measured
     step time (``step_s``: the whole step incl. engine bookkeeping) and by its model work alone
     (``step_model_s``).
-    Medians (dimensionless; > 1 = the profile is slower than the engine), overall and per batch size."""
-    it = iterations.reset_index(drop=True)
+    Medians (dimensionless; > 1 = the profile is slower than the engine), overall and per batch size.
+    (``diagnostics``' ``matched`` prices a partial proposer's steps, :func:`model_step_times`.)"""
+    it = with_matched(iterations, diagnostics)
     ran = (it["batch"] > 0).to_numpy() & (it["step_s"] > 0).to_numpy()
     it, model = it[ran], diagnostics["step_model_s"].to_numpy()[ran]
     pred = model_step_times(cost, it, attention=attention)
@@ -137,16 +138,26 @@ def predicted_prefills(requests, iterations, cost, uses_draft: bool, *, attentio
             for i, prompts in enumerate(admitted_prompts(requests, it)) if prompts is not None]
 
 
+def with_matched(iterations, diagnostics):
+    """``iterations`` (index reset) with the engine's ``matched`` column from ``diagnostics`` (when it has one):
+    the sequences that proposed in each iteration, which price a partial proposer's steps."""
+    it = iterations.reset_index(drop=True)
+    if diagnostics is not None and "matched" in diagnostics:
+        it = it.assign(matched=diagnostics["matched"].to_numpy())
+    return it
+
+
 def model_over_engine(result, cost, uses_draft: bool, *, attention: str = "padded",
-                      prefill: str = "sequential") -> dict:
+                      prefill: str = "sequential", diagnostics=None) -> dict:
     """Where one engine run's time goes, ``cost`` (the full model at the run's speed) against the engine:
     Σ of the model's step times over the run's iterations (:func:`model_step_times`) ÷ Σ of the
     engine's step times, and Σ of the model's prefill times ÷ Σ of the engine's prefill phases over the
     iterations that admitted only fresh requests (dimensionless; < 1: the model is faster; None for a part
     the run did not have). Queueing turns these into the latency errors, amplified at load. The model's
     prefill includes the admissions' step terms (``admit_step_*``), as the simulator charges them; the
-    engine's prefill phase does not (they land in its step)."""
-    it = result.iterations.reset_index(drop=True)
+    engine's prefill phase does not (they land in its step). ``diagnostics``: the run's engine diagnostics
+    (their ``matched`` prices a partial proposer's steps)."""
+    it = with_matched(result.iterations, diagnostics)
     ran = it[it["batch"] > 0]
     step_pred = float(model_step_times(cost, ran, attention=attention).sum())
     step_meas = float(ran["step_s"].sum())

@@ -29,6 +29,15 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
   the caches the step runs from). The simulator charges those two per admission with the prefill (it
   has no per-iteration admission cost), so its first token comes that much later than the engine's.
 
+**Drafters** (the engine's ``drafter``, the simulator's ``drafter.kind``): "draft" names the drafter's part
+throughout. With an EAGLE head the re-timed step is one head step (the profile's ``eagle`` decode row),
+``draft_s`` is per head step and ``prefill_draft_s`` / ``admit_step_draft_s`` per admission whose head is
+prefilled (the head over the target's prompt hidden states, beyond the profile's ``eagle`` prefill rows).
+With n-gram lookup the re-timed step is one lookup for the batch (an ``ngram`` row), a step is priced by
+the rows that proposed (the engine's ``matched``, :func:`model_step_times`), ``draft_s`` is per draft
+position of a speculating step (there is no draft forward) and the draft-prefill terms are 0 (nothing is
+prefilled for it).
+
 :mod:`specbatch.fidelity.validate` runs the calibrations between its engine runs and compares the simulator with
 and without each term (its ``variants``).
 """
@@ -82,7 +91,7 @@ class EngineCostModel:
         self.base, self.overheads, self.fixes = base, overheads, tuple(fixes)
         self.profile, self.contexts = base.profile, base.contexts
         self.max_batch, self.max_gamma = base.max_batch, base.max_gamma
-        self.drafter = base.drafter  # (the engine-side terms are fitted on draft-model steps)
+        self.drafter = base.drafter  # (the engine-side terms are fitted on this drafter's steps, :func:`calibrate`)
 
     # -- the base model's facts and single steps ----------------------------------------------------------
 
@@ -117,12 +126,14 @@ class EngineCostModel:
 
     # -- the engine-side terms ---------------------------------------------------------------------------
 
-    def _terms(self, batch: int, gamma: int) -> list[float]:
-        """Seconds added to one iteration, in the order they are added."""
+    def _terms(self, batch: int, gamma: int, width: float | None = None) -> list[float]:
+        """Seconds added to one iteration, in the order they are added. ``width``: the draft tokens per
+        sequence its verify took (default γ; a partial proposer's step whose rows proposed nothing is a decode)."""
         o, terms = self.overheads, []
+        width = gamma if width is None else width
         if "step" in self.fixes:
             # a draft_sync γ = 0 step also runs one draft forward
-            terms.append(o.verify_s + gamma * o.draft_s if gamma else o.decode_s + self.draft_sync * o.sync_s)
+            terms.append(o.verify_s + width * o.draft_s if width else o.decode_s + self.draft_sync * o.sync_s)
         if "sched" in self.fixes:
             terms.append(o.sched_base_s + o.sched_per_seq_s * batch
                          + (o.sched_spec_s + o.sched_per_gamma_s * gamma if gamma else 0.0))
@@ -165,6 +176,14 @@ class EngineCostModel:
             t = t + term
         return t
 
+    def iteration_matched(self, batch: int, gamma: int, matched: int, context: float) -> float:
+        """:meth:`CostModel.iteration_matched` (a partial proposer's step) with the terms of :meth:`iteration`,
+        the step's at the draft tokens verified per sequence, γ·matched/batch (none matched: a decode's)."""
+        t = self.base.iteration_matched(batch, gamma, matched, context) * self._scale()
+        for term in self._terms(batch, gamma, gamma * matched / batch):
+            t = t + term
+        return t
+
     def iteration_table(self, context, batches: np.ndarray | None = None) -> np.ndarray:
         """:meth:`CostModel.iteration_table` priced by this model's :meth:`iteration`."""
         return CostModel.iteration_table(self, context, batches)
@@ -193,38 +212,53 @@ class ConstantGamma(Policy):
 
 
 def make_cost(profile, overheads: Overheads | None, fixes, max_batch: int,
-              max_gamma: int) -> CostModel | EngineCostModel:
-    """The simulator's cost model for ``profile``: with ``overheads`` and some ``fixes``, the
-    :class:`EngineCostModel` adding those terms, else the plain :class:`CostModel`."""
-    base = CostModel(profile, max_batch=max_batch, max_gamma=max_gamma)
+              max_gamma: int, drafter=None) -> CostModel | EngineCostModel:
+    """The simulator's cost model for ``profile`` pricing ``drafter``'s steps (a
+    :class:`specbatch.sim.drafters.Drafter`; None: the draft model) as ``specbatch-sim drafter=...`` does: with
+    ``overheads`` and some ``fixes``, the :class:`EngineCostModel` adding those terms, else the plain
+    :class:`CostModel`."""
+    base = CostModel(profile, max_batch=max_batch, max_gamma=max_gamma, drafter=drafter)
     return base if overheads is None or not fixes else EngineCostModel(base, overheads, fixes)
+
+
+def step_models(engine) -> list[tuple[str, object]]:
+    """``(role, model)`` of the models whose KV caches :func:`profiler_steps` steps: the target and the
+    engine's drafter (the draft model, or the EAGLE head; none for n-gram lookup)."""
+    drafter = {"draft_model": engine.draft, "eagle": engine.head}.get(engine.cfg.drafter)
+    return [("target", engine.target)] + ([("draft", drafter)] if drafter is not None else [])
 
 
 def profiler_steps(engine, batch: int, gamma: int, context: int, caches: dict | None = None) -> list:
     """``(step, reset)`` pairs of the profiler's own steps for one iteration at (batch, γ, context) on the
     engine's models (:func:`specbatch.profiler.sweep.make_step`, the work one ``steps.csv`` row times): the target's
-    decode (γ = 0) or verify of γ + 1 tokens, then, when γ > 0, one draft decode. ``caches``:
-    ``{"target": ..., "draft": ...}`` holding ``context`` positions with room for γ + 1 more (fresh ones
-    when None)."""
+    decode (γ = 0) or verify of γ + 1 tokens, then, when γ > 0, one step of the engine's drafter — a draft
+    decode, an EAGLE head step (an ``eagle`` row) or one n-gram lookup for the batch proposing γ tokens
+    (an ``ngram`` row, :func:`specbatch.profiler.sweep.ngram_step`). ``caches``: ``{"target": ..., "draft": ...}``
+    (:func:`step_models`) holding ``context`` positions with room for γ + 1 more (fresh ones when None)."""
     from specbatch.profiler import models as M
-    from specbatch.profiler.sweep import make_step
+    from specbatch.profiler.sweep import make_step, ngram_step
+    from specbatch.sim.drafters import ROWS  # the profile's rows that price each drafter's step
 
     dev, temp, gen = engine.device, engine.cfg.temperature, engine.gen
     if caches is None:
         caches = {role: M.make_cache("prealloc", m.config, batch, context, gamma + 1, engine.dtype, dev)
-                  for role, m in (("target", engine.target), ("draft", engine.draft))}
+                  for role, m in step_models(engine)}
     steps = [make_step(("target", "verify" if gamma else "decode", batch, gamma + 1, context), engine.target,
                        caches["target"], engine.vocab, temp, gen, dev)]
-    if gamma:
-        steps.append(make_step(("draft", "decode", batch, 1, context), engine.draft, caches["draft"], engine.vocab,
-                               temp, gen, dev))
+    if gamma and engine.cfg.drafter == "ngram":
+        window = {"prompt_lookup_min": engine.cfg.prompt_lookup_min, "prompt_lookup_max": engine.cfg.prompt_lookup_max}
+        steps.append(ngram_step(batch, context, window, engine.cfg.seed, proposed=gamma))
+    elif gamma:
+        role, model = step_models(engine)[1]
+        steps.append(make_step((ROWS[engine.cfg.drafter], "decode", batch, 1, context), model, caches[role],
+                               engine.vocab, temp, gen, dev))
     return steps
 
 
 def retime(engine, batch: int, gamma: int, context: int, caches: dict, clock, repeats: int = 5) -> list[float]:
     """The profiler's steps at (batch, γ, context) (:func:`profiler_steps` on ``caches``) each called
     ``repeats`` + 1 times on ``clock``, the first call warming the shape up and not kept: the median seconds
-    of the target's step, then (γ > 0) of one draft decode."""
+    of the target's step, then (γ > 0) of one drafter step."""
     med = []
     for step, reset in profiler_steps(engine, batch, gamma, context, caches):
         ts = []
@@ -280,8 +314,9 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
                        probe_every=PROBE_EVERY)
         t = pd.concat([r.iterations.reset_index(drop=True), engine.diagnostics], axis=1)
         t["prompts"] = admitted_prompts(r.requests, r.iterations)
-        t["models"] = 2 if drafts else 1  # models prefilled per admission
-        t["draft_sync"] = bool(engine.cfg.draft_sync and drafts)  # as sim.cluster charges a drafting policy
+        t["models"] = 2 if drafts and cost.drafter.prefill else 1  # models prefilled per admission (ngram: 1)
+        # as sim.cluster charges a drafting policy (an ngram proposer has no KV to keep in step)
+        t["draft_sync"] = bool(engine.cfg.draft_sync and drafts and cost.drafter.per_token)
         tables.append(t)
         probes += engine.probes
     it = pd.concat(tables, ignore_index=True)
@@ -294,11 +329,12 @@ def calibrate(engine, cost, acceptance, *, seed: int = 99, requests: int = 24, m
     for b in sorted({1, 2, min(4, engine.cfg.max_batch), engine.cfg.max_batch}):
         for c in (c_lo, (c_lo + c_hi) // 2):
             caches = {role: M.make_cache("prealloc", m.config, b, c, max(gammas) + 1, engine.dtype, engine.device)
-                      for role, m in (("target", engine.target), ("draft", engine.draft))}
+                      for role, m in step_models(engine)}
             for g in gammas:
                 before = probe() if probe is not None else None
                 med = retime(engine, b, g, c, caches, clock, repeats)
-                point = dict(batch=b, gamma=g, context=c, profiler_s=med[0] + g * (med[1] if g else 0.0))
+                drafted = (g if cost.drafter.per_token else 1) * med[1] if g else 0.0  # (ngram: one lookup)
+                point = dict(batch=b, gamma=g, context=c, profiler_s=med[0] + drafted)
                 if probe is not None:  # the probe read just before and just after the point: the same seconds
                     point["probe_s"] = (before + probe()) / 2
                 points.append(point)
@@ -362,9 +398,14 @@ def admitted_prompts(requests, iterations) -> list:
 
 def point_speeds(cost, step_points: list[dict]) -> np.ndarray:
     """Per re-timed point of a calibration: the profile's iteration time (behind ``cost``) over the
-    profiler's step timed in the calibration (``profiler_s``) (dimensionless; > 1: faster than profiled)."""
-    return np.array([cost.iteration(p["batch"], p["gamma"], float(p["context"])) / p["profiler_s"]
-                     for p in step_points])
+    profiler's step timed in the calibration (``profiler_s``) (dimensionless; > 1: faster than profiled).
+    A partial proposer's (ngram) point is priced with every sequence proposing γ, as it was re-timed."""
+    def profiled(b: int, g: int, c: float) -> float:
+        if g and cost.drafter.partial:
+            return cost.iteration_matched(b, g, b, c)
+        return cost.iteration(b, g, c)
+
+    return np.array([profiled(p["batch"], p["gamma"], float(p["context"])) / p["profiler_s"] for p in step_points])
 
 
 def speed_vs_profile(cost, step_points: list[dict]) -> float:
@@ -391,7 +432,8 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
       runs carry;
     * ``sched_*``: step time outside the model calls, ``base + per_seq·b + [γ > 0]·(spec + per_gamma·γ)``;
     * ``decode_s``, ``verify_s``, ``draft_s``: the step's model work in the run minus the profile's
-      iteration at that speed, ``decode`` at γ = 0 and ``verify + γ·draft`` at γ > 0 (per-sequence lengths,
+      iteration at that speed, ``decode`` at γ = 0 and ``verify + γ·draft`` at γ > 0, γ the draft tokens the
+      step verified (:func:`verify_width`: an ngram step whose rows proposed nothing is a decode) (per-sequence lengths,
       mask, scatter, padding, caches cooled by the scheduler between steps — what a step costs inside a
       serving loop and not in the profiler's; a speculative step also samples the draft, draws the
       acceptance and builds the residual distribution, which a decode does not: on the tiny pair its
@@ -458,7 +500,7 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         """Calibration iterations with the profile's seconds, computed once: each step's
         (``profile_step_s``, rows that ran one; with the draft decode of a ``draft_sync`` row's γ = 0 step)
         and each fresh admission's prefill (``profile_prefill_s``); ``sync_step``: the γ = 0 steps that
-        ran a ``draft_sync`` draft forward."""
+        ran a ``draft_sync`` draft forward; ``width``: :func:`verify_width`."""
         it = it.copy()
         ran, adm = it["batch"] > 0, it["prompts"].notna()
         synced = it["draft_sync"].astype(bool) if "draft_sync" in it else pd.Series(False, index=it.index)
@@ -466,6 +508,7 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         it["profile_step_s"] = it["profile_prefill_s"] = np.nan
         for rows, c in ((ran & ~sync, cost), (ran & sync, cost.with_draft_sync())):
             it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows], attention=attention)
+        it["width"] = verify_width(cost, it, attention=attention)
         it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2, attention=attention, prefill=prefill)
                                             for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
         return it
@@ -479,7 +522,8 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         n_adm = dec["admitted"].to_numpy(float)
         admits = np.c_[n_adm, n_adm * (dec["models"].to_numpy() == 2)]  # per admission, per draft prefilled
         sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g, admits], (dec["step_s"] - dec["step_model_s"]).to_numpy())
-        step = lstsq(np.c_[g == 0, g > 0, g, dec["sync_step"], admits], dec["step_model_s"].to_numpy() - pred)
+        w = dec["width"].to_numpy(float)  # the draft tokens verified per sequence (γ but for a partial proposer)
+        step = lstsq(np.c_[w == 0, w > 0, w, dec["sync_step"], admits], dec["step_model_s"].to_numpy() - pred)
         admit = sched[4:] + step[4:]  # both parts of the step: its model work and the work around it
         adm = it[it["prompts"].notna()]
         models = adm["models"].to_numpy()
@@ -535,12 +579,40 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
 def model_step_times(cost, iterations, *, attention: str = "padded") -> np.ndarray:
     """``cost.iteration(batch, γ, context)`` for every row of an iteration table whose rows all ran a step
     (seconds), at the context the simulator charges under ``attention`` (``cluster.attention``): the
-    longest sequence's (``context_max``; the engine pads) or the mean (``context``)."""
+    longest sequence's (``context_max``; the engine pads) or the mean (``context``). A partial proposer's
+    (ngram) γ > 0 rows are charged as the simulator charges them, by the sequences that proposed (the
+    table's ``matched``, the engine's diagnostics) under ``attention``
+    (:func:`specbatch.sim.drafters.charged_matched`)."""
+    from specbatch.sim.drafters import charged_matched
     from specbatch.sim.replica import STEP_CONTEXT
 
     column = STEP_CONTEXT[attention]
-    return np.array([cost.iteration(int(b), int(g), float(c))
-                     for b, g, c in zip(iterations["batch"], iterations["gamma"], iterations[column])])
+    b_, g_, c_ = iterations["batch"], iterations["gamma"], iterations[column]
+    if not cost.drafter.partial:
+        return np.array([cost.iteration(int(b), int(g), float(c)) for b, g, c in zip(b_, g_, c_)])
+    if "matched" not in iterations:
+        raise ValueError("model_step_times: a partial proposer's steps need the iterations' 'matched' column "
+                         "(the engine's diagnostics)")
+    padded = attention == "padded"
+    return np.array([cost.iteration_matched(int(b), int(g), charged_matched(int(m), int(b), padded), float(c))
+                     if g else cost.iteration(int(b), 0, float(c))
+                     for b, g, c, m in zip(b_, g_, c_, iterations["matched"])])
+
+
+def verify_width(cost, iterations, *, attention: str = "padded") -> np.ndarray:
+    """Per row of an iteration table, the draft tokens per sequence its verify took, as the simulator charges
+    it: γ, but for a partial proposer (ngram) γ·m/b with m the rows charged as proposing
+    (:func:`specbatch.sim.drafters.charged_matched` of the table's ``matched`` under ``attention``; padded: γ
+    when any row proposed, 0 when none did). The ``step`` terms follow it (:meth:`EngineCostModel._terms`):
+    the engine's extra work in a step grows with the tokens it verifies."""
+    from specbatch.sim.drafters import charged_matched
+
+    g = iterations["gamma"].to_numpy(float)
+    if not cost.drafter.partial:
+        return g
+    padded = attention == "padded"
+    return np.array([gam * charged_matched(int(m), int(b), padded) / b if gam and b else 0.0
+                     for gam, b, m in zip(g, iterations["batch"], iterations["matched"])])
 
 
 def model_prefill_time(cost, prompts, drafts: bool, *, attention: str = "padded", prefill: str = "sequential") -> float:

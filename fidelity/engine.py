@@ -23,8 +23,12 @@ target's from the last verify forward at first, then the head's own, and runs on
 head's one-layer KV slots and the LM head; the target's prefill feeds the head's prefill) or ``ngram``
 (prompt lookup in the request's own token ids, on the CPU, for up to γ tokens; the verify forward takes
 1 + the most any row proposed, padded, so a row with no match verifies its 1 token; acceptance, synthetic or
-real, counts only proposed tokens). The drafter's work sits inside the step's clock interval as the draft
-model's does.
+real, counts only proposed tokens). With synthetic acceptance the n-gram proposals follow the simulator's
+seeded match draws: the lookup runs (its CPU time is the step's), then a row whose draw matched
+(:meth:`~specbatch.sim.scheduler.Scheduler.peek_matched_rows`, ``drafter.match_rate``) proposes γ tokens (the
+lookup's, filled up with its last token) and the others none, so engine and simulator verify the same widths
+(random token ids rarely repeat a 5-gram: a real lookup would almost never match). The drafter's work sits
+inside the step's clock interval as the draft model's does.
 
 Acceptance is ``synthetic`` (the simulator's seeded Bernoulli draws: same thresholds, same generator
 stream as :func:`specbatch.sim.cluster.simulate` with the same seed, as vLLM's synthetic rejection sampler) or
@@ -455,6 +459,7 @@ class Engine:
         self.dcache = SlotCache(dcfg, cfg.max_batch, self.max_len, self.dtype, self.device) if dcfg else None
         #: drafter=ngram: tokens proposed per batch row in the last step (n-gram lookup may find fewer than γ)
         self.proposed: torch.Tensor | None = None
+        self.match_rate = 1.0  # the run's acceptance.match_rate (set by run)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         #: the batched forwards' CUDA graphs (None: eager), see :meth:`forward`
         self.step_graphs = None
@@ -478,17 +483,18 @@ class Engine:
 
     @torch.inference_mode()
     def spec_step(self, last: torch.Tensor, lengths: torch.Tensor, gamma: int, synthetic_acc: torch.Tensor | None,
-                  draft_sync: bool = False, histories: list | None = None):
+                  draft_sync: bool = False, histories: list | None = None, follow: np.ndarray | None = None):
         """γ draft decodes + one verify for slots ``0..b-1``: ``last`` (b,) tokens not yet cached,
         ``lengths`` (b,) cached positions. Returns ``(n_accepted (b,), new_tokens (b, γ+1), next_token (b,))``;
         ``synthetic_acc`` (b,) overrides the acceptance decision (the models still do all the work).
         ``draft_sync``: at γ = 0 the draft also runs on ``last``, so its KV cache stays in step.
         ``drafter`` eagle / ngram: :meth:`_eagle_step` / :meth:`_ngram_step` (``histories``: each row's token ids,
-        ``last`` included, as int64 arrays)."""
+        ``last`` included, as int64 arrays; ``follow``: per row, whether it proposes γ tokens, else the lookup
+        decides)."""
         if self.cfg.drafter == "eagle":
-            return self._eagle_step(last, lengths, gamma, synthetic_acc)
+            return self._eagle_step(last, lengths, gamma, synthetic_acc, draft_sync)
         if self.cfg.drafter == "ngram":
-            return self._ngram_step(last, lengths, gamma, synthetic_acc, histories)
+            return self._ngram_step(last, lengths, gamma, synthetic_acc, histories, follow)
         temp, gen = self.cfg.temperature, self.gen
         b = last.shape[0]
         drafts, qs = [], []
@@ -522,10 +528,12 @@ class Engine:
                            attention_mask=_mask(lengths, t, span), use_cache=True).last_hidden_state
         return ids, self.target.get_output_embeddings()(hidden).float(), hidden
 
-    def _eagle_step(self, last, lengths, gamma: int, synthetic_acc):
+    def _eagle_step(self, last, lengths, gamma: int, synthetic_acc, draft_sync: bool = False):
         """γ EAGLE head steps + one verify: head step k reads the token sampled last and a hidden state (the
         target's for the slot's last token at k = 0, the head's own output after), writes its one-layer KV at
-        ``lengths + k``; the verify's hidden state at each row's accepted position is kept for the next step."""
+        ``lengths + k``; the verify's hidden state at each row's accepted position is kept for the next step.
+        ``draft_sync`` at γ = 0: one head forward on ``last`` (no sampling) keeps the head's KV in step, as the
+        draft model's (the simulator charges it one ``eagle`` decode row)."""
         from specbatch.profiler.drafters import eagle_forward
 
         temp, gen, b = self.cfg.temperature, self.gen, last.shape[0]
@@ -541,6 +549,11 @@ class Engine:
             hid = out[:, -1]
             drafts.append(tok)
             qs.append(q)
+        if not gamma and draft_sync:
+            span = int(lengths.max()) + 1
+            self.dcache.set_step(0, b, lengths[:, None], span)
+            eagle_forward(self.head, self.dcache.cache, last[:, None], hid[:, None],
+                          attention_mask=_mask(lengths, 1, span), position_ids=lengths[:, None])
         d = torch.stack(drafts, 1) if gamma else last.new_empty((b, 0))
         ids, logits, hidden = self._verify(last, lengths, d)
         n_acc, next_tok = M.speculative_sample(logits, d, torch.stack(qs, 1) if gamma and temp > 0 else None, temp,
@@ -548,18 +561,24 @@ class Engine:
         self.hidden[:b] = hidden[torch.arange(b, device=hidden.device), n_acc]
         return n_acc, ids, next_tok
 
-    def _ngram_step(self, last, lengths, gamma: int, synthetic_acc, histories):
+    def _ngram_step(self, last, lengths, gamma: int, synthetic_acc, histories, follow=None):
         """N-gram lookup (:func:`specbatch.profiler.drafters.ngram_propose`, CPU) in each row's own tokens for
         up to γ proposals, then one verify of 1 + the most any row proposed (rows with fewer are padded; a row
         with none verifies its 1 token; no proposal anywhere: plain decode). Acceptance counts only proposed
         tokens: synthetic counts are capped at each row's proposals, the real test accepts a proposal with the
         target's probability of it (the proposer's distribution is a point mass) and never a padding token.
-        :attr:`proposed` keeps the proposals per row."""
+        ``follow`` (per row, synthetic acceptance): a row proposes γ tokens where True (the lookup's, filled up
+        with its last token) and none where False, whatever the lookup found. :attr:`proposed` keeps the
+        proposals per row."""
         from specbatch.profiler.drafters import ngram_propose_batch
 
         cfg, temp, gen, b, dev = self.cfg, self.cfg.temperature, self.gen, last.shape[0], last.device
         props = ngram_propose_batch(histories, gamma, cfg.prompt_lookup_min, cfg.prompt_lookup_max) if gamma \
             else [np.zeros(0, np.int64)] * b
+        if follow is not None and gamma:
+            fill = last.tolist()
+            props = [np.r_[x, np.full(gamma - len(x), fill[i], np.int64)][:gamma] if f else x[:0]
+                     for i, (x, f) in enumerate(zip(props, follow))]
         k = torch.tensor([len(x) for x in props], device=dev)
         w = int(k.max()) if b else 0
         d = last[:, None].repeat(1, w)  # padding: the row's last token (never accepted)
@@ -620,9 +639,10 @@ class Engine:
         return n
 
     def _iteration(self, sched: Scheduler, slots: "_Slots", clock: "_ReplayClock",
-                   t0: float) -> tuple[float, float, float]:
+                   t0: float) -> tuple[float, float, float, int]:
         """One iteration from ``t0``: admit and prefill, one speculative step, leave, record. Returns the
-        seconds of prefill forwards, of the step's model work, and the iteration's end."""
+        seconds of prefill forwards, of the step's model work, the iteration's end and the sequences that
+        proposed draft tokens in it."""
         admitted = sched.admit()
         fwd = model_s = 0.0
         t1 = t0
@@ -631,7 +651,7 @@ class Engine:
             t1 = clock.now()
             if sched.join(admitted, t0, t1):
                 slots.free(sched.finish(t1))
-        gamma = tokens = accepted = n = 0
+        gamma = tokens = accepted = n = matched = 0
         preempted: list[int] = []
         ctx_mean = ctx_max = 0.0
         if len(sched.batch):
@@ -640,13 +660,15 @@ class Engine:
                 slots.forget(preempted)
             n, ctx_mean, ctx_max = view.batch, view.context, view.step_context  # (padded: the longest)
             model_s, tokens, accepted = self._step(sched, slots, view, gamma, clock)
+            if gamma:  # (n-gram lookup may leave rows without a proposal)
+                matched = int((self.proposed > 0).sum()) if self.cfg.drafter == "ngram" else n
             slots.free(sched.finish(clock.now()))
         t2 = clock.now()
         sched.kv_tokens = sched.batch_tokens()
         sched.record(t0, batch=n, gamma=gamma, prefill_s=t1 - t0, step_s=t2 - t1, tokens=tokens + len(admitted),
                      accepted=accepted, admitted=len(admitted), preempted=len(preempted), context=ctx_mean,
                      context_max=ctx_max)
-        return fwd, model_s, t2
+        return fwd, model_s, t2, matched
 
     def _prefill_admitted(self, slots: "_Slots", admitted: list[int], clock: Callable[[], float]) -> float:
         """Prefill the admitted requests' histories into new slots (one forward each, or with
@@ -706,17 +728,22 @@ class Engine:
         # cached positions per slot = context - 1 (the last token is not yet in the cache)
         lengths = torch.empty(n, dtype=torch.long)
         lengths[rows] = torch.as_tensor(b.contexts - 1)
+        ngram = self.cfg.drafter == "ngram" and gamma > 0
+        follow = None
+        if ngram and synthetic:  # the simulator's match draws decide who proposes (read before speculate uses them)
+            follow = np.zeros(n, bool)
+            follow[rows] = sched.peek_matched_rows(self.match_rate)
         acc = sched.speculate(gamma) if synthetic else None
         syn = None
         if synthetic and gamma:
             syn = torch.empty(n, dtype=torch.long)
             syn[rows] = torch.as_tensor(acc)
             syn = syn.to(device)
-        ngram = self.cfg.drafter == "ngram" and gamma > 0
         hists = [np.asarray(slots.history[slots.slot_rid[s]], np.int64) for s in range(n)] if ngram else None
         tm = clock.read()
         n_acc, ids_t, next_tok = self.spec_step(slots.last_tok[:n], lengths.to(device), gamma, syn,
-                                                self.cfg.draft_sync and slots.uses_draft, histories=hists)
+                                                self.cfg.draft_sync and slots.uses_draft, histories=hists,
+                                                follow=follow)
         model_s = clock.read() - tm
         n_acc_l, ids_l, next_l = n_acc.tolist(), ids_t.tolist(), next_tok.tolist()
         if not synthetic:
@@ -766,7 +793,8 @@ class Engine:
         arrivals = reqs.arrival.tolist()
         order = [i for i in range(reqs.n) if not reqs.rejected[i]]
         nxt = busy = 0
-        probes, diag = [], []  # diag, per iteration: prefill forwards, speculative step (model work)
+        probes, diag = [], []  # diag, per iteration: prefill forwards, speculative step (model work), proposers
+        self.match_rate = acceptance.match_rate  # (n-gram proposals under synthetic acceptance follow its draws)
         while nxt < len(order) or sched.outstanding:
             t = clock.now()
             while nxt < len(order) and arrivals[order[nxt]] <= t:
@@ -780,16 +808,17 @@ class Engine:
             if time_limit_s is not None and t > time_limit_s:
                 raise TimeoutError(f"engine run exceeded {time_limit_s} s")
             t0 = clock.now()
-            fwd, model_s, t2 = self._iteration(sched, slots, clock, t0)
-            diag.append((fwd, model_s))
+            fwd, model_s, t2, matched = self._iteration(sched, slots, clock, t0)
+            diag.append((fwd, model_s, matched))
             busy += t2 - t0
 
         iters = log.frame()
         fin = reqs.finished[~reqs.rejected]
         makespan = float(np.nanmax(fin)) if len(fin) else 0.0
         #: engine-only diagnostics per iteration (aligned with the iteration table): seconds in prefill
-        #: forwards and in the speculative step's model work; the rest of prefill_s/step_s is engine overhead
-        self.diagnostics = pd.DataFrame(diag, columns=["prefill_forward_s", "step_model_s"])
+        #: forwards and in the speculative step's model work (the rest of prefill_s/step_s is engine overhead),
+        #: and ``matched``: the sequences that proposed draft tokens (the batch at γ > 0 but for n-gram lookup)
+        self.diagnostics = pd.DataFrame(diag, columns=["prefill_forward_s", "step_model_s", "matched"])
         #: what ``probe`` returned, in order (empty without a probe)
         self.probes = probes
         #: token ids per request id: prompt (random ids) + the generated tokens

@@ -9,6 +9,7 @@ and throughput, plus a self-contained dashboard overlaying the two latency CDFs 
     specbatch-validate                                # reduced: tiny pair, 2 loads x 3 policies
     specbatch-validate --pair llama-68m:tiny-llama-draft --requests 120 --out fidelity-out
     specbatch-validate --clock wall                   # wall clock (a quiet machine of your own)
+    specbatch-validate --drafter eagle                # an EAGLE head drafts (or ngram: prompt lookup), in both
 
 What the profile misses, measured on the engine and added to the simulator (the report's simulator
 variants), is :mod:`specbatch.fidelity.calibrate`; the errors, noise and agreement verdict are :mod:`specbatch.fidelity.agreement`.
@@ -106,13 +107,16 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
     return out
 
 
-def fresh_profile(path: Path, target: str, draft: str, clock: str, grid: dict, max_age_h: float) -> bool:
-    """True when ``path`` holds a complete profile of this pair, clock and grid younger than ``max_age_h``."""
+def fresh_profile(path: Path, target: str, draft: str, clock: str, grid: dict, max_age_h: float,
+                  drafters: tuple = ("draft",)) -> bool:
+    """True when ``path`` holds a complete profile of this pair, clock and grid, with the rows of
+    ``drafters``, younger than ``max_age_h``."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         age = _dt.datetime.now(_dt.timezone.utc) - _dt.datetime.fromisoformat(meta["date"])
         return (meta["pair"]["target"] == target and meta["pair"]["draft"] == draft and meta["timing"].get("complete")
                 and meta["timing"].get("clock") == clock and meta["timing"]["grid"] == grid
+                and set(drafters) <= set(meta["timing"].get("drafters", ["draft"]))
                 and age.total_seconds() < max_age_h * 3600)
     except (OSError, KeyError, ValueError, TypeError):
         return False
@@ -143,6 +147,22 @@ def trace_slice(requests: int, *, start: int = 0, prompt_div: float = 16.0, outp
     return replace(w, arrival_s=arr, prompt_tokens=p, output_tokens=o, name=f"{label}[{start}:{start + requests}]")
 
 
+def validation_drafter(kind: str, match_rate: float | None = None):
+    """The simulator's drafter for a validation whose engine drafts with ``kind``: that kind's documented
+    n-gram window and match rate (``conf/drafter/<kind>.yaml``; ``match_rate`` in place of its own), without
+    per-position rates (the validation's synthetic ``alpha`` decides acceptance for every kind)."""
+    from specbatch.sim.drafters import make_drafter
+
+    return make_drafter(kind, positions=None, **({} if match_rate is None else {"match_rate": match_rate}))
+
+
+def drafter_label(d: dict) -> str:
+    """The report's drafter in a few words: its kind, and an n-gram drafter's match rate and window."""
+    if d["kind"] != "ngram":
+        return d["kind"]
+    return f"ngram (match rate {d['match_rate']:g}, window {d['prompt_lookup_min']}-{d['prompt_lookup_max']})"
+
+
 def frozen_policy(name: str, cost, acceptance, context):
     """A set-up policy whose ``setup`` is a no-op afterwards, so the engine and every simulator variant use
     the same γ table."""
@@ -161,13 +181,15 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              trace_start: int = 0, workload: str = "azure_conv", out: Path | str = "fidelity-out", profile: str | None = None,
              max_age_h: float = 12.0, repeats: int = REDUCED["repeats"], variants=None, draft_sync: bool = False,
              attention: str | None = None, prefill: str = "sequential", drafter: str = "draft_model",
-             graphs: bool | None = None, log=print) -> dict:
+             graphs: bool | None = None, match_rate: float | None = None, log=print) -> dict:
     """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report.
     ``attention``: how the simulator charges a step's context (``cluster.attention``; default the engine's,
     padded). ``prefill``: ``"batched"`` prefills an iteration's admissions in one forward per model, in the
     engine and the simulator (``cluster.prefill``), and profiles prefill at batch sizes up to ``max_batch``.
     ``graphs``: the engine replays its batched forwards from CUDA graphs and the profile is taken with graphs
-    (default: on CUDA; :func:`specbatch.fidelity.engine.uses_graphs`)."""
+    (default: on CUDA; :func:`specbatch.fidelity.engine.uses_graphs`).
+    ``drafter``: what drafts, in the engine and the simulator (``drafter.kind``, :func:`validation_drafter`;
+    ``match_rate``: an n-gram drafter's, default ``conf/drafter/ngram.yaml``'s)."""
     import pandas as pd
     import torch
 
@@ -182,10 +204,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     variants = variants or VARIANTS
     graphs = uses_graphs(EngineConfig(device=device, graphs=graphs))
     attention = attention or Engine.attention
-    if drafter != "draft_model":  # the engine drafts with it; the simulator's cost model does not yet
-        log(f"warning: --drafter {drafter} runs in the engine only: the simulator variants still price a draft "
-            "model (fidelity.calibrate.make_cost builds CostModel without the simulator's drafter); the profile "
-            "gets the drafter's rows")
+    spec = validation_drafter(drafter, match_rate)
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,17 +219,19 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     torch.set_num_threads(threads)
     load_start = loadavg()
     prof_dir = Path(profile) if profile else out / "profile"
-    acc = AcceptanceModel(alpha=alpha, max_gamma=max_gamma)
+    acc = AcceptanceModel(alpha=alpha, max_gamma=max_gamma, match_rate=spec.match_rate)
     base = trace_slice(requests, start=trace_start, max_prompt=max_prompt, max_output=max_output, workload=workload)
     max_len = max(max_prompt + max_output + max_gamma + 4, 64)
     setup, cases, calibrations = {}, [], []
 
     def set_up(prof) -> None:
         """The engine, and every case's workload and policy, from the first profile there is."""
-        plain = make_cost(prof, None, (), max_batch, max_gamma)
+        plain = make_cost(prof, None, (), max_batch, max_gamma, drafter=spec)
         ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock,
                             threads=threads, device=device, seed=seed, dtype=str(prof.meta["dtype"]),
-                            draft_sync=draft_sync, prefill=prefill, drafter=drafter, graphs=graphs)
+                            draft_sync=draft_sync, prefill=prefill, drafter=drafter, graphs=graphs,
+                            **({"prompt_lookup_min": spec.prompt_lookup_min, "prompt_lookup_max": spec.prompt_lookup_max}
+                               if drafter == "ngram" else {}))
         engine = Engine(target, draft, ecfg, max_len=max_len)
         cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync,
                                 attention=attention, prefill=prefill)
@@ -249,12 +270,13 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
 
     # The profile's passes and the engine's rounds interleave, so that the profile (the median over its
     # passes) and the engine runs (the median over rounds) sample the same stretch of the machine's speed.
-    if profile is None and not fresh_profile(prof_dir, target, draft, clock, grid, max_age_h):
+    prof_drafters = ("draft",) if drafter == "draft_model" else ("draft", drafter)
+    if profile is None and not fresh_profile(prof_dir, target, draft, clock, grid, max_age_h, prof_drafters):
         log(f"profiling {draft} / {target} on {device} (clock={clock}, {PROFILE_PASSES} passes), each followed "
             f"by an engine round; {repeats} rounds in all ...")
         profile_pair(prof_dir, target, draft, grid, clock=clock, threads=threads, device=device, seed=seed,
                      passes=PROFILE_PASSES, after_pass=one_round,
-                     drafters=("draft",) if drafter == "draft_model" else ("draft", drafter), graphs=graphs)
+                     drafters=prof_drafters, graphs=graphs)
         for k in range(PROFILE_PASSES, int(repeats)):
             one_round(k)
     else:
@@ -263,14 +285,14 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             one_round(k)
     t_measured = time.perf_counter() - t_start
     prof = load_profile(prof_dir)  # the final profile: every pass merged
-    plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma), setup["cluster"], setup["capacity"]
+    plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma, spec), setup["cluster"], setup["capacity"]
     over, cal = fit_overheads(plain, calibrations, attention=attention, prefill=prefill)
     log(f"  engine-side terms ({repeats} calibrations): {over}")
-    costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma) for name, fixes in variants}
+    costs = {name: make_cost(prof, over, fixes, max_batch, max_gamma, spec) for name, fixes in variants}
 
     def model_cost(o: Overheads, speed: float):
         """The full model with terms ``o`` rescaled to ``speed``."""
-        return make_cost(prof, at_speed(o, speed), variants[-1][1], max_batch, max_gamma)
+        return make_cost(prof, at_speed(o, speed), variants[-1][1], max_batch, max_gamma, spec)
 
     def model_at(o: Overheads, speed: float, w, pol) -> dict:
         """Summary of the full model's simulation with terms ``o`` rescaled to ``speed``."""
@@ -284,7 +306,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         steps = step_agreement(pd.concat([x["result"].iterations for x in ran]),
                                pd.concat([x["diagnostics"] for x in ran]),
                                charged_cost(plain, pol, cluster), attention=attention) if ran else None
-        prefills = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, pol.uses_draft,
+        drafts = pol.uses_draft and spec.prefill  # the drafter prefills admitted prompts too (ngram: never)
+        prefills = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, drafts,
                                      attention=attention, prefill=prefill) if len(r.iterations) else None
         case.update({"loadavg": runs[0]["loadavg"], "engine_wall_s": float(np.median([x["wall_s"] for x in runs])),
                      "engine_host": {k: round(float(np.mean([x["host"][k] for x in runs])), 3)
@@ -314,8 +337,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             cost = model_cost(over, speed)
             at = summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
             paired.append(rel_errors(x["summary"], at))
-            parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), pol.uses_draft,
-                                           attention=attention, prefill=prefill))
+            parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), drafts,
+                                           attention=attention, prefill=prefill, diagnostics=x["diagnostics"]))
             slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
             moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}
@@ -338,7 +361,7 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         "draft_sync": draft_sync, "attention": attention, "prefill": prefill,
         "graphs": {"enabled": graphs, "late_captures": setup["engine"].step_graphs.late_captures
                    if setup["engine"].step_graphs is not None else 0},
-        "drafter": {"engine": drafter, "simulator": "draft_model"},
+        "drafter": spec.describe(),
         "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
         "profile": str(prof_dir), "calibration": cal, "probe_point": setup["probe"].point,
@@ -418,7 +441,9 @@ def write_dashboard(cases: list[dict], report: dict, path: Path, variant: str) -
                 f"<td>±{100 * x['tolerance'][m]:.1f}% {describe_verdict(x, m)}</td>" if m in x["tolerance"]
                 else "<td></td>" for m in METRICS) + "</tr>")
     head = "".join(f"<th>{m}</th>" for m in METRICS)
-    info = (f"pair {report['pair']['draft']} / {report['pair']['target']} on {report['device']}, clock={report['clock']}, "
+    info = (f"pair {report['pair']['draft']} / {report['pair']['target']} on {report['device']}, "
+            f"drafter {drafter_label(report['drafter']) if 'drafter' in report else 'draft_model'}, "
+            f"clock={report['clock']}, "
             f"threads={report['threads']}, loadavg {report['loadavg_start']} → {report['loadavg_end']}; "
             f"'{variant}': the simulator against the median over the engine's runs (plots: the first run); "
             "'paired': each run against the simulator at the speed its probe read, median over runs")
@@ -440,6 +465,7 @@ def write_dashboard(cases: list[dict], report: dict, path: Path, variant: str) -
 def format_report(report: dict) -> str:
     variants = list(report["variants"])
     lines = [f"pair {report['pair']['draft']} / {report['pair']['target']}, device {report['device']}, "
+             f"drafter {drafter_label(report['drafter']) if 'drafter' in report else 'draft_model'}, "
              f"clock {report['clock']}, attention {report.get('attention', 'paged')}, "
              f"prefill {report.get('prefill', 'sequential')}, "
              f"loadavg {report['loadavg_start']} -> {report['loadavg_end']}",
@@ -526,9 +552,12 @@ def main(argv: list[str] | None = None) -> int:
                          "in the engine and the simulator (cluster.prefill); batched profiles prefill at several "
                          "batch sizes")
     ap.add_argument("--drafter", choices=("draft_model", "eagle", "ngram"), default="draft_model",
-                    help="what drafts in the engine: the pair's draft model, an EAGLE head built from the target "
-                         "(random weights) or n-gram lookup (specbatch.fidelity.engine); the simulator side is not "
-                         "wired yet (it still prices the draft model)")
+                    help="what drafts, in the engine and the simulator (drafter.kind): the pair's draft model, an "
+                         "EAGLE head built from the target (random weights; the profile gets its eagle rows) or "
+                         "n-gram lookup (ngram rows; the engine's proposals follow the simulator's match draws)")
+    ap.add_argument("--match-rate", type=float, default=None,
+                    help="--drafter ngram: probability that a sequence's lookup proposes in an iteration "
+                         "(default conf/drafter/ngram.yaml's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                     help="the engine replays its batched forwards from CUDA graphs and the profile is taken with "
@@ -552,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                           clock=clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
                           profile=a.profile, repeats=a.repeats, trace_start=a.trace_start, workload=a.workload,
                           draft_sync=a.draft_sync, attention=a.attention, prefill=a.prefill, drafter=a.drafter,
-                          graphs=a.graphs)
+                          graphs=a.graphs, match_rate=a.match_rate)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)
         return 2

@@ -275,7 +275,8 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
             break
         if role == "ngram":  # CPU work on token ids: no model, no cache, no device time
             for p in pts:
-                stats = measure_ngram(p, meta["models"]["ngram"], tm, int(cfg.seed), deadline, t_start)
+                stats = measure_ngram(p, meta["models"]["ngram"], tm, int(cfg.seed), deadline, t_start,
+                                      meta["timing"]["clock"])
                 if stats is None:
                     timed_out = True
                     break
@@ -795,18 +796,30 @@ def ngram_info(cfg, grid: Grid) -> dict:
                       "prompt_lookup_min the sequence's last n tokens are searched for earlier in it (numpy "
                       "sliding windows); the tokens after the earliest occurrence of the longest n are proposed "
                       f"(up to γ_max = {gmax}); one CPU loop over the batch",
-            "timed": "decode rows: CPU seconds (time.perf_counter, no device time) to propose for batch "
-                     "sequences of context tokens each",
+            "timed": "decode rows: seconds on the sweep's clock (timing.clock: time.perf_counter for wall, "
+                     "time.process_time for cpu; no device time) to propose for batch sequences of context tokens each",
             "sequences": "synthetic (drafters.synthetic_sequences): random tokens from a 64-token vocabulary in "
                          "16-token spans, each span after the first copying an earlier span of its sequence with "
                          "probability 0.5, so some sequences end in a repeated span (a hit) and others not "
                          "(a miss: every n is searched); seeded by (seed, batch, context)"}
 
 
-def measure_ngram(p, info: dict, tm, seed: int, deadline: float | None, t_start: float):
-    """Time one ``ngram`` decode point with :func:`~specbatch.profiler.timing.measure` on the CPU timer;
-    ``None`` when the deadline is spent."""
+def ngram_step(batch: int, context: int, info: dict, seed: int, proposed: int | None = None):
+    """``(step, reset)`` for an ``ngram`` decode point, as :func:`make_step` for a model's: ``step`` proposes
+    for ``batch`` synthetic sequences of ``context`` tokens (seeded by (seed, batch, context)) with the
+    window of ``info`` (meta.json ``models.ngram``), up to ``proposed`` tokens (default the profile's);
+    ``reset`` does nothing (the lookup changes no state)."""
     from specbatch.profiler import drafters as D
+
+    seqs = D.synthetic_sequences(batch, context, seed=hash((seed, batch, context)) & 0xFFFFFFFF)
+    k = info["config"]["proposed_tokens"] if proposed is None else int(proposed)
+    lo, hi = info["prompt_lookup_min"], info["prompt_lookup_max"]
+    return (lambda: D.ngram_propose_batch(seqs, k, lo, hi)), (lambda: None)
+
+
+def measure_ngram(p, info: dict, tm, seed: int, deadline: float | None, t_start: float, clock: str = "wall"):
+    """Time one ``ngram`` decode point with :func:`~specbatch.profiler.timing.measure` on the host timer of
+    the sweep's ``clock``; ``None`` when the deadline is spent."""
     from specbatch.profiler import timing
 
     _, _, batch, _, context = p
@@ -816,9 +829,8 @@ def measure_ngram(p, info: dict, tm, seed: int, deadline: float | None, t_start:
         if budget <= 0:
             return None
         budget = min(budget, float(tm.point_budget_s))
-    seqs = D.synthetic_sequences(batch, context, seed=hash((seed, batch, context)) & 0xFFFFFFFF)
-    k, lo, hi = info["config"]["proposed_tokens"], info["prompt_lookup_min"], info["prompt_lookup_max"]
-    return timing.measure(lambda: D.ngram_propose_batch(seqs, k, lo, hi), timing.make_timer("cpu"),
+    step, _ = ngram_step(batch, context, info, seed)
+    return timing.measure(step, timing.make_timer("cpu", clock),
                           warmup=int(tm.warmup), min_samples=int(tm.min_samples), max_samples=int(tm.max_samples),
                           rel_precision=float(tm.rel_precision), budget_s=budget,
                           floor_samples=int(tm.floor_samples))

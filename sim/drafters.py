@@ -28,6 +28,14 @@ T_verify is linear in tokens over the rows it spans). The match draw is the acce
 sequence's one uniform U per iteration matches when ``U < match_rate`` and then accepts
 ``#{j : U < match_rate·Π_{i≤j} α_i}`` tokens (U/match_rate is uniform given the match), so fast-forward and
 stepping read the same draws. ``cluster.draft_sync`` adds nothing for ngram (it has no KV to keep in step).
+
+**The verify's width** depends on how the engine lays out a batch (``cluster.attention``, :func:`charged_matched`).
+``paged`` (the default; vLLM V1): the verify forward is ragged, each sequence contributing its own 1 + k tokens
+to one flattened batch (``num_scheduled_tokens`` per request, the rejection sampler's ``cu_num_draft_tokens``),
+so the step costs the tokens proposed, ``x = γ·m/b`` above. ``padded`` (a rectangular batch, as the fidelity
+engine runs it: attention padded to the longest sequence): every row verifies 1 + the most any row proposed,
+so an iteration where any sequence matched is charged as if all had (``x = γ``), one where none did as a
+decode (``x = 0``); the proposer runs in both.
 """
 from __future__ import annotations
 
@@ -130,6 +138,13 @@ class Drafter:
 
 
 DRAFT_MODEL = Drafter()
+
+
+def charged_matched(matched: int, batch: int, padded: bool) -> int:
+    """Sequences an iteration of a partial proposer is charged as having proposed γ tokens when ``matched`` of
+    its ``batch`` did (:meth:`CostModel.iteration_matched`'s ``matched``): ``matched`` itself for a ragged verify
+    (paged), the whole batch under ``padded`` when any matched (every row is padded to the longest proposal)."""
+    return batch if padded and matched else matched
 
 
 def drafter_defaults(kind: str) -> dict:

@@ -54,6 +54,7 @@ import simpy
 
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel
+from .drafters import charged_matched
 from .iterations import IterationLog
 from .policies import BatchView, Policy
 from .requests import RequestTable
@@ -167,6 +168,11 @@ class Replica:
         total = self._prefill_seconds(rids)
         return total, self.sched.join(rids, t0, t0 + total)
 
+    def _charged(self, matched: int, batch: int) -> int:
+        """A partial proposer's matched sequences as its step is charged
+        (:func:`~specbatch.sim.drafters.charged_matched`)."""
+        return charged_matched(matched, batch, self.padded)
+
     def _prefill_seconds(self, rids: list[int]) -> float:
         """Seconds to prefill ``rids``' contexts on the target (and the draft when the policy uses one): one
         after another, or with ``prefill="batched"`` (and more than one) together in one forward per model."""
@@ -218,7 +224,8 @@ class Replica:
                 if self.padded:
                     ctx_max = view.step_context
                 step_s = cost.iteration(n, gamma, view.step_context) if not gamma or self.match_rate is None \
-                    else cost.iteration_matched(n, gamma, sched.peek_matched(1, self.match_rate)[0], view.step_context)
+                    else cost.iteration_matched(n, gamma, self._charged(sched.peek_matched(1, self.match_rate)[0], n),
+                                                view.step_context)
                 acc = sched.speculate(gamma)
             duration = prefill_s + step_s
             yield env.timeout(duration)
@@ -321,7 +328,8 @@ class Replica:
             contexts = [ctx0 / n] + [(ctx0 + g) / n for g in tot[:rows - 1].tolist()]
             if matched:
                 it = self.cost.iteration_matched
-                steps = [it(n, gamma, m, c) for m, c in zip(sched.peek_matched(rows, self.match_rate), maxes or contexts)]
+                steps = [it(n, gamma, self._charged(m, n), c)
+                         for m, c in zip(sched.peek_matched(rows, self.match_rate), maxes or contexts)]
             else:
                 steps = self.cost.iteration_list(n, gamma, maxes or contexts)
             times = [t0, t0 + (prefill_s + steps[0])]
@@ -453,7 +461,8 @@ class Replica:
                 view = BatchView(ts, self.index, b0, ctx_mean, b.ids, ctx_max if self.padded else ctx_mean)
                 gamma = sched.gamma_for(view)
                 step_s = cost.iteration(b0, gamma, view.step_context) if not gamma or self.match_rate is None \
-                    else cost.iteration_matched(b0, gamma, sched.peek_matched(1, self.match_rate)[0], view.step_context)
+                    else cost.iteration_matched(b0, gamma, self._charged(sched.peek_matched(1, self.match_rate)[0], b0),
+                                                view.step_context)
                 acc = sched.speculate(gamma)
             pre = prefill_s if first else 0.0
             yield env.timeout(pre + step_s)

@@ -322,6 +322,11 @@ class Scheduler:
         n = len(self.batch)
         return (self.uniforms.peek(k * n).reshape(k, n) < match_rate).sum(axis=1).tolist()
 
+    def peek_matched_rows(self, match_rate: float) -> np.ndarray:
+        """Per running sequence (batch order), whether its proposer matches in the next iteration: the draw
+        :meth:`peek_matched` counts (and :meth:`speculate` then reads for its acceptance). Not consumed."""
+        return self.uniforms.peek(len(self.batch)) < match_rate
+
     def speculate(self, gamma: int) -> np.ndarray:
         """Draw one iteration's accepted draft tokens per sequence at speculation length ``gamma``."""
         if gamma == 0:

@@ -99,6 +99,33 @@ def test_ngram_rows_without_a_match_gain_one_token_and_pay_no_proposal(profile):
     assert set(gained.tolist()) <= {1, 2, 3, 4} and (gained == 1).mean() > 0.5  # P(gain 1) = 0.5 + 0.5·0.4 = 0.7
 
 
+def test_ngram_verify_under_padded_attention_is_as_wide_as_the_longest_proposal(profile):
+    """cluster.attention=padded (a rectangular batch, as the fidelity engine runs): an ngram step is charged
+    the verify of γ + 1 tokens for every row when any row matched, a 1-token verify when none did; paged
+    (vLLM's ragged batch): the verify of the tokens proposed, between the two. Fast-forward and stepping agree."""
+    c = cost(profile, "ngram")
+    rng = np.random.default_rng(5)
+    w = Workload(arrival_s=np.zeros(20), prompt_tokens=rng.integers(20, 200, 20),
+                 output_tokens=rng.integers(40, 120, 20), name="burst")
+    acc = AcceptanceModel(positions=np.array([0.6]), match_rate=0.5, max_gamma=8)
+    runs = {(att, ff): simulate(w, c, make_policy("fixed", gamma=4), acc,
+                                ClusterConfig(max_batch=16, attention=att, fast_forward=ff), seed=2).iterations
+            for att in ("padded", "paged") for ff in (True, False)}
+    assert runs["padded", True].equals(runs["padded", False])
+    for att in ("padded", "paged"):
+        it = runs[att, True]
+        it = it[(it["gamma"] > 0) & (it["batch"] >= 14)]
+        full = np.array([c.iteration_matched(int(b), 4, int(b), 100.0) for b in it["batch"]])
+        none = np.array([c.iteration_matched(int(b), 4, 0, 100.0) for b in it["batch"]])
+        step = it["step_s"].to_numpy()
+        assert len(step) > 10 and (full > none).all()  # (b ≥ 14: 5 tokens a row are past the knee)
+        at_full = np.isclose(step, full, rtol=1e-12)
+        if att == "padded":  # P(none of ≥ 14 rows matched) = 0.5^14: nearly every step is a full verify
+            assert (at_full | np.isclose(step, none, rtol=1e-12)).all() and at_full.mean() > 0.9
+        else:  # about half of the rows proposing: between the two, never a full verify
+            assert (step >= none - 1e-15).all() and (step < full).all()
+
+
 def test_profile_without_drafter_rows_is_refused_in_one_line(tmp_path):
     bare = load_profile(write_formula_profile(tmp_path / "bare", verify=VERIFY, draft=DRAFT))
     for kind in ("eagle", "ngram"):

@@ -224,41 +224,105 @@ def test_eagle_and_ngram_engines_serve_requests_and_greedy_matches_the_target(mo
             assert toks[p:] == _greedy(target, toks[:p], int(w.output_tokens[rid])), (kind, rid)
 
 
-def test_ngram_synthetic_acceptance_counts_only_proposed_tokens(models, cost, monkeypatch):
-    """Synthetic acceptance with n-gram lookup: a row without a match verifies 1 token and accepts nothing;
-    with a match it accepts at most what was proposed (the simulator's draw capped)."""
-    from specbatch.profiler import drafters as D
+def test_ngram_synthetic_proposals_follow_the_simulators_match_draws(models, tmp_path):
+    """Synthetic acceptance with n-gram lookup: a row proposes γ tokens exactly when the simulator's seeded draw
+    matches (match rate 0.5), so the engine replays the simulator's iterations token for token, and the
+    simulator (padded attention) charges each step for the engine's own proposers: lookup + verify of γ + 1
+    tokens when any row proposed, lookup + a 1-token verify when none did."""
+    from specbatch.sim.drafters import charged_matched, make_drafter
+
+    from conftest import add_drafter_rows
 
     target, draft = models
-    seen = []
-    real_propose = D.ngram_propose_batch
+    folder = write_formula_profile(tmp_path / "formula", verify=linear_step(0.004, 0.0001),
+                                   draft=linear_step(0.001, 0.00001), batches=(1, 2, 4, 8), contexts=(16, 64, 256),
+                                   prompts=(8, 32, 128))
+    ngram = CostModel(load_profile(add_drafter_rows(folder, ngram=linear_step(0.0002, 0.00001))), max_batch=8,
+                      max_gamma=6, drafter=make_drafter("ngram", match_rate=0.5))
+    acc = AcceptanceModel(alpha=0.9, max_gamma=6, match_rate=0.5)
+    cfg = E.EngineConfig(max_batch=4, acceptance="synthetic", clock="cpu", warmup=False, drafter="ngram")
+    eng = E.Engine("tiny-llama", "tiny-llama-draft", cfg, max_len=96, models=(target, draft))
+    w = _workload([6, 10, 8], [12, 15, 9])
+    r = eng.run(w, ngram, make_policy("fixed", gamma=3), acc, seed=1)
+    sim = simulate(w, ngram, make_policy("fixed", gamma=3), acc,
+                   ClusterConfig(max_batch=4, kv_capacity_tokens=eng.capacity, attention="padded"), seed=1)
+    cols = ["batch", "gamma", "tokens", "accepted", "admitted"]
+    assert r.iterations[cols].to_numpy().tolist() == sim.iterations[cols].to_numpy().tolist()
+    it, m = sim.iterations, eng.diagnostics["matched"].to_numpy()
+    spec = (it["gamma"] > 0).to_numpy()
+    assert ((m > 0) & (m < it["batch"].to_numpy())).any() and (spec & (m == 0)).any()  # partial and no matches
+    assert (it["accepted"].to_numpy()[m == 0] == 0).all()  # no proposal, nothing accepted
+    charged = [ngram.iteration_matched(int(b), 3, charged_matched(int(k), int(b), True), float(c))
+               for b, c, k in zip(it["batch"][spec], it["context_max"][spec], m[spec])]
+    assert it["step_s"][spec].tolist() == pytest.approx(charged, rel=1e-12)
+    assert (r.requests["generated_tokens"] == r.requests["output_tokens"]).all()
 
-    def spy(seqs, k, lo, hi):
-        out = real_propose(seqs, k, lo, hi)
-        seen.append([len(x) for x in out])
-        return out
 
-    monkeypatch.setattr(D, "ngram_propose_batch", spy)
+def test_ngram_step_proposes_what_follow_says_else_what_the_lookup_finds(models, cost):
+    """:meth:`Engine.spec_step` with n-gram lookup: without ``follow`` (real acceptance) a row proposes what the
+    lookup found and a synthetic draw is capped at it; with ``follow`` a row proposes γ tokens (the lookup's,
+    filled up with its last token) or none, whatever the lookup found."""
+    target, draft = models
     cfg = E.EngineConfig(max_batch=4, acceptance="synthetic", clock="cpu", warmup=False, drafter="ngram",
                          prompt_lookup_min=1, prompt_lookup_max=2)
     eng = E.Engine("tiny-llama", "tiny-llama-draft", cfg, max_len=96, models=(target, draft))
-    w = _workload([6, 10, 8], [12, 15, 9])
-    r = eng.run(w, cost, make_policy("fixed", gamma=3), AcceptanceModel(alpha=0.9, max_gamma=6), seed=1)
-    it = r.iterations[r.iterations["batch"] > 0]
-    steps = it[it["gamma"] > 0]
-    assert len(seen) == len(steps)
-    for proposed, (_, row) in zip(seen, steps.iterrows()):
-        assert row["accepted"] <= sum(proposed)
-    assert (r.requests["generated_tokens"] == r.requests["output_tokens"]).all()
-    # a history with no repeat proposes nothing: that row accepts 0
     lengths = torch.tensor([4])
-    hist = [np.array([1, 2, 3, 4, 5], np.int64)]
     eng.tcache.set_step(0, 1, torch.arange(4)[None], 4)
-    n_acc, ids, _ = eng.spec_step(torch.tensor([5]), lengths, 3, torch.tensor([3]), histories=hist)
+    miss, hit = [np.array([1, 2, 3, 4, 5], np.int64)], [np.array([7, 8, 9, 7, 8], np.int64)]
+    n_acc, ids, _ = eng.spec_step(torch.tensor([5]), lengths, 3, torch.tensor([3]), histories=miss)
     assert int(n_acc[0]) == 0 and ids.shape == (1, 1) and int(eng.proposed[0]) == 0
-    hist = [np.array([7, 8, 9, 7, 8], np.int64)]  # [7, 8] recurs: 9, 7, 8 proposed; the draw of 2 stands
-    n_acc, ids, _ = eng.spec_step(torch.tensor([8]), lengths, 3, torch.tensor([2]), histories=hist)
+    # [7, 8] recurs: 9, 7, 8 proposed; the draw of 2 stands
+    n_acc, ids, _ = eng.spec_step(torch.tensor([8]), lengths, 3, torch.tensor([2]), histories=hit)
     assert int(n_acc[0]) == 2 and ids[0].tolist() == [8, 9, 7, 8] and int(eng.proposed[0]) == 3
+    n_acc, ids, _ = eng.spec_step(torch.tensor([5]), lengths, 3, torch.tensor([3]), histories=miss,
+                                  follow=np.array([True]))
+    assert int(n_acc[0]) == 3 and ids[0].tolist() == [5, 5, 5, 5] and int(eng.proposed[0]) == 3
+    hit2 = [np.array([7, 8, 9, 7, 8, 9, 7, 8], np.int64)]  # the lookup finds 9, 7, 8 (then 9 fills nothing)
+    n_acc, ids, _ = eng.spec_step(torch.tensor([8]), lengths, 4, torch.tensor([1]), histories=hit2,
+                                  follow=np.array([True]))
+    assert ids[0].tolist()[:4] == [8, 9, 7, 8] and int(eng.proposed[0]) == 4
+    n_acc, ids, _ = eng.spec_step(torch.tensor([8]), lengths, 3, torch.tensor([0]), histories=hit,
+                                  follow=np.array([False]))
+    assert int(n_acc[0]) == 0 and ids.shape == (1, 1) and int(eng.proposed[0]) == 0
+
+
+def test_eagle_draft_sync_runs_the_head_at_gamma_zero(models):
+    """With draft_sync a γ = 0 step also runs the EAGLE head on the decoded token (writing its KV at that
+    position, as the simulator charges one eagle row for it); without, the head's cache is left as it was."""
+    target, draft = models
+    eng = E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(max_batch=2, clock="cpu", warmup=False,
+                                                                   drafter="eagle"), max_len=32, models=(target, draft))
+    lengths, last = torch.tensor([3, 5]), torch.tensor([1, 2])
+    k = eng.dcache.layers[0].kbuf
+    eng.spec_step(last, lengths, 0, None, draft_sync=False)
+    assert not k[0, :, 3].any() and not k[1, :, 5].any()
+    eng.spec_step(last, lengths, 0, None, draft_sync=True)
+    assert k[0, :, 3].abs().sum() > 0 and k[1, :, 5].abs().sum() > 0 and not k[0, :, 4].any()
+
+
+def test_the_calibrations_profiler_steps_are_the_drafters(models, monkeypatch):
+    """fidelity.calibrate re-times the engine's own drafter: an EAGLE head step on a one-layer cache beside the
+    target's verify, one n-gram lookup for the batch proposing γ (no cache), and a draft decode by default."""
+    from specbatch.fidelity import calibrate as C
+    from specbatch.profiler import drafters as D
+
+    target, draft = models
+    calls = []
+    real = D.ngram_propose_batch
+    monkeypatch.setattr(D, "ngram_propose_batch", lambda seqs, k, lo, hi: calls.append((len(seqs), k)) or real(
+        seqs, k, lo, hi))
+    for kind in ("draft_model", "eagle", "ngram"):
+        eng = E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(max_batch=4, clock="cpu", warmup=False,
+                                                                       drafter=kind), max_len=64, models=models)
+        roles = [role for role, _ in C.step_models(eng)]
+        assert roles == (["target"] if kind == "ngram" else ["target", "draft"])
+        if kind == "eagle":
+            assert C.step_models(eng)[1][1] is eng.head
+        assert len(C.profiler_steps(eng, 2, 0, 16)) == 1  # γ = 0: the target's decode alone
+        times = C.retime(eng, 2, 3, 16, {r: M.make_cache("prealloc", m.config, 2, 16, 4, eng.dtype, "cpu")
+                                         for r, m in C.step_models(eng)}, time.process_time, repeats=1)
+        assert len(times) == 2 and times[0] > 0 and times[1] >= 0  # (a lookup may read 0 on a coarse clock)
+    assert calls == [(2, 3), (2, 3)]  # the ngram step: the warming call and the timed one
 
 
 def test_unknown_drafter_is_a_clear_error(models):

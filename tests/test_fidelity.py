@@ -126,6 +126,9 @@ def test_cli_rejects_bad_input(capsys):
         V.main(["--policies", "magic"])
     assert V.main(["--pair", "tiny-llama", "--out", "/tmp/unused-specbatch-validate"]) == 2
     assert "error" in capsys.readouterr().err
+    assert V.main(["--drafter", "eagle", "--match-rate", "0.5", "--out", "/tmp/unused-specbatch-validate"]) == 2
+    err = capsys.readouterr().err
+    assert "drafter.match_rate is 0.5" in err and len(err.strip().splitlines()) == 1
 
 
 def test_step_agreement_is_the_ratio_of_predicted_to_measured_step_time(formula_profile):
@@ -272,22 +275,33 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sy
     ``cost.prefill_batch`` at the longest prompt, as the engine pads), with the per-forward terms."""
     import pandas as pd
 
+    from specbatch.sim.drafters import charged_matched
+
     rng = np.random.default_rng(0)
     calibrations = []
+    partial = cost.drafter.partial  # ngram: steps priced by the rows that proposed (all of them at a re-timed point)
+
+    def step(b: int, g: int, c: float, m: int | None = None) -> float:
+        if not (partial and g):
+            return cost.iteration(b, g, c)
+        return cost.iteration_matched(b, g, b if m is None else charged_matched(m, b, True), c)
+
     for speed in (0.75, 0.8, 0.85):
-        pts = [dict(batch=b, gamma=g, context=c, profiler_s=cost.iteration(b, g, float(c)) / speed)
+        pts = [dict(batch=b, gamma=g, context=c, profiler_s=step(b, g, float(c)) / speed)
                for b in (1, 2, 4, 8) for g in (0, 2, 4) for c in (100, 400)]
         b, g = rng.choice(list(batches), n), rng.choice([0, 1, 2, 4], n)
         ctx = rng.uniform(100, 600, n)
         longest = np.where(b > 1, ctx + rng.uniform(0, 400, n), ctx)  # the engine's attention span (it pads)
-        model = np.array([cost.iteration(int(x), int(y), z) / speed for x, y, z in zip(b, g, longest)])
+        matched = np.where(g > 0, rng.integers(0, b + 1), 0) if partial else np.where(g > 0, b, 0)
+        model = np.array([step(int(x), int(y), z, int(m)) / speed for x, y, z, m in zip(b, g, longest, matched)])
         k = truth.speed / speed
-        model += k * np.where(g > 0, truth.verify_s + g * truth.draft_s, truth.decode_s)
+        width = np.where(matched > 0, g, 0) if partial else g  # (padded: a step whose rows proposed nothing decodes)
+        model += k * np.where(width > 0, truth.verify_s + width * truth.draft_s, truth.decode_s)
         sched = k * (truth.sched_base_s + truth.sched_per_seq_s * b + (g > 0) * (truth.sched_spec_s
                                                                                + truth.sched_per_gamma_s * g))
         admitted = rng.integers(0, 3 if prefill == "sequential" else 5, n)
         prompts = [list(rng.integers(16, 200, k)) if k else None for k in admitted]
-        models = np.where(g > 0, 2, 1)  # the γ = 0 run prefills the target only
+        models = np.where((g > 0) & cost.drafter.prefill, 2, 1)  # the γ = 0 run prefills the target only
         synced = np.zeros(n, bool)
         if draft_sync:
             synced = (g == 0) & (rng.random(n) < 0.5)
@@ -309,7 +323,7 @@ def made_up_calibrations(cost, truth, batches=range(1, 9), n: int = 60, draft_sy
         it = pd.DataFrame({"batch": b, "gamma": g, "context": ctx, "context_max": longest,
                            "step_s": model + sched, "step_model_s": model,
                            "prefill_s": phase, "admitted": admitted, "prompts": prompts, "models": models,
-                           "draft_sync": synced})
+                           "draft_sync": synced, "matched": matched})
         calibrations.append({"iterations": it, "step_points": pts})
     return calibrations
 
@@ -389,6 +403,72 @@ def test_fit_overheads_recovers_known_terms(formula_profile):
     assert details["probe_run_over_steps"] == [1.0, 0.625, 1.0]  # round 2's run read 0.8, its steps 0.5
     for k, v in truth.as_dict().items():
         assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
+
+
+def drafter_profile(tmp_path):
+    """A formula profile with eagle and ngram rows (tests/test_drafters.py's formulas)."""
+    from conftest import add_drafter_rows, linear_step, write_formula_profile
+    from specbatch.sim.profile import load_profile
+
+    folder = write_formula_profile(tmp_path / "drafters", verify=linear_step(0.010, 0.0005, knee=64),
+                                   draft=linear_step(0.001, 0.00002))
+    return load_profile(add_drafter_rows(folder, eagle=linear_step(0.0004, 0.00001),
+                                         ngram=linear_step(0.0001, 0.000005)))
+
+
+def test_make_cost_prices_the_simulators_drafter(tmp_path):
+    """make_cost(drafter=...) is the simulator's own cost model for that drafter (specbatch-sim drafter=...):
+    eagle steps and prefills from the eagle rows, an ngram step as one lookup + the verify of what was
+    proposed; the engine-side terms add to a partial proposer's steps as to any other."""
+    from specbatch.sim.cost_model import CostModel
+    from specbatch.sim.drafters import make_drafter
+
+    prof = drafter_profile(tmp_path)
+    o = C.Overheads(sched_base_s=0.0004, sched_per_seq_s=0.00003, sched_spec_s=0.0002, sched_per_gamma_s=0.00001,
+                    prefill_s=0.002, prefill_draft_s=0.0015, decode_s=0.0005, verify_s=0.001, draft_s=0.0007, speed=0.8)
+    for kind in ("eagle", "ngram"):
+        d = V.validation_drafter(kind)
+        sim = CostModel(prof, max_batch=8, max_gamma=4, drafter=make_drafter(kind, positions=None))
+        plain, full = C.make_cost(prof, None, (), 8, 4, drafter=d), C.make_cost(prof, o, C.FIXES, 8, 4, drafter=d)
+        assert plain.drafter == d and full.drafter == d
+        assert plain.iteration_table(300.0).tolist() == sim.iteration_table(300.0).tolist()
+    eagle = C.make_cost(prof, None, (), 8, 4, drafter=V.validation_drafter("eagle"))
+    # b = 4, γ = 3: verify 16 tokens < 64 -> 0.010; eagle step 0.0004 + 0.00001·4, three of them
+    assert eagle.iteration(4, 3, 300.0) == pytest.approx(0.010 + 3 * 0.00044)
+    assert eagle.prefill(256, "draft") == pytest.approx(0.02 * 0.256)  # the eagle prefill rows
+    ngram = C.make_cost(prof, None, (), 8, 4, drafter=V.validation_drafter("ngram"))
+    full = C.make_cost(prof, o, C.FIXES, 8, 4, drafter=V.validation_drafter("ngram"))
+    # b = 8, γ = 4, 4 of 8 proposed: x = 2 -> verify of 3 tokens: 24 < 64 -> 0.010; lookup 0.0001 + 0.00004
+    assert ngram.iteration_matched(8, 4, 4, 300.0) == pytest.approx(0.010 + 0.00014)
+    sched = o.sched_base_s + 8 * o.sched_per_seq_s + o.sched_spec_s + 4 * o.sched_per_gamma_s  # (γ = 4 chosen)
+    # the step term at the 2 draft tokens per sequence verified; none proposed: a decode's
+    assert full.iteration_matched(8, 4, 4, 300.0) == pytest.approx(0.01014 / 0.8 + o.verify_s + 2 * o.draft_s + sched)
+    assert full.iteration_matched(8, 4, 0, 300.0) == pytest.approx(ngram.iteration_matched(8, 4, 0, 300.0) / 0.8
+                                                                   + o.decode_s + sched)
+    assert V.validation_drafter("ngram").match_rate == 0.5 and V.validation_drafter("ngram", 0.8).match_rate == 0.8
+    assert V.validation_drafter("eagle").positions is None  # the validation's alpha decides acceptance
+    with pytest.raises(ValueError, match="match_rate"):
+        V.validation_drafter("eagle", 0.5)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "ngram"])
+def test_fit_overheads_recovers_known_terms_on_the_drafters_steps(tmp_path, kind):
+    """Calibrations made up from known terms on an EAGLE head's or an n-gram proposer's steps (ngram: each
+    step priced by the rows that proposed, padded: all of them when any did; no draft prefill) give the terms
+    back (ngram: a step whose rows proposed nothing carries a decode's term, not a verify's); without the
+    engine's ``matched`` column an ngram calibration is refused in one line."""
+    prof = drafter_profile(tmp_path)
+    cost = C.make_cost(prof, None, (), 8, 4, drafter=V.validation_drafter(kind))
+    truth = TRUTH if kind == "eagle" else dataclasses.replace(TRUTH, prefill_draft_s=0.0, admit_step_draft_s=0.0)
+    calibrations = made_up_calibrations(cost, truth)
+    got, _ = C.fit_overheads(cost, calibrations)
+    for k, v in truth.as_dict().items():
+        assert getattr(got, k) == pytest.approx(v, rel=1e-6, abs=1e-12), k
+    if kind == "ngram":
+        for c in calibrations:
+            del c["iterations"]["matched"]
+        with pytest.raises(ValueError, match="matched"):
+            C.fit_overheads(cost, calibrations)
 
 
 def test_fit_overheads_compares_draft_sync_steps_with_their_draft_decode(formula_profile):
@@ -562,6 +642,33 @@ def test_validation_dashboard_says_the_verdict(tmp_path):
     html = V.write_dashboard(cases, report, tmp_path / "d.html", "paired").read_text()
     assert "data-verdict='inconclusive'><b>Verdict: inconclusive:" in html and "All cases agree" not in html
     assert html.count("inconclusive (noise 20.0 %)") == 6 and html.count("<td>tolerance</td>") == 2
+    assert "drafter draft_model," in html  # (a report written before drafter kinds: the draft model)
+    report["drafter"] = V.validation_drafter("ngram", 0.7).describe()
+    html = V.write_dashboard(cases, report, tmp_path / "d.html", "paired").read_text()
+    assert "drafter ngram (match rate 0.7, window 5-5)," in html
+
+
+def test_a_profile_without_the_drafters_rows_is_not_reused(tmp_path):
+    """A fresh profile of the pair is reused only when it has the rows of the validation's drafter."""
+    import datetime as dt
+
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "pair": {"target": "t", "draft": "d"},
+            "timing": {"complete": True, "clock": "cpu", "grid": {"g": 1}, "drafters": ["draft", "ngram"]}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    fresh = [V.fresh_profile(tmp_path, "t", "d", "cpu", {"g": 1}, 1.0, drafters) for drafters in
+             (("draft",), ("draft", "ngram"), ("draft", "eagle"))]
+    assert fresh == [True, True, False]
+    del meta["timing"]["drafters"]  # a profile written before drafter kinds: the draft model's rows only
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert V.fresh_profile(tmp_path, "t", "d", "cpu", {"g": 1}, 1.0)
+    assert not V.fresh_profile(tmp_path, "t", "d", "cpu", {"g": 1}, 1.0, ("draft", "ngram"))
+
+
+def test_report_states_the_drafter():
+    """format_report's first line names the drafter the engine and the simulator both ran."""
+    report = _made_up_report((("none", 0.02), ("fixed", -0.03)), 0.01)
+    report["drafter"] = V.validation_drafter("eagle").describe()
+    assert ", drafter eagle, clock" in V.format_report(report).splitlines()[0]
 
 
 def test_benchmark_summarizes_validations_it_did_not_run(tmp_path, capsys):
