@@ -178,6 +178,20 @@ class EngineCostModel:
         return self.base.prefill_batch(prompts, model, attention) * self._scale() + self._prefill_terms(model,
                                                                                                         len(prompts))
 
+    # -- chunked prefill: the base model's rule, its times at the engine's speed (no chunk terms of its own) --
+
+    def mixed_rule(self, model: str = "target") -> dict:
+        return self.base.mixed_rule(model)
+
+    def chunk_seconds(self, chunks, model: str = "target") -> float:
+        return self.base.chunk_seconds(chunks, model) * self._scale()
+
+    def mixed_iteration(self, batch: int, gamma: int, context: float, chunks, draft: bool = True) -> tuple[float, float]:
+        """:meth:`CostModel.mixed_iteration` with the chunks' extra at the engine's speed and the step priced
+        by :meth:`iteration` (the engine-side step terms included)."""
+        extra, _ = self.base.mixed_iteration(batch, gamma, context, chunks, draft)
+        return extra * self._scale(), self.iteration(batch, gamma, context) if batch else 0.0
+
 
 class ConstantGamma(Policy):
     """Calibration policy: always ``gamma``; ``drafts``: the draft model is used (prefilled at admission).
@@ -404,6 +418,9 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
       the iteration that admitted it. Without them the γ = 0 terms averaged the slower steps of admitting
       iterations over every step at the calibration's mix; at load 0.6, with more admissions per step,
       `adaptive` (γ = 0 with its draft prefilled) came out 3–4 % fast;
+    * with ``prefill="chunked"`` the iterations that carried prompt chunks are left out of every fit (the
+      mixed-iteration rule prices them, at the fitted ``speed``, with no engine term of its own) and the
+      ``prefill`` terms are 0;
     * ``prefill_s``, ``prefill_draft_s``: the whole prefill phase minus the profile's prefill of the
       admitted prompts at that speed, per admission: the median over the iterations whose runs prefill the
       target only (``models`` = 1 in the calibration's table), and the median over those that prefill
@@ -460,6 +477,10 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         and each fresh admission's prefill (``profile_prefill_s``); ``sync_step``: the γ = 0 steps that
         ran a ``draft_sync`` draft forward."""
         it = it.copy()
+        # chunked prefill: admissions are chunks inside the verify forward (no prefill phase of their own)
+        it["chunked_step"] = it["chunks"].map(len) > 0 if "chunks" in it else False
+        if prefill == "chunked":
+            it["prompts"] = None
         ran, adm = it["batch"] > 0, it["prompts"].notna()
         synced = it["draft_sync"].astype(bool) if "draft_sync" in it else pd.Series(False, index=it.index)
         it["sync_step"] = sync = synced & (it["gamma"] == 0)
@@ -473,7 +494,7 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
     def fit(it, speed) -> np.ndarray:
         """The terms (in :func:`terms`' order) from calibration iterations ``it`` (:func:`with_profile`)
         timed at ``speed``."""
-        dec = it[it["batch"] > 0]
+        dec = it[(it["batch"] > 0) & ~it["chunked_step"]]  # (a step that carried prompt chunks: the rule prices it)
         g, bsz = dec["gamma"].to_numpy(float), dec["batch"].to_numpy(float)
         pred = dec["profile_step_s"].to_numpy() / speed
         n_adm = dec["admitted"].to_numpy(float)
@@ -481,7 +502,7 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g, admits], (dec["step_s"] - dec["step_model_s"]).to_numpy())
         step = lstsq(np.c_[g == 0, g > 0, g, dec["sync_step"], admits], dec["step_model_s"].to_numpy() - pred)
         admit = sched[4:] + step[4:]  # both parts of the step: its model work and the work around it
-        adm = it[it["prompts"].notna()]
+        adm = it[it["prompts"].notna() & ~it["chunked_step"]]
         models = adm["models"].to_numpy()
         p_pred = adm["profile_prefill_s"].to_numpy() / speed
         k = adm["admitted"].to_numpy(float)
@@ -496,8 +517,8 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
             return np.r_[sched[:4], one, two, fwd, fwd_draft, step[:4], admit]
         extra = (adm["prefill_s"].to_numpy() - p_pred) / k  # per admission (and per forward: one each)
         one, two = (float(np.median(extra[models == m])) if (models == m).any() else np.nan for m in (1, 2))
-        if np.isnan(one):  # no target-only admissions: split evenly between the two models
-            one = two / 2
+        if np.isnan(one):  # no target-only admissions: split evenly between the two models (or none: chunked)
+            one = two / 2 if not np.isnan(two) else 0.0
         return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, 0.0, 0.0, step[:4], admit]
 
     def at(it, k: float):

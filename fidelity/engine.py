@@ -937,8 +937,11 @@ class Engine:
         fin = reqs.finished[~reqs.rejected]
         makespan = float(np.nanmax(fin)) if len(fin) else 0.0
         #: engine-only diagnostics per iteration (aligned with the iteration table): seconds in prefill
-        #: forwards and in the speculative step's model work; the rest of prefill_s/step_s is engine overhead
+        #: forwards and in the speculative step's model work (chunked: the packed forwards, chunks included);
+        #: the rest of prefill_s/step_s is engine overhead
         self.diagnostics = pd.DataFrame(diag, columns=["prefill_forward_s", "step_model_s"])
+        #: chunked prefill: the chunks each iteration ran, [(tokens already prefilled, chunk tokens), ...]
+        self.diagnostics["chunks"] = self.chunk_log if chunked else [[] for _ in diag]
         #: what ``probe`` returned, in order (empty without a probe)
         self.probes = probes
         #: token ids per request id: prompt (random ids) + the generated tokens
