@@ -18,7 +18,10 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
   for iterations that speculate (γ > 0) a constant and a per-draft-position term;
 * ``prefill`` — per admission, and per admission whose draft is prefilled too: the engine's whole
   prefill phase (fresh cache, forward, first-token sampling, copy into the batch's slot) beyond the
-  profile's prefill forwards; with batched prefill also per forward of several prompts;
+  profile's prefill forwards; with batched prefill also per forward of several prompts; with chunked
+  prefill, per prompt chunk in a forward: what an iteration that carries chunks takes beyond the
+  mixed-iteration rule and the step's terms (the chunks' token gathering, staging rows, per-part attention,
+  the move into a running slot, and the rule's own error on this machine);
 * ``step`` — the step's model work inside the run beyond the profile's step: per γ = 0 step (a decode),
   per γ > 0 step (a verify, with the draft's sampling, the acceptance draws and the residual distribution),
   per draft forward, and with ``draft_sync`` per γ = 0 step's draft forward: per-sequence lengths
@@ -65,6 +68,7 @@ class Overheads:
     sync_s: float = 0.0  # per γ = 0 step's draft forward with draft_sync (no sampling), beyond the profiled one
     admit_step_s: float = 0.0  # per admission: the step of the iteration that admitted it, beyond the other terms
     admit_step_draft_s: float = 0.0  # per admission whose draft is prefilled too: the same step's further extra
+    chunk_s: float = 0.0  # chunked prefill: per prompt chunk in a forward, beyond the mixed-iteration rule
     speed: float = 1.0  # the profile's step time over the same step timed during the engine runs (dimensionless)
 
     def as_dict(self) -> dict:
@@ -178,7 +182,7 @@ class EngineCostModel:
         return self.base.prefill_batch(prompts, model, attention) * self._scale() + self._prefill_terms(model,
                                                                                                         len(prompts))
 
-    # -- chunked prefill: the base model's rule, its times at the engine's speed (no chunk terms of its own) --
+    # -- chunked prefill: the base model's rule at the engine's speed, and ``chunk_s`` per chunk --
 
     def mixed_rule(self, model: str = "target") -> dict:
         return self.base.mixed_rule(model)
@@ -187,10 +191,13 @@ class EngineCostModel:
         return self.base.chunk_seconds(chunks, model) * self._scale()
 
     def mixed_iteration(self, batch: int, gamma: int, context: float, chunks, draft: bool = True) -> tuple[float, float]:
-        """:meth:`CostModel.mixed_iteration` with the chunks' extra at the engine's speed and the step priced
-        by :meth:`iteration` (the engine-side step terms included)."""
+        """:meth:`CostModel.mixed_iteration` with the chunks' extra at the engine's speed plus ``chunk_s`` per
+        chunk (the ``prefill`` term) and the step priced by :meth:`iteration` (the engine-side step terms)."""
         extra, _ = self.base.mixed_iteration(batch, gamma, context, chunks, draft)
-        return extra * self._scale(), self.iteration(batch, gamma, context) if batch else 0.0
+        extra = extra * self._scale()
+        if chunks and "prefill" in self.fixes:
+            extra = extra + len(chunks) * self.overheads.chunk_s
+        return extra, self.iteration(batch, gamma, context) if batch else 0.0
 
 
 class ConstantGamma(Policy):
@@ -418,9 +425,10 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
       the iteration that admitted it. Without them the γ = 0 terms averaged the slower steps of admitting
       iterations over every step at the calibration's mix; at load 0.6, with more admissions per step,
       `adaptive` (γ = 0 with its draft prefilled) came out 3–4 % fast;
-    * with ``prefill="chunked"`` the iterations that carried prompt chunks are left out of every fit (the
-      mixed-iteration rule prices them, at the fitted ``speed``, with no engine term of its own) and the
-      ``prefill`` terms are 0;
+    * with ``prefill="chunked"`` the iterations that carried prompt chunks are left out of the fits above
+      and the per-admission ``prefill`` terms are 0; ``chunk_s`` is the median over those iterations of
+      their time less the profile's step and the rule's chunks (:meth:`CostModel.mixed_iteration`) at the
+      round's speed and less the fitted ``sched`` and ``step`` terms, per chunk;
     * ``prefill_s``, ``prefill_draft_s``: the whole prefill phase minus the profile's prefill of the
       admitted prompts at that speed, per admission: the median over the iterations whose runs prefill the
       target only (``models`` = 1 in the calibration's table), and the median over those that prefill
@@ -489,6 +497,14 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
             it.loc[rows, "profile_step_s"] = model_step_times(c, it[rows], attention=attention)
         it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2, attention=attention, prefill=prefill)
                                             for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
+        if prefill == "chunked":  # what the rule adds for the chunks (the step is profile_step_s)
+            from specbatch.sim.replica import STEP_CONTEXT
+
+            mixed = it[it["chunked_step"]]
+            it["profile_chunks_s"] = 0.0
+            it.loc[mixed.index, "profile_chunks_s"] = [
+                cost.mixed_iteration(int(b), int(g), float(c), list(ch), m == 2)[0] for b, g, c, ch, m in
+                zip(mixed["batch"], mixed["gamma"], mixed[STEP_CONTEXT[attention]], mixed["chunks"], mixed["models"])]
         return it
 
     def fit(it, speed) -> np.ndarray:
@@ -502,6 +518,7 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g, admits], (dec["step_s"] - dec["step_model_s"]).to_numpy())
         step = lstsq(np.c_[g == 0, g > 0, g, dec["sync_step"], admits], dec["step_model_s"].to_numpy() - pred)
         admit = sched[4:] + step[4:]  # both parts of the step: its model work and the work around it
+        chunk = chunk_term(it, sched, step, speed) if prefill == "chunked" else 0.0
         adm = it[it["prompts"].notna() & ~it["chunked_step"]]
         models = adm["models"].to_numpy()
         p_pred = adm["profile_prefill_s"].to_numpy() / speed
@@ -514,12 +531,26 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
             d, kk = (med.index.get_level_values(i).to_numpy(float) for i in (0, 1))
             w = np.sqrt(size)
             fwd, one, fwd_draft, two = lstsq(np.c_[np.ones_like(kk), kk, d, d * kk] * w[:, None], med.to_numpy() * w)
-            return np.r_[sched[:4], one, two, fwd, fwd_draft, step[:4], admit]
+            return np.r_[sched[:4], one, two, fwd, fwd_draft, step[:4], admit, 0.0]
         extra = (adm["prefill_s"].to_numpy() - p_pred) / k  # per admission (and per forward: one each)
         one, two = (float(np.median(extra[models == m])) if (models == m).any() else np.nan for m in (1, 2))
         if np.isnan(one):  # no target-only admissions: split evenly between the two models (or none: chunked)
             one = two / 2 if not np.isnan(two) else 0.0
-        return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, 0.0, 0.0, step[:4], admit]
+        return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, 0.0, 0.0, step[:4], admit, chunk]
+
+    def chunk_term(it, sched, step, speed) -> float:
+        """Per chunk: the median over the iterations that carried chunks of (their time − the profile's step
+        and the rule's chunks at ``speed`` − the fitted sched and step terms) ÷ their chunks."""
+        mix = it[it["chunked_step"]]
+        if mix.empty:
+            return 0.0
+        g, b = mix["gamma"].to_numpy(float), mix["batch"].to_numpy(float)
+        ran = b > 0
+        terms = ran * (sched[0] + sched[1] * b + (g > 0) * (sched[2] + sched[3] * g)
+                       + step[0] * (g == 0) + step[1] * (g > 0) + step[2] * g + step[3] * mix["sync_step"].to_numpy())
+        model = (np.nan_to_num(mix["profile_step_s"].to_numpy()) + mix["profile_chunks_s"].to_numpy()) / speed
+        n = mix["chunks"].map(len).to_numpy(float)
+        return float(np.median((mix["step_s"].to_numpy() - model - terms) / n))
 
     def at(it, k: float):
         """``it`` with its times × ``k`` (a round's times brought to another speed)."""
@@ -537,12 +568,12 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
 
     def terms(values, speed) -> Overheads:
         (base, per_seq, spec, per_gamma, per_prompt, per_prompt_draft, per_forward, per_forward_draft, decode, verify,
-         draft, sync, adm, adm_draft) = (max(0.0, float(v)) for v in values)
+         draft, sync, adm, adm_draft, chunk) = (max(0.0, float(v)) for v in values)
         return Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
                          prefill_s=per_prompt, prefill_draft_s=per_prompt_draft, prefill_forward_s=per_forward,
                          prefill_forward_draft_s=per_forward_draft, decode_s=decode, verify_s=verify,
                          draft_s=draft, sync_s=sync, admit_step_s=adm, admit_step_draft_s=adm_draft,
-                         speed=float(speed))
+                         chunk_s=chunk, speed=float(speed))
 
     o = terms(fit(pooled, speed), speed)
     details = {"overheads": o.as_dict(), "by_round": [terms(f, sp).as_dict() for f, sp in zip(fits, speeds)],
