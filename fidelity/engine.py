@@ -16,6 +16,14 @@ real work on the models. The iteration semantics are therefore those of the simu
    then each request gains 1 + accepted (capped by what it has left) and finished requests leave.
    The KV caches are rolled back per sequence to the accepted prefix.
 
+Chunked prefill (``EngineConfig.prefill="chunked"``, the simulator's ``cluster.prefill=chunked``): steps 2–4 are
+the simulator's chunked iteration (``Replica._run_chunked``): γ capped by the token budget, then prompt
+chunks first come, first served in the budget left after the batch's b·(γ+1) verify tokens, all in **one
+packed forward** per model (:mod:`specbatch.profiler.packed`: the tokens flattened, attention per part); the
+draft's chunks ride in its first decode forward (at γ = 0 in the draft_sync forward, or a forward of their
+own). A request being prefilled holds a staging row of the slot caches (rows ``max_batch..2·max_batch-1``)
+and moves into the running slots with the token its last chunk produced, stamped at the iteration's end.
+
 Drafter (``EngineConfig.drafter``, the simulator's ``drafter.kind``): ``draft_model`` (the pair's draft, as
 above), ``eagle`` (an EAGLE-style head built from the target's config with random weights,
 :mod:`specbatch.profiler.drafters`: each draft step fuses the last token's embedding with a hidden state, the
