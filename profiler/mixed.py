@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import pandas as pd
 
 from specbatch.sim.profile import MIXED_COLUMNS, MIXED_KEY, write_mixed
@@ -201,25 +200,11 @@ def measure_points(points: list[MixedPoint], models: dict, tm, timer, dtype, dev
     return rows
 
 
-def merge(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Passes of the mixed grid merged as :func:`specbatch.profiler.sweep.merge_passes` merges steps: each
-    point's median of its pass medians (p10 the smallest, p90 the largest, samples summed); oom where no pass
-    measured it."""
-    rows = pd.concat(frames, ignore_index=True)
-    ok = rows[rows["status"] == "ok"]
-    merged = ok.groupby(MIXED_KEY, as_index=False).agg(median_s=("median_s", "median"), p10_s=("p10_s", "min"),
-                                                        p90_s=("p90_s", "max"), samples=("samples", "sum"))
-    merged["status"] = "ok"
-    oom = rows[rows["status"] == "oom"].drop_duplicates(MIXED_KEY)
-    oom = oom[~pd.MultiIndex.from_frame(oom[MIXED_KEY]).isin(pd.MultiIndex.from_frame(merged[MIXED_KEY]))]
-    return pd.concat([merged, oom[merged.columns]], ignore_index=True).sort_values(MIXED_KEY, ignore_index=True)
-
-
 def run_mixed(cfg, out_dir, mgrid: MixedGrid, passes: int = 1, models: dict | None = None,
               progress: bool = True, anchors_of=None) -> Path:
     """Time ``mgrid``'s mixed points ``passes`` times on ``cfg``'s pair, device, dtype, threads, seed and
-    timing settings, and write ``out_dir/mixed.csv`` (merged, :func:`merge`) and ``meta.json``'s ``mixed``
-    (grid, passes, clock, threads, attention, load averages, what a time includes). ``out_dir`` must hold a
+    timing settings, and write ``out_dir/mixed.csv`` (the passes merged as steps are,
+    :func:`specbatch.profiler.sweep.merge_passes`) and ``meta.json``'s ``mixed`` (grid, passes, clock, threads, attention, load averages, what a time includes). ``out_dir`` must hold a
     profile of the same pair and dtype (its steps are left as they are). ``models``: role -> already loaded
     model (attention :data:`specbatch.profiler.attention.NAME`). ``anchors_of``: the step grid, whose
     :func:`anchor_points` are then re-timed in each pass before the mixed points and stored (merged) in
@@ -228,7 +213,7 @@ def run_mixed(cfg, out_dir, mgrid: MixedGrid, passes: int = 1, models: dict | No
 
     from specbatch.profiler import attention as A
     from specbatch.profiler import models as M
-    from specbatch.profiler.sweep import loadavg, resolve_device, resolve_dtype
+    from specbatch.profiler.sweep import loadavg, merge_passes, resolve_device, resolve_dtype
     from specbatch.profiler.timing import make_timer, resolve_clock
     from specbatch.sim.profile import load_profile, write_profile_meta
 
@@ -263,7 +248,7 @@ def run_mixed(cfg, out_dir, mgrid: MixedGrid, passes: int = 1, models: dict | No
         rows = measure_points(mgrid.points(), models, cfg.timing, timer, dtype, device, temperature,
                               int(cfg.seed) + k, progress)
         frames.append(pd.DataFrame(rows, columns=MIXED_COLUMNS))
-        write_mixed(out, merge(frames))
+        write_mixed(out, merge_passes(frames, key=MIXED_KEY))
     meta = json.loads((out / "meta.json").read_text())
     meta.pop("schema_version", None)
     meta["mixed"] = {
@@ -278,8 +263,6 @@ def run_mixed(cfg, out_dir, mgrid: MixedGrid, passes: int = 1, models: dict | No
                  "(meta.json mixed_check)",
     }
     if anchors:
-        from specbatch.profiler.sweep import merge_passes
-
         meta["mixed"]["anchors"] = json.loads(merge_passes(anchor_frames).to_json(orient="records"))
         meta["mixed"]["anchors_note"] = ("the steps.csv points the rule reads at this grid, re-timed in each pass "
                                          "before the mixed points with the same settings (merged as steps are)")
