@@ -202,7 +202,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
     engine and the simulator (``cluster.prefill``), and profiles prefill at batch sizes up to ``max_batch``;
     ``"chunked"`` splits prompts into chunks under ``max_num_batched_tokens`` tokens per forward, verify first
     (the engine's packed forwards; the simulator's mixed-iteration rule), and times the profile's mixed
-    forwards (:func:`mixed_rows`) once the profile's passes are done."""
+    forwards (:func:`mixed_rows`) once the profile's passes are done (a ``profile`` given with mixed forwards
+    keeps its own; the rule is checked against them)."""
     import pandas as pd
     import torch
 
@@ -297,7 +298,11 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         for k in range(int(repeats)):
             one_round(k)
     mixed_check = None
-    if prefill == "chunked":
+    if prefill == "chunked" and profile is not None and load_profile(prof_dir).mixed is not None:
+        from specbatch.fidelity.mixed import rule_check  # a profile of the user's: its mixed forwards as they are
+
+        mixed_check = rule_check(load_profile(prof_dir))
+    elif prefill == "chunked":
         e = setup["engine"]
         mixed_check = mixed_rows(prof_dir, target, draft, {"target": e.target, "draft": e.draft}, clock=clock,
                                  threads=threads, device=device, seed=seed, log=log)
