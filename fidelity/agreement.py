@@ -147,8 +147,37 @@ def with_matched(iterations, diagnostics):
     return it
 
 
+def mixed_times(cost, iterations, chunks, uses_draft: bool, *, attention: str = "padded") -> np.ndarray:
+    """Seconds the simulator charges each iteration of a chunked-prefill run (``cluster.prefill=chunked``):
+    extra + step of ``cost.mixed_iteration`` at the iteration's batch, γ and charged context (``attention``)
+    with its ``chunks`` [(prefilled, tokens), ...] (the engine's ``diagnostics["chunks"]``), the draft's share
+    included when the policy drafts."""
+    from specbatch.sim.replica import STEP_CONTEXT
+
+    column = STEP_CONTEXT[attention]
+    return np.array([sum(cost.mixed_iteration(int(b), int(g), float(c) if b else 0.0, list(ch), uses_draft))
+                     for b, g, c, ch in zip(iterations["batch"], iterations["gamma"], iterations[column], chunks)])
+
+
+def chunked_agreement(iterations, diagnostics, cost, uses_draft: bool, *, attention: str = "padded") -> dict:
+    """Iteration-level check under chunked prefill: the simulator's charge (:func:`mixed_times`) over the
+    engine's iteration (``step_s``: its forwards and bookkeeping) and over its model work alone
+    (``step_model_s``), medians over the iterations that carried prompt chunks and over those that did not
+    (dimensionless; > 1 = the simulator is slower than the engine)."""
+    it = iterations.reset_index(drop=True)
+    chunks = diagnostics["chunks"].tolist()
+    pred = mixed_times(cost, it, chunks, uses_draft, attention=attention)
+    whole, work = pred / it["step_s"].to_numpy(), pred / diagnostics["step_model_s"].to_numpy()
+    mixed = np.array([len(c) > 0 for c in chunks])
+    out = {"iterations": len(it), "with_chunks": int(mixed.sum())}
+    for name, sel in (("mixed", mixed), ("plain", ~mixed)):
+        out[f"model_over_{name}_iteration"] = round(float(np.median(whole[sel])), 3) if sel.any() else None
+        out[f"model_over_{name}_model_work"] = round(float(np.median(work[sel])), 3) if sel.any() else None
+    return out
+
+
 def model_over_engine(result, cost, uses_draft: bool, *, attention: str = "padded",
-                      prefill: str = "sequential", diagnostics=None) -> dict:
+                      prefill: str = "sequential", diagnostics=None, chunks=None) -> dict:
     """Where one engine run's time goes, ``cost`` (the full model at the run's speed) against the engine:
     Σ of the model's step times over the run's iterations (:func:`model_step_times`) ÷ Σ of the
     engine's step times, and Σ of the model's prefill times ÷ Σ of the engine's prefill phases over the
@@ -156,8 +185,14 @@ def model_over_engine(result, cost, uses_draft: bool, *, attention: str = "padde
     the run did not have). Queueing turns these into the latency errors, amplified at load. The model's
     prefill includes the admissions' step terms (``admit_step_*``), as the simulator charges them; the
     engine's prefill phase does not (they land in its step). ``diagnostics``: the run's engine diagnostics
-    (their ``matched`` prices a partial proposer's steps)."""
+    (their ``matched`` prices a partial proposer's steps). Chunked prefill (``chunks``: the run's chunks per
+    iteration): the model's charge of every iteration (:func:`mixed_times`) ÷ the engine's, as ``steps``;
+    ``prefill`` None (no separate prefill phase)."""
     it = with_matched(result.iterations, diagnostics)
+    if prefill == "chunked":
+        meas = float(it["step_s"].sum())
+        pred = float(mixed_times(cost, it, chunks, uses_draft, attention=attention).sum())
+        return {"steps": pred / meas if meas > 0 else None, "prefill": None}
     ran = it[it["batch"] > 0]
     step_pred = float(model_step_times(cost, ran, attention=attention).sum())
     step_meas = float(ran["step_s"].sum())

@@ -18,7 +18,11 @@ workload, never a validation run) and fitted by :func:`fit_overheads`:
   for iterations that speculate (γ > 0) a constant and a per-draft-position term;
 * ``prefill`` — per admission, and per admission whose draft is prefilled too: the engine's whole
   prefill phase (fresh cache, forward, first-token sampling, copy into the batch's slot) beyond the
-  profile's prefill forwards; with batched prefill also per forward of several prompts;
+  profile's prefill forwards; with batched prefill also per forward of several prompts; with chunked
+  prefill, per prompt chunk in a forward: what an iteration that carries chunks takes beyond the
+  mixed-iteration rule and the step's terms (the chunks' token gathering, staging rows, per-part attention,
+  the move into a running slot, and the rule's own error on this machine), per chunk whose draft is
+  prefilled too, and per draft forward of the chunks alone (γ = 0 with the draft prefilled);
 * ``step`` — the step's model work inside the run beyond the profile's step: per γ = 0 step (a decode),
   per γ > 0 step (a verify, with the draft's sampling, the acceptance draws and the residual distribution),
   per draft forward, and with ``draft_sync`` per γ = 0 step's draft forward: per-sequence lengths
@@ -74,6 +78,11 @@ class Overheads:
     sync_s: float = 0.0  # per γ = 0 step's draft forward with draft_sync (no sampling), beyond the profiled one
     admit_step_s: float = 0.0  # per admission: the step of the iteration that admitted it, beyond the other terms
     admit_step_draft_s: float = 0.0  # per admission whose draft is prefilled too: the same step's further extra
+    # chunked prefill, beyond the mixed-iteration rule: per prompt chunk in a forward, per chunk whose draft is
+    # prefilled too, and per draft forward of the chunks alone (γ = 0 without a draft_sync step)
+    chunk_s: float = 0.0
+    chunk_draft_s: float = 0.0
+    chunk_forward_draft_s: float = 0.0
     speed: float = 1.0  # the profile's step time over the same step timed during the engine runs (dimensionless)
 
     def as_dict(self) -> dict:
@@ -196,6 +205,28 @@ class EngineCostModel:
             return self.prefill(prompts[0], model)
         return self.base.prefill_batch(prompts, model, attention) * self._scale() + self._prefill_terms(model,
                                                                                                         len(prompts))
+
+    # -- chunked prefill: the base model's rule at the engine's speed, and ``chunk_s`` per chunk --
+
+    def mixed_rule(self, model: str = "target") -> dict:
+        return self.base.mixed_rule(model)
+
+    def chunk_seconds(self, chunks, model: str = "target") -> float:
+        return self.base.chunk_seconds(chunks, model) * self._scale()
+
+    def mixed_iteration(self, batch: int, gamma: int, context: float, chunks, draft: bool = True) -> tuple[float, float]:
+        """:meth:`CostModel.mixed_iteration` with the chunks' extra at the engine's speed plus, under the
+        ``prefill`` fix, ``chunk_s`` per chunk (and ``chunk_draft_s`` with ``draft``) and
+        ``chunk_forward_draft_s`` when the draft runs its chunks in a forward of their own (γ = 0 without a
+        draft_sync step), and the step priced by :meth:`iteration` (the engine-side step terms)."""
+        extra, _ = self.base.mixed_iteration(batch, gamma, context, chunks, draft)
+        extra = extra * self._scale()
+        if chunks and "prefill" in self.fixes:
+            o = self.overheads
+            extra = extra + len(chunks) * (o.chunk_s + draft * o.chunk_draft_s)
+            if draft and not gamma and not (batch and self.draft_sync):  # the draft's chunks run on their own
+                extra = extra + o.chunk_forward_draft_s
+        return extra, self.iteration(batch, gamma, context) if batch else 0.0
 
 
 class ConstantGamma(Policy):
@@ -446,6 +477,14 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
       the iteration that admitted it. Without them the γ = 0 terms averaged the slower steps of admitting
       iterations over every step at the calibration's mix; at load 0.6, with more admissions per step,
       `adaptive` (γ = 0 with its draft prefilled) came out 3–4 % fast;
+    * with ``prefill="chunked"`` the iterations that carried prompt chunks are left out of the fits above
+      and the per-admission ``prefill`` terms are 0; ``chunk_s`` is the median over those iterations of
+      their time less the profile's step and the rule's chunks (:meth:`CostModel.mixed_iteration`) at the
+      round's speed and less the fitted ``sched`` and ``step`` terms, per chunk, over the runs that prefill
+      the target only; ``chunk_draft_s`` the same over the drafting runs' iterations whose draft chunks rode
+      in a decode forward, less ``chunk_s``; ``chunk_forward_draft_s`` the median of the same less both per
+      chunk over the iterations whose draft ran its chunks in a forward of their own (γ = 0 with the draft
+      prefilled and no draft_sync step);
     * ``prefill_s``, ``prefill_draft_s``: the whole prefill phase minus the profile's prefill of the
       admitted prompts at that speed, per admission: the median over the iterations whose runs prefill the
       target only (``models`` = 1 in the calibration's table), and the median over those that prefill
@@ -502,6 +541,10 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         and each fresh admission's prefill (``profile_prefill_s``); ``sync_step``: the γ = 0 steps that
         ran a ``draft_sync`` draft forward; ``width``: :func:`verify_width`."""
         it = it.copy()
+        # chunked prefill: admissions are chunks inside the verify forward (no prefill phase of their own)
+        it["chunked_step"] = it["chunks"].map(len) > 0 if "chunks" in it else False
+        if prefill == "chunked":
+            it["prompts"] = None
         ran, adm = it["batch"] > 0, it["prompts"].notna()
         synced = it["draft_sync"].astype(bool) if "draft_sync" in it else pd.Series(False, index=it.index)
         it["sync_step"] = sync = synced & (it["gamma"] == 0)
@@ -511,12 +554,20 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         it["width"] = verify_width(cost, it, attention=attention)
         it.loc[adm, "profile_prefill_s"] = [model_prefill_time(cost, ps, m == 2, attention=attention, prefill=prefill)
                                             for ps, m in zip(it.loc[adm, "prompts"], it.loc[adm, "models"])]
+        if prefill == "chunked":  # what the rule adds for the chunks (the step is profile_step_s)
+            from specbatch.sim.replica import STEP_CONTEXT
+
+            mixed = it[it["chunked_step"]]
+            it["profile_chunks_s"] = 0.0
+            it.loc[mixed.index, "profile_chunks_s"] = [
+                cost.mixed_iteration(int(b), int(g), float(c), list(ch), m == 2)[0] for b, g, c, ch, m in
+                zip(mixed["batch"], mixed["gamma"], mixed[STEP_CONTEXT[attention]], mixed["chunks"], mixed["models"])]
         return it
 
     def fit(it, speed) -> np.ndarray:
         """The terms (in :func:`terms`' order) from calibration iterations ``it`` (:func:`with_profile`)
         timed at ``speed``."""
-        dec = it[it["batch"] > 0]
+        dec = it[(it["batch"] > 0) & ~it["chunked_step"]]  # (a step that carried prompt chunks: the rule prices it)
         g, bsz = dec["gamma"].to_numpy(float), dec["batch"].to_numpy(float)
         pred = dec["profile_step_s"].to_numpy() / speed
         n_adm = dec["admitted"].to_numpy(float)
@@ -525,7 +576,8 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         w = dec["width"].to_numpy(float)  # the draft tokens verified per sequence (γ but for a partial proposer)
         step = lstsq(np.c_[w == 0, w > 0, w, dec["sync_step"], admits], dec["step_model_s"].to_numpy() - pred)
         admit = sched[4:] + step[4:]  # both parts of the step: its model work and the work around it
-        adm = it[it["prompts"].notna()]
+        chunk = chunk_terms(it, sched, step, speed) if prefill == "chunked" else (0.0, 0.0, 0.0)
+        adm = it[it["prompts"].notna() & ~it["chunked_step"]]
         models = adm["models"].to_numpy()
         p_pred = adm["profile_prefill_s"].to_numpy() / speed
         k = adm["admitted"].to_numpy(float)
@@ -537,12 +589,37 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
             d, kk = (med.index.get_level_values(i).to_numpy(float) for i in (0, 1))
             w = np.sqrt(size)
             fwd, one, fwd_draft, two = lstsq(np.c_[np.ones_like(kk), kk, d, d * kk] * w[:, None], med.to_numpy() * w)
-            return np.r_[sched[:4], one, two, fwd, fwd_draft, step[:4], admit]
+            return np.r_[sched[:4], one, two, fwd, fwd_draft, step[:4], admit, 0.0, 0.0, 0.0]
         extra = (adm["prefill_s"].to_numpy() - p_pred) / k  # per admission (and per forward: one each)
         one, two = (float(np.median(extra[models == m])) if (models == m).any() else np.nan for m in (1, 2))
-        if np.isnan(one):  # no target-only admissions: split evenly between the two models
-            one = two / 2
-        return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, 0.0, 0.0, step[:4], admit]
+        if np.isnan(one):  # no target-only admissions: split evenly between the two models (or none: chunked)
+            one = two / 2 if not np.isnan(two) else 0.0
+        return np.r_[sched[:4], one, 0.0 if np.isnan(two) else two - one, 0.0, 0.0, step[:4], admit, list(chunk)]
+
+    def chunk_terms(it, sched, step, speed) -> tuple[float, float, float]:
+        """(``chunk_s``, ``chunk_draft_s``, ``chunk_forward_draft_s``) from the iterations that carried chunks,
+        each one's residual = its time − the profile's step and the rule's chunks at ``speed`` − the fitted
+        sched and step terms: the median residual per chunk over the target-only runs; over the drafting
+        runs' iterations whose draft chunks rode in a decode forward, that median less ``chunk_s``; over
+        those whose draft ran them in a forward of their own, the median residual less both per chunk."""
+        mix = it[it["chunked_step"]]
+        g, b = mix["gamma"].to_numpy(float), mix["batch"].to_numpy(float)
+        ran = b > 0
+        terms = ran * (sched[0] + sched[1] * b + (g > 0) * (sched[2] + sched[3] * g)
+                       + step[0] * (g == 0) + step[1] * (g > 0) + step[2] * g + step[3] * mix["sync_step"].to_numpy())
+        model = (np.nan_to_num(mix["profile_step_s"].to_numpy()) + mix["profile_chunks_s"].to_numpy()) / speed
+        n = mix["chunks"].map(len).to_numpy(float)
+        resid = mix["step_s"].to_numpy() - model - terms
+        drafts = mix["models"].to_numpy() == 2
+        alone = drafts & (g == 0) & ~(ran & mix["draft_sync"].to_numpy(bool))
+
+        def median(x) -> float:
+            return float(np.median(x)) if len(x) else 0.0
+
+        per_chunk = median(resid[~drafts] / n[~drafts])
+        ride = drafts & ~alone
+        per_draft = median(resid[ride] / n[ride]) - per_chunk if ride.any() else 0.0
+        return per_chunk, per_draft, median(resid[alone] - (per_chunk + per_draft) * n[alone])
 
     def at(it, k: float):
         """``it`` with its times × ``k`` (a round's times brought to another speed)."""
@@ -560,11 +637,12 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
 
     def terms(values, speed) -> Overheads:
         (base, per_seq, spec, per_gamma, per_prompt, per_prompt_draft, per_forward, per_forward_draft, decode, verify,
-         draft, sync, adm, adm_draft) = (max(0.0, float(v)) for v in values)
+         draft, sync, adm, adm_draft, chunk, chunk_draft, chunk_forward_draft) = (max(0.0, float(v)) for v in values)
         return Overheads(sched_base_s=base, sched_per_seq_s=per_seq, sched_spec_s=spec, sched_per_gamma_s=per_gamma,
                          prefill_s=per_prompt, prefill_draft_s=per_prompt_draft, prefill_forward_s=per_forward,
                          prefill_forward_draft_s=per_forward_draft, decode_s=decode, verify_s=verify,
                          draft_s=draft, sync_s=sync, admit_step_s=adm, admit_step_draft_s=adm_draft,
+                         chunk_s=chunk, chunk_draft_s=chunk_draft, chunk_forward_draft_s=chunk_forward_draft,
                          speed=float(speed))
 
     o = terms(fit(pooled, speed), speed)

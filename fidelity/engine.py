@@ -16,6 +16,14 @@ real work on the models. The iteration semantics are therefore those of the simu
    then each request gains 1 + accepted (capped by what it has left) and finished requests leave.
    The KV caches are rolled back per sequence to the accepted prefix.
 
+Chunked prefill (``EngineConfig.prefill="chunked"``, the simulator's ``cluster.prefill=chunked``): steps 2–4 are
+the simulator's chunked iteration (``Replica._run_chunked``): γ capped by the token budget, then prompt
+chunks first come, first served in the budget left after the batch's b·(γ+1) verify tokens, all in **one
+packed forward** per model (:mod:`specbatch.profiler.packed`: the tokens flattened, attention per part); the
+draft's chunks ride in its first decode forward (at γ = 0 in the draft_sync forward, or a forward of their
+own). A request being prefilled holds a staging row of the slot caches (rows ``max_batch..2·max_batch-1``)
+and moves into the running slots with the token its last chunk produced, stamped at the iteration's end.
+
 Drafter (``EngineConfig.drafter``, the simulator's ``drafter.kind``): ``draft_model`` (the pair's draft, as
 above), ``eagle`` (an EAGLE-style head built from the target's config with random weights,
 :mod:`specbatch.profiler.drafters`: each draft step fuses the last token's embedding with a hidden state, the
@@ -76,6 +84,7 @@ from transformers.cache_utils import Cache
 
 from specbatch.fidelity.graphs import StepGraphs
 from specbatch.profiler import models as M
+from specbatch.profiler import packed as P
 from specbatch.profiler.host_memory import keep_freed_memory
 from specbatch.sim.acceptance import AcceptanceModel
 from specbatch.sim.cluster import SimResult, charged_context, request_table
@@ -91,7 +100,7 @@ CLOCKS = ("wall", "cpu")
 #: the target's hidden states (:mod:`specbatch.profiler.drafters`), or n-gram lookup in the request's own tokens
 DRAFTERS = ("draft_model", "eagle", "ngram")
 #: the admission prefill modes the engine runs (of the simulator's ``cluster.prefill`` modes)
-ENGINE_PREFILL = tuple(m for m in PREFILL if m in ("sequential", "batched"))
+ENGINE_PREFILL = tuple(m for m in PREFILL if m in ("sequential", "batched", "chunked"))
 
 
 def uses_graphs(cfg: "EngineConfig") -> bool:
@@ -140,13 +149,19 @@ class SlotLayer(M.PreallocLayer):
     """A :class:`~specbatch.profiler.models.PreallocLayer` whose batch rows are independent sequences (slots).
 
     ``update`` scatters the new tokens of slot ``lo + i`` at that sequence's own positions and returns the
-    K/V of slots ``lo..hi-1`` over the first ``span`` positions (the caller passes the matching mask)."""
+    K/V of slots ``lo..hi-1`` over the first ``span`` positions (the caller passes the matching mask); during
+    a packed forward (``holder["plan"]`` set, :mod:`specbatch.profiler.packed`) it writes each token at its
+    plan's row and position and returns the whole buffers."""
 
-    def __init__(self, max_len: int, state: _StepState):
+    def __init__(self, max_len: int, state: _StepState, holder: dict):
         super().__init__(max_len)
-        self.state = state
+        self.state, self.holder = state, holder
 
     def update(self, key_states, value_states, *args, **kwargs):
+        plan = self.holder["plan"]
+        if plan is not None:  # a packed forward (chunked prefill): every token at its own row and position
+            P.write_packed(self.kbuf, self.vbuf, plan, key_states, value_states)
+            return self.kbuf, self.vbuf
         s = self.state
         idx = s.index.expand(-1, key_states.shape[1], -1, key_states.shape[-1])
         kb, vb = self.kbuf[s.lo:s.hi], self.vbuf[s.lo:s.hi]
@@ -164,7 +179,9 @@ class SlotCache:
     def __init__(self, cfg, slots: int, max_len: int, dtype, device):
         layers, kv_heads, head_dim = M.kv_shape(cfg)
         self.state = _StepState()
-        self.layers = [SlotLayer(max_len, self.state) for _ in range(layers)]
+        #: the plan of a packed forward in progress (profiler.packed.packed_forward sets and clears it)
+        self.plan_holder: dict = {"plan": None}
+        self.layers = [SlotLayer(max_len, self.state, self.plan_holder) for _ in range(layers)]
         for layer in self.layers:
             layer.allocate(slots, kv_heads, head_dim, dtype, device, fill=False)
             layer.kbuf.zero_()
@@ -318,14 +335,47 @@ class _Slots:
         self.slot_of: dict[int, int] = {}
         self.slot_rid: list[int] = []  # slot -> request id
         self.last_tok = torch.zeros(engine.cfg.max_batch, dtype=torch.long, device=engine.device)
+        # chunked prefill: a request being prefilled holds a staging row (max_batch and up) until its last chunk
+        self.stage_of: dict[int, int] = {}
+        self.free_stage = list(range(2 * engine.cfg.max_batch - 1, engine.cfg.max_batch - 1, -1)) \
+            if engine.cfg.prefill == "chunked" else []
+
+    def tokens_of(self, rid: int) -> list[int]:
+        """Request ``rid``'s token ids (its prompt drawn at the first call)."""
+        h = self.history.get(rid)
+        if h is None:
+            h = self.history[rid] = self.rng.integers(0, self.engine.vocab, int(self.reqs.prompt[rid])).tolist()
+        return h
+
+    def stage(self, rid: int) -> int:
+        """A staging row for ``rid``, whose prompt is prefilled in chunks."""
+        self.tokens_of(rid)
+        row = self.stage_of[rid] = self.free_stage.pop()
+        return row
+
+    def unstage(self, rid: int) -> None:
+        """Free ``rid``'s staging row (preempted while being prefilled: its chunks are redone)."""
+        self.free_stage.append(self.stage_of.pop(rid))
+
+    def join_staged(self, rid: int, first_token: int) -> None:
+        """Move ``rid``'s prefilled K/V from its staging row into the next running slot, with the token its
+        last chunk produced."""
+        eng, row, slot = self.engine, self.stage_of.pop(rid), len(self.slot_rid)
+        n = len(self.history[rid])
+        eng.tcache.move(row, slot, n)
+        if self.uses_draft:
+            eng.dcache.move(row, slot, n)
+        self.free_stage.append(row)
+        self.slot_of[rid] = slot
+        self.slot_rid.append(rid)
+        self.last_tok[slot] = first_token
+        self.history[rid].append(first_token)
 
     def open(self, rids: list[int]) -> tuple[list[int], list[list[int]]]:
         """Give each of ``rids`` the next free slot; return the slots and the token histories to prefill."""
         new_slots, hists = [], []
         for rid in rids:
-            h = self.history.get(rid)
-            if h is None:
-                h = self.history[rid] = self.rng.integers(0, self.engine.vocab, int(self.reqs.prompt[rid])).tolist()
+            h = self.tokens_of(rid)
             self.slot_of[rid] = len(self.slot_rid)
             new_slots.append(len(self.slot_rid))
             self.slot_rid.append(rid)
@@ -353,12 +403,15 @@ class _Slots:
                 self.slot_of[moved] = s
 
     def forget(self, ids: list[int]) -> None:
-        """Free preempted requests' slots; their histories keep the prompt and the tokens counted as
-        generated, which re-admission prefills."""
+        """Free preempted requests' slots (or staging rows); their histories keep the prompt and the tokens
+        counted as generated, which re-admission prefills."""
         r = self.reqs
         for rid in ids:
             self.history[rid] = self.history[rid][:int(r.prompt[rid] + r.generated[rid])]
-        self.free(ids)
+        staged = [rid for rid in ids if rid in self.stage_of]
+        for rid in staged:
+            self.unstage(rid)
+        self.free([rid for rid in ids if rid not in staged])
 
 
 class _ReplayClock:
@@ -404,7 +457,9 @@ class EngineConfig:
     clock: str = "wall"  # wall (perf_counter, sleeps until arrivals) | cpu (this process's CPU time, see run)
     warmup: bool = True  # run a few untimed steps first (allocator, first-call overheads)
     draft_sync: bool = False  # γ = 0 steps of a drafting policy also run the draft (see ClusterConfig.draft_sync)
-    prefill: str = "sequential"  # an iteration's admissions: one forward each, or "batched" (ClusterConfig.prefill)
+    prefill: str = "sequential"  # admissions: one forward each, "batched", or "chunked" (ClusterConfig.prefill)
+    max_num_batched_tokens: int = 2048  # chunked: tokens per forward, verify first (ClusterConfig's key)
+    long_prefill_token_threshold: int | None = None  # chunked: most prompt tokens per request per forward
     drafter: str = "draft_model"  # draft_model | eagle | ngram (DRAFTERS; the simulator's drafter.kind)
     prompt_lookup_min: int = 5  # drafter=ngram: vLLM's names and defaults (profiler.drafters)
     prompt_lookup_max: int = 5
@@ -424,8 +479,14 @@ class Engine:
         make_clock(cfg.clock, cfg.device)  # refuses an unknown clock, and cpu on CUDA
         if cfg.acceptance not in ACCEPTANCE_MODES:
             raise ValueError(f"acceptance={cfg.acceptance!r}; expected one of {ACCEPTANCE_MODES}")
-        if cfg.prefill not in ENGINE_PREFILL:  # (the simulator's other modes, e.g. chunked, are not served here)
+        if cfg.prefill not in ENGINE_PREFILL:
             raise ValueError(f"prefill={cfg.prefill!r}; expected one of {list(ENGINE_PREFILL)}")
+        if cfg.prefill == "chunked" and cfg.drafter != "draft_model":
+            raise ValueError(f"prefill='chunked' with drafter={cfg.drafter!r}: the engine runs chunked prefill with "
+                             "drafter=draft_model only")
+        if cfg.prefill == "chunked" and not cfg.max_num_batched_tokens >= cfg.max_batch:
+            raise ValueError(f"max_num_batched_tokens={cfg.max_num_batched_tokens}; expected at least max_batch "
+                             f"({cfg.max_batch}) tokens per forward")
         if cfg.drafter not in DRAFTERS:
             raise ValueError(f"drafter={cfg.drafter!r}; expected one of {list(DRAFTERS)}")
         if not 1 <= cfg.prompt_lookup_min <= cfg.prompt_lookup_max:
@@ -444,7 +505,9 @@ class Engine:
             self.target, self.draft = models
         self.vocab = min(self.target.config.vocab_size, self.draft.config.vocab_size)
         self.max_len = int(max_len)
-        self.tcache = SlotCache(self.target.config, cfg.max_batch, self.max_len, self.dtype, self.device)
+        # chunked prefill: rows max_batch.. stage the requests being prefilled (_Slots.stage)
+        rows = cfg.max_batch * (2 if cfg.prefill == "chunked" else 1)
+        self.tcache = SlotCache(self.target.config, rows, self.max_len, self.dtype, self.device)
         #: drafter=eagle: the EAGLE head (random weights, built from the target's config) and, per slot, the
         #: target's hidden state for the slot's last token (the head's input at the next draft step)
         self.head = self.hidden = None
@@ -456,7 +519,7 @@ class Engine:
                                       device=self.device)
         # the drafter's KV slots: the draft model's, the head's (one layer), none for n-gram lookup
         dcfg = {"draft_model": self.draft.config, "eagle": getattr(self.head, "config", None)}.get(cfg.drafter)
-        self.dcache = SlotCache(dcfg, cfg.max_batch, self.max_len, self.dtype, self.device) if dcfg else None
+        self.dcache = SlotCache(dcfg, rows, self.max_len, self.dtype, self.device) if dcfg else None
         #: drafter=ngram: tokens proposed per batch row in the last step (n-gram lookup may find fewer than γ)
         self.proposed: torch.Tensor | None = None
         self.match_rate = 1.0  # the run's acceptance.match_rate (set by run)
@@ -512,6 +575,52 @@ class Engine:
         n_acc, next_tok = M.speculative_sample(logits, d, torch.stack(qs, 1) if gamma and temp > 0 else None, temp,
                                                gen, synthetic_acc)
         return n_acc, ids, next_tok
+
+    @torch.inference_mode()
+    def mixed_step(self, last: torch.Tensor, lengths: torch.Tensor, gamma: int, synthetic_acc: torch.Tensor | None,
+                   chunks: list, chunk_ids: torch.Tensor, finishing: list[bool], draft: bool,
+                   draft_sync: bool = False):
+        """:meth:`spec_step` (drafter draft_model) with prompt chunks in the same forwards, as chunked prefill
+        runs: ``chunks`` (:class:`specbatch.profiler.packed.Chunk` at their staging rows) with their tokens
+        ``chunk_ids`` concatenated ride in the target's verify forward and, when the policy drafts (``draft``),
+        in the draft's first decode forward, or with γ = 0 in its draft_sync forward or a forward of their own
+        (:func:`specbatch.profiler.packed.packed_forward`). Returns ``(n_accepted, new_tokens, next_token)`` as
+        :meth:`spec_step` (None when no sequence runs) and the first token of each chunk whose ``finishing``
+        is set (sampled from its last position's logits)."""
+        temp, gen, b, dev = self.cfg.temperature, self.gen, last.shape[0], last.device
+        drafts, qs, tok = [], [], last
+        pending = draft and bool(chunks)  # the draft's chunks, not yet run
+
+        def packed(model, slots, tokens, rows, per_row):
+            plan = P.PackedPlan.build(lengths[:rows], per_row, chunks, dev)
+            return P.packed_forward(model, slots.cache, torch.cat([tokens, chunk_ids]), plan, slots.plan_holder)
+
+        for k in range(gamma):
+            if pending:
+                logits, pending = packed(self.draft, self.dcache, tok, b, 1)[:b], False
+            else:
+                logits = self.forward(self.draft, self.dcache, tok[:, None], lengths + k, False)[:, -1]
+            tok, q = _sample(logits, temp, gen)
+            drafts.append(tok)
+            qs.append(q)
+        if not gamma and pending:  # the chunks alone, or with the draft_sync token of every sequence
+            packed(self.draft, self.dcache, last if draft_sync else last[:0], b if draft_sync else 0, 1)
+        elif not gamma and draft_sync and b:
+            self.forward(self.draft, self.dcache, last[:, None], lengths, False)
+        d = torch.stack(drafts, 1) if gamma else last.new_empty((b, 0))
+        ids = torch.cat([last[:, None], d], 1)
+        logits = packed(self.target, self.tcache, ids.reshape(-1), b, gamma + 1)
+        v = b * (gamma + 1)
+        n_acc = next_tok = None
+        if b:
+            n_acc, next_tok = M.speculative_sample(logits[:v].reshape(b, gamma + 1, -1), d,
+                                                   torch.stack(qs, 1) if gamma and temp > 0 else None, temp, gen,
+                                                   synthetic_acc)
+        firsts: list[int] = []
+        if any(finishing):
+            sel = torch.tensor([v + i for i, f in enumerate(finishing) if f], device=dev)
+            firsts = _sample(logits[sel], temp, gen)[0].tolist()
+        return n_acc, ids, next_tok, firsts
 
     def _verify(self, last: torch.Tensor, lengths: torch.Tensor, d: torch.Tensor):
         """The target's forward of ``[last, d]`` per slot: logits (b, w+1, V) as floats and, with an EAGLE head,
@@ -625,6 +734,10 @@ class Engine:
             self.capture_graphs(gamma)
         for g in (0, gamma):
             self.spec_step(last, lengths, g, None, histories=hists)
+        if self.cfg.prefill == "chunked":  # the packed forwards at the full batch and the budget's largest chunk
+            k = max(1, min(self.cfg.max_num_batched_tokens - b * (gamma + 1), self.max_len))
+            ids = torch.randint(0, self.vocab, (k,), generator=self.gen, device=self.device)
+            self.mixed_step(last, lengths, gamma, None, [P.Chunk(b, 0, k)], ids, [True], draft=True)
 
     def capture_graphs(self, gamma: int) -> int:
         """Capture the batched forwards' graphs a run up to γ = ``gamma`` uses (every batch size; the target's
@@ -669,6 +782,86 @@ class Engine:
                      accepted=accepted, admitted=len(admitted), preempted=len(preempted), context=ctx_mean,
                      context_max=ctx_max)
         return fwd, model_s, t2, matched
+
+    def _iteration_chunked(self, sched: Scheduler, slots: "_Slots", clock: "_ReplayClock",
+                           t0: float) -> tuple[float, float, float, int]:
+        """One chunked-prefill iteration from ``t0``, as the simulator's (``Replica._run_chunked``): γ for the
+        running batch under the token budget, the prompt chunks the scheduler fits after its b·(γ+1) verify
+        tokens, their forwards (:meth:`_chunked_step`), then the requests whose last chunk ran join the batch
+        with the token it produced. Recorded as ``step_s`` (the whole iteration; ``prefill_s`` 0: the chunks'
+        share of one forward is not separable). Returns (0, the seconds of model work, the iteration's end)."""
+        gamma = n = 0
+        view, preempted, ctx_mean, ctx_max = None, [], 0.0, 0.0
+        if len(sched.batch):
+            gamma, view, preempted = sched.choose_gamma_chunked(t0)
+            if preempted:
+                slots.forget(preempted)
+            n, ctx_mean, ctx_max = view.batch, view.context, view.step_context
+        chunks, admitted = sched.schedule_chunks(n * (gamma + 1), t0)
+        totals = {rid: total for rid, _, total in sched.prefilling}
+        for rid, done, _ in chunks:
+            if rid not in slots.stage_of:
+                slots.stage(rid)
+        model_s, tokens, accepted, firsts = self._chunked_step(sched, slots, view, gamma, chunks, totals, clock)
+        t2 = clock.now()
+        joined, _ = sched.commit_chunks(chunks, t2)
+        for rid, tok in firsts:
+            slots.join_staged(rid, tok)
+        if n or joined:
+            slots.free(sched.finish(t2))
+        sched.kv_tokens = sched.batch_tokens() + sched.prefill_held
+        sched.record(t0, batch=n, gamma=gamma, prefill_s=0.0, step_s=t2 - t0, tokens=tokens + joined,
+                     accepted=accepted, admitted=admitted, preempted=len(preempted), context=ctx_mean,
+                     context_max=ctx_max)
+        self.chunk_log.append([(done, k) for _, done, k in chunks])
+        return 0.0, model_s, t2, n if gamma else 0  # (a draft model proposes for every row)
+
+    def _chunked_step(self, sched: Scheduler, slots: "_Slots", view, gamma: int, chunks: list, totals: dict,
+                      clock: "_ReplayClock") -> tuple[float, int, int, list[tuple[int, int]]]:
+        """The running batch's step at ``gamma`` (none when ``view`` is None) and the prompt ``chunks``
+        [(rid, prefilled, tokens)] on the models (:meth:`mixed_step`), the step committed to ``sched``; returns
+        the seconds of model work, the tokens gained, the draft tokens accepted and (rid, first token) for each
+        request whose last chunk ran (``totals``: rid -> tokens to prefill)."""
+        b, device, synthetic = sched.batch, self.device, self.cfg.acceptance == "synthetic"
+        n = len(b) if view is not None else 0
+        rid_rows = b.ids.tolist() if n else []
+        rows = [slots.slot_of[r] for r in rid_rows]
+        lengths = torch.empty(n, dtype=torch.long)
+        if n:  # cached positions per slot = context - 1 (the last token is not yet in the cache)
+            lengths[rows] = torch.as_tensor(b.contexts - 1)
+        acc = sched.speculate(gamma) if synthetic and n else None
+        syn = None
+        if synthetic and gamma and n:
+            syn = torch.empty(n, dtype=torch.long)
+            syn[rows] = torch.as_tensor(acc)
+            syn = syn.to(device)
+        parts = [P.Chunk(slots.stage_of[rid], done, k) for rid, done, k in chunks]
+        ids = torch.tensor([t for rid, done, k in chunks for t in slots.history[rid][done:done + k]],
+                           dtype=torch.long, device=device)
+        finishing = [done + k == totals[rid] for rid, done, k in chunks]
+        tm = clock.read()
+        n_acc, ids_t, next_tok, firsts = self.mixed_step(slots.last_tok[:n], lengths.to(device), gamma, syn, parts,
+                                                         ids, finishing, slots.uses_draft,
+                                                         self.cfg.draft_sync and slots.uses_draft)
+        model_s = clock.read() - tm
+        tokens = accepted = 0
+        if n:
+            tokens, accepted = self._advance(sched, slots, view, gamma, acc, rows, rid_rows, n_acc, ids_t, next_tok)
+        done_rids = [rid for (rid, _, _), f in zip(chunks, finishing) if f]
+        return model_s, tokens, accepted, list(zip(done_rids, firsts))
+
+    def _advance(self, sched: Scheduler, slots: "_Slots", view, gamma: int, acc, rows: list[int],
+                 rid_rows: list[int], n_acc, ids_t, next_tok) -> tuple[int, int]:
+        """Commit a step's outcome (acceptance counts ``acc``, or the real test's ``n_acc``) to ``sched`` and the
+        slots' tokens; returns the tokens gained and the draft tokens accepted."""
+        n_acc_l, ids_l, next_l = n_acc.tolist(), ids_t.tolist(), next_tok.tolist()
+        if self.cfg.acceptance != "synthetic":
+            acc = np.array([n_acc_l[s] for s in rows], np.int64)
+        slots.last_tok[:len(rows)] = next_tok
+        gain, tokens, accepted = sched.advance(view, gamma, acc)
+        for rid, s, g in zip(rid_rows, rows, gain.tolist()):
+            slots.history[rid].extend((ids_l[s][1:1 + n_acc_l[s]] + [next_l[s]])[:g])
+        return tokens, accepted
 
     def _prefill_admitted(self, slots: "_Slots", admitted: list[int], clock: Callable[[], float]) -> float:
         """Prefill the admitted requests' histories into new slots (one forward each, or with
@@ -785,6 +978,11 @@ class Engine:
         sched = Scheduler(0, reqs, policy, np.random.default_rng(seeds[2]), log, max_batch=cfg.max_batch,
                           kv_capacity_tokens=capacity, max_gamma=cost.max_gamma, watermark=cfg.watermark,
                           attention=self.attention)  # policies see the step's context
+        chunked = cfg.prefill == "chunked"
+        if chunked:
+            sched.enable_chunked(cfg.max_num_batched_tokens, cfg.long_prefill_token_threshold)
+        #: chunked prefill, per iteration: the chunks it ran, [(tokens already prefilled, chunk tokens), ...]
+        self.chunk_log = []
         reqs.rejected[:] = (reqs.prompt + reqs.output) > capacity
         slots = _Slots(self, reqs, np.random.default_rng([seed, 7]), policy.uses_draft)
         if cfg.warmup:
@@ -800,7 +998,7 @@ class Engine:
             while nxt < len(order) and arrivals[order[nxt]] <= t:
                 sched.submit(order[nxt])
                 nxt += 1
-            if not len(sched.batch) and not sched.waiting:
+            if not len(sched.batch) and not sched.waiting and not sched.prefilling:
                 clock.idle_until(arrivals[order[nxt]])
                 continue
             if probe is not None and len(diag) % probe_every == 0:
@@ -808,7 +1006,8 @@ class Engine:
             if time_limit_s is not None and t > time_limit_s:
                 raise TimeoutError(f"engine run exceeded {time_limit_s} s")
             t0 = clock.now()
-            fwd, model_s, t2, matched = self._iteration(sched, slots, clock, t0)
+            fwd, model_s, t2, matched = (self._iteration_chunked if chunked else self._iteration)(sched, slots, clock,
+                                                                                               t0)
             diag.append((fwd, model_s, matched))
             busy += t2 - t0
 
@@ -816,9 +1015,12 @@ class Engine:
         fin = reqs.finished[~reqs.rejected]
         makespan = float(np.nanmax(fin)) if len(fin) else 0.0
         #: engine-only diagnostics per iteration (aligned with the iteration table): seconds in prefill
-        #: forwards and in the speculative step's model work (the rest of prefill_s/step_s is engine overhead),
-        #: and ``matched``: the sequences that proposed draft tokens (the batch at γ > 0 but for n-gram lookup)
+        #: forwards and in the speculative step's model work (chunked: the packed forwards, chunks included;
+        #: the rest of prefill_s/step_s is engine overhead), and ``matched``: the sequences that proposed draft
+        #: tokens (the batch at γ > 0 but for n-gram lookup)
         self.diagnostics = pd.DataFrame(diag, columns=["prefill_forward_s", "step_model_s", "matched"])
+        #: chunked prefill: the chunks each iteration ran, [(tokens already prefilled, chunk tokens), ...]
+        self.diagnostics["chunks"] = self.chunk_log if chunked else [[] for _ in diag]
         #: what ``probe`` returned, in order (empty without a probe)
         self.probes = probes
         #: token ids per request id: prompt (random ids) + the generated tokens

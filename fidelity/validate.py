@@ -55,8 +55,9 @@ from pathlib import Path
 
 import numpy as np
 
-from specbatch.fidelity.agreement import (EXIT_CODES, HEADLINE, METRICS, agreement, describe_verdict, model_over_engine,
-                                          prefill_agreement, rel_errors, spread, step_agreement, summary)
+from specbatch.fidelity.agreement import (EXIT_CODES, HEADLINE, METRICS, agreement, chunked_agreement, describe_verdict,
+                                          model_over_engine, prefill_agreement, rel_errors, spread, step_agreement,
+                                          summary)
 from specbatch.fidelity.calibrate import (FIXES, PROBE_EVERY, Overheads, at_speed, calibrate, fit_overheads, make_cost,
                                 make_probe)
 from specbatch.profiler.sweep import loadavg
@@ -105,6 +106,40 @@ def profile_pair(out: Path, target: str, draft: str, grid: dict, *, clock: str =
     run_passes(cfg, out_dir=out, grid=Grid.from_cfg(grid), passes=passes, max_passes=max(passes, max_passes),
                repairs=repairs, progress=False, after_pass=after_pass)
     return out
+
+
+MIXED_PASSES = 2  # sweeps of the mixed grid (chunked prefill) after the profile's passes
+
+
+def mixed_rows(prof_dir: Path, target: str, draft: str, models: dict, *, clock: str, threads: int, device: str,
+               seed: int, point_budget_s: float = 0.1, log=print) -> dict:
+    """Time the profile's mixed forwards (:func:`specbatch.profiler.mixed.run_mixed`, the default grid over the
+    profile's own, with the steps the rule reads re-timed alongside) on the engine's ``models`` into
+    ``prof_dir``, and check the mixed-iteration rule against them (:func:`specbatch.fidelity.mixed.rule_check`,
+    stored in meta.json); returns the check."""
+    from omegaconf import OmegaConf
+
+    from specbatch.fidelity.mixed import rule_check, store, table
+    from specbatch.profiler.mixed import MixedGrid, run_mixed
+    from specbatch.profiler.sweep import Grid
+    from specbatch.sim.profile import load_profile
+
+    meta = json.loads((prof_dir / "meta.json").read_text())
+    grid = Grid.from_cfg(meta["timing"]["grid"])
+    cfg = OmegaConf.create(dict(pair=dict(target=target, draft=draft), device=device, dtype=meta["dtype"],
+                                threads=threads, seed=seed,
+                                timing=dict(**PROFILE_TIMING, point_budget_s=point_budget_s, temperature=1.0,
+                                            clock=clock)))
+    mgrid = MixedGrid.from_cfg(None, grid)
+    log(f"timing {len(mgrid.points())} mixed forwards x {MIXED_PASSES} passes (chunked prefill) ...")
+    run_mixed(cfg, prof_dir, mgrid, MIXED_PASSES, models=models, progress=False, anchors_of=grid)
+    prof = load_profile(prof_dir)
+    check = rule_check(prof)
+    store(prof, check)
+    for line in table(check):
+        if not line.startswith(("target ", "draft ", "model ")):
+            log("  " + line)
+    return check
 
 
 def fresh_profile(path: Path, target: str, draft: str, clock: str, grid: dict, max_age_h: float,
@@ -181,11 +216,16 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
              trace_start: int = 0, workload: str = "azure_conv", out: Path | str = "fidelity-out", profile: str | None = None,
              max_age_h: float = 12.0, repeats: int = REDUCED["repeats"], variants=None, draft_sync: bool = False,
              attention: str | None = None, prefill: str = "sequential", drafter: str = "draft_model",
-             graphs: bool | None = None, match_rate: float | None = None, log=print) -> dict:
+             graphs: bool | None = None, match_rate: float | None = None, max_num_batched_tokens: int = 64,
+             log=print) -> dict:
     """Run the whole validation; write ``report.json`` and ``dashboard.html`` into ``out``; return the report.
     ``attention``: how the simulator charges a step's context (``cluster.attention``; default the engine's,
     padded). ``prefill``: ``"batched"`` prefills an iteration's admissions in one forward per model, in the
-    engine and the simulator (``cluster.prefill``), and profiles prefill at batch sizes up to ``max_batch``.
+    engine and the simulator (``cluster.prefill``), and profiles prefill at batch sizes up to ``max_batch``;
+    ``"chunked"`` splits prompts into chunks under ``max_num_batched_tokens`` tokens per forward, verify first
+    (the engine's packed forwards; the simulator's mixed-iteration rule), and times the profile's mixed
+    forwards (:func:`mixed_rows`) once the profile's passes are done (a ``profile`` given with mixed forwards
+    keeps its own; the rule is checked against them).
     ``graphs``: the engine replays its batched forwards from CUDA graphs and the profile is taken with graphs
     (default: on CUDA; :func:`specbatch.fidelity.engine.uses_graphs`).
     ``drafter``: what drafts, in the engine and the simulator (``drafter.kind``, :func:`validation_drafter`;
@@ -230,11 +270,12 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         ecfg = EngineConfig(max_batch=max_batch, kv_capacity_tokens=max_batch * max_len, clock=clock,
                             threads=threads, device=device, seed=seed, dtype=str(prof.meta["dtype"]),
                             draft_sync=draft_sync, prefill=prefill, drafter=drafter, graphs=graphs,
+                            max_num_batched_tokens=max_num_batched_tokens,
                             **({"prompt_lookup_min": spec.prompt_lookup_min, "prompt_lookup_max": spec.prompt_lookup_max}
                                if drafter == "ngram" else {}))
         engine = Engine(target, draft, ecfg, max_len=max_len)
         cluster = ClusterConfig(max_batch=max_batch, kv_capacity_tokens=engine.capacity, draft_sync=draft_sync,
-                                attention=attention, prefill=prefill)
+                                attention=attention, prefill=prefill, max_num_batched_tokens=max_num_batched_tokens)
         capacity = estimate_capacity(plain, base, cluster)
         table_cost = plain.with_draft_sync() if draft_sync else plain  # what the policies' γ tables are built from
         for load in loads:
@@ -283,6 +324,15 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         log(f"reusing the profile {prof_dir}; {repeats} engine rounds ...")
         for k in range(int(repeats)):
             one_round(k)
+    mixed_check = None
+    if prefill == "chunked" and profile is not None and load_profile(prof_dir).mixed is not None:
+        from specbatch.fidelity.mixed import rule_check  # a profile of the user's: its mixed forwards as they are
+
+        mixed_check = rule_check(load_profile(prof_dir))
+    elif prefill == "chunked":
+        e = setup["engine"]
+        mixed_check = mixed_rows(prof_dir, target, draft, {"target": e.target, "draft": e.draft}, clock=clock,
+                                 threads=threads, device=device, seed=seed, log=log)
     t_measured = time.perf_counter() - t_start
     prof = load_profile(prof_dir)  # the final profile: every pass merged
     plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma, spec), setup["cluster"], setup["capacity"]
@@ -303,16 +353,23 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         r = runs[0]["result"]
         s_real = {**runs[0]["summary"], **{m: float(np.median([x["summary"][m] for x in runs])) for m in METRICS}}
         ran = [x for x in runs if len(x["result"].iterations)]
-        steps = step_agreement(pd.concat([x["result"].iterations for x in ran]),
-                               pd.concat([x["diagnostics"] for x in ran]),
-                               charged_cost(plain, pol, cluster), attention=attention) if ran else None
         drafts = pol.uses_draft and spec.prefill  # the drafter prefills admitted prompts too (ngram: never)
-        prefills = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, drafts,
-                                     attention=attention, prefill=prefill) if len(r.iterations) else None
+        its = diags = None
+        if ran:
+            its = pd.concat([x["result"].iterations for x in ran])
+            diags = pd.concat([x["diagnostics"] for x in ran])
+        steps = prefills = chunks = None
+        if ran and prefill == "chunked":
+            chunks = chunked_agreement(its, diags, charged_cost(plain, pol, cluster), pol.uses_draft,
+                                       attention=attention)
+        elif ran:
+            steps = step_agreement(its, diags, charged_cost(plain, pol, cluster), attention=attention)
+            prefills = prefill_agreement(r.requests, r.iterations, runs[0]["diagnostics"], plain, drafts,
+                                         attention=attention, prefill=prefill) if len(r.iterations) else None
         case.update({"loadavg": runs[0]["loadavg"], "engine_wall_s": float(np.median([x["wall_s"] for x in runs])),
                      "engine_host": {k: round(float(np.mean([x["host"][k] for x in runs])), 3)
                                      for k in runs[0]["host"]},
-                     "steps": steps, "prefill": prefills,
+                     "steps": steps, "prefill": prefills, "chunked": chunks,
                      "real": {m: s_real[m] for m in METRICS + ("mean_batch", "mean_gamma", "iterations")},
                      "sim": {}, "errors": {}, "_real": r, "_sim": {}})
         if repeats > 1:
@@ -338,7 +395,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
             at = summarize(simulate(w, cost, pol, acc, cluster, seed=seed))
             paired.append(rel_errors(x["summary"], at))
             parts.append(model_over_engine(x["result"], charged_cost(cost, pol, cluster), drafts,
-                                           attention=attention, prefill=prefill, diagnostics=x["diagnostics"]))
+                                           attention=attention, prefill=prefill, diagnostics=x["diagnostics"],
+                                           chunks=x["diagnostics"]["chunks"].tolist()))
             slow, fast = (model_at(over, speed * (1 + x["probe_spread"]) ** d, w, pol) for d in (-1, 1))
             moved.append({m: abs(slow[m] - fast[m]) / 2 / at[m] if at[m] else 0.0 for m in METRICS})
         case["errors"]["paired"] = {m: float(np.median([e[m] for e in paired])) for m in METRICS}
@@ -361,6 +419,8 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         "draft_sync": draft_sync, "attention": attention, "prefill": prefill,
         "graphs": {"enabled": graphs, "late_captures": setup["engine"].step_graphs.late_captures
                    if setup["engine"].step_graphs is not None else 0},
+        **({"max_num_batched_tokens": max_num_batched_tokens, "mixed_check": mixed_summary(mixed_check)}
+           if prefill == "chunked" else {}),
         "drafter": spec.describe(),
         "requests": requests, "loads": list(loads), "policies": list(policies), "max_batch": max_batch,
         "alpha": alpha, "seed": seed, "workload": base.describe(), "capacity_req_s": capacity,
@@ -381,6 +441,15 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
 
 
 # --- report --------------------------------------------------------------------------------------------------
+
+
+def mixed_summary(check: dict | None) -> dict | None:
+    """The mixed-iteration rule's error per comparison and model (:func:`specbatch.fidelity.mixed.rule_check`),
+    without the points."""
+    if check is None:
+        return None
+    return {part: {m: v for m, v in check[part].items() if m != "points"}
+            for part in ("profile_steps", "same_run_steps") if part in check}
 
 
 def add_verdict(report: dict) -> dict:
@@ -467,8 +536,9 @@ def format_report(report: dict) -> str:
     lines = [f"pair {report['pair']['draft']} / {report['pair']['target']}, device {report['device']}, "
              f"drafter {drafter_label(report['drafter']) if 'drafter' in report else 'draft_model'}, "
              f"clock {report['clock']}, attention {report.get('attention', 'paged')}, "
-             f"prefill {report.get('prefill', 'sequential')}, "
-             f"loadavg {report['loadavg_start']} -> {report['loadavg_end']}",
+             f"prefill {report.get('prefill', 'sequential')}"
+             + (f" (budget {report['max_num_batched_tokens']} tokens)" if report.get("prefill") == "chunked" else "")
+             + f", loadavg {report['loadavg_start']} -> {report['loadavg_end']}",
              f"engine-side terms ({len(report['calibration']['speed_by_round'])} calibrations): "
              + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in report["calibration"]["overheads"].items() if k != "speed")
              + f"; speed vs the profile {report['calibration']['overheads']['speed']:.3f} (by round "
@@ -505,10 +575,20 @@ def format_report(report: dict) -> str:
             h = c["engine_host"]
             lines.append(f"{'':>5} {'':9}host     engine run: {h['user_s']:.2f} s user, {h['kernel_s']:.2f} s kernel, "
                          f"{h['minor_faults']} minor page faults")
+        if c.get("chunked"):
+            ch = c["chunked"]
+            lines.append(f"{'':>5} {'':9}chunked  model / engine iteration, median: with chunks "
+                         f"{ch['model_over_mixed_iteration']} (model work {ch['model_over_mixed_model_work']}), "
+                         f"without {ch['model_over_plain_iteration']}; {ch['with_chunks']} of {ch['iterations']} "
+                         "iterations carried chunks")
         if c.get("prefill"):
             pf = c["prefill"]
             lines.append(f"{'':>5} {'':9}prefill  profile / engine prefill, median {pf['profile_over_prefill']:.3f} "
                          f"(forwards only {pf['profile_over_forward']:.3f}; {pf['admissions']} admitting iterations)")
+    for part, check in (report.get("mixed_check") or {}).items():
+        lines.append(f"mixed-iteration rule vs the profile's mixed forwards ({part}): " + "; ".join(
+            f"{m} |error| median {100 * x['median_abs_rel_error']:.1f} %, max {100 * x['max_abs_rel_error']:.1f} %"
+            for m, x in check.items()))
     for v in variants:
         lines.append(f"max |error| {v:9}" + "".join(f"{100 * report['max_abs_error'][v][m]:>16.1f}%" for m in METRICS))
     if "agreement" in report:
@@ -548,9 +628,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="the context the simulator charges a step at (cluster.attention); default: the engine's, "
                          "padded (attention over the batch's longest sequence)")
     ap.add_argument("--prefill", choices=PREFILL, default="sequential",
-                    help="an iteration's admissions: one prefill forward each, or one forward for all of them, "
-                         "in the engine and the simulator (cluster.prefill); batched profiles prefill at several "
-                         "batch sizes")
+                    help="an iteration's admissions: one prefill forward each, one forward for all of them, or "
+                         "chunks inside the verify forward under a token budget, in the engine and the simulator "
+                         "(cluster.prefill); batched profiles prefill at several batch sizes, chunked also times "
+                         "mixed forwards")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=64,
+                    help="with --prefill chunked: tokens per forward, verify first (cluster.max_num_batched_tokens; "
+                         "default %(default)s, so that the reduced trace's prompts are split)")
     ap.add_argument("--drafter", choices=("draft_model", "eagle", "ngram"), default="draft_model",
                     help="what drafts, in the engine and the simulator (drafter.kind): the pair's draft model, an "
                          "EAGLE head built from the target (random weights; the profile gets its eagle rows) or "
@@ -581,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
                           clock=clock, threads=a.threads, device=a.device, seed=a.seed, out=a.out,
                           profile=a.profile, repeats=a.repeats, trace_start=a.trace_start, workload=a.workload,
                           draft_sync=a.draft_sync, attention=a.attention, prefill=a.prefill, drafter=a.drafter,
-                          graphs=a.graphs, match_rate=a.match_rate)
+                          graphs=a.graphs, match_rate=a.match_rate, max_num_batched_tokens=a.max_num_batched_tokens)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"specbatch-validate: error: {e}", file=sys.stderr)
         return 2

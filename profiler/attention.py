@@ -25,6 +25,9 @@ profiler's steps) for an attention implementation that has no mask function in `
 creation: we don't need a mask"); :data:`NAME` is deliberately not registered there
 (:func:`builds_no_mask` checks it). A caller that passes its own mask (the fidelity engine's per-slot ragged
 lengths) gets plain masked SDPA, as transformers' ``sdpa`` would run it.
+A forward called with the keyword ``packed`` (a :class:`specbatch.profiler.packed.PackedPlan`: verify rows and
+prompt chunks flattened into one input, chunked prefill) runs attention per part instead
+(:func:`specbatch.profiler.packed.packed_attention`).
 
 GQA (fewer K/V heads than query heads): ``enable_gqa=True`` lets SDPA read the shared K/V heads without a
 copy; it is supported by the flash, cuDNN and math kernels (and the CPU flash kernel) but not by the
@@ -93,6 +96,10 @@ def engine_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     (b, kv_heads, kv, d) including the new tokens; returns ``(output (b, q, heads, d), None)``."""
     if kwargs.get("softcap") is not None:
         raise ValueError(f"attn_implementation={NAME!r} does not support softcap")
+    if kwargs.get("packed") is not None:  # a packed forward (profiler/packed.py): attention per part
+        from specbatch.profiler.packed import packed_attention
+
+        return packed_attention(query, key, value, kwargs["packed"], scaling), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len, kv_len = query.shape[2], key.shape[2]
     kind = mask_kind(q_len, kv_len, causal, attention_mask is not None)

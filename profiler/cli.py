@@ -1,7 +1,8 @@
 """``specbatch-profile``: the hydra app that writes cost profiles (see ``conf/profile.yaml``).
 
-Modes: ``profile`` (measure the step grid; also acceptance when prompts are set), ``acceptance`` (only the
-per-position acceptance rates), ``roofline`` (analytical profile for a GPU not at hand).
+Modes: ``profile`` (measure the step grid; also acceptance when prompts are set, and mixed forwards with
+``mixed.measure=true``), ``acceptance`` (only the per-position acceptance rates), ``mixed`` (only the mixed
+forwards of chunked prefill, added to an existing profile), ``roofline`` (analytical profile for a GPU not at hand).
 """
 from __future__ import annotations
 
@@ -165,14 +166,32 @@ def print_sanity(out: Path) -> None:
         print(line, file=sys.stderr)
 
 
+def run_mixed_mode(cfg: DictConfig, out: Path, device: str) -> None:
+    """Time the mixed forwards (``cfg.mixed``, :mod:`specbatch.profiler.mixed`) into the profile ``out``."""
+    from specbatch.profiler.mixed import MixedGrid, run_mixed
+
+    if not (out / "steps.csv").is_file():
+        raise FileNotFoundError(f"{out}: no profile there (steps.csv); mode=mixed adds mixed forwards to an existing "
+                                "profile: set out_dir and name to its folder")
+    m = cfg.get("mixed")
+    grid = grid_of(cfg, device)
+    mgrid = MixedGrid.from_cfg(m, grid)
+    passes = int((m.get("passes") if m is not None else None) or cfg.timing.get("passes") or 1)
+    anchors = bool(m.get("anchors")) if m is not None else False
+    print(f"timing {len(mgrid.points())} mixed points x {passes} passes into {out}/mixed.csv"
+          + (" (and the steps the rule reads, alongside)" if anchors else ""), flush=True)
+    run_mixed(cfg, out, mgrid, passes, progress=bool(cfg.progress), anchors_of=grid if anchors else None)
+    print(f"wrote {out}/mixed.csv; the mixed-iteration rule's error on it: python -m specbatch.fidelity.mixed {out}")
+
+
 def run(cfg: DictConfig) -> Path:
     """Run the mode ``cfg.mode``; return the profile folder written."""
     if cfg.mode == "roofline":
         out = run_roofline(cfg)
         print(f"wrote analytical profile {out}")
         return out
-    if cfg.mode not in ("profile", "acceptance"):
-        raise ValueError(f"mode={cfg.mode!r}; expected profile, acceptance or roofline")
+    if cfg.mode not in ("profile", "acceptance", "mixed"):
+        raise ValueError(f"mode={cfg.mode!r}; expected profile, acceptance, mixed or roofline")
     from specbatch.profiler.sweep import resolve_device, resolve_dtype, run_passes
 
     device = resolve_device(str(cfg.device))
@@ -184,6 +203,8 @@ def run(cfg: DictConfig) -> Path:
                    progress=bool(cfg.progress))
         print(f"wrote profile {out}")
         print_sanity(out)
+    if cfg.mode == "mixed" or (cfg.mode == "profile" and (cfg.get("mixed") or {}).get("measure")):
+        run_mixed_mode(cfg, out, device)
     if cfg.mode == "acceptance" or cfg.acceptance.prompts or cfg.acceptance.prompts_file:
         out.mkdir(parents=True, exist_ok=True)
         info = run_acceptance(cfg, out, device, dtype)

@@ -533,9 +533,9 @@ def typical_reference(references: list) -> float | None:
     return float(np.median(pd.concat(references)["reference_s"]))
 
 
-def merge_passes(frames: list[pd.DataFrame], references: list | None = None) -> pd.DataFrame:
+def merge_passes(frames: list[pd.DataFrame], references: list | None = None, key: list[str] = KEY) -> pd.DataFrame:
     """The rows of several sweeps of one grid (whole or some of its points) merged as :func:`run_passes`
-    describes, sorted by :data:`KEY`.
+    describes, sorted by ``key`` (the columns naming a point: :data:`KEY` for steps.csv rows).
 
     ``references`` (one ``reference.csv`` frame per sweep, or None) put every sweep's points on one clock
     first: a point's times are multiplied by the typical reference reading (:func:`typical_reference`) over
@@ -546,7 +546,7 @@ def merge_passes(frames: list[pd.DataFrame], references: list | None = None) -> 
     if typical is not None:
         scaled = []
         for f, ref in zip(frames, references):
-            f = f.merge(ref, on=KEY, how="left")
+            f = f.merge(ref, on=key, how="left")
             ok = f["status"] == "ok"
             if f.loc[ok, "reference_s"].isna().any():
                 scaled = None
@@ -558,13 +558,13 @@ def merge_passes(frames: list[pd.DataFrame], references: list | None = None) -> 
         frames = scaled or frames
     rows = pd.concat(frames, ignore_index=True)
     ok = rows[rows["status"] == "ok"]
-    merged = ok.groupby(KEY, as_index=False).agg(median_s=("median_s", "median"), p10_s=("p10_s", "min"),
+    merged = ok.groupby(key, as_index=False).agg(median_s=("median_s", "median"), p10_s=("p10_s", "min"),
                                                   p90_s=("p90_s", "max"), samples=("samples", "sum"))
     merged["status"] = "ok"
-    oom = rows[rows["status"] == "oom"].drop_duplicates(KEY)
-    measured = pd.MultiIndex.from_frame(merged[KEY])
-    oom = oom[~pd.MultiIndex.from_frame(oom[KEY]).isin(measured)]
-    out = pd.concat([merged, oom[merged.columns]], ignore_index=True).sort_values(KEY, ignore_index=True)
+    oom = rows[rows["status"] == "oom"].drop_duplicates(key)
+    measured = pd.MultiIndex.from_frame(merged[key])
+    oom = oom[~pd.MultiIndex.from_frame(oom[key]).isin(measured)]
+    out = pd.concat([merged, oom[merged.columns]], ignore_index=True).sort_values(key, ignore_index=True)
     if scaled:
         out.attrs["typical_reference_s"] = typical
     return out

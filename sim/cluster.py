@@ -232,8 +232,9 @@ def simulate(workload: Workload, cost: CostModel, policy: Policy, acceptance: Ac
 
 def check_chunked_cost(cost: CostModel, policy: Policy) -> None:
     """``cluster.prefill=chunked`` prices mixed iterations with :meth:`CostModel.mixed_iteration`: the cost
-    model must have it, and the profile prefill rows at two or more lengths for the target (and the draft
-    when ``policy`` drafts); else a :class:`ProfileError` naming the file and the rows."""
+    model must have it, and the profile prefill rows at two or more lengths and measured mixed forwards
+    (:func:`check_mixed_rows`) for the target (and the draft when ``policy`` drafts); else a
+    :class:`ProfileError` naming the file and the rows."""
     if not hasattr(cost, "mixed_iteration"):
         raise ProfileError(f"{cost.profile.path}: cluster.prefill=chunked needs a cost model with mixed_iteration "
                            f"({type(cost).__name__} has none); use cluster.prefill=sequential")
@@ -245,6 +246,20 @@ def check_chunked_cost(cost: CostModel, policy: Policy) -> None:
     prefills = policy.uses_draft and getattr(drafter, "prefill", True)
     for model in ("target", "draft") if prefills else ("target",):
         cost.mixed_rule(model)
+        check_mixed_rows(cost.profile, model)
+
+
+def check_mixed_rows(profile, model: str = "target") -> None:
+    """A :class:`ProfileError` unless ``profile`` has measured mixed forwards (``mixed.csv``, ok rows for
+    ``model``): the rows that show how far the mixed-iteration rule is off for this device and pair."""
+    mixed = profile.mixed
+    if mixed is not None and ((mixed["model"] == model) & (mixed["status"] == "ok")).any():
+        return
+    have = "has no mixed.csv" if mixed is None else f"has no ok model={model} rows in mixed.csv"
+    raise ProfileError(f"{profile.path}: cluster.prefill=chunked needs measured mixed forwards (verify and a prompt "
+                       f"chunk in one forward), and this profile {have}; add them with `specbatch-profile mode=mixed "
+                       f"out_dir={profile.path.parent} name={profile.path.name}` (the profile's pair, dtype and "
+                       "threads), or use cluster.prefill=sequential")
 
 
 def static_routes(rejected: np.ndarray, router: str, replicas: int, rng: np.random.Generator) -> np.ndarray | None:

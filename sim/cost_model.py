@@ -538,7 +538,9 @@ class CostModel:
         add: near the memory/compute knee, where a forward's time is the larger of the two rather than
         their sum, the rule errs by up to min(F, S) in either direction; (3) prefill rows at batch 1 describe
         a chunk (several chunks in one forward add up). With no running batch the iteration is a prefill-only
-        forward of the chunks, F + Σ ΔP. No measured mixed forward checks this rule yet."""
+        forward of the chunks, F + Σ ΔP. A profile's measured mixed forwards (``mixed.csv``) show how far the
+        rule is off on its device: ``python -m specbatch.fidelity.mixed <profile>`` (``meta.json``
+        ``mixed_check``); the rule does not read them."""
         step = self.iteration(batch, gamma, context) if batch else 0.0
         if not chunks:
             return 0.0, step

@@ -20,13 +20,22 @@ A profile is a folder ``traces/profiles/<name>/`` holding
     1, tokens = prompt length, context 0) the head's prefill over the prompt's hidden states; ``ngram`` decode
     rows (batch, tokens=1, context) are the CPU seconds to propose for ``batch`` sequences of ``context``
     tokens by prompt lookup (no prefill rows).
+``mixed.csv`` (optional; ``cluster.prefill=chunked`` needs it)
+    one row per measured mixed forward (chunked prefill: one packed forward of ``batch`` sequences' new tokens
+    at ``context`` cached tokens each and one prompt chunk of ``chunk_tokens`` tokens after ``chunk_prefix``
+    cached tokens of its own sequence; profiler/packed.py), columns :data:`MIXED_COLUMNS`: ``model``
+    (target|draft), ``batch`` (sequences, ≥ 1), ``tokens`` (new tokens per sequence: γ+1 for the target's
+    verify, 1 for a draft decode), ``context``, ``chunk_tokens`` (≥ 1), ``chunk_prefix`` (≥ 0), ``median_s``,
+    ``p10_s``, ``p90_s``, ``samples``, ``status`` as in steps.csv. What the times include, the grid and the
+    passes are in ``meta.json`` under ``mixed``; the mixed-iteration rule's error on these rows
+    (``specbatch.sim.cost_model.CostModel.mixed_iteration`` against each row) under ``mixed_check``.
 ``acceptance.csv`` (optional)
     columns :data:`ACCEPTANCE_COLUMNS`: ``position`` (1-based draft position), ``alpha`` (probability that
     the draft token at that position is accepted given all earlier ones were), ``samples``. The dataset and
     temperature it was measured with live in ``meta.json`` under ``acceptance``.
 
 :func:`load_profile` validates all of it and raises :class:`ProfileError` naming the file, row and field.
-:func:`write_profile_meta`, :func:`append_steps` are what the profiler uses to write one.
+:func:`write_profile_meta`, :func:`write_steps`, :func:`write_mixed` are what the profiler uses to write one.
 """
 from __future__ import annotations
 
@@ -44,6 +53,10 @@ import pandas as pd
 SCHEMA_VERSION = 1
 STEP_COLUMNS = ["model", "phase", "batch", "tokens", "context", "median_s", "p10_s", "p90_s", "samples", "status"]
 ACCEPTANCE_COLUMNS = ["position", "alpha", "samples"]
+MIXED_COLUMNS = ["model", "batch", "tokens", "context", "chunk_tokens", "chunk_prefix", "median_s", "p10_s", "p90_s",
+                 "samples", "status"]
+MIXED_MODELS = ("target", "draft")
+MIXED_KEY = ["model", "batch", "tokens", "context", "chunk_tokens", "chunk_prefix"]
 MODELS = ("target", "draft", "eagle", "ngram")
 # meta.json ``models`` entries every profile has; ``eagle`` and ``ngram`` (drafter rows) are optional
 REQUIRED_MODELS = ("target", "draft")
@@ -69,13 +82,14 @@ class Profile:
     """A loaded, validated cost profile.
 
     ``steps`` holds every row of ``steps.csv`` (all statuses); ``ok_steps`` only the ``ok`` ones.
-    ``acceptance`` is ``None`` when the profile has no ``acceptance.csv``.
+    ``acceptance`` is ``None`` when the profile has no ``acceptance.csv``, ``mixed`` when it has no ``mixed.csv``.
     """
 
     path: Path
     meta: dict
     steps: pd.DataFrame
     acceptance: pd.DataFrame | None = None
+    mixed: pd.DataFrame | None = None
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -208,6 +222,35 @@ def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:
             what = "a positive integer" if col in ("batch", "tokens") else "a non-negative integer"
             raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected {what}")
         df[col] = v.astype(np.int64)
+    return _check_times(path, df, ["model", "phase", "batch", "tokens", "context"])
+
+
+def _check_mixed(path: Path, df: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in MIXED_COLUMNS if c not in df.columns]
+    if missing:
+        raise _err(path, f"missing column(s) {missing}; expected columns {MIXED_COLUMNS}")
+    if df.empty:
+        raise _err(path, "no rows")
+    for col, allowed in (("model", MIXED_MODELS), ("status", STATUSES)):
+        bad = ~df[col].isin(allowed)
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected one of {list(allowed)}")
+    for col in ("batch", "tokens", "context", "chunk_tokens", "chunk_prefix", "samples"):
+        v = pd.to_numeric(df[col], errors="coerce")
+        positive = col in ("batch", "tokens", "chunk_tokens")
+        bad = v.isna() | (v < (1 if positive else 0)) | (v != np.floor(v))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            what = "a positive integer" if positive else "a non-negative integer"
+            raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected {what}")
+        df[col] = v.astype(np.int64)
+    return _check_times(path, df, MIXED_KEY)
+
+
+def _check_times(path: Path, df: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+    """The time columns of a steps.csv / mixed.csv frame: positive and ordered (p10 ≤ median ≤ p90) on ok
+    rows; and each ``key`` point once."""
     ok = (df["status"] == "ok").to_numpy()
     for col in ("median_s", "p10_s", "p90_s"):
         v = pd.to_numeric(df[col], errors="coerce")
@@ -223,13 +266,12 @@ def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:
         r = df.iloc[i]
         raise _err(path, f"{_row(i)}: p10_s {float(r['p10_s']):g}, median_s {float(r['median_s']):g}, p90_s {float(r['p90_s']):g}; "
                          "expected p10_s ≤ median_s ≤ p90_s")
-    dup = df.duplicated(["model", "phase", "batch", "tokens", "context"], keep=False)
+    dup = df.duplicated(key, keep=False)
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
-        key = df.loc[df.index[i], ["model", "phase", "batch", "tokens", "context"]].to_dict()
+        point = df.loc[df.index[i], key].to_dict()
         j = int(np.flatnonzero(dup.to_numpy())[1])
-        raise _err(path, f"{_row(i)} and {_row(j)}: duplicate point {key}; expected each (model, phase, batch, "
-                         "tokens, context) once")
+        raise _err(path, f"{_row(i)} and {_row(j)}: duplicate point {point}; expected each ({', '.join(key)}) once")
     return df
 
 
@@ -286,10 +328,12 @@ def load_profile(path: str | os.PathLike) -> Profile:
         raise _err(meta_path, "expected a JSON object")
     _check_meta(meta_path, meta)
     steps = _check_steps(steps_path, _read_csv(steps_path, STEP_COLUMNS))
-    acceptance = None
+    acceptance = mixed = None
     if acc_path.is_file():
         acceptance = _check_acceptance(acc_path, _read_csv(acc_path, ACCEPTANCE_COLUMNS))
-    return Profile(path=path, meta=meta, steps=steps, acceptance=acceptance)
+    if (path / "mixed.csv").is_file():
+        mixed = _check_mixed(path / "mixed.csv", _read_csv(path / "mixed.csv", MIXED_COLUMNS))
+    return Profile(path=path, meta=meta, steps=steps, acceptance=acceptance, mixed=mixed)
 
 
 def check_monotone(profile: Profile, tolerance: float = MONOTONE_TOLERANCE, strict: bool | None = None) -> None:
@@ -426,6 +470,12 @@ def write_steps(folder: str | os.PathLike, rows: list[dict] | pd.DataFrame) -> N
     """Write (replace) ``steps.csv`` atomically from row dicts with the :data:`STEP_COLUMNS` keys."""
     df = pd.DataFrame(rows, columns=STEP_COLUMNS)
     atomic_write_text(Path(folder) / "steps.csv", df.to_csv(index=False))
+
+
+def write_mixed(folder: str | os.PathLike, rows: list[dict] | pd.DataFrame) -> None:
+    """Write (replace) ``mixed.csv`` atomically from row dicts with the :data:`MIXED_COLUMNS` keys."""
+    df = pd.DataFrame(rows, columns=MIXED_COLUMNS)
+    atomic_write_text(Path(folder) / "mixed.csv", df.to_csv(index=False))
 
 
 def write_acceptance(folder: str | os.PathLike, alphas: list[float] | np.ndarray, samples: list[int] | np.ndarray) -> None:

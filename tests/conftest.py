@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from specbatch.sim.profile import write_profile_meta, write_steps
+from specbatch.sim.profile import write_mixed, write_profile_meta, write_steps
 
 
 def linear_step(base: float, per_token: float, per_ctx: float = 0.0, knee: int = 0):
@@ -20,10 +20,10 @@ def linear_step(base: float, per_token: float, per_ctx: float = 0.0, knee: int =
 def write_formula_profile(folder: Path, verify, draft, prefill=lambda n: 1e-3 * n, *,
                           batches=(1, 2, 4, 8, 16, 32, 64), max_tokens=9, contexts=(128, 512, 2048),
                           prompts=(16, 64, 256, 1024, 4096), prefill_batches=(1,), batched_prefill=None,
-                          kv_cache_bytes=10**9, kv_target=1000, kv_draft=100, name="test") -> Path:
+                          kv_cache_bytes=10**9, kv_target=1000, kv_draft=100, name="test", mixed=True) -> Path:
     """Write a complete profile folder whose step times come from the given formulas. Prefill rows at each of
     ``prefill_batches``: ``batched_prefill(n, b)`` seconds for b prompts of n tokens (default b·prefill(n));
-    the draft's prefill is a tenth of the target's."""
+    the draft's prefill is a tenth of the target's. ``mixed``: also ``mixed.csv`` (:func:`formula_mixed_rows`)."""
     batched_prefill = batched_prefill or (lambda n, b: b * prefill(n))
     rows = []
     for c in contexts:
@@ -43,6 +43,8 @@ def write_formula_profile(folder: Path, verify, draft, prefill=lambda n: 1e-3 * 
                                  median_s=v, p10_s=v, p90_s=v, samples=5, status="ok"))
     folder.mkdir(parents=True, exist_ok=True)
     write_steps(folder, rows)
+    if mixed:
+        write_mixed(folder, formula_mixed_rows(verify, draft, prefill, batches, contexts, prompts))
     write_profile_meta(folder, {
         "source": "analytical", "date": "2026-01-01", "dtype": "float32",
         "device": {"name": name, "kind": "cpu", "memory_bytes": 2 * kv_cache_bytes, "kv_cache_bytes": kv_cache_bytes},
@@ -51,6 +53,22 @@ def write_formula_profile(folder: Path, verify, draft, prefill=lambda n: 1e-3 * 
         "timing": {"method": "formula"},
     })
     return folder
+
+
+def formula_mixed_rows(verify, draft, prefill, batches, contexts, prompts) -> list[dict]:
+    """mixed.csv rows for a formula profile: a forward of b sequences' new tokens (γ+1 = 1 and 5 on the target,
+    1 on the draft) at the shortest context plus a chunk of k tokens after p cached ones costs the step plus
+    prefill(p + k) − prefill(p) (a tenth of it on the draft): the mixed-iteration rule's answer whenever the
+    prefill curve's fixed part is below the step's, which these formulas keep."""
+    rows, c, k = [], contexts[0], prompts[0]
+    for b in (batches[0], batches[-1]):
+        for p in (0, k):
+            delta = prefill(p + k) - prefill(p)
+            for m, t, step, scale in (("target", 1, verify, 1.0), ("target", 5, verify, 1.0), ("draft", 1, draft, 0.1)):
+                v = step(b, t, c) + scale * delta
+                rows.append(dict(model=m, batch=b, tokens=t, context=c, chunk_tokens=k, chunk_prefix=p, median_s=v,
+                                 p10_s=v, p90_s=v, samples=5, status="ok"))
+    return rows
 
 
 def add_drafter_rows(folder: Path, eagle=None, ngram=None, *, eagle_prefill: float = 0.02, kv_eagle=10,

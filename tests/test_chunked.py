@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import linear_step, write_formula_profile
@@ -12,7 +13,7 @@ from specbatch.sim.acceptance import AcceptanceModel
 from specbatch.sim.cluster import ClusterConfig, simulate
 from specbatch.sim.cost_model import CostModel
 from specbatch.sim.policies import BatchView, budget_seconds, make_policy
-from specbatch.sim.profile import ProfileError, load_profile
+from specbatch.sim.profile import ProfileError, load_profile, write_mixed
 from specbatch.sim.quant import optimal_gamma_budget
 from specbatch.sim.workload import Workload
 
@@ -148,3 +149,78 @@ def test_bad_chunked_keys_name_the_key(cluster, key):
     with pytest.raises(ValueError, match=key) as e:
         ClusterConfig(**(dict(prefill="chunked") | cluster)).validate()
     assert "\n" not in str(e.value)
+
+
+def test_a_profile_without_mixed_rows_is_refused_for_chunked(tmp_path):
+    folder = write_formula_profile(tmp_path / "nomix", verify=linear_step(0.05, 0.0), draft=linear_step(0.005, 0.0),
+                                   prefill=PREFILL, batches=(1, 2, 4, 8), contexts=(128, 2048), mixed=False)
+    cost = CostModel(load_profile(folder), max_batch=8, max_gamma=4)
+    assert cost.profile.mixed is None  # (a profile without mixed.csv loads as before)
+    w = Workload(np.zeros(1), np.array([100]), np.array([5]))
+    with pytest.raises(ProfileError) as e:
+        _run(cost, w)
+    msg = str(e.value)
+    assert "\n" not in msg and str(folder) in msg and "has no mixed.csv" in msg
+    assert f"specbatch-profile mode=mixed out_dir={folder.parent} name={folder.name}" in msg
+    _run(cost, w, prefill="sequential")
+
+
+def test_mixed_rows_of_one_model_only_are_refused_when_the_policy_drafts(tmp_path):
+    folder = write_formula_profile(tmp_path / "p", verify=linear_step(0.05, 0.0), draft=linear_step(0.005, 0.0),
+                                   prefill=PREFILL, batches=(1, 2, 4, 8), contexts=(128, 2048))
+    mixed = pd.read_csv(folder / "mixed.csv")
+    write_mixed(folder, mixed[mixed["model"] == "target"])
+    cost = CostModel(load_profile(folder), max_batch=8, max_gamma=4)
+    w = Workload(np.zeros(1), np.array([100]), np.array([5]))
+    _run(cost, w)  # policy none: the draft is never run, its rows are not needed
+    with pytest.raises(ProfileError, match=r"has no ok model=draft rows in mixed\.csv"):
+        _run(cost, w, policy=("fixed", {"gamma": 2}))
+
+
+@pytest.mark.parametrize("column, value, expected", [
+    ("chunk_tokens", 0, "a positive integer"), ("chunk_prefix", -3, "a non-negative integer"),
+    ("model", "eagle", "expected one of ['target', 'draft']"), ("median_s", "x", "a positive, finite time"),
+])
+def test_bad_mixed_csv_names_the_file_row_and_column(tmp_path, column, value, expected):
+    folder = write_formula_profile(tmp_path / "p", verify=linear_step(0.05, 0.0), draft=linear_step(0.005, 0.0))
+    mixed = pd.read_csv(folder / "mixed.csv")
+    mixed[column] = mixed[column].astype(object)
+    mixed.loc[1, column] = value
+    mixed.to_csv(folder / "mixed.csv", index=False)
+    with pytest.raises(ProfileError) as e:
+        load_profile(folder)
+    assert str(e.value).startswith(f"{folder / 'mixed.csv'}: row 2 (line 3), column '{column}'")
+    assert expected in str(e.value)
+
+
+def test_a_missing_mixed_column_and_a_duplicate_point_are_named(tmp_path):
+    folder = write_formula_profile(tmp_path / "p", verify=linear_step(0.05, 0.0), draft=linear_step(0.005, 0.0))
+    mixed = pd.read_csv(folder / "mixed.csv")
+    mixed.drop(columns="chunk_prefix").to_csv(folder / "mixed.csv", index=False)
+    with pytest.raises(ProfileError, match=r"mixed\.csv: missing column\(s\) \['chunk_prefix'\]"):
+        load_profile(folder)
+    pd.concat([mixed, mixed.iloc[[0]]]).to_csv(folder / "mixed.csv", index=False)
+    with pytest.raises(ProfileError, match=r"mixed\.csv: row 1 \(line 2\) and row \d+ \(line \d+\): duplicate point"):
+        load_profile(folder)
+
+
+def test_rule_check_reports_each_point_and_zero_error_where_the_rows_follow_the_rule(tmp_path):
+    """The formula profile's mixed rows are step + P(p + k) − P(p) with F below every step: the rule's own
+    answer, so every point's error is 0; a row measured 25 % slower shows as −20 % (the rule underprices)."""
+    from specbatch.fidelity.mixed import rule_check, store, table
+
+    folder = write_formula_profile(tmp_path / "p", verify=linear_step(0.05, 0.0), draft=linear_step(0.005, 0.0),
+                                   prefill=PREFILL, batches=(1, 2, 4, 8), contexts=(128, 2048))
+    check = rule_check(load_profile(folder))["profile_steps"]
+    assert len(check["points"]) == 12 and check["target"]["rows"] == 8 and check["draft"]["rows"] == 4
+    assert max(abs(p["rel_error"]) for p in check["points"]) < 1e-9
+    mixed = pd.read_csv(folder / "mixed.csv")
+    mixed.loc[0, ["median_s", "p90_s"]] = mixed.loc[0, "median_s"] * 1.25
+    mixed.to_csv(folder / "mixed.csv", index=False)
+    prof = load_profile(folder)
+    check = rule_check(prof)
+    errs = [p["rel_error"] for p in check["profile_steps"]["points"]]
+    assert min(errs) == pytest.approx(-0.2) and sorted(errs)[1] == pytest.approx(0.0, abs=1e-9)
+    assert any("|error| median" in line for line in table(check))
+    store(prof, check)
+    assert load_profile(folder).meta["mixed_check"]["profile_steps"]["points"][0]["rel_error"] == pytest.approx(errs[0])

@@ -164,8 +164,10 @@ def test_bad_settings_are_clear_errors(models, cost):
         E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(acceptance="magic"), models=models)
     with pytest.raises(ValueError, match="clock"):
         E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(clock="sundial"), models=models)
-    with pytest.raises(ValueError, match=r"prefill='chunked'; expected one of \['sequential', 'batched'\]"):
-        E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(prefill="chunked"), models=models)
+    with pytest.raises(ValueError, match=r"prefill='bogus'; expected one of \['sequential', 'batched', 'chunked'\]"):
+        E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(prefill="bogus"), models=models)
+    with pytest.raises(ValueError, match=r"prefill='chunked' with drafter='eagle'"):
+        E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(prefill="chunked", drafter="eagle"), models=models)
     # process CPU time would leave out the GPU's work: refused on CUDA before anything touches a GPU
     with pytest.raises(ValueError, match="clock='cpu' with device='cuda'.*use clock=wall"):
         E.make_clock("cpu", "cuda")
@@ -328,3 +330,51 @@ def test_the_calibrations_profiler_steps_are_the_drafters(models, monkeypatch):
 def test_unknown_drafter_is_a_clear_error(models):
     with pytest.raises(ValueError, match="drafter"):
         E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(drafter="medusa"), max_len=64, models=models)
+
+
+@pytest.mark.parametrize("policy, kv", [(("fixed", {"gamma": 2}), None), (("none", {}), None),
+                                        (("fixed", {"gamma": 3}), 85)])
+def test_chunked_prefill_generates_the_tokens_of_whole_prefills(models, cost, policy, kv):
+    """Greedy real acceptance, the target drafting for itself: prompts split into chunks under a 24-token
+    budget, in the verify's packed forward (and the draft's), generate exactly the tokens the sequential
+    engine generates, with the same draft tokens accepted per request; every forward stays within the budget; a tight KV cache (85 tokens) preempts and the tokens still agree."""
+    w = _workload([40, 23, 70, 10, 33], [6, 3, 9, 1, 5], [0.0, 0.0, 0.01, 0.02, 0.05])
+    tokens, results = {}, {}
+    for mode in ("sequential", "chunked"):
+        cfg = E.EngineConfig(max_batch=4, prefill=mode, max_num_batched_tokens=24, clock="cpu", acceptance="real",
+                             temperature=0.0, kv_capacity_tokens=kv)
+        eng = E.Engine("tiny-llama", "tiny-llama", cfg, max_len=128, models=(models[0], models[0]))
+        results[mode] = eng.run(w, cost, make_policy(policy[0], **policy[1]), AcceptanceModel(alpha=0.7), seed=0)
+        tokens[mode] = eng.tokens
+    for rid in range(5):
+        assert len(tokens["chunked"][rid]) == w.prompt_tokens[rid] + w.output_tokens[rid]
+        assert tokens["chunked"][rid] == tokens["sequential"][rid]
+    # the draft is the target itself: with its KV right it proposes the target's greedy tokens, all accepted;
+    # prefilled in chunks, it must propose (and have accepted) what it does after a whole prefill
+    accepted = {m: r.requests["accepted_tokens"].tolist() for m, r in results.items()}
+    assert accepted["chunked"] == accepted["sequential"]
+    if policy[1].get("gamma"):  # (the request of one output token never speculates)
+        assert all(a > 0 for a, out in zip(accepted["chunked"], w.output_tokens) if out > 2)
+    it = results["chunked"].iterations
+    verify = it["batch"] * (it["gamma"] + 1)
+    chunk_tokens = np.array([sum(k for _, k in c) for c in eng.chunk_log])
+    assert (verify + chunk_tokens <= 24).all() and chunk_tokens.sum() >= w.prompt_tokens.sum()
+    assert (chunk_tokens > 0).sum() > len(w)  # prompts really were split
+    if kv is not None:
+        assert results["chunked"].requests["preemptions"].sum() > 0
+
+
+def test_chunked_engine_replays_the_simulators_schedule(models, cost):
+    """Synthetic acceptance: the engine's chunked iterations are the simulator's (same scheduler, same draws):
+    batch, γ, admissions, tokens per iteration and every request's output agree."""
+    w = _workload([40, 23, 70, 10, 33], [6, 3, 9, 1, 5])
+    cfg = E.EngineConfig(max_batch=4, prefill="chunked", max_num_batched_tokens=24, clock="cpu")
+    eng = E.Engine("tiny-llama", "tiny-llama-draft", cfg, max_len=128, models=models)
+    pol, acc = make_policy("fixed", gamma=2), AcceptanceModel(alpha=0.7)
+    real = eng.run(w, cost, pol, acc, seed=3)
+    sim = simulate(w, cost, make_policy("fixed", gamma=2), acc, ClusterConfig(
+        max_batch=4, prefill="chunked", max_num_batched_tokens=24, attention="padded",
+        kv_capacity_tokens=eng.capacity), seed=3)
+    cols = ["batch", "gamma", "tokens", "admitted", "accepted"]
+    assert real.iterations[cols].reset_index(drop=True).equals(sim.iterations[cols].reset_index(drop=True))
+    assert (real.requests["generated_tokens"] == sim.requests["generated_tokens"]).all()

@@ -98,3 +98,26 @@ def test_graphs_on_the_cpu_are_refused_in_one_line(models):
                  models=models)
     assert E.Engine("tiny-llama", "tiny-llama-draft", E.EngineConfig(warmup=False), max_len=64,
                     models=models).step_graphs is None  # auto: eager on the CPU
+
+
+def test_chunked_run_on_graphs_emits_the_eager_engines_tokens(models, tmp_path):
+    """Chunked prefill with the plain steps replayed from graphs (the packed forwards stay eager): the same
+    greedy tokens and accepted drafts as the eager chunked engine; the draft is the target itself, so a wrong
+    KV write on either path would show as a rejected draft."""
+    target, _ = models
+    folder = write_formula_profile(tmp_path / "formula", verify=linear_step(0.004, 0.0001),
+                                   draft=linear_step(0.001, 0.00001), batches=(1, 2, 4), contexts=(16, 64, 256),
+                                   prompts=(8, 32, 128))
+    cost = CostModel(load_profile(folder), max_batch=4, max_gamma=3)
+    w = Workload(np.array([0.0, 0.0, 0.01, 0.02]), np.array([40, 23, 70, 10]), np.array([6, 9, 9, 4]))
+    out = {}
+    for graphed in (False, True):
+        cfg = E.EngineConfig(max_batch=4, prefill="chunked", max_num_batched_tokens=24, clock="cpu",
+                             acceptance="real", temperature=0.0)
+        eng = E.Engine("tiny-llama", "tiny-llama", cfg, max_len=128, models=(target, target))
+        if graphed:
+            eng.step_graphs = StepGraphs(E.batched_forward, replay_like_capture, eng.max_len, "cpu")
+        r = eng.run(w, cost, make_policy("fixed", gamma=2), AcceptanceModel(alpha=0.7), seed=0)
+        out[graphed] = (eng.tokens, r.requests["accepted_tokens"].tolist())
+    assert out[True] == out[False]
+    assert eng.step_graphs.late_captures == 0 and len(eng.step_graphs.graphs) > 0

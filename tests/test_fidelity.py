@@ -700,3 +700,46 @@ def test_benchmark_summarizes_validations_it_did_not_run(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="cases differ"):
         F.main(["--reports", str(paths[0]), str(tmp_path / "other.json")])
+
+
+def test_fit_overheads_under_chunked_prefill_recovers_the_chunk_terms(formula_profile):
+    """Chunked prefill: half the calibration iterations carry one or two prompt chunks, their time the step's
+    plus the mixed-iteration rule's extra at the round's speed plus chunk_s per chunk, chunk_draft_s per chunk
+    whose draft is prefilled too, and chunk_forward_draft_s when the draft runs its chunks in a forward of
+    their own (γ = 0 with the draft prefilled); the fit leaves them out of the step and scheduler terms and
+    gives the three chunk terms back (the per-admission prefill terms 0)."""
+    from specbatch.sim.profile import load_profile
+
+    cost = C.make_cost(load_profile(formula_profile), None, (), 8, 4)
+    truth = C.Overheads(**{**TRUTH.as_dict(), "prefill_s": 0.0, "prefill_draft_s": 0.0, "admit_step_s": 0.0,
+                           "admit_step_draft_s": 0.0, "chunk_s": 4e-4, "chunk_draft_s": 1.5e-4,
+                           "chunk_forward_draft_s": 9e-4})
+    rng = np.random.default_rng(1)
+    calibrations = made_up_calibrations(cost, truth)
+    for c, speed in zip(calibrations, (0.75, 0.8, 0.85)):
+        it = c["iterations"]
+        it["models"] = np.where(rng.random(len(it)) < 0.5, 2, it["models"])  # γ = 0 runs that prefill the draft too
+        chunks = [[(int(rng.integers(0, 64)), int(rng.integers(4, 40))) for _ in range(rng.integers(1, 3))]
+                  if rng.random() < 0.5 else [] for _ in range(len(it))]
+        k = truth.speed / speed
+        for i, ch in enumerate(chunks):
+            if ch:
+                b, g, m = int(it.at[i, "batch"]), int(it.at[i, "gamma"]), int(it.at[i, "models"])
+                rule = cost.mixed_iteration(b, g, float(it.at[i, "context_max"]), ch, m == 2)[0] / speed
+                alone = m == 2 and g == 0
+                it.loc[i, ["step_s", "step_model_s"]] += rule + k * (len(ch) * (truth.chunk_s + (m == 2) * truth.chunk_draft_s)
+                                                                     + alone * truth.chunk_forward_draft_s)
+        it["chunks"] = chunks
+        it["prompts"], it["prefill_s"] = None, 0.0
+    got, _ = C.fit_overheads(cost, calibrations, prefill="chunked")
+    for key, v in truth.as_dict().items():
+        assert getattr(got, key) == pytest.approx(v, rel=1e-6, abs=1e-12), key
+    full = C.EngineCostModel(cost, got)
+    extra, step = full.mixed_iteration(2, 0, 300.0, [(0, 20), (5, 10)], draft=True)
+    assert extra == pytest.approx(cost.mixed_iteration(2, 0, 300.0, [(0, 20), (5, 10)])[0] / got.speed
+                                  + 2 * (got.chunk_s + got.chunk_draft_s) + got.chunk_forward_draft_s)
+    assert step == full.iteration(2, 0, 300.0)
+    assert full.mixed_iteration(2, 1, 300.0, [(0, 20)], draft=True)[0] == pytest.approx(  # the draft's chunks ride along
+        cost.mixed_iteration(2, 1, 300.0, [(0, 20)])[0] / got.speed + got.chunk_s + got.chunk_draft_s)
+    assert full.mixed_iteration(2, 0, 300.0, [(0, 20)], draft=False)[0] == pytest.approx(
+        cost.mixed_iteration(2, 0, 300.0, [(0, 20)], draft=False)[0] / got.speed + got.chunk_s)

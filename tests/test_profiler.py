@@ -555,3 +555,29 @@ def test_clock_auto_is_cpu_time_with_one_cpu_thread():
     import time
     slept = make_timer("cpu", "cpu")(lambda: time.sleep(0.05))  # waiting costs no CPU time
     assert slept < 0.02 and make_timer("cpu", "wall")(lambda: time.sleep(0.05)) >= 0.05
+
+
+def test_mode_mixed_adds_mixed_forwards_and_the_rule_checks_them(tmp_path, tiny_profile):
+    """mode=mixed times the mixed grid into an existing profile (steps.csv untouched), with the steps the rule
+    reads re-timed alongside; fidelity.mixed checks the rule against both."""
+    import shutil
+
+    from specbatch.fidelity.mixed import rule_check
+
+    shutil.copytree(tiny_profile, tmp_path / "p")
+    steps = (tmp_path / "p" / "steps.csv").read_bytes()
+    cli.run(make_cfg(tmp_path, "mode=mixed", "mixed.anchors=true", "mixed.batches=[1,4]", "mixed.gammas=[0,2]"))
+    assert (tmp_path / "p" / "steps.csv").read_bytes() == steps
+    prof = load_profile(tmp_path / "p")
+    m = prof.mixed
+    # tiny grid: chunk lengths [8] (the prefill lengths but the longest), prefixes 0 and 8, context 32
+    assert len(m) == 2 * 2 * (2 + 1) and (m["status"] == "ok").all() and set(m["context"]) == {32}
+    assert set(m["chunk_prefix"]) == {0, 8} and set(m[m["model"] == "target"]["tokens"]) == {1, 3}
+    info = prof.meta["mixed"]
+    assert info["passes"] == 1 and info["clock"] == "cpu" and info["threads"] == 1 and info["anchors"]
+    check = rule_check(prof)
+    for part in ("profile_steps", "same_run_steps"):
+        assert len(check[part]["points"]) == len(m)
+        assert all(np.isfinite(p["rel_error"]) and p["predicted_s"] > 0 for p in check[part]["points"])
+    with pytest.raises(FileNotFoundError, match="mode=mixed adds mixed forwards to an existing profile"):
+        cli.run(make_cfg(tmp_path, "mode=mixed", "name=absent"))

@@ -72,3 +72,20 @@ def test_single_sequence_decode_is_disproportionately_cheap_on_this_cpu(prof):
     for (ctx, tokens), ratio in _ratios(prof).items():
         if tokens == 5 and 1 in ratio.index and 4 in ratio.index:
             assert ratio[1] > 1.5 * ratio[4], (ctx, ratio.round(2).to_dict())
+
+
+def test_shipped_profile_has_mixed_forwards_and_their_rule_check(prof):
+    """The mixed forwards (chunked prefill) cover the documented grid, and meta.json's mixed_check is what the
+    rule gives on them now (a change to the rule must re-store it: python -m specbatch.fidelity.mixed)."""
+    from specbatch.fidelity.mixed import rule_check
+
+    m, info = prof.mixed, prof.meta["mixed"]
+    g = info["grid"]
+    assert (m["status"] == "ok").all() and len(m) == len(g["batches"]) * len(g["chunk_tokens"]) * len(
+        g["chunk_prefixes"]) * (len(g["gammas"]) + 1)
+    assert info["anchors"] and info["loadavg_start"] and info["threads"] == 1 and info["clock"] == "cpu"
+    now, stored = rule_check(prof), prof.meta["mixed_check"]
+    for part in ("profile_steps", "same_run_steps"):
+        assert [p["rel_error"] for p in now[part]["points"]] == pytest.approx(
+            [p["rel_error"] for p in stored[part]["points"]], abs=1e-12)
+        assert stored[part]["target"]["rows"] == 24 and stored[part]["draft"]["rows"] == 12
