@@ -201,50 +201,41 @@ def _check_drafter_meta(path: Path, models: dict) -> None:
             raise _err(path, f"key 'models.{m}.kv_bytes_per_token' is {_json_show(kv)}; expected {low}, finite number")
 
 
-def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:
-    missing = [c for c in STEP_COLUMNS if c not in df.columns]
+def _check_table(path: Path, df: pd.DataFrame, columns: list[str], allowed: dict, positive: tuple,
+                 counts: tuple) -> None:
+    """The checks steps.csv and mixed.csv share: every column in ``columns``, at least one row, each column of
+    ``allowed`` within its values, each of ``counts`` a non-negative integer (``positive``: ≥ 1), converted
+    to int64 in place. The first bad row is a :class:`ProfileError` naming it, its column and what was expected."""
+    missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise _err(path, f"missing column(s) {missing}; expected columns {STEP_COLUMNS}")
+        raise _err(path, f"missing column(s) {missing}; expected columns {columns}")
     if df.empty:
         raise _err(path, "no rows")
-    for col, allowed in (("model", MODELS), ("phase", PHASES), ("status", STATUSES)):
-        bad = ~df[col].isin(allowed)
+    for col, values in allowed.items():
+        bad = ~df[col].isin(values)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected one of {list(allowed)}")
-    for col in ("batch", "tokens", "context", "samples"):
+            raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected one of {list(values)}")
+    for col in counts:
         v = pd.to_numeric(df[col], errors="coerce")
-        bad = v.isna() | (v < 0) | (v != np.floor(v))
-        if col in ("batch", "tokens"):
-            bad |= v < 1
+        bad = v.isna() | (v < (1 if col in positive else 0)) | (v != np.floor(v))
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            what = "a positive integer" if col in ("batch", "tokens") else "a non-negative integer"
+            what = "a positive integer" if col in positive else "a non-negative integer"
             raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected {what}")
         df[col] = v.astype(np.int64)
+
+
+def _check_steps(path: Path, df: pd.DataFrame) -> pd.DataFrame:
+    _check_table(path, df, STEP_COLUMNS, {"model": MODELS, "phase": PHASES, "status": STATUSES},
+                 positive=("batch", "tokens"), counts=("batch", "tokens", "context", "samples"))
     return _check_times(path, df, ["model", "phase", "batch", "tokens", "context"])
 
 
 def _check_mixed(path: Path, df: pd.DataFrame) -> pd.DataFrame:
-    missing = [c for c in MIXED_COLUMNS if c not in df.columns]
-    if missing:
-        raise _err(path, f"missing column(s) {missing}; expected columns {MIXED_COLUMNS}")
-    if df.empty:
-        raise _err(path, "no rows")
-    for col, allowed in (("model", MIXED_MODELS), ("status", STATUSES)):
-        bad = ~df[col].isin(allowed)
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected one of {list(allowed)}")
-    for col in ("batch", "tokens", "context", "chunk_tokens", "chunk_prefix", "samples"):
-        v = pd.to_numeric(df[col], errors="coerce")
-        positive = col in ("batch", "tokens", "chunk_tokens")
-        bad = v.isna() | (v < (1 if positive else 0)) | (v != np.floor(v))
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            what = "a positive integer" if positive else "a non-negative integer"
-            raise _err(path, f"{_row(i)}, column '{col}': {_show(df[col].iloc[i])}; expected {what}")
-        df[col] = v.astype(np.int64)
+    _check_table(path, df, MIXED_COLUMNS, {"model": MIXED_MODELS, "status": STATUSES},
+                 positive=("batch", "tokens", "chunk_tokens"),
+                 counts=("batch", "tokens", "context", "chunk_tokens", "chunk_prefix", "samples"))
     return _check_times(path, df, MIXED_KEY)
 
 
