@@ -159,7 +159,7 @@ class Adaptive(Policy):
     name = "adaptive"
 
     def __init__(self, context: float | None = None, max_gamma: int | None = None):
-        self.context = None if context is None else _check_positive(context, "policy.context", "a token count")
+        self.context = None if context is None else _check_positive(context, "policy.context")
         self.max_gamma = max_gamma
         self.table: np.ndarray | None = None
         self.contexts: list[float] | None = None  # the table's context per batch size (tokens)
@@ -233,7 +233,7 @@ class AdaptiveContext(Policy):
         if contexts is not None:
             if isinstance(contexts, (str, bytes)) or not hasattr(contexts, "__len__") or not len(contexts):
                 raise ValueError(f"policy.contexts is {contexts!r}; expected a list of positive token counts or null")
-            contexts = [_check_positive(c, f"policy.contexts[{i}]", "a token count") for i, c in enumerate(contexts)]
+            contexts = [_check_positive(c, f"policy.contexts[{i}]") for i, c in enumerate(contexts)]
         self.contexts = sorted(contexts) if contexts is not None else None
         self.max_gamma = None if max_gamma is None else _check_int(max_gamma, "policy.max_gamma")
         self.table: np.ndarray | None = None

@@ -256,9 +256,9 @@ def test_no_policy_looks_ahead(cost, name):
     ("goodput", {"per_request": "maybe"}, "policy.per_request is 'maybe'; expected true or false"),
     ("goodput", {"prior_weight": "abc"}, "policy.prior_weight is 'abc'; expected a number of pseudo-trials > 0"),
     ("goodput", {"prior_weight": 0}, "policy.prior_weight is 0; expected a number of pseudo-trials > 0"),
-    ("adaptive", {"context": "abc"}, "policy.context is 'abc'; expected a token count > 0"),
-    ("adaptive", {"context": -5}, "policy.context is -5; expected a token count > 0"),
-    ("adaptive_context", {"contexts": [100, "x"]}, r"policy.contexts\[1\] is 'x'; expected a token count > 0"),
+    ("adaptive", {"context": "abc"}, "policy.context is 'abc'; expected a number > 0"),
+    ("adaptive", {"context": -5}, "policy.context is -5; expected a number > 0"),
+    ("adaptive_context", {"contexts": [100, "x"]}, r"policy.contexts\[1\] is 'x'; expected a number > 0"),
     ("adaptive_context", {"contexts": "512"}, "policy.contexts is '512'; expected a list of positive token counts"),
     ("fixed", {"gamma": True}, "policy.gamma is True; expected an integer ≥ 0"),
 ])
