@@ -108,6 +108,19 @@ def add_drafter_rows(folder: Path, eagle=None, ngram=None, *, eagle_prefill: flo
     return folder
 
 
+@pytest.fixture(scope="module")
+def models():
+    """The tiny target and draft presets (random weights, fp32, CPU, one thread) for engine tests."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from specbatch.profiler import models as M
+
+    torch.set_num_threads(1)
+    t, _ = M.load_model("tiny-llama", torch.float32, "cpu", seed=0)
+    d, _ = M.load_model("tiny-llama-draft", torch.float32, "cpu", seed=1)
+    return t, d
+
+
 @pytest.fixture
 def formula_profile(tmp_path):
     """A profile where verify is memory-bound up to 64 tokens of work, then linear; draft is cheap."""

@@ -25,14 +25,6 @@ from conftest import linear_step, write_formula_profile  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def models():
-    torch.set_num_threads(1)
-    t, _ = M.load_model("tiny-llama", torch.float32, "cpu", seed=0)
-    d, _ = M.load_model("tiny-llama-draft", torch.float32, "cpu", seed=1)
-    return t, d
-
-
-@pytest.fixture(scope="module")
 def cost(tmp_path_factory):
     folder = write_formula_profile(tmp_path_factory.mktemp("p") / "formula", verify=linear_step(0.004, 0.0001),
                                    draft=linear_step(0.001, 0.00001), batches=(1, 2, 4, 8), contexts=(16, 64, 256),

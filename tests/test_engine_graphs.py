@@ -11,7 +11,6 @@ pytest.importorskip("transformers")
 
 from specbatch.fidelity import engine as E  # noqa: E402
 from specbatch.fidelity.graphs import StepGraphs, bucket_for, span_buckets  # noqa: E402
-from specbatch.profiler import models as M  # noqa: E402
 from specbatch.profiler.graphs import replay_like_capture  # noqa: E402
 from specbatch.sim.acceptance import AcceptanceModel  # noqa: E402
 from specbatch.sim.cost_model import CostModel  # noqa: E402
@@ -23,11 +22,12 @@ from conftest import linear_step, write_formula_profile  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def models():
-    torch.set_num_threads(1)
-    t, _ = M.load_model("tiny-llama", torch.float32, "cpu", seed=0)
-    d, _ = M.load_model("tiny-llama-draft", torch.float32, "cpu", seed=1)
-    return t, d
+def cost(tmp_path_factory):
+    """Step costs from formulas (batch ≤ 4, γ ≤ 3: the graphs a run captures stay few)."""
+    folder = write_formula_profile(tmp_path_factory.mktemp("p") / "formula", verify=linear_step(0.004, 0.0001),
+                                   draft=linear_step(0.001, 0.00001), batches=(1, 2, 4), contexts=(16, 64, 256),
+                                   prompts=(8, 32, 128))
+    return CostModel(load_profile(folder), max_batch=4, max_gamma=3)
 
 
 def test_span_buckets_grow_by_at_most_half_and_end_at_the_slot_length():
@@ -69,14 +69,10 @@ def test_replays_equal_the_eager_forward_and_capture_once_per_bucket(models, tok
     assert len(graphs.graphs) == 1 and graphs.late_captures == 1  # captured at the first call, replayed at the second
 
 
-def test_greedy_run_on_graphs_emits_the_targets_greedy_tokens(models, tmp_path):
+def test_greedy_run_on_graphs_emits_the_targets_greedy_tokens(models, cost):
     """A whole engine run with its batched forwards replayed (greedy, real acceptance, mixed contexts): the
     same tokens as the eager engine, every graph captured in the warm-up (no late capture)."""
     target, draft = models
-    folder = write_formula_profile(tmp_path / "formula", verify=linear_step(0.004, 0.0001),
-                                   draft=linear_step(0.001, 0.00001), batches=(1, 2, 4), contexts=(16, 64, 256),
-                                   prompts=(8, 32, 128))
-    cost = CostModel(load_profile(folder), max_batch=4, max_gamma=3)
     w = Workload(np.array([0.0, 0.0, 0.001]), np.array([5, 12, 9]), np.array([14, 9, 17]))
     tokens = {}
     for graphed in (False, True):
@@ -100,15 +96,11 @@ def test_graphs_on_the_cpu_are_refused_in_one_line(models):
                     models=models).step_graphs is None  # auto: eager on the CPU
 
 
-def test_chunked_run_on_graphs_emits_the_eager_engines_tokens(models, tmp_path):
+def test_chunked_run_on_graphs_emits_the_eager_engines_tokens(models, cost):
     """Chunked prefill with the plain steps replayed from graphs (the packed forwards stay eager): the same
     greedy tokens and accepted drafts as the eager chunked engine; the draft is the target itself, so a wrong
     KV write on either path would show as a rejected draft."""
     target, _ = models
-    folder = write_formula_profile(tmp_path / "formula", verify=linear_step(0.004, 0.0001),
-                                   draft=linear_step(0.001, 0.00001), batches=(1, 2, 4), contexts=(16, 64, 256),
-                                   prompts=(8, 32, 128))
-    cost = CostModel(load_profile(folder), max_batch=4, max_gamma=3)
     w = Workload(np.array([0.0, 0.0, 0.01, 0.02]), np.array([40, 23, 70, 10]), np.array([6, 9, 9, 4]))
     out = {}
     for graphed in (False, True):
