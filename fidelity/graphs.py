@@ -27,6 +27,8 @@ steps and every prefill stay eager. On a CPU the same bookkeeping runs with
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from specbatch.profiler.graphs import Capture
@@ -59,6 +61,22 @@ def bucket_for(need: int, buckets: list[int]) -> int:
     raise ValueError(f"KV slot overflow: {need} > {buckets[-1]} positions (raise max_len)")
 
 
+class GraphKey(NamedTuple):
+    """What a graph fixes: the model and its slot cache (by identity), the batch, the new tokens per sequence,
+    the span attended over and whether all logits are kept."""
+
+    model: int
+    slots: int
+    batch: int
+    tokens: int
+    span: int
+    all_logits: bool
+
+    @classmethod
+    def of(cls, model, slots, batch: int, tokens: int, span: int, all_logits: bool) -> "GraphKey":
+        return cls(id(model), id(slots), int(batch), int(tokens), int(span), bool(all_logits))
+
+
 class _Graph:
     """One captured forward: its static inputs, and the replay that rewrites ``out['logits']``."""
 
@@ -81,14 +99,14 @@ class StepGraphs:
     def __init__(self, forward_fn, capture: Capture, max_len: int, device):
         self.forward_fn, self.capture, self.device = forward_fn, capture, device
         self.buckets = span_buckets(max_len)
-        self.graphs: dict[tuple, _Graph] = {}
+        self.graphs: dict[GraphKey, _Graph] = {}
         #: graphs captured during a timed run (first use), not in the warm-up
         self.late_captures = 0
 
     def forward(self, model, slots, tokens: torch.Tensor, lengths: torch.Tensor, all_logits: bool) -> torch.Tensor:
         b, t = tokens.shape
         span = bucket_for(int(lengths.max()) + t, self.buckets)
-        key = (id(model), id(slots), b, t, span, bool(all_logits))
+        key = GraphKey.of(model, slots, b, t, span, all_logits)
         g = self.graphs.get(key)
         if g is None:
             self.late_captures += 1
@@ -99,9 +117,9 @@ class StepGraphs:
         g.replay()
         return g.out["logits"].clone()
 
-    def _capture(self, key: tuple, model, slots, tokens, lengths) -> _Graph:
-        span, all_logits = key[4], key[5]
-        g = self.graphs[key] = _Graph(self.forward_fn, model, slots, tokens, lengths, span, all_logits, self.capture)
+    def _capture(self, key: GraphKey, model, slots, tokens, lengths) -> _Graph:
+        g = self.graphs[key] = _Graph(self.forward_fn, model, slots, tokens, lengths, key.span, key.all_logits,
+                                      self.capture)
         return g
 
     def capture_all(self, model, slots, batches, new_tokens, all_logits: bool) -> int:
@@ -112,7 +130,7 @@ class StepGraphs:
         for b in batches:
             for t in new_tokens:
                 for span in self.buckets:
-                    key = (id(model), id(slots), int(b), int(t), span, bool(all_logits))
+                    key = GraphKey.of(model, slots, b, t, span, all_logits)
                     if key in self.graphs or span < t:
                         continue
                     tokens = torch.zeros((b, t), dtype=torch.long, device=self.device)
