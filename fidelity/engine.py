@@ -213,6 +213,15 @@ def _mask(lengths: torch.Tensor, tokens: int, span: int) -> torch.Tensor:
 # --- model steps ------------------------------------------------------------------------------------------
 
 
+def _cached_lengths(batch, rows: list[int], device) -> torch.Tensor:
+    """Cached positions per slot of the running ``batch`` (``rows``: each batch row's slot): its context − 1,
+    the last token not being in the cache yet."""
+    lengths = torch.empty(len(rows), dtype=torch.long)
+    if rows:
+        lengths[rows] = torch.as_tensor(batch.contexts - 1)
+    return lengths.to(device)
+
+
 def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sampled tokens (b,) and the probabilities they were drawn from (None when greedy)."""
     logits = logits.float()
@@ -643,32 +652,33 @@ class Engine:
         ``lengths + k``; the verify's hidden state at each row's accepted position is kept for the next step.
         ``draft_sync`` at γ = 0: one head forward on ``last`` (no sampling) keeps the head's KV in step, as the
         draft model's (the simulator charges it one ``eagle`` decode row)."""
-        from specbatch.profiler.drafters import eagle_forward
-
         temp, gen, b = self.cfg.temperature, self.gen, last.shape[0]
         drafts, qs = [], []
         tok, hid = last, self.hidden[:b]
         for k in range(gamma):
-            pos = (lengths + k)[:, None]
-            span = int(lengths.max()) + k + 1
-            self.dcache.set_step(0, b, pos, span)
-            logits, out = eagle_forward(self.head, self.dcache.cache, tok[:, None], hid[:, None],
-                                        attention_mask=_mask(lengths + k, 1, span), position_ids=pos)
+            logits, out = self._head_step(tok, hid, lengths + k)
             tok, q = _sample(logits[:, -1], temp, gen)
             hid = out[:, -1]
             drafts.append(tok)
             qs.append(q)
         if not gamma and draft_sync:
-            span = int(lengths.max()) + 1
-            self.dcache.set_step(0, b, lengths[:, None], span)
-            eagle_forward(self.head, self.dcache.cache, last[:, None], hid[:, None],
-                          attention_mask=_mask(lengths, 1, span), position_ids=lengths[:, None])
+            self._head_step(last, hid, lengths)
         d = torch.stack(drafts, 1) if gamma else last.new_empty((b, 0))
         ids, logits, hidden = self._verify(last, lengths, d)
         n_acc, next_tok = M.speculative_sample(logits, d, torch.stack(qs, 1) if gamma and temp > 0 else None, temp,
                                                gen, synthetic_acc)
         self.hidden[:b] = hidden[torch.arange(b, device=hidden.device), n_acc]
         return n_acc, ids, next_tok
+
+    def _head_step(self, tok: torch.Tensor, hid: torch.Tensor, cached: torch.Tensor):
+        """One EAGLE head forward of ``tok`` (b,) with hidden states ``hid`` (b, width) for slots ``0..b-1``
+        whose head caches hold ``cached`` (b,) positions; returns the head's (logits, hidden states)."""
+        from specbatch.profiler.drafters import eagle_forward
+
+        span = int(cached.max()) + 1
+        self.dcache.set_step(0, tok.shape[0], cached[:, None], span)
+        return eagle_forward(self.head, self.dcache.cache, tok[:, None], hid[:, None],
+                             attention_mask=_mask(cached, 1, span), position_ids=cached[:, None])
 
     def _ngram_step(self, last, lengths, gamma: int, synthetic_acc, histories, follow=None):
         """N-gram lookup (:func:`specbatch.profiler.drafters.ngram_propose`, CPU) in each row's own tokens for
@@ -822,26 +832,18 @@ class Engine:
         [(rid, prefilled, tokens)] on the models (:meth:`mixed_step`), the step committed to ``sched``; returns
         the seconds of model work, the tokens gained, the draft tokens accepted and (rid, first token) for each
         request whose last chunk ran (``totals``: rid -> tokens to prefill)."""
-        b, device, synthetic = sched.batch, self.device, self.cfg.acceptance == "synthetic"
+        b, device = sched.batch, self.device
         n = len(b) if view is not None else 0
         rid_rows = b.ids.tolist() if n else []
         rows = [slots.slot_of[r] for r in rid_rows]
-        lengths = torch.empty(n, dtype=torch.long)
-        if n:  # cached positions per slot = context - 1 (the last token is not yet in the cache)
-            lengths[rows] = torch.as_tensor(b.contexts - 1)
-        acc = sched.speculate(gamma) if synthetic and n else None
-        syn = None
-        if synthetic and gamma and n:
-            syn = torch.empty(n, dtype=torch.long)
-            syn[rows] = torch.as_tensor(acc)
-            syn = syn.to(device)
+        acc, syn = self._draws(sched, gamma, rows)
         parts = [P.Chunk(slots.stage_of[rid], done, k) for rid, done, k in chunks]
         ids = torch.tensor([t for rid, done, k in chunks for t in slots.history[rid][done:done + k]],
                            dtype=torch.long, device=device)
         finishing = [done + k == totals[rid] for rid, done, k in chunks]
         tm = clock.read()
-        n_acc, ids_t, next_tok, firsts = self.mixed_step(slots.last_tok[:n], lengths.to(device), gamma, syn, parts,
-                                                         ids, finishing, slots.uses_draft,
+        n_acc, ids_t, next_tok, firsts = self.mixed_step(slots.last_tok[:n], _cached_lengths(b, rows, device), gamma,
+                                                         syn, parts, ids, finishing, slots.uses_draft,
                                                          self.cfg.draft_sync and slots.uses_draft)
         model_s = clock.read() - tm
         tokens = accepted = 0
@@ -915,39 +917,37 @@ class Engine:
     def _step(self, sched: Scheduler, slots: "_Slots", view, gamma: int, clock: "_ReplayClock") -> tuple[float, int, int]:
         """The speculative step of the running batch at ``gamma`` on the models, committed to ``sched``;
         returns the seconds of model work, the tokens gained and the draft tokens accepted."""
-        b, device, synthetic = sched.batch, self.device, self.cfg.acceptance == "synthetic"
+        b, synthetic = sched.batch, self.cfg.acceptance == "synthetic"
         n, rid_rows = len(b), b.ids.tolist()
         rows = [slots.slot_of[r] for r in rid_rows]  # slot of each batch row
-        # cached positions per slot = context - 1 (the last token is not yet in the cache)
-        lengths = torch.empty(n, dtype=torch.long)
-        lengths[rows] = torch.as_tensor(b.contexts - 1)
         ngram = self.cfg.drafter == "ngram" and gamma > 0
         follow = None
         if ngram and synthetic:  # the simulator's match draws decide who proposes (read before speculate uses them)
             follow = np.zeros(n, bool)
             follow[rows] = sched.peek_matched_rows(self.match_rate)
-        acc = sched.speculate(gamma) if synthetic else None
-        syn = None
-        if synthetic and gamma:
-            syn = torch.empty(n, dtype=torch.long)
-            syn[rows] = torch.as_tensor(acc)
-            syn = syn.to(device)
+        acc, syn = self._draws(sched, gamma, rows)
         hists = [np.asarray(slots.history[slots.slot_rid[s]], np.int64) for s in range(n)] if ngram else None
         tm = clock.read()
-        n_acc, ids_t, next_tok = self.spec_step(slots.last_tok[:n], lengths.to(device), gamma, syn,
-                                                self.cfg.draft_sync and slots.uses_draft, histories=hists,
+        n_acc, ids_t, next_tok = self.spec_step(slots.last_tok[:n], _cached_lengths(b, rows, self.device), gamma,
+                                                syn, self.cfg.draft_sync and slots.uses_draft, histories=hists,
                                                 follow=follow)
         model_s = clock.read() - tm
-        n_acc_l, ids_l, next_l = n_acc.tolist(), ids_t.tolist(), next_tok.tolist()
-        if not synthetic:
-            acc = np.array([n_acc_l[s] for s in rows], np.int64)
-        elif ngram:  # only proposed tokens can be accepted
+        if synthetic and ngram:  # only proposed tokens can be accepted
             acc = np.minimum(acc, self.proposed.cpu().numpy()[rows])
-        slots.last_tok[:n] = next_tok
-        gain, tokens, accepted = sched.advance(view, gamma, acc)
-        for rid, s, g in zip(rid_rows, rows, gain.tolist()):
-            slots.history[rid].extend((ids_l[s][1:1 + n_acc_l[s]] + [next_l[s]])[:g])
-        return model_s, tokens, accepted
+        return (model_s, *self._advance(sched, slots, view, gamma, acc, rows, rid_rows, n_acc, ids_t, next_tok))
+
+    def _draws(self, sched: Scheduler, gamma: int, rows: list[int]) -> tuple[np.ndarray | None, torch.Tensor | None]:
+        """The step's synthetic acceptance draws (:meth:`Scheduler.speculate`) per batch row, and as a tensor per
+        slot (``rows``: the slot of each batch row) for the models; (None, None) under real acceptance or with
+        no running batch, and no tensor at γ = 0."""
+        if self.cfg.acceptance != "synthetic" or not rows:
+            return None, None
+        acc = sched.speculate(gamma)
+        if not gamma:
+            return acc, None
+        syn = torch.empty(len(rows), dtype=torch.long)
+        syn[rows] = torch.as_tensor(acc)
+        return acc, syn.to(self.device)
 
     # -- serving loop ------------------------------------------------------------------------------------------
 
