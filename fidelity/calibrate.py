@@ -564,17 +564,26 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
                 zip(mixed["batch"], mixed["gamma"], mixed[STEP_CONTEXT[attention]], mixed["chunks"], mixed["models"])]
         return it
 
+    def sched_columns(it) -> np.ndarray:
+        """Per iteration, what the ``sched`` terms multiply: 1, the batch, γ > 0, γ."""
+        g = it["gamma"].to_numpy(float)
+        return np.c_[np.ones_like(g), it["batch"].to_numpy(float), g > 0, g]
+
+    def step_columns(it) -> np.ndarray:
+        """Per iteration, what the ``step`` terms multiply: a decode, a verify, the draft tokens it verified per
+        sequence (γ but for a partial proposer), a draft_sync forward."""
+        w = it["width"].to_numpy(float)
+        return np.c_[w == 0, w > 0, w, it["sync_step"]]
+
     def fit(it, speed) -> np.ndarray:
         """The terms (in :func:`terms`' order) from calibration iterations ``it`` (:func:`with_profile`)
         timed at ``speed``."""
         dec = it[(it["batch"] > 0) & ~it["chunked_step"]]  # (a step that carried prompt chunks: the rule prices it)
-        g, bsz = dec["gamma"].to_numpy(float), dec["batch"].to_numpy(float)
         pred = dec["profile_step_s"].to_numpy() / speed
         n_adm = dec["admitted"].to_numpy(float)
         admits = np.c_[n_adm, n_adm * (dec["models"].to_numpy() == 2)]  # per admission, per draft prefilled
-        sched = lstsq(np.c_[np.ones_like(g), bsz, g > 0, g, admits], (dec["step_s"] - dec["step_model_s"]).to_numpy())
-        w = dec["width"].to_numpy(float)  # the draft tokens verified per sequence (γ but for a partial proposer)
-        step = lstsq(np.c_[w == 0, w > 0, w, dec["sync_step"], admits], dec["step_model_s"].to_numpy() - pred)
+        sched = lstsq(np.c_[sched_columns(dec), admits], (dec["step_s"] - dec["step_model_s"]).to_numpy())
+        step = lstsq(np.c_[step_columns(dec), admits], dec["step_model_s"].to_numpy() - pred)
         admit = sched[4:] + step[4:]  # both parts of the step: its model work and the work around it
         chunk = chunk_terms(it, sched, step, speed) if prefill == "chunked" else (0.0, 0.0, 0.0)
         adm = it[it["prompts"].notna() & ~it["chunked_step"]]
@@ -603,10 +612,8 @@ def fit_overheads(cost, calibrations: list[dict], *, attention: str = "padded",
         runs' iterations whose draft chunks rode in a decode forward, that median less ``chunk_s``; over
         those whose draft ran them in a forward of their own, the median residual less both per chunk."""
         mix = it[it["chunked_step"]]
-        g, b = mix["gamma"].to_numpy(float), mix["batch"].to_numpy(float)
-        ran = b > 0
-        terms = ran * (sched[0] + sched[1] * b + (g > 0) * (sched[2] + sched[3] * g)
-                       + step[0] * (g == 0) + step[1] * (g > 0) + step[2] * g + step[3] * mix["sync_step"].to_numpy())
+        g, ran = mix["gamma"].to_numpy(float), mix["batch"].to_numpy() > 0
+        terms = ran * (sched_columns(mix) @ sched[:4] + step_columns(mix) @ step[:4])
         model = (np.nan_to_num(mix["profile_step_s"].to_numpy()) + mix["profile_chunks_s"].to_numpy()) / speed
         n = mix["chunks"].map(len).to_numpy(float)
         resid = mix["step_s"].to_numpy() - model - terms
