@@ -203,13 +203,6 @@ class SlotCache:
             layer.vbuf[dst, :, :length].copy_(layer.vbuf[src, :, :length])
 
 
-def _mask(lengths: torch.Tensor, tokens: int, span: int) -> torch.Tensor:
-    """Boolean (b, 1, tokens, span) mask: query q of sequence i sees positions ≤ lengths[i] + q."""
-    j = torch.arange(span, device=lengths.device)
-    q = torch.arange(tokens, device=lengths.device)
-    return (j[None, None, :] <= (lengths[:, None, None] + q[None, :, None]))[:, None]
-
-
 # --- model steps ------------------------------------------------------------------------------------------
 
 
@@ -324,7 +317,7 @@ def batched_forward(model, slots: SlotCache, tokens: torch.Tensor, lengths: torc
         span = int(lengths.max()) + t
     slots.set_step(0, b, positions, span)
     out = M.forward(model, slots.cache, input_ids=tokens, position_ids=positions,
-                    attention_mask=_mask(lengths, t, span), use_cache=True, logits_to_keep=0 if all_logits else 1)
+                    attention_mask=P.verify_mask(lengths, t, span), use_cache=True, logits_to_keep=0 if all_logits else 1)
     return out.logits
 
 
@@ -643,7 +636,7 @@ class Engine:
         span = int(lengths.max()) + t
         self.tcache.set_step(0, b, positions, span)
         hidden = M.forward(self.target.get_decoder(), self.tcache.cache, input_ids=ids, position_ids=positions,
-                           attention_mask=_mask(lengths, t, span), use_cache=True).last_hidden_state
+                           attention_mask=P.verify_mask(lengths, t, span), use_cache=True).last_hidden_state
         return ids, self.target.get_output_embeddings()(hidden).float(), hidden
 
     def _eagle_step(self, last, lengths, gamma: int, synthetic_acc, draft_sync: bool = False):
@@ -678,7 +671,7 @@ class Engine:
         span = int(cached.max()) + 1
         self.dcache.set_step(0, tok.shape[0], cached[:, None], span)
         return eagle_forward(self.head, self.dcache.cache, tok[:, None], hid[:, None],
-                             attention_mask=_mask(cached, 1, span), position_ids=cached[:, None])
+                             attention_mask=P.verify_mask(cached, 1, span), position_ids=cached[:, None])
 
     def _ngram_step(self, last, lengths, gamma: int, synthetic_acc, histories, follow=None):
         """N-gram lookup (:func:`specbatch.profiler.drafters.ngram_propose`, CPU) in each row's own tokens for
