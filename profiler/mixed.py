@@ -117,7 +117,7 @@ def measure_anchors(points: list[tuple], models: dict, tm, timer, dtype, device,
 
     from specbatch.profiler import models as M
     from specbatch.profiler.sweep import KEY, make_step
-    from specbatch.profiler.timing import measure
+    from specbatch.profiler.timing import measure_point
 
     gen = torch.Generator(device=device).manual_seed(seed)
     rows = []
@@ -127,9 +127,7 @@ def measure_anchors(points: list[tuple], models: dict, tm, timer, dtype, device,
         cache = M.make_cache("prealloc", model.config, batch, 0 if phase == "prefill" else context,
                              tokens, dtype, device)
         step, reset = make_step(p, model, cache, model.config.vocab_size, temperature, gen, device)
-        s = measure(step, timer, reset=reset, warmup=int(tm.warmup), min_samples=int(tm.min_samples),
-                    max_samples=int(tm.max_samples), rel_precision=float(tm.rel_precision),
-                    budget_s=float(tm.point_budget_s), floor_samples=int(tm.floor_samples))
+        s = measure_point(step, timer, tm, reset=reset)
         rows.append({**dict(zip(KEY, p)), "median_s": s.median_s, "p10_s": s.p10_s, "p90_s": s.p90_s,
                      "samples": s.samples, "status": "ok"})
     return rows
@@ -176,16 +174,14 @@ def measure_points(points: list[MixedPoint], models: dict, tm, timer, dtype, dev
     import torch
 
     from specbatch.profiler import models as M
-    from specbatch.profiler.timing import measure
+    from specbatch.profiler.timing import measure_point
 
     gen = torch.Generator(device=device).manual_seed(seed)
     rows = []
     for p in points:
         try:
             step = make_mixed_step(p, models[p.model], dtype, device, temperature, gen)
-            s = measure(step, timer, warmup=int(tm.warmup), min_samples=int(tm.min_samples),
-                        max_samples=int(tm.max_samples), rel_precision=float(tm.rel_precision),
-                        budget_s=float(tm.point_budget_s), floor_samples=int(tm.floor_samples))
+            s = measure_point(step, timer, tm)
             rows.append({**p._asdict(), "median_s": s.median_s, "p10_s": s.p10_s, "p90_s": s.p90_s,
                          "samples": s.samples, "status": "ok"})
         except Exception as e:  # noqa: BLE001

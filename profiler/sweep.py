@@ -132,7 +132,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
     from specbatch.profiler.graphs import capture_for
     from specbatch.profiler.host_memory import keep_freed_memory
     from specbatch.profiler.roofline import device_roofline, roofline_ratios
-    from specbatch.profiler.timing import make_timer, measure, resolve_clock
+    from specbatch.profiler.timing import make_timer, measure_point, resolve_clock
 
     t_start = time.perf_counter()
     load_start = loadavg()
@@ -330,9 +330,7 @@ def run_profile(cfg, *, out_dir: str | os.PathLike, grid: Grid, progress: bool =
                 if deadline is not None:
                     budget = max(0.0, min(budget, deadline - (time.perf_counter() - t_start)))
                 before = (last_ref if last_ref is not None else reference()) if reference is not None else None
-                stats = measure(step, timer, reset=reset, warmup=int(tm.warmup), min_samples=int(tm.min_samples),
-                                max_samples=int(tm.max_samples), rel_precision=float(tm.rel_precision),
-                                budget_s=budget, floor_samples=int(tm.floor_samples))
+                stats = measure_point(step, timer, tm, reset=reset, budget_s=budget)
                 rows.append(_row(p, stats, "ok"))
                 if reference is not None:
                     last_ref = reference()
@@ -830,10 +828,7 @@ def measure_ngram(p, info: dict, tm, seed: int, deadline: float | None, t_start:
             return None
         budget = min(budget, float(tm.point_budget_s))
     step, _ = ngram_step(batch, context, info, seed)
-    return timing.measure(step, timing.make_timer("cpu", clock),
-                          warmup=int(tm.warmup), min_samples=int(tm.min_samples), max_samples=int(tm.max_samples),
-                          rel_precision=float(tm.rel_precision), budget_s=budget,
-                          floor_samples=int(tm.floor_samples))
+    return timing.measure_point(step, timing.make_timer("cpu", clock), tm, budget_s=budget)
 
 
 def _resume_rows(out: Path, meta: dict) -> list[dict]:

@@ -117,3 +117,13 @@ def measure(step: Callable[[], None], timer: Callable, *, reset: Callable[[], No
         if n >= floor_samples and time.perf_counter() - t_begin >= budget_s:
             break
     return summarize(samples)
+
+
+def measure_point(step: Callable[[], None], timer: Callable, tm, *, reset: Callable[[], None] | None = None,
+                  budget_s: float | None = None) -> Stats:
+    """:func:`measure` with the profile config's ``timing`` settings ``tm`` (warmup, min/max/floor samples,
+    rel_precision; ``point_budget_s`` unless ``budget_s`` is given), as every profiled point is timed."""
+    return measure(step, timer, reset=reset, warmup=int(tm.warmup), min_samples=int(tm.min_samples),
+                   max_samples=int(tm.max_samples), rel_precision=float(tm.rel_precision),
+                   budget_s=float(tm.point_budget_s) if budget_s is None else budget_s,
+                   floor_samples=int(tm.floor_samples))
