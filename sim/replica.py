@@ -168,10 +168,14 @@ class Replica:
         total = self._prefill_seconds(rids)
         return total, self.sched.join(rids, t0, t0 + total)
 
-    def _charged(self, matched: int, batch: int) -> int:
-        """A partial proposer's matched sequences as its step is charged
-        (:func:`~specbatch.sim.drafters.charged_matched`)."""
-        return charged_matched(matched, batch, self.padded)
+    def _step_seconds(self, batch: int, gamma: int, context: float) -> float:
+        """The next speculative step's seconds: :meth:`CostModel.iteration`, or for a partial proposer (n-gram)
+        at γ > 0 the step of the sequences charged as proposing in the next draw
+        (:func:`~specbatch.sim.drafters.charged_matched`; peeked, which :meth:`Scheduler.speculate` then reads)."""
+        if not gamma or self.match_rate is None:
+            return self.cost.iteration(batch, gamma, context)
+        matched = self.sched.peek_matched(1, self.match_rate)[0]
+        return self.cost.iteration_matched(batch, gamma, charged_matched(matched, batch, self.padded), context)
 
     def _prefill_seconds(self, rids: list[int]) -> float:
         """Seconds to prefill ``rids``' contexts on the target (and the draft when the policy uses one): one
@@ -197,7 +201,7 @@ class Replica:
     # -- continuous batching -----------------------------------------------------------------------------
 
     def _run_continuous(self):
-        env, cost, sched = self.env, self.cost, self.sched
+        env, sched = self.env, self.sched
         b = sched.batch
         while True:  # (len(b.s), not len(b): a builtin call, not RunningBatch.__len__, once per plan)
             if not len(b.s) and not sched.waiting:
@@ -223,9 +227,7 @@ class Replica:
                 n, ctx_mean = view.batch, view.context
                 if self.padded:
                     ctx_max = view.step_context
-                step_s = cost.iteration(n, gamma, view.step_context) if not gamma or self.match_rate is None \
-                    else cost.iteration_matched(n, gamma, self._charged(sched.peek_matched(1, self.match_rate)[0], n),
-                                                view.step_context)
+                step_s = self._step_seconds(n, gamma, view.step_context)
                 acc = sched.speculate(gamma)
             duration = prefill_s + step_s
             yield env.timeout(duration)
@@ -328,7 +330,7 @@ class Replica:
             contexts = [ctx0 / n] + [(ctx0 + g) / n for g in tot[:rows - 1].tolist()]
             if matched:
                 it = self.cost.iteration_matched
-                steps = [it(n, gamma, self._charged(m, n), c)
+                steps = [it(n, gamma, charged_matched(m, n, self.padded), c)
                          for m, c in zip(sched.peek_matched(rows, self.match_rate), maxes or contexts)]
             else:
                 steps = self.cost.iteration_list(n, gamma, maxes or contexts)
@@ -449,7 +451,7 @@ class Replica:
     def _decode_static(self, t0: float, prefill_s: float, b0: int, pad: list[int]):
         """Decode a static batch of ``b0`` until its last sequence finishes, every step charged at ``b0``;
         the first iteration carries the prefill. ``pad``: context (sum, longest) of the finished ones."""
-        env, cost, sched = self.env, self.cost, self.sched
+        env, sched = self.env, self.sched
         b = sched.batch
         first = True
         while len(b) or first:
@@ -460,9 +462,7 @@ class Replica:
             if len(b):
                 view = BatchView(ts, self.index, b0, ctx_mean, b.ids, ctx_max if self.padded else ctx_mean)
                 gamma = sched.gamma_for(view)
-                step_s = cost.iteration(b0, gamma, view.step_context) if not gamma or self.match_rate is None \
-                    else cost.iteration_matched(b0, gamma, self._charged(sched.peek_matched(1, self.match_rate)[0], b0),
-                                                view.step_context)
+                step_s = self._step_seconds(b0, gamma, view.step_context)
                 acc = sched.speculate(gamma)
             pre = prefill_s if first else 0.0
             yield env.timeout(pre + step_s)
