@@ -191,8 +191,10 @@ def validation_drafter(kind: str, match_rate: float | None = None):
     return make_drafter(kind, positions=None, **({} if match_rate is None else {"match_rate": match_rate}))
 
 
-def drafter_label(d: dict) -> str:
-    """The report's drafter in a few words: its kind, and an n-gram drafter's match rate and window."""
+def drafter_label(report: dict) -> str:
+    """A report's drafter in a few words: its kind (draft_model in reports without one), and an n-gram
+    drafter's match rate and window."""
+    d = report.get("drafter") or {"kind": "draft_model"}
     if d["kind"] != "ngram":
         return d["kind"]
     return f"ngram (match rate {d['match_rate']:g}, window {d['prompt_lookup_min']}-{d['prompt_lookup_max']})"
@@ -324,17 +326,18 @@ def validate(*, pair: str = REDUCED["pair"], requests: int = REDUCED["requests"]
         log(f"reusing the profile {prof_dir}; {repeats} engine rounds ...")
         for k in range(int(repeats)):
             one_round(k)
+    prof = load_profile(prof_dir)  # the final profile: every pass merged
     mixed_check = None
-    if prefill == "chunked" and profile is not None and load_profile(prof_dir).mixed is not None:
+    if prefill == "chunked" and profile is not None and prof.mixed is not None:
         from specbatch.fidelity.mixed import rule_check  # a profile of the user's: its mixed forwards as they are
 
-        mixed_check = rule_check(load_profile(prof_dir))
+        mixed_check = rule_check(prof)
     elif prefill == "chunked":
         e = setup["engine"]
         mixed_check = mixed_rows(prof_dir, target, draft, {"target": e.target, "draft": e.draft}, clock=clock,
                                  threads=threads, device=device, seed=seed, log=log)
+        prof = load_profile(prof_dir)  # with its mixed forwards
     t_measured = time.perf_counter() - t_start
-    prof = load_profile(prof_dir)  # the final profile: every pass merged
     plain, cluster, capacity = make_cost(prof, None, (), max_batch, max_gamma, spec), setup["cluster"], setup["capacity"]
     over, cal = fit_overheads(plain, calibrations, attention=attention, prefill=prefill)
     log(f"  engine-side terms ({repeats} calibrations): {over}")
@@ -511,7 +514,7 @@ def write_dashboard(cases: list[dict], report: dict, path: Path, variant: str) -
                 else "<td></td>" for m in METRICS) + "</tr>")
     head = "".join(f"<th>{m}</th>" for m in METRICS)
     info = (f"pair {report['pair']['draft']} / {report['pair']['target']} on {report['device']}, "
-            f"drafter {drafter_label(report['drafter']) if 'drafter' in report else 'draft_model'}, "
+            f"drafter {drafter_label(report)}, "
             f"clock={report['clock']}, "
             f"threads={report['threads']}, loadavg {report['loadavg_start']} → {report['loadavg_end']}; "
             f"'{variant}': the simulator against the median over the engine's runs (plots: the first run); "
@@ -534,7 +537,7 @@ def write_dashboard(cases: list[dict], report: dict, path: Path, variant: str) -
 def format_report(report: dict) -> str:
     variants = list(report["variants"])
     lines = [f"pair {report['pair']['draft']} / {report['pair']['target']}, device {report['device']}, "
-             f"drafter {drafter_label(report['drafter']) if 'drafter' in report else 'draft_model'}, "
+             f"drafter {drafter_label(report)}, "
              f"clock {report['clock']}, attention {report.get('attention', 'paged')}, "
              f"prefill {report.get('prefill', 'sequential')}"
              + (f" (budget {report['max_num_batched_tokens']} tokens)" if report.get("prefill") == "chunked" else "")
