@@ -816,7 +816,7 @@ def ngram_step(batch: int, context: int, info: dict, seed: int, proposed: int | 
 
 
 def measure_ngram(p, info: dict, tm, seed: int, deadline: float | None, t_start: float, clock: str = "wall"):
-    """Time one ``ngram`` decode point with :func:`~specbatch.profiler.timing.measure` on the host timer of
+    """Time one ``ngram`` decode point with :func:`~specbatch.profiler.timing.measure_point` on the host timer of
     the sweep's ``clock``; ``None`` when the deadline is spent."""
     from specbatch.profiler import timing
 
